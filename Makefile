@@ -1,0 +1,29 @@
+# Both targets bootstrap .venv themselves: torch (CPU build, from this machine's disk) first,
+# then the package with its extras, so a bare `torch` requirement never pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,plots]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(if $(QUICK),--quick,)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --timeout=900 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_merge.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

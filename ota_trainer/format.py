@@ -1,0 +1,363 @@
+"""Moments format v1: Adam's second moments stored beside a checkpoint.
+
+Layout: ``<checkpoint>/ota/moments.safetensors`` (a subfolder, so that tools which glob a
+checkpoint's top-level ``*.safetensors`` as weights, such as vLLM and mergekit, never see
+it; moment tensors share the parameters' names).
+
+Tensors, per parameter name ``NAME`` as in ``model.state_dict()``:
+
+* ``NAME`` - the full second moment, float32 (``full`` compression, and 1-D tensors always);
+* ``NAME::row`` and ``NAME::col`` - row sums ``r`` (m values) and column sums ``c``
+  (n values) of ``v`` viewed as ``(shape[0], prod(shape[1:]))`` (``rank1`` compression).
+
+The safetensors header's ``__metadata__`` holds one key, ``ota_moments``, a JSON object:
+
+=================  ============================================================
+``format``          ``"ota-moments"``
+``format_version``  ``1``
+``compression``     ``"rank1"`` or ``"full"``
+``optimizer``       e.g. ``"adamw_torch_fused"``, ``"adafactor"``
+``beta2``           Adam's beta2 (``null`` if the optimizer has none)
+``step``            optimizer steps taken when the moments were read
+``dtype``           storage dtype of the tensors (``"float32"``)
+``bias_corrected``  whether ``v / (1 - beta2**step)`` was already applied (``false``)
+``base_model``      base model id or path, when known
+``base_model_revision``, ``source_revision``  when known
+``parameters``      ``{NAME: {"shape": [...], "stored": "rank1" | "full"}}``
+``library_version`` the ota_trainer version that wrote the file
+=================  ============================================================
+
+:func:`load_moments` validates all of this and returns a lazy mapping that reconstructs
+``v_hat`` (float32, the parameter's shape) one tensor at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
+from .errors import FormatError, NumericalError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MOMENTS_DIR",
+    "MOMENTS_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "COMPRESSIONS",
+    "MomentsReader",
+    "save_moments",
+    "load_moments",
+    "moments_path",
+    "has_moments",
+    "read_safetensors_header",
+]
+
+MOMENTS_DIR = "ota"
+MOMENTS_FILE = "moments.safetensors"
+METADATA_KEY = "ota_moments"
+FORMAT_NAME = "ota-moments"
+FORMAT_VERSION = 1
+COMPRESSIONS = ("rank1", "full")
+ROW_SUFFIX = "::row"
+COL_SUFFIX = "::col"
+_REQUIRED_KEYS = ("format", "format_version", "compression", "step", "beta2", "parameters")
+
+
+def moments_path(folder: str | os.PathLike) -> Path:
+    """Path of the moments file inside a checkpoint folder (``<folder>/ota/moments.safetensors``)."""
+    return Path(folder) / MOMENTS_DIR / MOMENTS_FILE
+
+
+def has_moments(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a moments file."""
+    return moments_path(folder).is_file()
+
+
+@torch.no_grad()
+def save_moments(
+    folder: str | os.PathLike,
+    moments: Mapping[str, torch.Tensor],
+    *,
+    compression: str = "rank1",
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write second moments into ``<folder>/ota/moments.safetensors`` (format v1).
+
+    Args:
+        folder: the checkpoint folder (the one holding ``config.json`` and the weights).
+        moments: parameter name -> full second moment ``exp_avg_sq`` (any float dtype, the
+            parameter's shape). Names must be those of ``model.state_dict()``.
+        compression: ``"rank1"`` (row and column sums for tensors with 2+ dims, 1-D tensors
+            whole) or ``"full"``.
+        metadata: extra fields: ``optimizer``, ``beta2``, ``step``, ``base_model``,
+            ``base_model_revision``, ``source_revision``... ``beta2`` and ``step`` should be
+            given so the merger can bias-correct; missing ones are stored as ``null``.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        ConfigError: unknown compression.
+        NumericalError: a moment holds NaN, Inf or negative values.
+
+    Example:
+        >>> save_moments("out/expert", {"w": torch.rand(4, 3)}, metadata={"step": 10, "beta2": 0.999})
+        PosixPath('out/expert/ota/moments.safetensors')
+    """
+    from .errors import ConfigError
+
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"unknown moments compression {compression!r}; choose one of {COMPRESSIONS}")
+    tensors: dict[str, torch.Tensor] = {}
+    params: dict[str, dict[str, Any]] = {}
+    for name, v in moments.items():
+        if not torch.is_tensor(v):
+            raise FormatError(f"moment for {name!r} is a {type(v).__name__}, expected a torch.Tensor")
+        v = v.detach().to("cpu")
+        _check_moment_values(name, v, where="moments to save")
+        shape = list(v.shape)
+        if compression == "rank1" and is_factorable(v.shape):
+            r, c = rank1_factors(v)
+            tensors[name + ROW_SUFFIX] = r.to(torch.float32).contiguous()
+            tensors[name + COL_SUFFIX] = c.to(torch.float32).contiguous()
+            params[name] = {"shape": shape, "stored": "rank1"}
+        else:
+            tensors[name] = v.to(torch.float32).reshape(shape).contiguous()
+            params[name] = {"shape": shape, "stored": "full"}
+    meta: dict[str, Any] = {
+        "optimizer": None,
+        "beta2": None,
+        "step": None,
+        "base_model": None,
+        "base_model_revision": None,
+        "source_revision": None,
+        "bias_corrected": False,
+    }
+    meta.update(dict(metadata or {}))
+    meta.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        compression=compression,
+        dtype="float32",
+        parameters=params,
+        library_version=__version__,
+    )
+    path = moments_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_moment_values(name: str, v: torch.Tensor, *, where: str, model: str | None = None) -> None:
+    if not torch.isfinite(v).all():
+        raise NumericalError(f"{where}: second moment of {name!r} holds NaN or Inf", tensor=name, model=model)
+    if (v < 0).any():
+        raise NumericalError(
+            f"{where}: second moment of {name!r} holds negative values (min {v.min().item():.3g}); "
+            "Adam's exp_avg_sq is non-negative, so this file is not a second moment",
+            tensor=name,
+            model=model,
+        )
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file size.
+
+    Raises:
+        FormatError: the file is truncated, corrupt or not safetensors (names the file).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than 8 bytes)", path=str(path))
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise FormatError(f"{path}: corrupt or truncated safetensors header", path=str(path))
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise FormatError(f"{path}: file not found", path=str(path)) from e
+        raise FormatError(f"{path}: corrupt safetensors header ({e})", path=str(path)) from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header", path=str(path))
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise FormatError(f"{path}: corrupt entry {key!r} in safetensors header", path=str(path)) from e
+    if 8 + n + end > size:
+        raise FormatError(
+            f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end}); "
+            "download or copy it again",
+            path=str(path),
+        )
+    return header
+
+
+class MomentsReader(Mapping[str, torch.Tensor]):
+    """Lazy read-only mapping ``name -> v_hat`` over one moments file.
+
+    Each lookup reads that parameter's tensors from disk and reconstructs the float32 second
+    moment in the parameter's shape (``outer(r, c) / r.sum()`` for rank-one entries). Nothing
+    else is held in memory.
+
+    Attributes:
+        path: the moments file.
+        metadata: the validated JSON metadata (see the module docstring).
+        shapes: parameter name -> shape.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bias_correction: bool = False, model: str | None = None):
+        self.path = Path(path)
+        self.model = model
+        header = read_safetensors_header(self.path)
+        self.metadata = self._parse_metadata(header)
+        self.shapes: dict[str, tuple[int, ...]] = {
+            n: tuple(int(d) for d in p["shape"]) for n, p in self.metadata["parameters"].items()
+        }
+        self._stored = {n: p["stored"] for n, p in self.metadata["parameters"].items()}
+        self._check_entries(header)
+        self.scale = self._bias_correction_scale() if bias_correction else 1.0
+        self._file = safe_open(str(self.path), framework="pt")
+
+    # -- validation -------------------------------------------------------------------------
+    def _fail(self, what: str) -> FormatError:
+        return FormatError(f"{self.path}: {what}", path=str(self.path))
+
+    def _parse_metadata(self, header: dict[str, Any]) -> dict[str, Any]:
+        raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+        if raw is None:
+            raise self._fail(
+                f"no '{METADATA_KEY}' metadata: not an ota_trainer moments file "
+                "(write it with ota_trainer.save_moments or OTACallback)"
+            )
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise self._fail(f"moments metadata is not valid JSON ({e})") from e
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise self._fail(f"moments metadata lacks {missing}")
+        if meta["format"] != FORMAT_NAME:
+            raise self._fail(f"format is {meta['format']!r}, expected {FORMAT_NAME!r}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise self._fail(
+                f"moments format version {meta['format_version']} is not supported by this "
+                f"ota_trainer ({__version__} reads version {FORMAT_VERSION}); upgrade ota_trainer"
+            )
+        if meta["compression"] not in COMPRESSIONS:
+            raise self._fail(f"unknown compression {meta['compression']!r}")
+        params = meta["parameters"]
+        if not isinstance(params, dict):
+            raise self._fail("'parameters' must map names to {shape, stored}")
+        for name, p in params.items():
+            if not isinstance(p, dict) or p.get("stored") not in ("rank1", "full") or not isinstance(p.get("shape"), list):
+                raise self._fail(f"bad 'parameters' entry for {name!r}: {p!r}")
+        return meta
+
+    def _check_entries(self, header: dict[str, Any]) -> None:
+        for name, shape in self.shapes.items():
+            if self._stored[name] == "rank1":
+                if len(shape) < 2:
+                    raise self._fail(f"{name!r} is 1-D but stored rank1")
+                m, n = matrix_shape(shape)
+                want = {name + ROW_SUFFIX: [m], name + COL_SUFFIX: [n]}
+            else:
+                want = {name: list(shape)}
+            for key, wshape in want.items():
+                info = header.get(key)
+                if info is None:
+                    raise self._fail(f"tensor {key!r} listed in the metadata is missing")
+                if list(info.get("shape", [])) != wshape:
+                    raise self._fail(f"tensor {key!r} has shape {info.get('shape')}, metadata says {wshape}")
+
+    def _bias_correction_scale(self) -> float:
+        beta2, step = self.metadata.get("beta2"), self.metadata.get("step")
+        if self.metadata.get("bias_corrected") or beta2 is None or not step:
+            return 1.0
+        return 1.0 / (1.0 - float(beta2) ** int(step))
+
+    # -- mapping ----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = self._stored.get(name)
+        if stored is None:
+            raise KeyError(name)
+        shape = self.shapes[name]
+        if stored == "rank1":
+            r = self._file.get_tensor(name + ROW_SUFFIX)
+            c = self._file.get_tensor(name + COL_SUFFIX)
+            _check_moment_values(name, r, where=str(self.path), model=self.model)
+            _check_moment_values(name, c, where=str(self.path), model=self.model)
+            v = rank1_reconstruct(r, c, shape)
+        else:
+            v = self._file.get_tensor(name).to(torch.float32, copy=True)  # the file's mapping must stay untouched
+            _check_moment_values(name, v, where=str(self.path), model=self.model)
+        if self.scale != 1.0:
+            v.mul_(self.scale)
+        return v
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stored
+
+    def __repr__(self) -> str:
+        return f"MomentsReader({str(self.path)!r}, {len(self)} parameters, {self.metadata['compression']})"
+
+
+def load_moments(folder: str | os.PathLike, *, bias_correction: bool = False) -> MomentsReader:
+    """Open the moments of a checkpoint folder as a lazy mapping ``name -> v_hat`` (float32).
+
+    Args:
+        folder: a checkpoint folder holding ``ota/moments.safetensors`` (or the file itself).
+        bias_correction: divide by ``1 - beta2**step`` (Adam's bias correction) when the file
+            records both and was not corrected already.
+
+    Returns:
+        A :class:`MomentsReader`; ``.metadata`` holds the validated metadata.
+
+    Raises:
+        FormatError: no moments file, corrupt file, or unsupported format version.
+
+    Example:
+        >>> moments = load_moments("out/expert")
+        >>> moments["model.layers.0.mlp.up_proj.weight"].shape
+        torch.Size([128, 64])
+    """
+    p = Path(folder)
+    path = p if p.is_file() else moments_path(p)
+    if not path.is_file():
+        raise FormatError(
+            f"{p}: no second moments found (expected {MOMENTS_DIR}/{MOMENTS_FILE}); train the expert "
+            "with ota_trainer.OTACallback, or use a method that needs no moments "
+            "(linear, task_arithmetic, ties, dare)",
+            path=str(path),
+        )
+    return MomentsReader(path, bias_correction=bias_correction, model=str(folder))
