@@ -1,0 +1,163 @@
+"""Lazy, read-only access to a Hugging Face model folder's weights, one tensor at a time.
+
+Only the safetensors headers are read up front (names, shapes, dtypes); each tensor is read
+from disk when asked for. Both single-file (``model.safetensors``) and sharded
+(``model.safetensors.index.json``) folders are supported.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import FormatError
+from .format import read_safetensors_header
+
+__all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES"]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# safetensors dtype codes <-> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it looks like, read from a safetensors header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str  # file name inside the folder
+    offset: int  # byte offset of the data inside the file (for read ordering)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ModelFolder:
+    """A model checkpoint folder opened lazily.
+
+    Attributes:
+        path: the folder.
+        label: how errors name this model (a repo id or the folder path).
+        tensors: name -> :class:`TensorInfo`, in file order.
+        config: the parsed ``config.json`` (empty dict when absent).
+
+    Raises:
+        FormatError: no safetensors weights, or a corrupt/truncated file (names the file).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(self.path)
+        if not self.path.is_dir():
+            raise FormatError(f"{self.label}: model folder {self.path} does not exist", path=str(self.path))
+        self.config: dict[str, Any] = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            header = read_safetensors_header(self.path / file)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in self.tensors:
+                    raise FormatError(f"{self.path / file}: tensor {name!r} appears in two weight files", path=str(self.path / file))
+                dtype = DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise FormatError(f"{self.path / file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}", path=str(self.path / file))
+                self.tensors[name] = TensorInfo(name, tuple(info["shape"]), dtype, file, int(info["data_offsets"][0]))
+        self._open: dict[str, Any] = {}
+
+    def _read_config(self) -> dict[str, Any]:
+        p = self.path / CONFIG_NAME
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FormatError(f"{p}: invalid config.json ({e})", path=str(p)) from e
+
+    def _weight_files(self) -> list[str]:
+        index = self.path / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FormatError(f"{index}: invalid safetensors index ({e})", path=str(index)) from e
+            files = list(dict.fromkeys(weight_map.values()))
+            for f in files:
+                if not (self.path / f).is_file():
+                    raise FormatError(f"{index}: lists {f!r}, which is missing from {self.path}", path=str(self.path / f))
+            return files
+        if (self.path / SAFE_WEIGHTS_NAME).is_file():
+            return [SAFE_WEIGHTS_NAME]
+        others = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if others:
+            return others
+        hint = " (found PyTorch .bin weights: convert them with save_pretrained(..., safe_serialization=True))" if any(
+            self.path.glob("*.bin")
+        ) else ""
+        raise FormatError(f"{self.label}: no safetensors weights in {self.path}{hint}", path=str(self.path))
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    def names(self) -> list[str]:
+        """Tensor names in on-disk order (file, then offset): reading in this order is sequential."""
+        files = {f: i for i, f in enumerate(dict.fromkeys(t.file for t in self.tensors.values()))}
+        return sorted(self.tensors, key=lambda n: (files[self.tensors[n].file], self.tensors[n].offset))
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (its stored dtype).
+
+        The result may share memory with the file's private mapping: copy it before editing
+        in place, or later reads of the same tensor will see the edits.
+        """
+        info = self.tensors[name]
+        handle = self._open.get(info.file)
+        if handle is None:
+            try:
+                handle = self._open[info.file] = safe_open(str(self.path / info.file), framework="pt")
+            except Exception as e:  # safetensors raises its own SafetensorError
+                raise FormatError(f"{self.path / info.file}: cannot open ({e})", path=str(self.path / info.file)) from e
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"{self.path / info.file}: cannot read tensor {name!r} ({e})", path=str(self.path / info.file)) from e
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({self.label!r}, {len(self.tensors)} tensors)"

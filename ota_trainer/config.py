@@ -1,0 +1,192 @@
+"""Merge recipes: a YAML shape familiar to mergekit users, validated before any tensor is read.
+
+.. code-block:: yaml
+
+    method: ota                 # or merge_method: (mergekit's key)
+    base_model: path/or/repo-id
+    models:
+      - model: experts/math
+        parameters: {density: 0.3}
+      - model: experts/code
+    parameters:                 # defaults for every model, and method-wide options
+      density: 0.4
+      power: 0.5
+    dtype: bfloat16             # default: the base model's dtype
+    options:
+      allow_missing_moments: false
+      shard_size: 5GB
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .methods import MergeMethod, get_method
+from .write import parse_size
+
+__all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_FFG_DENSITY = 0.4
+_TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
+_OPTION_KEYS = {"allow_missing_moments", "shard_size"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One expert: a local folder or a Hub repo id (``repo@revision``), and its own parameters."""
+
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """A validated merge recipe.
+
+    Args:
+        method: one of :data:`ota_trainer.methods.METHODS`.
+        models: the experts.
+        base_model: the base the experts were fine-tuned from (required by methods with a base).
+        parameters: method-wide parameters and per-model defaults.
+        dtype: output dtype (``None``: the base model's).
+        allow_missing_moments: fall back to uniform curvature, with a warning, for parameters
+            without second moments (default: error).
+        shard_size: output shard size, e.g. ``"5GB"``.
+
+    Raises:
+        ConfigError: unknown method, option or parameter; values out of range; density and
+            threshold both set; missing base model.
+    """
+
+    method: str
+    models: tuple[ModelEntry, ...]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    allow_missing_moments: bool = False
+    shard_size: str | int = "5GB"
+
+    def __post_init__(self) -> None:
+        m = self.spec
+        object.__setattr__(self, "models", tuple(e if isinstance(e, ModelEntry) else ModelEntry(**e) for e in self.models))
+        if not self.models:
+            raise ConfigError("a recipe needs at least one model under 'models'")
+        if m.needs_base and not self.base_model:
+            raise ConfigError(f"method {m.name!r} needs 'base_model' (the model the experts were fine-tuned from)")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
+        parse_size(self.shard_size)
+        object.__setattr__(self, "parameters", self._coerce(self.parameters, "parameters", per_model=False))
+        models = []
+        for i, e in enumerate(self.models):
+            if not isinstance(e.model, str) or not e.model:
+                raise ConfigError(f"models[{i}]: 'model' must be a folder or repo id")
+            models.append(ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({e.model})", per_model=True)))
+        object.__setattr__(self, "models", tuple(models))
+        for i in range(len(self.models)):
+            p = self.model_parameters(i)
+            if p.get("density") is not None and p.get("threshold") is not None and m.name == "ota":
+                raise ConfigError(f"models[{i}] ({self.models[i].model}): set density or threshold, not both")
+
+    @property
+    def spec(self) -> MergeMethod:
+        return get_method(self.method)
+
+    def _coerce(self, params: dict[str, Any], where: str, *, per_model: bool) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: parameters must be a mapping, got {type(params).__name__}")
+        out = {}
+        for key, value in params.items():
+            p = self.spec.param(key)
+            if p is None:
+                known = [q.name for q in self.spec.params if q.per_model or not per_model]
+                raise ConfigError(f"{where}: unknown parameter {key!r} for method {self.method!r}; known: {known}")
+            if per_model and not p.per_model:
+                raise ConfigError(f"{where}: {key!r} is method-wide; set it under the top-level 'parameters'")
+            out[key] = p.coerce(value, where)
+        return out
+
+    def method_parameters(self) -> dict[str, Any]:
+        """Method-wide parameters with defaults filled in."""
+        return {p.name: self.parameters.get(p.name, p.default) for p in self.spec.params}
+
+    def model_parameters(self, i: int) -> dict[str, Any]:
+        """Parameters for expert ``i``: defaults <- top-level parameters <- the model's own."""
+        out = self.method_parameters()
+        out.update(self.models[i].parameters)
+        if self.method == "ota" and out.get("threshold") is not None and "density" not in self.models[i].parameters:
+            out["density"] = None  # a per-model threshold overrides a global density
+        if self.method == "ota" and out.get("graft") and out.get("density") is None and out.get("threshold") is None:
+            out["density"] = DEFAULT_FFG_DENSITY
+        return out
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+        method = data.get("method") or data.get("merge_method")
+        if not method:
+            raise ConfigError("a recipe needs 'method' (e.g. method: ota)")
+        options = data.get("options") or {}
+        if not isinstance(options, dict) or set(options) - _OPTION_KEYS:
+            raise ConfigError(f"unknown recipe options {sorted(set(options) - _OPTION_KEYS)}; known: {sorted(_OPTION_KEYS)}")
+        models = []
+        for i, e in enumerate(data.get("models") or []):
+            if isinstance(e, str):
+                e = {"model": e}
+            if not isinstance(e, dict) or "model" not in e or set(e) - {"model", "parameters"}:
+                raise ConfigError(f"models[{i}] must be a mapping with 'model' and optional 'parameters', got {e!r}")
+            models.append(ModelEntry(e["model"], dict(e.get("parameters") or {})))
+        return cls(
+            method=method,
+            models=tuple(models),
+            base_model=data.get("base_model"),
+            parameters=dict(data.get("parameters") or {}),
+            dtype=data.get("dtype"),
+            allow_missing_moments=bool(options.get("allow_missing_moments", False)),
+            shard_size=options.get("shard_size", "5GB"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "MergeRecipe":
+        """Read a recipe file.
+
+        Raises:
+            ConfigError: the file is missing, not YAML, or not a valid recipe (names the file).
+        """
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read recipe {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"recipe {path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": self.method}
+        if self.base_model:
+            d["base_model"] = self.base_model
+        d["models"] = [{"model": e.model, **({"parameters": dict(e.parameters)} if e.parameters else {})} for e in self.models]
+        if self.parameters:
+            d["parameters"] = dict(self.parameters)
+        if self.dtype:
+            d["dtype"] = self.dtype
+        d["options"] = {"allow_missing_moments": self.allow_missing_moments, "shard_size": self.shard_size}
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,163 @@
+"""Fast Fisher Grafting (FFG): revert low-saliency fine-tuning edits (method.md §3).
+
+Saliency of edit ``d_t = w_t - w0`` with second moment ``v_t``::
+
+    s_t = v_t * d_t**2            (score="fisher", the paper's FFG)
+    s_t = d_t**2                  (score="magnitude", the paper's ablation)
+
+Keep mask ``M_t = s_t >= theta_t``; grafted weights ``w0 + M_t * d_t``.
+
+Scores span hundreds of binary orders of magnitude and underflow float32 when squared, so
+everything here works on ``log2(s)`` (``-inf`` for zero saliency). A *global* threshold for
+a target density (fraction of an expert's entries kept, over all its parameters) is found
+with a streaming log-space histogram (:class:`SaliencyHistogram`): one pass accumulates
+counts into 2**20 bins of 1/1024 octave, then the bin edge whose kept count is nearest the
+target is chosen. Masks in the merge pass use the same binning, so the achieved density
+is exactly the count the histogram predicted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SCORES",
+    "log_saliency",
+    "SaliencyHistogram",
+    "Threshold",
+    "per_tensor_threshold",
+    "keep_mask",
+    "graft",
+]
+
+SCORES = ("fisher", "magnitude")
+LOG2_LO = -1024.0  # below every log2 score float32 inputs can produce (>= -149 - 2*149)
+LOG2_HI = 1024.0
+BINS_PER_OCTAVE = 1024
+N_BINS = int((LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE)  # 2**21
+_CHUNK = 1 << 22  # elements per chunk when binning, bounds temporary memory
+
+
+@torch.no_grad()
+def log_saliency(delta: torch.Tensor, v: torch.Tensor | None, score: str = "fisher") -> torch.Tensor:
+    """``log2(s)`` with ``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude); ``-inf`` where ``s == 0``.
+
+    Computed as ``log2(v) + 2*log2|d|`` so that tiny saliencies do not underflow.
+    """
+    out = torch.log2(delta.abs().to(torch.float32)).mul_(2.0)
+    if score == "fisher":
+        if v is None:
+            raise ValueError("fisher saliency needs the second moment v")
+        out.add_(torch.log2(v.to(torch.float32)))
+        out.nan_to_num_(nan=-math.inf)  # log2(0) + log2(inf) cannot happen (inputs checked finite)
+    elif score != "magnitude":
+        raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
+    return out
+
+
+def _bin_index(log_s: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each finite log2 score (int64, clamped to [0, N_BINS))."""
+    idx = (log_s - LOG2_LO).mul_(BINS_PER_OCTAVE).floor_()
+    return idx.clamp_(0, N_BINS - 1).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A keep rule ``M = s >= theta``.
+
+    ``log2_value`` is ``log2(theta)`` (``-inf`` keeps everything). When ``bin`` is set the rule
+    is "histogram bin >= bin", which is what a density-derived global threshold means.
+    """
+
+    log2_value: float
+    bin: int | None = None
+
+    @classmethod
+    def absolute(cls, theta: float) -> "Threshold":
+        """The paper's absolute threshold ``theta`` (e.g. 2.6e-19)."""
+        return cls(math.log2(theta) if theta > 0 else -math.inf)
+
+    @property
+    def theta(self) -> float:
+        """The threshold on the saliency scale (may underflow to 0.0 for very small ones)."""
+        return 2.0 ** self.log2_value if self.log2_value > -1075 else 0.0
+
+
+class SaliencyHistogram:
+    """Streaming histogram of ``log2`` saliencies of one expert over all its parameters.
+
+    >>> h = SaliencyHistogram()
+    >>> h.add(log_saliency(d, v))          # once per tensor
+    >>> thr = h.threshold_for_density(0.4)  # global threshold
+    """
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(N_BINS, dtype=torch.int64)
+        self.zeros = 0  # entries with zero saliency (log2 = -inf)
+        self.total = 0
+
+    @torch.no_grad()
+    def add(self, log_s: torch.Tensor) -> None:
+        flat = log_s.reshape(-1)
+        self.total += flat.numel()
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            finite = chunk[chunk > -math.inf]
+            self.zeros += chunk.numel() - finite.numel()
+            if finite.numel():
+                self.counts += torch.bincount(_bin_index(finite), minlength=N_BINS)
+
+    def threshold_for_density(self, density: float) -> Threshold:
+        """The bin-edge threshold whose kept fraction is nearest ``density``."""
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        target = density * self.total
+        nonzero = int(self.counts.sum())
+        if density >= 1.0 or target >= nonzero + 0.5 * self.zeros:
+            return Threshold(-math.inf)
+        kept_from = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0])  # kept_from[b] = sum(counts[b:])
+        b = int(torch.argmin((kept_from.to(torch.float64) - target).abs()))
+        return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
+
+    def kept(self, threshold: Threshold) -> int:
+        """Entries a threshold keeps (exact for histogram thresholds)."""
+        if threshold.log2_value == -math.inf:
+            return self.total
+        b = threshold.bin if threshold.bin is not None else int((threshold.log2_value - LOG2_LO) * BINS_PER_OCTAVE)
+        return int(self.counts[max(b, 0) :].sum())
+
+
+@torch.no_grad()
+def per_tensor_threshold(log_s: torch.Tensor, density: float) -> Threshold:
+    """Threshold keeping the top ``density`` fraction of one tensor's entries (ablation, TIES)."""
+    n = log_s.numel()
+    k = int(round(density * n))
+    if k >= n:
+        return Threshold(-math.inf)
+    if k <= 0:
+        return Threshold(math.inf)
+    kth = torch.kthvalue(log_s.reshape(-1).to(torch.float32), n - k + 1).values.item()  # k-th largest
+    return Threshold(kth)
+
+
+@torch.no_grad()
+def keep_mask(log_s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """``M = s >= theta`` as a bool tensor of ``log_s``'s shape."""
+    if threshold.log2_value == -math.inf:
+        return torch.ones_like(log_s, dtype=torch.bool)
+    if threshold.bin is None:
+        return log_s >= threshold.log2_value
+    mask = torch.empty_like(log_s, dtype=torch.bool)
+    flat_in, flat_out = log_s.reshape(-1), mask.view(-1)
+    for start in range(0, flat_in.numel(), _CHUNK):
+        chunk = flat_in[start : start + _CHUNK]
+        flat_out[start : start + _CHUNK] = (chunk > -math.inf) & (_bin_index(chunk.nan_to_num(neginf=LOG2_LO)) >= threshold.bin)
+    return mask
+
+
+@torch.no_grad()
+def graft(base: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``w0 + M * (w_t - w0)``: the expert with its low-saliency edits reverted to the base."""
+    return torch.where(mask, expert, base)

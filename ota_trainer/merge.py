@@ -1,0 +1,428 @@
+"""The streaming merge engine: plan -> (threshold pass) -> merge pass -> atomic write.
+
+Memory holds the tensors of ONE parameter name at a time across base, experts and their
+moments; weights are read lazily from safetensors and the output is streamed to disk.
+
+Stages:
+1. open every model lazily (headers only) and check they line up: architecture, tensor
+   names, shapes, moments coverage; every error is raised before anything is written;
+2. if FFG uses a global density: one pass over base + experts + moments accumulating a
+   log-space saliency histogram per expert, giving each expert's threshold;
+3. one pass per tensor name: read, graft, aggregate in float32, cast, write;
+4. copy config/tokenizer files, write the recipe and a report, rename into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .aggregate import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge
+from .checkpoint import ModelFolder
+from .config import MergeRecipe
+from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
+from .format import MOMENTS_DIR, MomentsReader, has_moments, load_moments
+from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency, per_tensor_threshold
+from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["merge", "MergeReport", "ExpertReport", "RECIPE_FILE", "REPORT_FILE"]
+
+RECIPE_FILE = "ota_merge.yaml"
+REPORT_FILE = "ota_merge_report.json"
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# A resolver turns a model reference from the recipe (folder or repo id) into a local folder.
+Resolver = Callable[[str], Path]
+
+
+@dataclass
+class ExpertReport:
+    """What FFG did to one expert."""
+
+    model: str
+    density_target: float | None
+    threshold_log2: float | None
+    kept: int = 0
+    total: int = 0
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+@dataclass
+class MergeReport:
+    """Returned by :func:`merge` and written to ``ota_merge_report.json`` in the output."""
+
+    method: str
+    out_dir: str
+    recipe: dict[str, Any]
+    experts: list[ExpertReport]
+    tensor_density: dict[str, list[float]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    library_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for e, rep in zip(d["experts"], self.experts):
+            e["density"] = rep.density
+        return d
+
+
+def _local_resolver(ref: str) -> Path:
+    p = Path(ref).expanduser()
+    if not p.is_dir():
+        raise FormatError(f"model {ref!r}: no such folder", path=str(p))
+    return p
+
+
+def _as_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:
+    if isinstance(recipe, MergeRecipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return MergeRecipe.from_dict(recipe)
+    return MergeRecipe.from_yaml(recipe)
+
+
+# -- checks -------------------------------------------------------------------------------------
+def check_compatible(template: ModelFolder, experts: Sequence[ModelFolder]) -> None:
+    """Experts must have the template's architecture, tensor names and shapes.
+
+    Raises:
+        IncompatibleModelsError: naming the model and the first offending tensors.
+    """
+    arch = template.architectures
+    for e in experts:
+        if arch and e.architectures and e.architectures != arch:
+            raise IncompatibleModelsError(
+                f"{e.label}: architecture {e.architectures} differs from the base's {arch}", model=e.label
+            )
+        missing = [n for n in template.tensors if n not in e.tensors]
+        if missing:
+            raise IncompatibleModelsError(
+                f"{e.label}: lacks {len(missing)} tensor(s) the base has, e.g. {missing[:3]}", tensor=missing[0], model=e.label
+            )
+        extra = [n for n in e.tensors if n not in template.tensors]
+        if extra:
+            raise IncompatibleModelsError(
+                f"{e.label}: has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]} "
+                "(was it saved with untied or extra weights?)",
+                tensor=extra[0],
+                model=e.label,
+            )
+        for n, info in template.tensors.items():
+            shape = e.tensors[n].shape
+            if shape != info.shape:
+                hint = ""
+                if len(shape) == 2 and shape[1:] == info.shape[1:] and ("embed" in n or "lm_head" in n):
+                    hint = (
+                        f" (the vocabulary was resized: {shape[0]} vs {info.shape[0]} rows; merge experts that "
+                        "share the base's tokenizer, or resize the base's embeddings the same way first)"
+                    )
+                raise IncompatibleModelsError(
+                    f"{e.label}: tensor {n!r} has shape {tuple(shape)}, the base has {tuple(info.shape)}{hint}",
+                    tensor=n,
+                    model=e.label,
+                )
+
+
+def _open_moments(folder: ModelFolder, *, bias_correction: bool, allow_missing: bool) -> MomentsReader | None:
+    if not has_moments(folder.path):
+        if allow_missing:
+            logger.warning("%s: no second moments; uniform curvature is used for all its parameters", folder.label)
+            return None
+        raise MissingMomentsError(
+            f"{folder.label}: no second moments ({MOMENTS_DIR}/moments.safetensors). Train the expert with "
+            "ota_trainer.OTACallback to produce them, pass --allow-missing-moments to use uniform weights, "
+            "or use a method that needs none (linear, task_arithmetic, ties, dare)",
+            model=folder.label,
+        )
+    moments = load_moments(folder.path, bias_correction=bias_correction)
+    moments.model = folder.label
+    return moments
+
+
+def check_moments(folder: ModelFolder, moments: MomentsReader, names: Sequence[str], *, allow_missing: bool) -> None:
+    """Moments must be for this model (names and shapes) and cover every merged tensor.
+
+    Raises:
+        IncompatibleModelsError: moments name a tensor the model lacks, or shapes differ.
+        MissingMomentsError: a merged tensor has no moments and ``allow_missing`` is false.
+    """
+    for n, shape in moments.shapes.items():
+        if n not in folder.tensors:
+            raise IncompatibleModelsError(
+                f"{moments.path}: moments for {n!r}, which {folder.label} does not have: "
+                "these moments were written for a different model",
+                tensor=n,
+                model=folder.label,
+            )
+        if tuple(shape) != folder.tensors[n].shape:
+            raise IncompatibleModelsError(
+                f"{moments.path}: moments for {n!r} have shape {tuple(shape)}, the weights {folder.tensors[n].shape}: "
+                "these moments were written for a different model",
+                tensor=n,
+                model=folder.label,
+            )
+    missing = [n for n in names if n not in moments]
+    if missing:
+        if not allow_missing:
+            raise MissingMomentsError(
+                f"{moments.path}: no second moments for {len(missing)} tensor(s) of {folder.label}, e.g. {missing[:3]} "
+                "(frozen during training?); pass --allow-missing-moments to use uniform curvature for them",
+                tensor=missing[0],
+                model=folder.label,
+            )
+        logger.warning("%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there", folder.label, len(missing), missing[:3])
+
+
+def _read_float(folder: ModelFolder, name: str) -> torch.Tensor:
+    t = folder.get(name)
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"{folder.label}: tensor {name!r} holds NaN or Inf", tensor=name, model=folder.label)
+    # copy=True: safetensors hands out zero-copy views of a private mapping, and the engine
+    # works in place; without a copy a later read of the same tensor would see the edits.
+    return t.to(torch.float32, copy=True)
+
+
+# -- engine -------------------------------------------------------------------------------------
+class _Engine:
+    def __init__(self, recipe: MergeRecipe, resolver: Resolver, quiet: bool):
+        self.recipe = recipe
+        self.method = recipe.spec
+        self.quiet = quiet
+        self.params = recipe.method_parameters()
+        self.model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
+        self.experts = [ModelFolder(resolver(e.model), label=e.model) for e in recipe.models]
+        self.base = ModelFolder(resolver(recipe.base_model), label=recipe.base_model) if recipe.base_model else None
+        self.template = self.base or self.experts[0]
+        check_compatible(self.template, self.experts if self.base else self.experts[1:])
+        self.names = self.template.names()
+        self.float_names = [n for n in self.names if self.template.tensors[n].dtype.is_floating_point]
+        self.grafting = self.method.name == "ota" and self.params["graft"]
+        self.moments: list[MomentsReader | None] = [None] * len(self.experts)
+        if self.method.needs_moments:
+            for i, e in enumerate(self.experts):
+                self.moments[i] = _open_moments(
+                    e, bias_correction=self.params["bias_correction"], allow_missing=recipe.allow_missing_moments
+                )
+                if self.moments[i] is not None:
+                    check_moments(e, self.moments[i], self.float_names, allow_missing=recipe.allow_missing_moments)
+        self.reports = [
+            ExpertReport(e.model, p.get("density") if self.grafting else None, None) for e, p in zip(recipe.models, self.model_params)
+        ]
+        self.thresholds: list[Threshold | None] = [None] * len(self.experts)
+        self.tensor_density: dict[str, list[float]] = {}
+
+    def _v(self, i: int, name: str) -> torch.Tensor | None:
+        m = self.moments[i]
+        return m[name] if m is not None and name in m else None
+
+    def _score_inputs(self, i: int, name: str, delta: torch.Tensor) -> torch.Tensor | None:
+        """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments)."""
+        score = self.params["score"]
+        v = self._v(i, name) if score == "fisher" else None
+        if score == "fisher" and v is None:
+            return None
+        return log_saliency(delta, v, score)
+
+    # pass 1 ------------------------------------------------------------------------------
+    def find_thresholds(self) -> None:
+        global_density = [
+            i for i, p in enumerate(self.model_params)
+            if self.grafting and not self.params["per_tensor"] and p.get("threshold") is None and p.get("density") is not None
+        ]
+        for i, p in enumerate(self.model_params):
+            if self.grafting and p.get("threshold") is not None:
+                self.thresholds[i] = Threshold.absolute(p["threshold"])
+        if not global_density:
+            return
+        hists = {i: SaliencyHistogram() for i in global_density}
+        for name in tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet):
+            w0 = _read_float(self.base, name)
+            for i in global_density:
+                d = _read_float(self.experts[i], name).sub_(w0)
+                ls = self._score_inputs(i, name, d)
+                if ls is not None:
+                    hists[i].add(ls)
+            del w0
+        for i, h in hists.items():
+            self.thresholds[i] = h.threshold_for_density(self.model_params[i]["density"])
+            logger.info(
+                "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (target %.4f)",
+                self.experts[i].label, self.thresholds[i].log2_value, h.kept(self.thresholds[i]) / max(h.total, 1), h.total,
+                self.model_params[i]["density"],
+            )
+
+    # pass 2 ------------------------------------------------------------------------------
+    def merge_tensor(self, name: str) -> torch.Tensor:
+        m = self.method.name
+        weights = [p["weight"] for p in self.model_params]
+        experts = [_read_float(e, name) for e in self.experts]
+        if m == "linear":
+            return linear_merge(experts, weights)
+        if m == "fisher":
+            v = [self._v(i, name) for i in range(len(experts))]
+            if any(x is None for x in v):
+                v = [torch.ones_like(experts[0])] * len(experts)  # uniform curvature for this tensor
+            return fisher_merge(experts, v, weights, self.params["epsilon"])
+        w0 = _read_float(self.base, name)
+        deltas = [w.sub_(w0) for w in experts]  # in place: experts become task vectors
+        if m == "task_arithmetic":
+            return task_arithmetic_merge(w0, deltas, weights, self.params["lambda"])
+        if m == "ties":
+            return ties_merge(w0, deltas, weights, [p["density"] for p in self.model_params], self.params["lambda"])
+        if m == "dare":
+            gens = [
+                torch.Generator().manual_seed((self.params["seed"] * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % 2**63)
+                for i in range(len(deltas))
+            ]
+            return dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
+        # ota
+        moments = [self._v(i, name) for i in range(len(deltas))]
+        if any(v is None for v in moments):
+            moments = [None] * len(deltas)  # uniform curvature for every expert on this tensor
+        masks: list[torch.Tensor | None] = [None] * len(deltas)
+        if self.grafting:
+            for i, d in enumerate(deltas):
+                ls = self._score_inputs(i, name, d)
+                if ls is None:
+                    continue  # no evidence to prune: keep every edit of this tensor
+                thr = per_tensor_threshold(ls, self.model_params[i]["density"]) if self.thresholds[i] is None else self.thresholds[i]
+                masks[i] = keep_mask(ls, thr)
+            self.tensor_density[name] = []
+            for i, mask in enumerate(masks):
+                kept = int(mask.sum()) if mask is not None else w0.numel()
+                self.reports[i].kept += kept
+                self.reports[i].total += w0.numel()
+                self.tensor_density[name].append(kept / max(w0.numel(), 1))
+        return ota_merge(
+            w0, deltas, moments, masks, weights,
+            power=self.params["power"], epsilon=self.params["epsilon"], normalise=self.params["normalise"],
+        )
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        info = self.template.tensors[name]
+        if self.recipe.dtype and info.dtype.is_floating_point:
+            return _TORCH_DTYPES[self.recipe.dtype]
+        return info.dtype
+
+    def run(self, tmp: Path) -> list[str]:
+        self.find_thresholds()
+        plan = [(n, self.template.tensors[n].shape, self.out_dtype(n)) for n in self.names]
+        writer = StreamingSafetensorsWriter(
+            tmp, plan, max_shard_bytes=parse_size(self.recipe.shard_size),
+            metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": self.method.name},
+        )
+        try:
+            for name in tqdm(self.names, desc=f"merge ({self.method.name})", unit="tensor", disable=self.quiet):
+                info = self.template.tensors[name]
+                if info.dtype.is_floating_point:
+                    merged = self.merge_tensor(name)
+                    if not torch.isfinite(merged).all():
+                        raise NumericalError(f"merged tensor {name!r} is not finite; check the method's parameters", tensor=name)
+                else:
+                    merged = self.template.get(name)  # integer buffers are copied from the base
+                writer.write(name, merged.to(self.out_dtype(name)))
+                del merged
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        files += self._copy_side_files(tmp)
+        return files
+
+    def _copy_side_files(self, tmp: Path) -> list[str]:
+        files = []
+        src = self.template.path
+        config = dict(self.template.config)
+        if config:
+            if self.recipe.dtype:
+                for key in ("torch_dtype", "dtype"):
+                    if key in config:
+                        config[key] = self.recipe.dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files.append("config.json")
+        for f in COPIED_FILES:
+            if (src / f).is_file():
+                shutil.copyfile(src / f, tmp / f)
+                files.append(f)
+        return files
+
+
+def merge(
+    recipe: MergeRecipe | dict[str, Any] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    resolver: Resolver | None = None,
+) -> MergeReport:
+    """Merge experts as the recipe says and write a Hugging Face model folder to ``out_dir``.
+
+    Args:
+        recipe: a :class:`MergeRecipe`, its dict form, or a path to a YAML recipe.
+        out_dir: output folder; written atomically (a temporary folder beside it is renamed).
+        overwrite: replace ``out_dir`` if it exists and is not empty.
+        quiet: no progress bars.
+        resolver: turns a model reference into a local folder (default: the reference is a
+            folder). The Hub layer passes one that downloads repo ids.
+
+    Returns:
+        A :class:`MergeReport` (achieved FFG density per expert and per tensor, files, time),
+        also written to ``<out_dir>/ota_merge_report.json``.
+
+    Raises:
+        ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError,
+        OutputExistsError: nothing is left at ``out_dir`` when any is raised.
+
+    Example:
+        >>> report = merge({"method": "ota", "base_model": "base", "models": ["math", "code"],
+        ...                 "parameters": {"density": 0.4}}, "merged")
+        >>> [round(e.density, 3) for e in report.experts]
+        [0.4, 0.4]
+    """
+    start = time.perf_counter()
+    recipe = _as_recipe(recipe)
+    out = AtomicOutputDir(out_dir, overwrite=overwrite)  # refuses a non-empty out_dir before any work
+    engine = _Engine(recipe, resolver or _local_resolver, quiet)
+    with out as tmp:
+        files = engine.run(tmp)
+        report = MergeReport(
+            method=recipe.method,
+            out_dir=str(out.dest),
+            recipe=recipe.to_dict(),
+            experts=engine.reports,
+            tensor_density=engine.tensor_density,
+            files=files + [RECIPE_FILE, REPORT_FILE],
+        )
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        report.seconds = time.perf_counter() - start
+        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return report

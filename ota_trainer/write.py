@@ -1,0 +1,206 @@
+"""Write a merged model as a normal Hugging Face folder, streaming one tensor at a time.
+
+Every output tensor's name, shape and dtype is known before the merge starts (they are the
+base model's), so :class:`StreamingSafetensorsWriter` plans the shards up front, writes each
+shard's safetensors header first and then appends tensor bytes as they are produced. Memory
+stays at one tensor, whatever the shard size.
+
+The whole output is written into a temporary folder beside the destination and renamed into
+place only when complete (:class:`AtomicOutputDir`), so a failed merge leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import DTYPES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .errors import ConfigError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "AtomicOutputDir"]
+
+_CODES = {v: k for k, v in DTYPES.items()}
+_ELEM = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    Raises:
+        ConfigError: the string is not a size.
+    """
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"shard size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
+    if not m:
+        raise ConfigError(f"cannot read {size!r} as a size; write e.g. '5GB' or '500MB'")
+    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
+    base = 1024 if (m.group(3) or "").startswith("I") else 1000
+    n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
+    if n <= 0:
+        raise ConfigError(f"shard size must be positive, got {size!r}")
+    return n
+
+
+@dataclass
+class _Shard:
+    file: str
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def plan_shards(
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+) -> list[_Shard]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[_Shard] = [_Shard("")]
+    for name, shape, dtype in tensors:
+        n = _ELEM[dtype]
+        for d in shape:
+            n *= d
+        if shards[-1].entries and shards[-1].nbytes + n > max_shard_bytes:
+            shards.append(_Shard(""))
+        shards[-1].entries.append((name, tuple(shape), dtype))
+        shards[-1].nbytes += n
+    if len(shards) == 1:
+        shards[0].file = SAFE_WEIGHTS_NAME
+    else:
+        for i, s in enumerate(shards):
+            s.file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    return shards
+
+
+class StreamingSafetensorsWriter:
+    """Writes tensors in a fixed, pre-announced order into sharded safetensors files.
+
+    Args:
+        folder: destination folder (exists).
+        tensors: ``(name, shape, dtype)`` of every tensor, in the order they will be written.
+        max_shard_bytes: shard size limit.
+        metadata: string metadata for every shard header (``{"format": "pt"}`` is added).
+
+    ``write(name, tensor)`` must be called once per tensor in the announced order;
+    ``close()`` checks that all were written and writes ``model.safetensors.index.json``
+    when there is more than one shard.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [(i, e) for i, s in enumerate(self.shards) for e in s.entries]
+        self._pos = 0
+        self._shard = -1
+        self._fh = None
+
+    def _open_shard(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        shard = self.shards[i]
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        offset = 0
+        for name, shape, dtype in shard.entries:
+            n = _ELEM[dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._fh = open(self.folder / shard.file, "wb")
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._shard = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._order):
+            raise ValueError(f"unexpected tensor {name!r}: every announced tensor was written already")
+        i, (want, shape, dtype) = self._order[self._pos]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"writer expected {want!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if i != self._shard:
+            self._open_shard(i)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._pos += 1
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index; returns the files written."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._pos != len(self._order):
+            missing = [e[0] for _, e in self._order[self._pos : self._pos + 3]]
+            raise ValueError(f"writer closed before every tensor was written (next: {missing})")
+        files = [s.file for s in self.shards]
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+                "weight_map": {name: s.file for s in self.shards for name, _, _ in s.entries},
+            }
+            (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            files.append(SAFE_WEIGHTS_INDEX_NAME)
+        return files
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class AtomicOutputDir:
+    """Context manager: a temporary folder beside ``dest`` that replaces ``dest`` on success.
+
+    On an exception the temporary folder is removed and ``dest`` is untouched.
+
+    Raises:
+        OutputExistsError: ``dest`` exists and is not empty, and ``overwrite`` is false.
+    """
+
+    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False):
+        self.dest = Path(dest).absolute()
+        self.overwrite = overwrite
+        if self.dest.exists() and not self.dest.is_dir():
+            raise OutputExistsError(f"output {self.dest} exists and is a file; choose another --out")
+        if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
+            raise OutputExistsError(f"output folder {self.dest} exists and is not empty; pass --overwrite to replace it")
+        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
+            os.replace(self.dest, old)
+        os.replace(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
