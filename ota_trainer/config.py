@@ -89,10 +89,10 @@ class MergeRecipe:
                 raise ConfigError(f"models[{i}]: 'model' must be a folder or repo id")
             models.append(ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({e.model})", per_model=True)))
         object.__setattr__(self, "models", tuple(models))
-        for i in range(len(self.models)):
-            p = self.model_parameters(i)
-            if p.get("density") is not None and p.get("threshold") is not None and m.name == "ota":
-                raise ConfigError(f"models[{i}] ({self.models[i].model}): set density or threshold, not both")
+        levels = [("parameters", self.parameters)] + [(f"models[{i}] ({e.model})", e.parameters) for i, e in enumerate(self.models)]
+        for where, params in levels:
+            if params.get("density") is not None and params.get("threshold") is not None and m.name == "ota":
+                raise ConfigError(f"{where}: set density or threshold, not both")
 
     @property
     def spec(self) -> MergeMethod:
@@ -120,8 +120,11 @@ class MergeRecipe:
         """Parameters for expert ``i``: defaults <- top-level parameters <- the model's own."""
         out = self.method_parameters()
         out.update(self.models[i].parameters)
-        if self.method == "ota" and out.get("threshold") is not None and "density" not in self.models[i].parameters:
-            out["density"] = None  # a per-model threshold overrides a global density
+        own = self.models[i].parameters
+        if self.method == "ota" and "threshold" in own and "density" not in own:
+            out["density"] = None  # a model's own threshold overrides a global density
+        if self.method == "ota" and "density" in own and "threshold" not in own:
+            out["threshold"] = None  # and its own density a global threshold
         if self.method == "ota" and out.get("graft") and out.get("density") is None and out.get("threshold") is None:
             out["density"] = DEFAULT_FFG_DENSITY
         return out

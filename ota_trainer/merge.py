@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -92,6 +93,8 @@ class MergeReport:
         d = asdict(self)
         for e, rep in zip(d["experts"], self.experts):
             e["density"] = rep.density
+            if e["threshold_log2"] is not None and not math.isfinite(e["threshold_log2"]):
+                e["threshold_log2"] = None  # keep-everything threshold; JSON has no -Infinity
         return d
 
 
@@ -261,6 +264,7 @@ class _Engine:
         for i, p in enumerate(self.model_params):
             if self.grafting and p.get("threshold") is not None:
                 self.thresholds[i] = Threshold.absolute(p["threshold"])
+                self.reports[i].threshold_log2 = self.thresholds[i].log2_value
         if not global_density:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
@@ -274,6 +278,7 @@ class _Engine:
             del w0
         for i, h in hists.items():
             self.thresholds[i] = h.threshold_for_density(self.model_params[i]["density"])
+            self.reports[i].threshold_log2 = self.thresholds[i].log2_value
             logger.info(
                 "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (target %.4f)",
                 self.experts[i].label, self.thresholds[i].log2_value, h.kept(self.thresholds[i]) / max(h.total, 1), h.total,

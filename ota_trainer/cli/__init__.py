@@ -1,0 +1,1 @@
+"""Command-line entry points (thin: parse, validate, call the library)."""

@@ -1,0 +1,153 @@
+"""Merge experts into one model.
+
+Examples::
+
+    # flags
+    python scripts/merge_from_hub.py --base base/ --expert math/ --expert code/ \\
+        --method ota --density 0.4 --out merged/
+
+    # a YAML recipe (mergekit-like shape, see ota_trainer.config)
+    python scripts/merge_from_hub.py --recipe recipe.yaml --out merged/
+
+    # any method parameter: --param key=value (repeatable); per-expert: --expert-param 1:density=0.3
+    python scripts/merge_from_hub.py --base base/ --expert a/ --expert b/ --method dare --param drop_rate=0.7 --out merged/
+
+An ota_trainer error exits with status 2 and one line on stderr; nothing is left at --out.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+__all__ = ["make_parser", "recipe_from_args", "main"]
+
+# flag -> recipe parameter name; only set when given
+_PARAM_FLAGS = {
+    "density": "density",
+    "threshold": "threshold",
+    "score": "score",
+    "power": "power",
+    "epsilon": "epsilon",
+    "normalise": "normalise",
+    "lam": "lambda",
+    "drop_rate": "drop_rate",
+    "seed": "seed",
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from ..methods import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="merge_from_hub.py",
+        description="Merge fine-tuned experts with OTA + Fast Fisher Grafting or a baseline.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("inputs (a recipe, or --base/--expert/--method)")
+    src.add_argument("--recipe", help="YAML recipe (method, base_model, models, parameters, dtype, options)")
+    src.add_argument("--base", help="base model folder")
+    src.add_argument("--expert", action="append", default=[], help="expert folder (repeat for each expert)")
+    src.add_argument("--method", choices=sorted(METHODS), help="merge method (default: ota)")
+    par = p.add_argument_group("method parameters (override the recipe's top-level parameters)")
+    par.add_argument("--density", type=float, help="ota: fraction of each expert's edits FFG keeps (global); ties: per tensor")
+    par.add_argument("--threshold", type=float, help="ota: absolute FFG saliency threshold instead of a density")
+    par.add_argument("--per-tensor", action="store_true", default=None, help="ota: apply the density per tensor (ablation)")
+    par.add_argument("--score", choices=["fisher", "magnitude"], help="ota: FFG saliency (magnitude = ablation)")
+    par.add_argument("--no-graft", dest="graft", action="store_false", default=None, help="ota: skip FFG (OTA aggregation only)")
+    par.add_argument("--power", type=float, help="ota: p in P = v**p (default 0.5)")
+    par.add_argument("--epsilon", type=float, help="ota/fisher: epsilon added to curvature weights")
+    par.add_argument("--normalise", choices=["none", "mean"], help="ota: per-tensor normalisation of v**p")
+    par.add_argument("--lambda", dest="lam", type=float, help="task_arithmetic/ties/dare: task-vector scale")
+    par.add_argument("--drop-rate", type=float, help="dare: drop probability")
+    par.add_argument("--seed", type=int, help="dare: random seed")
+    par.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any method parameter")
+    par.add_argument("--expert-param", action="append", default=[], metavar="I:KEY=VALUE", help="parameter of expert I (0-based)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output folder (written atomically)")
+    out.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    out.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's)")
+    out.add_argument("--shard-size", help="output shard size, e.g. 5GB (default 5GB)")
+    out.add_argument("--allow-missing-moments", action="store_true", default=None, help="uniform curvature where moments are missing (warns)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _kv(text: str, flag: str) -> tuple[str, Any]:
+    import yaml
+
+    from ..errors import ConfigError
+
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """Build the :class:`MergeRecipe` the flags describe (recipe file first, flags on top)."""
+    from ..config import MergeRecipe
+    from ..errors import ConfigError
+
+    if args.recipe:
+        if args.base or args.expert:
+            raise ConfigError("give either --recipe or --base/--expert, not both")
+        data = MergeRecipe.from_yaml(args.recipe).to_dict()
+    else:
+        if not args.expert:
+            raise ConfigError("give --recipe, or --expert (one per expert) with --base")
+        data = {"method": args.method or "ota", "base_model": args.base, "models": [{"model": e} for e in args.expert]}
+    if args.recipe and args.method:
+        data["method"] = args.method
+    params = dict(data.get("parameters") or {})
+    for flag, key in _PARAM_FLAGS.items():
+        if getattr(args, flag) is not None:
+            params[key] = getattr(args, flag)
+    if args.per_tensor:
+        params["per_tensor"] = True
+    if args.graft is not None:
+        params["graft"] = args.graft
+    for text in args.param:
+        k, v = _kv(text, "--param")
+        params[k] = v
+    data["parameters"] = params
+    for text in args.expert_param:
+        idx, _, rest = text.partition(":")
+        if not idx.isdigit() or int(idx) >= len(data["models"]):
+            raise ConfigError(f"--expert-param {text!r}: expected I:KEY=VALUE with I in 0..{len(data['models']) - 1}")
+        k, v = _kv(rest, "--expert-param")
+        data["models"][int(idx)].setdefault("parameters", {})[k] = v
+    options = dict(data.get("options") or {})
+    if args.allow_missing_moments:
+        options["allow_missing_moments"] = True
+    if args.shard_size:
+        options["shard_size"] = args.shard_size
+    data["options"] = options
+    if args.dtype:
+        data["dtype"] = args.dtype
+    return MergeRecipe.from_dict(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..errors import OTAError
+    from ..merge import merge
+
+    try:
+        recipe = recipe_from_args(args)
+        report = merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    except OTAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in report.experts:
+        if e.density_target is not None or e.threshold_log2 is not None:
+            print(f"{e.model}: FFG kept {e.density:.4f} of {e.total} entries (target {e.density_target})")
+    print(f"merged ({report.method}) into {report.out_dir} in {report.seconds:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

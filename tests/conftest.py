@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random Llama models, experts and moments built from configs (no downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+try:  # the loopback Hub fixture (ota_trainer.testing.pytest_fixtures), when present
+    from ota_trainer.testing.pytest_fixtures import *  # noqa: F401,F403,E402
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny base and three experts: two with full moments, one with rank-one moments."""
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_base(root / "base", seed=0)
+    return {
+        "root": root,
+        "base": base,
+        "e1": make_tiny_expert(base, root / "e1", seed=1, moments="full"),
+        "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full", step=50),
+        "e3": make_tiny_expert(base, root / "e3", seed=3, moments="rank1"),
+    }

@@ -1,0 +1,76 @@
+import torch
+from torch.testing import assert_close
+
+from ota_trainer.aggregate import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge, topk_mask
+
+
+def test_ota_with_equal_curvature_is_the_plain_average_of_task_vectors():
+    w0 = torch.tensor([1.0, 2.0, 3.0])
+    d = [torch.tensor([1.0, 0.0, -2.0]), torch.tensor([3.0, 2.0, 0.0])]
+    v = [torch.full((3,), 4.0), torch.full((3,), 4.0)]
+    assert_close(ota_merge(w0, d, v, [None, None], [1.0, 1.0], epsilon=0.0), w0 + (d[0] + d[1]) / 2)
+
+
+def test_ota_hand_computed():
+    w0 = torch.zeros(2)
+    d = [torch.tensor([1.0, 1.0]), torch.tensor([4.0, -2.0])]
+    v = [torch.tensor([9.0, 1.0]), torch.tensor([1.0, 1.0])]  # sqrt: [3, 1] and [1, 1]
+    m = [torch.tensor([True, True]), torch.tensor([True, False])]
+    # entry 0: (3*1 + 1*4) / 4 = 1.75; entry 1: only expert 0 kept -> 1
+    assert_close(ota_merge(w0, d, v, m, [1.0, 1.0], power=0.5, epsilon=0.0), torch.tensor([1.75, 1.0]))
+
+
+def test_ota_falls_back_to_base_where_every_edit_is_reverted():
+    w0 = torch.tensor([5.0, 6.0])
+    d = [torch.tensor([1.0, 1.0])]
+    out = ota_merge(w0, d, [torch.ones(2)], [torch.tensor([False, True])], [1.0])
+    assert_close(out, torch.tensor([5.0, 7.0]))
+
+
+def test_ota_mean_normalisation_and_weights():
+    w0 = torch.zeros(2)
+    d = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0])]
+    v = [torch.tensor([1.0, 3.0]), torch.tensor([100.0, 100.0])]
+    # normalise=mean, p=1: P0 = [0.5, 1.5], P1 = [1, 1]; weight c1 = 3
+    out = ota_merge(w0, d, v, [None, None], [1.0, 3.0], power=1.0, epsilon=0.0, normalise="mean")
+    expected = torch.tensor([(0.5 * 1 + 3 * 3) / 3.5, (1.5 * 1 + 3 * 3) / 4.5])
+    assert_close(out, expected)
+
+
+def test_fisher_is_curvature_weighted_average_of_weights():
+    w = [torch.tensor([0.0, 10.0]), torch.tensor([4.0, 0.0])]
+    f = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0])]
+    assert_close(fisher_merge(w, f, [1.0, 1.0], 0.0), torch.tensor([3.0, 10.0]))
+
+
+def test_linear_and_task_arithmetic():
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])
+    assert_close(linear_merge([a, b], [1.0, 1.0]), torch.tensor([2.0, 4.0]))
+    assert_close(linear_merge([a, b], [3.0, 1.0]), torch.tensor([1.5, 3.5]))
+    assert_close(task_arithmetic_merge(torch.ones(2), [a, b], [1.0, 1.0], 0.5), torch.tensor([3.0, 5.0]))
+
+
+def test_ties_hand_computed():
+    w0 = torch.zeros(4)
+    d = [torch.tensor([1.0, -2.0, 0.1, 3.0]), torch.tensor([-3.0, -1.0, 0.2, 1.0])]
+    # density 0.75 keeps the 3 largest |d| of each: d0 -> [1, -2, 0, 3], d1 -> [-3, -1, 0.2, 1]... d1 drops -> 0.2? no:
+    # |d1| = [3, 1, 0.2, 1]: top 3 are 3, 1, 1 -> [-3, -1, 0, 1]
+    # signs of sums: [-2 -> -, -3 -> -, 0 -> 0, 4 -> +]
+    # entry 0: only d1 agrees -> -3; entry 1: mean(-2, -1) = -1.5; entry 2: 0; entry 3: mean(3, 1) = 2
+    out = ties_merge(w0, d, [1.0, 1.0], [0.75, 0.75], 1.0)
+    assert_close(out, torch.tensor([-3.0, -1.5, 0.0, 2.0]))
+
+
+def test_topk_mask():
+    assert topk_mask(torch.tensor([1.0, -5.0, 3.0, 0.5]), 0.5).tolist() == [False, True, True, False]
+
+
+def test_dare_is_unbiased_and_deterministic():
+    w0 = torch.zeros(200_000)
+    d = [torch.ones(200_000)]
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = dare_merge(w0, d, [1.0], [0.75], 1.0, [g1])
+    b = dare_merge(w0, d, [1.0], [0.75], 1.0, [g2])
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {0.0, 4.0}
+    assert abs(a.mean().item() - 1.0) < 0.02

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from ota_trainer.graft import SaliencyHistogram, Threshold, graft, keep_mask, log_saliency, per_tensor_threshold
+
+
+def test_log_saliency_matches_direct_formula():
+    d = torch.tensor([0.5, -0.25, 0.0, 2.0])
+    v = torch.tensor([4.0, 1.0, 3.0, 0.0])
+    s = v * d**2  # [1, 1/16, 0, 0]
+    ls = log_saliency(d, v, "fisher")
+    assert ls[0] == 0.0 and ls[1] == -4.0
+    assert ls[2] == -math.inf and ls[3] == -math.inf
+    assert torch.equal(torch.exp2(ls), s)
+    assert torch.equal(log_saliency(d, None, "magnitude"), torch.log2(d**2))
+
+
+def test_log_saliency_does_not_underflow():
+    d = torch.tensor([1e-30])
+    v = torch.tensor([1e-30])
+    assert (v * d**2).item() == 0.0  # the naive product underflows float32
+    assert log_saliency(d, v).item() == pytest.approx(math.log2(1e-30) * 3, rel=1e-5)
+
+
+def test_global_density_is_accurate_on_a_wide_distribution():
+    g = torch.Generator().manual_seed(0)
+    h = SaliencyHistogram()
+    tensors = []
+    for n in (3_000_000, 1_000_000, 5000, 64):  # several tensors of very different scales
+        d = torch.randn(n, generator=g) * 10 ** torch.empty(1).uniform_(-6, -2, generator=g).item()
+        v = torch.exp(torch.randn(n, generator=g) * 4 - 25)
+        d[: n // 10] = 0  # unchanged entries have zero saliency
+        ls = log_saliency(d, v)
+        tensors.append(ls)
+        h.add(ls)
+    total = sum(t.numel() for t in tensors)
+    for density in (0.01, 0.1, 0.4, 0.85):
+        thr = h.threshold_for_density(density)
+        kept = sum(int(keep_mask(t, thr).sum()) for t in tensors)
+        assert kept == h.kept(thr)  # masks agree exactly with the histogram's count
+        assert abs(kept / total - density) <= 0.001  # ±0.1% absolute
+
+
+def test_density_one_and_beyond_nonzero_keeps_everything():
+    h = SaliencyHistogram()
+    ls = log_saliency(torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))
+    h.add(ls)
+    assert keep_mask(ls, h.threshold_for_density(1.0)).all()
+    assert keep_mask(ls, h.threshold_for_density(0.9)).all()
+    with pytest.raises(ValueError):
+        h.threshold_for_density(0.0)
+
+
+def test_absolute_threshold_is_the_papers_rule():
+    d = torch.tensor([1e-5, 2e-5, 3e-5])
+    v = torch.tensor([1e-9, 1e-9, 1e-9])
+    s = v * d**2
+    thr = Threshold.absolute(float(s[1]))
+    assert keep_mask(log_saliency(d, v), thr).tolist() == [False, True, True]
+    assert keep_mask(log_saliency(d, v), Threshold.absolute(0.0)).all()
+
+
+def test_per_tensor_threshold_keeps_top_fraction():
+    ls = torch.arange(100, dtype=torch.float32)
+    mask = keep_mask(ls, per_tensor_threshold(ls, 0.25))
+    assert mask.sum() == 25 and mask[75:].all()
+
+
+def test_graft_reverts_masked_entries():
+    base, expert = torch.zeros(4), torch.ones(4)
+    mask = torch.tensor([True, False, True, False])
+    assert graft(base, expert, mask).tolist() == [1, 0, 1, 0]
