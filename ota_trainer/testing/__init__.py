@@ -1,0 +1,1 @@
+"""Test and demo helpers: tiny models, a loopback Hub."""
