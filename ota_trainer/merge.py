@@ -35,7 +35,7 @@ from .config import MergeRecipe
 from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
 from .format import MOMENTS_DIR, MomentsReader, has_moments, load_moments
 from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency, per_tensor_threshold
-from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size
+from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size, render_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ __all__ = ["merge", "MergeReport", "ExpertReport", "RECIPE_FILE", "REPORT_FILE"]
 
 RECIPE_FILE = "ota_merge.yaml"
 REPORT_FILE = "ota_merge_report.json"
+CARD_FILE = "README.md"
 COPIED_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -86,6 +87,7 @@ class MergeReport:
     experts: list[ExpertReport]
     tensor_density: dict[str, list[float]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    sources: dict[str, str | None] = field(default_factory=dict)
     seconds: float = 0.0
     library_version: str = __version__
 
@@ -218,6 +220,7 @@ def _read_float(folder: ModelFolder, name: str) -> torch.Tensor:
 class _Engine:
     def __init__(self, recipe: MergeRecipe, resolver: Resolver, quiet: bool):
         self.recipe = recipe
+        self.resolver = resolver
         self.method = recipe.spec
         self.quiet = quiet
         self.params = recipe.method_parameters()
@@ -425,9 +428,14 @@ def merge(
             recipe=recipe.to_dict(),
             experts=engine.reports,
             tensor_density=engine.tensor_density,
-            files=files + [RECIPE_FILE, REPORT_FILE],
+            files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
         )
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        sha = getattr(engine.resolver, "sha", None)
+        refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+        sources = {r: (sha(r) if sha else None) for r in refs}
+        report.sources = sources
+        (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), sources))
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return report

@@ -72,6 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
     out.add_argument("--shard-size", help="output shard size, e.g. 5GB (default 5GB)")
     out.add_argument("--allow-missing-moments", action="store_true", default=None, help="uniform curvature where moments are missing (warns)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+    hub = p.add_argument_group("Hub (models may be repo ids: org/name or org/name@revision)")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder to this repo in one commit, with a model card")
+    hub.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+    hub.add_argument("--dry-run", action="store_true", help="print the plan (resolved shas, files, bytes, memory); download nothing")
     return p
 
 
@@ -130,15 +134,88 @@ def recipe_from_args(args: argparse.Namespace):
     return MergeRecipe.from_dict(data)
 
 
+def describe_plan(recipe, resolver) -> str:
+    """The --dry-run text: resolved shas, files and bytes to download, options, peak memory estimate."""
+    lines = [f"method: {recipe.method} ({recipe.spec.pretty_name})", f"method parameters: {recipe.method_parameters()}"]
+    refs = ([("base", recipe.base_model)] if recipe.base_model else []) + [(f"expert {i}", m.model) for i, m in enumerate(recipe.models)]
+    total = 0
+    for role, ref in refs:
+        sha = resolver.sha(ref)
+        files = resolver.plan(ref)
+        todo = sum(size or 0 for _, size, cached in files if not cached)
+        total += todo
+        lines.append(f"{role}: {ref} -> {sha or 'local folder'}; {len(files)} files, {_fmt(todo)} to download")
+        for name, size, cached in files:
+            lines.append(f"    {name}  {_fmt(size or 0)}{'  (cached)' if cached else ''}")
+        if role.startswith("expert"):
+            lines.append(f"    options: {recipe.model_parameters(int(role.split()[1]))}")
+    lines.append(f"total to download: {_fmt(total)}")
+    largest = _largest_tensor(recipe, resolver)
+    if largest:
+        name, numel = largest
+        t = len(recipe.models)
+        # fp32: base + per expert (weights, v_hat, log-saliency/mask) + accumulators; FFG histograms 16 MB/expert
+        peak = numel * 4 * (3 + 3 * t) + (16 * 2**20 * t if recipe.method == "ota" else 0)
+        lines.append(f"estimated peak memory: {_fmt(peak)} (largest tensor {name}, {numel:,} entries, {t} experts)")
+    else:
+        lines.append("estimated peak memory: unknown (tensor headers not readable)")
+    return "\n".join(lines)
+
+
+def _fmt(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} GB"
+
+
+def _largest_tensor(recipe, resolver):
+    """Largest tensor of the template model, from safetensors headers only (range requests for repo ids)."""
+    ref_text = recipe.base_model or recipe.models[0].model
+    ref = resolver.ref(ref_text)
+    try:
+        if ref.is_local:
+            from ..checkpoint import ModelFolder
+
+            infos = [(t.name, t.numel) for t in ModelFolder(ref.local).tensors.values()]
+        else:
+            from huggingface_hub import get_safetensors_metadata
+
+            meta = get_safetensors_metadata(ref.repo_id, revision=resolver.sha(ref_text))
+            infos = [(n, _numel(i.shape)) for f in meta.files_metadata.values() for n, i in f.tensors.items()]
+    except Exception:  # best effort: the estimate is informative only
+        return None
+    return max(infos, key=lambda x: x[1]) if infos else None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..errors import OTAError
+    from ..hub import HubResolver, check_architectures, publish_folder
     from ..merge import merge
 
     try:
         recipe = recipe_from_args(args)
-        report = merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet)
+        resolver = HubResolver(need_moments=recipe.spec.needs_moments)
+        if args.dry_run:
+            print(describe_plan(recipe, resolver))
+            return 0
+        # configs only: an incompatible expert fails before any weights are downloaded
+        check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
+        report = merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver)
+        if args.push_to_hub:
+            sha = publish_folder(report.out_dir, args.push_to_hub, private=args.private,
+                                 commit_message=f"Merge with ota_trainer ({report.method})")
+            print(f"pushed {report.out_dir} to {args.push_to_hub} (commit {sha})")
     except OTAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

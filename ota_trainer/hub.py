@@ -1,0 +1,338 @@
+"""The Hub edge: resolve repo ids to commit shas, download what a merge needs, publish.
+
+The only module that talks to the network. Everything goes through the real
+``huggingface_hub`` client and its cache, so ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HOME`` and
+``HF_HUB_OFFLINE=1`` (merge from the cache alone) behave as users expect.
+
+A model reference is a local folder, or ``org/name`` optionally pinned as ``org/name@rev``
+(branch, tag or commit sha). Every revision is resolved to a commit sha once; that sha is
+used for every download and recorded in the merged model's card.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HubError, IncompatibleModelsError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelRef",
+    "parse_ref",
+    "HubResolver",
+    "WEIGHT_PATTERNS",
+    "MOMENT_PATTERNS",
+    "MERGE_READY_TAG",
+]
+
+MERGE_READY_TAG = "ota-merge-ready"
+WEIGHT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MOMENT_PATTERNS = ("ota/moments.safetensors",)
+# Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
+EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]
+_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference: a local folder, or a Hub repo id with an optional revision."""
+
+    text: str
+    repo_id: str | None = None
+    revision: str | None = None
+    local: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local is not None
+
+
+def parse_ref(text: str) -> ModelRef:
+    """``"path/to/folder"`` (an existing folder) or ``"org/name[@revision]"``.
+
+    Raises:
+        HubError: neither an existing folder nor a valid repo id.
+    """
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return ModelRef(text, local=p)
+    repo, _, rev = text.partition("@")
+    parts = repo.split("/")
+    if text.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or (rev == "" and "@" in text):
+        raise HubError(f"{text!r} is neither an existing folder nor a Hub repo id like 'org/name[@revision]'", repo_id=text)
+    return ModelRef(text, repo_id=repo, revision=rev or None)
+
+
+def _translate(e: Exception, ref: ModelRef, what: str = "") -> HubError:
+    """A clear HubError for a huggingface_hub / HTTP failure."""
+    from huggingface_hub import errors as hf
+
+    repo = ref.repo_id or ref.text
+    rev = f"@{ref.revision}" if ref.revision else ""
+    if isinstance(e, hf.GatedRepoError):
+        msg = f"{repo}: access denied (gated or private); set HF_TOKEN to a token with access"
+    elif isinstance(e, hf.RepositoryNotFoundError):
+        msg = f"{repo}: repository not found, or private and no valid token was sent (set HF_TOKEN)"
+    elif isinstance(e, hf.RevisionNotFoundError):
+        msg = f"{repo}: revision {ref.revision!r} not found"
+    elif isinstance(e, hf.LocalEntryNotFoundError):
+        msg = (
+            f"{repo}{rev}: {what or 'files'} not in the local cache and the Hub is not reachable "
+            "(HF_HUB_OFFLINE=1 merges from the cache alone: download once online first)"
+        )
+    elif isinstance(e, hf.EntryNotFoundError):
+        msg = f"{repo}{rev}: {what or 'file'} not found in the repository"
+    else:
+        msg = f"{repo}{rev}: Hub request failed ({type(e).__name__}: {e})"
+    return HubError(msg, repo_id=repo)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _transient(e: Exception) -> bool:
+    from huggingface_hub import errors as hf
+
+    if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError, hf.LocalEntryNotFoundError)):
+        return False
+    if isinstance(e, hf.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return status is None or status >= 500 or status == 429
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or "httpx" in type(e).__module__
+
+
+@dataclass
+class HubResolver:
+    """Resolves model references to local folders through the HF cache.
+
+    Call it with a reference to get a local folder (downloading what a merge needs at the
+    resolved sha). ``shas`` records ``repo_id -> sha`` for the model card.
+
+    Args:
+        token: Hub token (default: ``HF_TOKEN`` / the cached login).
+        need_moments: also download ``ota/moments.safetensors``.
+        cache_dir: HF cache (default: ``$HF_HOME/hub``).
+    """
+
+    token: str | bool | None = None
+    need_moments: bool = True
+    cache_dir: str | None = None
+    shas: dict[str, str] = field(default_factory=dict)
+    _refs: dict[str, ModelRef] = field(default_factory=dict)
+
+    def ref(self, text: str) -> ModelRef:
+        if text not in self._refs:
+            self._refs[text] = parse_ref(text)
+        return self._refs[text]
+
+    def _retry(self, ref: ModelRef, what: str, fn: Callable[[], Any]) -> Any:
+        for attempt in range(_RETRIES):
+            try:
+                return fn()
+            except Exception as e:  # huggingface_hub and httpx raise many types; translated below
+                if attempt + 1 < _RETRIES and _transient(e) and not _offline():
+                    logger.warning("%s: %s failed (%s); retrying", ref.text, what, e)
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise _translate(e, ref, what) from e
+        raise AssertionError("unreachable")
+
+    def sha(self, text: str) -> str | None:
+        """The commit sha a reference resolves to (``None`` for local folders)."""
+        ref = self.ref(text)
+        if ref.is_local:
+            return None
+        if ref.repo_id in self.shas:
+            return self.shas[ref.repo_id]
+        if _offline():
+            from huggingface_hub import snapshot_download
+
+            folder = self._retry(ref, "config.json", lambda: snapshot_download(
+                ref.repo_id, revision=ref.revision, allow_patterns=["config.json"], local_files_only=True,
+                cache_dir=self.cache_dir, token=self.token))
+            sha = Path(folder).name
+        else:
+            from huggingface_hub import HfApi
+
+            info = self._retry(ref, "revision", lambda: HfApi(token=self.token).model_info(ref.repo_id, revision=ref.revision))
+            sha = info.sha
+        self.shas[ref.repo_id] = sha
+        return sha
+
+    def config(self, text: str) -> dict[str, Any]:
+        """The model's ``config.json`` (downloads only that file)."""
+        ref = self.ref(text)
+        if ref.is_local:
+            p = ref.local / "config.json"
+            return json.loads(p.read_text()) if p.is_file() else {}
+        from huggingface_hub import hf_hub_download
+
+        sha = self.sha(text)
+        path = self._retry(ref, "config.json", lambda: hf_hub_download(
+            ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token))
+        return json.loads(Path(path).read_text())
+
+    def patterns(self) -> list[str]:
+        return list(WEIGHT_PATTERNS) + (list(MOMENT_PATTERNS) if self.need_moments else [])
+
+    def plan(self, text: str) -> list[tuple[str, int | None, bool]]:
+        """Files a merge would download: ``(path, size, already cached)``; downloads nothing."""
+        ref = self.ref(text)
+        if ref.is_local:
+            return [(str(p.relative_to(ref.local)), p.stat().st_size, True) for p in sorted(ref.local.rglob("*"))
+                    if p.is_file() and _matches(str(p.relative_to(ref.local)), self.patterns())]
+        from huggingface_hub import snapshot_download
+
+        sha = self.sha(text)
+        infos = self._retry(ref, "file list", lambda: snapshot_download(
+            ref.repo_id, revision=sha, allow_patterns=self.patterns(), cache_dir=self.cache_dir, token=self.token, dry_run=True))
+        return [(i.filename, i.file_size, i.is_cached) for i in infos]
+
+    def __call__(self, text: str) -> Path:
+        ref = self.ref(text)
+        if ref.is_local:
+            return ref.local
+        from huggingface_hub import snapshot_download
+
+        sha = self.sha(text)
+        folder = self._retry(ref, "weights", lambda: snapshot_download(
+            ref.repo_id, revision=sha, allow_patterns=self.patterns(), cache_dir=self.cache_dir, token=self.token,
+            local_files_only=_offline()))
+        return Path(folder)
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(path, p) for p in patterns)
+
+
+def check_architectures(resolver: HubResolver, base: str | None, experts: list[str]) -> None:
+    """Compare every expert's ``config.json`` architecture with the base's, before any weights are downloaded.
+
+    Raises:
+        IncompatibleModelsError: an expert's architecture or model type differs.
+    """
+    refs = ([base] if base else []) + experts
+    configs = {r: resolver.config(r) for r in refs}
+    ref0 = refs[0]
+    want = (configs[ref0].get("architectures"), configs[ref0].get("model_type"))
+    for r in refs[1:]:
+        got = (configs[r].get("architectures"), configs[r].get("model_type"))
+        if want[0] and got[0] and (got != want):
+            raise IncompatibleModelsError(
+                f"{r}: architecture {got[0]} ({got[1]}) differs from {ref0}'s {want[0]} ({want[1]}); "
+                "experts must be fine-tuned from the same base",
+                model=r,
+            )
+
+
+def publish_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str = "Upload merged model (ota_trainer)",
+    ignore_patterns: list[str] | None = None,
+) -> str:
+    """Upload a folder to ``repo_id`` in ONE commit (creating the repo if needed).
+
+    Returns:
+        The commit sha.
+
+    Raises:
+        HubError: the repo cannot be created or written (no token, no access...).
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    ref = ModelRef(repo_id, repo_id=repo_id)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
+        )
+    except Exception as e:  # huggingface_hub / httpx errors: translated to one clear HubError
+        raise _translate(e, ref, "upload") from e
+    return info.oid
+
+
+def mark_merge_ready(readme: str | os.PathLike, *, base_model: str | None = None) -> None:
+    """Add merge-ready metadata to a model card (created if absent): the ``ota-merge-ready`` tag,
+    ``ota_moments_format_version`` and, when known, ``base_model``."""
+    from huggingface_hub import ModelCard
+
+    from .format import FORMAT_VERSION
+
+    path = Path(readme)
+    card = ModelCard(path.read_text()) if path.is_file() else ModelCard("---\n---\n\n# Expert\n\nTrained with ota_trainer's OTACallback.\n")
+    tags = list(card.data.tags or [])
+    if MERGE_READY_TAG not in tags:
+        tags.append(MERGE_READY_TAG)
+    card.data.tags = tags
+    card.data.ota_moments_format_version = FORMAT_VERSION
+    if base_model and not card.data.get("base_model") and "/" in base_model and not Path(base_model).exists():
+        card.data.base_model = base_model
+    path.write_text(str(card))
+
+
+def push_expert(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    base_model: str | None = None,
+) -> str:
+    """Push an expert trained elsewhere (weights + ``ota/moments.safetensors``) in one commit.
+
+    The moments are validated against the weights first (names and shapes, finite,
+    non-negative), and the model card is marked merge-ready.
+
+    Returns:
+        The commit sha.
+
+    Raises:
+        MissingMomentsError, IncompatibleModelsError, FormatError: the folder is not merge-ready.
+        HubError: the upload failed.
+
+    Example:
+        >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    """
+    from .checkpoint import ModelFolder
+    from .merge import _open_moments, check_moments
+
+    model = ModelFolder(folder)
+    moments = _open_moments(model, bias_correction=False, allow_missing=False)
+    check_moments(model, moments, list(moments.shapes), allow_missing=False)
+    for name in moments:
+        moments[name]  # reads and checks every tensor (finite, non-negative)
+    base_model = base_model or moments.metadata.get("base_model")
+    mark_merge_ready(Path(folder) / "README.md", base_model=base_model)
+    return publish_folder(
+        folder, repo_id, private=private, token=token, commit_message="Upload expert with OTA moments",
+        ignore_patterns=EXPERT_IGNORE,
+    )
