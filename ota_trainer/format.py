@@ -361,3 +361,14 @@ def load_moments(folder: str | os.PathLike, *, bias_correction: bool = False) ->
             path=str(path),
         )
     return MomentsReader(path, bias_correction=bias_correction, model=str(folder))
+
+
+def convert_moments(src: str | os.PathLike, dst: str | os.PathLike, *, compression: str = "rank1") -> Path:
+    """Re-write a checkpoint's moments with another compression (e.g. full -> rank1) into ``dst``.
+
+    Reads one tensor at a time; metadata (optimizer, beta2, step, base model...) is kept.
+    Converting rank1 -> full gives the rank-one reconstruction, not the original moments.
+    """
+    moments = load_moments(src)
+    keep = {k: v for k, v in moments.metadata.items() if k not in ("format", "format_version", "compression", "dtype", "parameters", "library_version")}
+    return save_moments(dst, moments, compression=compression, metadata=keep)  # lazy: one tensor at a time

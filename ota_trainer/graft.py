@@ -120,6 +120,26 @@ class SaliencyHistogram:
         b = int(torch.argmin((kept_from.to(torch.float64) - target).abs()))
         return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
 
+    def threshold_for_share(self, share: float) -> Threshold:
+        """The bin-edge threshold keeping the fewest top entries that hold ``share`` of the
+        expert's total saliency ``sum(s)`` (a density rule that adapts to each expert).
+
+        Bin masses are ``count_b * 2**center_b``, exact to 1/2048 octave.
+        """
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"saliency share must be in (0, 1], got {share}")
+        if share >= 1.0:
+            return Threshold(-math.inf)
+        log_center = LOG2_LO + (torch.arange(N_BINS, dtype=torch.float64) + 0.5) / BINS_PER_OCTAVE
+        nonzero = self.counts > 0
+        if not nonzero.any():
+            return Threshold(-math.inf)
+        shift = float(log_center[nonzero].max())  # scale so the largest bin's mass is ~1 (no overflow)
+        mass = self.counts.to(torch.float64) * torch.exp2((log_center - shift).clamp_(max=0.0))  # empty bins above: 0, not 0*inf
+        kept_mass = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0])  # kept_mass[b] = mass of bins >= b
+        b = int(torch.nonzero(kept_mass >= share * float(kept_mass[0])).max())
+        return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
+
     def kept(self, threshold: Threshold) -> int:
         """Entries a threshold keeps (exact for histogram thresholds)."""
         if threshold.log2_value == -math.inf:

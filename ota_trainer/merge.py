@@ -71,6 +71,8 @@ class ExpertReport:
     threshold_log2: float | None
     kept: int = 0
     total: int = 0
+    saliency_share: float | None = None
+    grafted: bool = False  # FFG ran on this expert (density is then the achieved kept fraction)
 
     @property
     def density(self) -> float:
@@ -241,7 +243,9 @@ class _Engine:
                 if self.moments[i] is not None:
                     check_moments(e, self.moments[i], self.float_names, allow_missing=recipe.allow_missing_moments)
         self.reports = [
-            ExpertReport(e.model, p.get("density") if self.grafting else None, None) for e, p in zip(recipe.models, self.model_params)
+            ExpertReport(e.model, p.get("density") if self.grafting else None, None, saliency_share=p.get("saliency_share") if self.grafting else None,
+                         grafted=self.grafting)
+            for e, p in zip(recipe.models, self.model_params)
         ]
         self.thresholds: list[Threshold | None] = [None] * len(self.experts)
         self.tensor_density: dict[str, list[float]] = {}
@@ -262,7 +266,8 @@ class _Engine:
     def find_thresholds(self) -> None:
         global_density = [
             i for i, p in enumerate(self.model_params)
-            if self.grafting and not self.params["per_tensor"] and p.get("threshold") is None and p.get("density") is not None
+            if self.grafting and p.get("threshold") is None
+            and (p.get("saliency_share") is not None or (p.get("density") is not None and not self.params["per_tensor"]))
         ]
         for i, p in enumerate(self.model_params):
             if self.grafting and p.get("threshold") is not None:
@@ -280,12 +285,14 @@ class _Engine:
                     hists[i].add(ls)
             del w0
         for i, h in hists.items():
-            self.thresholds[i] = h.threshold_for_density(self.model_params[i]["density"])
+            p = self.model_params[i]
+            share = p.get("saliency_share")
+            self.thresholds[i] = h.threshold_for_share(share) if share is not None else h.threshold_for_density(p["density"])
             self.reports[i].threshold_log2 = self.thresholds[i].log2_value
             logger.info(
-                "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (target %.4f)",
+                "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
                 self.experts[i].label, self.thresholds[i].log2_value, h.kept(self.thresholds[i]) / max(h.total, 1), h.total,
-                self.model_params[i]["density"],
+                f"saliency share {share}" if share is not None else f"target density {p['density']}",
             )
 
     # pass 2 ------------------------------------------------------------------------------

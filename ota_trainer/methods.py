@@ -115,6 +115,7 @@ METHODS: dict[str, MergeMethod] = {
                 Param("graft", bool, True, "apply Fast Fisher Grafting before aggregation (false: OTA without FFG)"),
                 Param("density", float, None, "fraction of each expert's entries FFG keeps (global over the expert; default 0.4 when no threshold is given)", per_model=True, check=_in_unit, optional=True),
                 Param("threshold", float, None, "absolute FFG saliency threshold theta (the paper's configs); excludes density", per_model=True, check=_non_negative, optional=True),
+                Param("saliency_share", float, None, "keep the fewest top edits holding this share of the expert's total saliency sum(v*d^2); excludes density/threshold", per_model=True, check=_in_unit, optional=True),
                 Param("per_tensor", bool, False, "apply density per tensor instead of globally (ablation)"),
                 Param("score", str, "fisher", "FFG saliency: fisher = v*d^2, magnitude = d^2 (ablation)", choices=SCORES),
                 Param("power", float, 0.5, "p in P_t = v_t**p", check=_finite),

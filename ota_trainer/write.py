@@ -245,7 +245,7 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
     if base:
         lines.append(f"| base | `{base}` | `{sources.get(base) or 'local'}` | - |")
     for m, e in zip(recipe["models"], report["experts"]):
-        dens = f"{e['density']:.4f}" if e.get("density_target") is not None or e.get("threshold_log2") is not None else "-"
+        dens = f"{e['density']:.4f}" if e.get("grafted") else "-"
         lines.append(f"| expert | `{m['model']}` | `{sources.get(m['model']) or 'local'}` | {dens} |")
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     lines.append(f"Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")

@@ -99,3 +99,18 @@ def _synthetic_log_saliency(shape, seed, i):
     rows = torch.exp(torch.randn(shape[0], generator=g) * 2 - 22)
     v = rows[:, None] * torch.exp(torch.randn(shape[1:] or (1,), generator=g))[None, :] if len(shape) == 2 else rows
     return log_saliency(d, v.reshape(shape))
+
+
+def test_saliency_share_keeps_the_top_mass():
+    # saliencies 2**k for k = 0..19: the top entry holds ~half of the total
+    ls = torch.arange(20, dtype=torch.float32)
+    h = SaliencyHistogram()
+    h.add(ls)
+    assert keep_mask(ls, h.threshold_for_share(0.5)).sum() == 1
+    assert keep_mask(ls, h.threshold_for_share(0.74)).sum() == 2  # 2**19 + 2**18 = 75% of the total
+    assert keep_mask(ls, h.threshold_for_share(1.0)).all()
+    total = (2.0 ** ls.double()).sum()
+    for share in (0.3, 0.9, 0.99):
+        kept = keep_mask(ls, h.threshold_for_share(share))
+        assert (2.0 ** ls.double())[kept].sum() >= share * total  # enough mass kept
+        assert (2.0 ** ls.double())[kept].sum() - 2.0 ** ls[kept].min().double() < share * total  # and no more entries than needed

@@ -173,3 +173,13 @@ def test_recipe_yaml_round_trip(ins, tmp_path):
     assert MergeRecipe.from_yaml(p) == r
     merge(p, tmp_path / "out", quiet=True)
     assert MergeRecipe.from_yaml(tmp_path / "out" / "ota_merge.yaml") == r
+
+
+def test_ota_saliency_share_rule(ins, tmp_path):
+    report = merge(_recipe(ins, "ota", saliency_share=0.9), tmp_path / "out", quiet=True)
+    for t, e in enumerate(report.experts):
+        assert e.grafted and e.saliency_share == 0.9
+        s = torch.cat([(ins["vs"][t][n] * (ins["experts"][t][n] - ins["base"][n]) ** 2).reshape(-1) for n in ins["base"]])
+        top = torch.sort(s, descending=True).values
+        needed = int((torch.cumsum(top, 0) < 0.9 * s.sum()).sum()) + 1  # fewest entries holding 90% of the saliency
+        assert abs(e.kept - needed) <= 0.001 * s.numel()

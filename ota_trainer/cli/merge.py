@@ -27,6 +27,7 @@ __all__ = ["make_parser", "recipe_from_args", "main"]
 _PARAM_FLAGS = {
     "density": "density",
     "threshold": "threshold",
+    "saliency_share": "saliency_share",
     "score": "score",
     "power": "power",
     "epsilon": "epsilon",
@@ -54,6 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("method parameters (override the recipe's top-level parameters)")
     par.add_argument("--density", type=float, help="ota: fraction of each expert's edits FFG keeps (global); ties: per tensor")
     par.add_argument("--threshold", type=float, help="ota: absolute FFG saliency threshold instead of a density")
+    par.add_argument("--saliency-share", type=float, help="ota: keep the top edits holding this share of each expert's total saliency")
     par.add_argument("--per-tensor", action="store_true", default=None, help="ota: apply the density per tensor (ablation)")
     par.add_argument("--score", choices=["fisher", "magnitude"], help="ota: FFG saliency (magnitude = ablation)")
     par.add_argument("--no-graft", dest="graft", action="store_false", default=None, help="ota: skip FFG (OTA aggregation only)")
@@ -220,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for e in report.experts:
-        if e.density_target is not None or e.threshold_log2 is not None:
-            print(f"{e.model}: FFG kept {e.density:.4f} of {e.total} entries (target {e.density_target})")
+        if e.grafted:
+            rule = f"target density {e.density_target}" if e.density_target is not None else (
+                f"saliency share {e.saliency_share}" if e.saliency_share is not None else "absolute threshold")
+            print(f"{e.model}: FFG kept {e.density:.4f} of {e.total} entries ({rule})")
     print(f"merged ({report.method}) into {report.out_dir} in {report.seconds:.1f}s")
     return 0
 
