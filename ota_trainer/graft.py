@@ -168,12 +168,9 @@ def keep_mask(log_s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
         return torch.ones_like(log_s, dtype=torch.bool)
     if threshold.bin is None:
         return log_s >= threshold.log2_value
-    mask = torch.empty_like(log_s, dtype=torch.bool)
-    flat_in, flat_out = log_s.reshape(-1), mask.view(-1)
-    for start in range(0, flat_in.numel(), _CHUNK):
-        chunk = flat_in[start : start + _CHUNK]
-        flat_out[start : start + _CHUNK] = (chunk > -math.inf) & (_bin_index(chunk.nan_to_num(neginf=LOG2_LO)) >= threshold.bin)
-    return mask
+    # bin(x) >= b  <=>  floor((x - LO) * BPO) >= b  <=>  (x - LO) >= b / BPO, with (x - LO) rounded exactly
+    # as _bin_index rounds it (the scaling by a power of two is exact): the same decision, two ops.
+    return (log_s - LOG2_LO) >= threshold.bin / BINS_PER_OCTAVE
 
 
 @torch.no_grad()
