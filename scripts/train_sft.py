@@ -14,6 +14,7 @@ A config is a YAML file with four sections:
              ``messages`` column (chat) or ``prompt``/``completion`` or ``text``
 ``sft``      ``trl.SFTConfig`` fields (output_dir, max_steps, learning_rate, ...)
 ``ota``      ``OTACallback`` options (compression, save_on_checkpoint, ...)
+``tokenizer`` optional ``{path, chat_template}``
 
 Overrides: ``--section.key value`` (YAML-parsed), or ``--model X``. The resolved config is
 written to ``<output_dir>/ota_train_config.yaml``.
@@ -106,8 +107,10 @@ def train(cfg: dict[str, Any]):
 
     sft = dict(cfg.get("sft") or {})
     args = SFTConfig(**sft)
-    tok_src = (cfg.get("tokenizer") or {}).get("path", cfg["model"])
-    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    tok_cfg = cfg.get("tokenizer") or {}
+    tokenizer = AutoTokenizer.from_pretrained(tok_cfg.get("path", cfg["model"]))
+    if tok_cfg.get("chat_template"):  # e.g. the paper's tulu_v3 template with generation tags
+        tokenizer.chat_template = tok_cfg["chat_template"]
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     data = load_training_data(cfg.get("dataset") or {})
     trainer = SFTTrainer(
