@@ -18,6 +18,7 @@ __all__ = [
     "fisher_merge",
     "ota_merge",
     "ota_weights",
+    "OTAAccumulator",
     "topk_mask",
 ]
 
@@ -119,7 +120,7 @@ def fisher_merge(
 @torch.no_grad()
 def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -> torch.Tensor:
     """``P_t + eps`` with ``P_t = v_t ** power``, optionally divided by its mean (``normalise="mean"``)."""
-    p = v.pow(power) if power != 1.0 else v.clone()
+    p = v.sqrt() if power == 0.5 else v.pow(power) if power != 1.0 else v.clone()
     if normalise == "mean":
         mean = p.mean()
         if mean > 0:
@@ -127,6 +128,39 @@ def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -
     elif normalise != "none":
         raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
     return p.add_(epsilon)
+
+
+class OTAAccumulator:
+    """Running sums of OTA aggregation, one expert at a time (so peak memory does not grow with T).
+
+    ``num = sum_t W_t d_t`` and ``den = sum_t W_t`` with ``W_t = c_t (v_t**p + eps) M_t``;
+    :meth:`result` gives ``w0 + num / den`` (``w0`` where ``den == 0``).
+    """
+
+    def __init__(self, base: torch.Tensor, *, power: float = 0.5, epsilon: float = 1e-26, normalise: str = "none"):
+        self.base = base
+        self.power, self.epsilon, self.normalise = power, epsilon, normalise
+        self.num = torch.zeros_like(base, dtype=torch.float32)
+        self.den = torch.zeros_like(base, dtype=torch.float32)
+
+    @torch.no_grad()
+    def add(self, delta: torch.Tensor, v: torch.Tensor | None, mask: torch.Tensor | None, weight: float = 1.0) -> None:
+        """Add expert t: task vector ``d_t``, second moment ``v_t`` (None: uniform), keep mask ``M_t`` (None: all)."""
+        if v is not None:
+            w = ota_weights(v, self.power, self.epsilon, self.normalise)
+        else:
+            w = torch.full_like(self.num, 1.0 + self.epsilon)
+        if mask is not None:
+            w.mul_(mask)
+        if weight != 1.0:
+            w.mul_(weight)
+        self.num.addcmul_(w, delta)
+        self.den.add_(w)
+
+    @torch.no_grad()
+    def result(self) -> torch.Tensor:
+        # Weights are non-negative, so num == 0 wherever den == 0: dividing by 1 there leaves w0.
+        return self.num.div_(self.den.masked_fill_(self.den == 0, 1.0)).add_(self.base)
 
 
 @torch.no_grad()
@@ -149,15 +183,7 @@ def ota_merge(
     A ``None`` moment means uniform curvature (``P_t = 1``) for that tensor; a ``None`` mask
     keeps every edit. Equal curvature gives the plain average of the kept task vectors.
     """
-    num = torch.zeros_like(base, dtype=torch.float32)
-    den = torch.zeros_like(base, dtype=torch.float32)
+    acc = OTAAccumulator(base.to(torch.float32), power=power, epsilon=epsilon, normalise=normalise)
     for d, v, m, c in zip(deltas, moments, masks, weights):
-        w = ota_weights(v, power, epsilon, normalise) if v is not None else torch.full_like(num, 1.0 + epsilon)
-        if m is not None:
-            w.mul_(m)
-        if c != 1.0:
-            w.mul_(c)
-        num.addcmul_(w, d)
-        den.add_(w)
-    # Weights are non-negative, so num == 0 wherever den == 0: dividing by 1 there leaves w0.
-    return num.div_(den.masked_fill_(den == 0, 1.0)).add_(base)
+        acc.add(d, v, m, c)
+    return acc.result()

@@ -38,6 +38,7 @@ LOG2_HI = 1024.0
 BINS_PER_OCTAVE = 1024
 N_BINS = int((LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE)  # 2**21
 _CHUNK = 1 << 22  # elements per chunk when binning, bounds temporary memory
+_SMALL = 1 << 18  # below this, scatter_add beats a 2**21-bin bincount
 
 
 @torch.no_grad()
@@ -105,8 +106,10 @@ class SaliencyHistogram:
             chunk = flat[start : start + _CHUNK]
             finite = chunk[chunk > -math.inf]
             self.zeros += chunk.numel() - finite.numel()
-            if finite.numel():
+            if finite.numel() >= _SMALL:
                 self.counts += torch.bincount(_bin_index(finite), minlength=N_BINS)
+            elif finite.numel():  # small tensors: a full-length bincount would cost more than the data
+                self.counts.scatter_add_(0, _bin_index(finite), torch.ones(finite.numel(), dtype=torch.int64))
 
     def threshold_for_density(self, density: float) -> Threshold:
         """The bin-edge threshold whose kept fraction is nearest ``density``."""

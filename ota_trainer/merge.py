@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .aggregate import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge
+from .aggregate import OTAAccumulator, dare_merge, fisher_merge, linear_merge, task_arithmetic_merge, ties_merge
 from .checkpoint import ModelFolder
 from .config import MergeRecipe
 from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
@@ -254,13 +254,17 @@ class _Engine:
         m = self.moments[i]
         return m[name] if m is not None and name in m else None
 
-    def _score_inputs(self, i: int, name: str, delta: torch.Tensor) -> torch.Tensor | None:
-        """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments)."""
+    def _score_inputs(self, i: int, name: str, delta: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor | None:
+        """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments).
+
+        ``v`` is expert i's moment for ``name`` when the caller has it already (else it is read).
+        """
         score = self.params["score"]
-        v = self._v(i, name) if score == "fisher" else None
-        if score == "fisher" and v is None:
-            return None
-        return log_saliency(delta, v, score)
+        if score == "fisher":
+            v = v if v is not None else self._v(i, name)
+            if v is None:
+                return None
+        return log_saliency(delta, v if score == "fisher" else None, score)
 
     # pass 1 ------------------------------------------------------------------------------
     def find_thresholds(self) -> None:
@@ -298,6 +302,8 @@ class _Engine:
     # pass 2 ------------------------------------------------------------------------------
     def merge_tensor(self, name: str) -> torch.Tensor:
         m = self.method.name
+        if m == "ota":
+            return self.merge_ota(name)
         weights = [p["weight"] for p in self.model_params]
         experts = [_read_float(e, name) for e in self.experts]
         if m == "linear":
@@ -319,28 +325,34 @@ class _Engine:
                 for i in range(len(deltas))
             ]
             return dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
-        # ota
-        moments = [self._v(i, name) for i in range(len(deltas))]
-        if any(v is None for v in moments):
-            moments = [None] * len(deltas)  # uniform curvature for every expert on this tensor
-        masks: list[torch.Tensor | None] = [None] * len(deltas)
-        if self.grafting:
-            for i, d in enumerate(deltas):
-                ls = self._score_inputs(i, name, d)
-                if ls is None:
-                    continue  # no evidence to prune: keep every edit of this tensor
-                thr = per_tensor_threshold(ls, self.model_params[i]["density"]) if self.thresholds[i] is None else self.thresholds[i]
-                masks[i] = keep_mask(ls, thr)
-            self.tensor_density[name] = []
-            for i, mask in enumerate(masks):
+        raise AssertionError(f"unhandled method {m!r}")
+
+    def merge_ota(self, name: str) -> torch.Tensor:
+        """OTA (+ FFG), one expert at a time: peak memory is a few tensors whatever the number of experts."""
+        w0 = _read_float(self.base, name)
+        # uniform curvature for every expert on this tensor if any expert lacks its moments
+        uniform = not all(m is not None and name in m for m in self.moments)
+        acc = OTAAccumulator(w0, power=self.params["power"], epsilon=self.params["epsilon"], normalise=self.params["normalise"])
+        densities = []
+        for i, e in enumerate(self.experts):
+            d = _read_float(e, name).sub_(w0)
+            v = None if uniform else self._v(i, name)
+            mask = None
+            if self.grafting:
+                ls = self._score_inputs(i, name, d, v)
+                if ls is not None:  # None: no moments for this tensor, no evidence to prune: keep every edit
+                    thr = self.thresholds[i] if self.thresholds[i] is not None else per_tensor_threshold(ls, self.model_params[i]["density"])
+                    mask = keep_mask(ls, thr)
+                    del ls
                 kept = int(mask.sum()) if mask is not None else w0.numel()
                 self.reports[i].kept += kept
                 self.reports[i].total += w0.numel()
-                self.tensor_density[name].append(kept / max(w0.numel(), 1))
-        return ota_merge(
-            w0, deltas, moments, masks, weights,
-            power=self.params["power"], epsilon=self.params["epsilon"], normalise=self.params["normalise"],
-        )
+                densities.append(kept / max(w0.numel(), 1))
+            acc.add(d, v, mask, self.model_params[i]["weight"])
+            del d, v, mask
+        if self.grafting:
+            self.tensor_density[name] = densities
+        return acc.result()
 
     def out_dtype(self, name: str) -> torch.dtype:
         info = self.template.tensors[name]

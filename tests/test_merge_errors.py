@@ -182,7 +182,7 @@ def test_unknown_method_and_option(tiny_models, tmp_path):
         _run(tiny_models, tmp_path, [tiny_models["e1"]], parameters={"densty": 0.3})
     with pytest.raises(ConfigError, match="unknown recipe options"):
         _run(tiny_models, tmp_path, [tiny_models["e1"]], options={"fast": True})
-    with pytest.raises(ConfigError, match="density or threshold"):
+    with pytest.raises(ConfigError, match="one FFG rule"):
         _run(tiny_models, tmp_path, [tiny_models["e1"]], parameters={"density": 0.3, "threshold": 1e-9})
     _nothing_left(tmp_path)
 
