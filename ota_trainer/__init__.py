@@ -21,6 +21,10 @@ from .methods import METHODS  # noqa: E402
 
 __all__ = [
     "__version__",
+    "OTACallback",
+    "save_optimizer_moments",
+    "push_expert",
+    "publish_folder",
     "MergeRecipe",
     "ModelEntry",
     "MergeReport",
@@ -36,3 +40,17 @@ __all__ = [
     "NumericalError",
     "OutputExistsError",
 ]
+
+
+def __getattr__(name: str):
+    # The callback pulls in transformers' Trainer machinery: import it only when asked for,
+    # so `import ota_trainer` (and the merge CLI) stays light.
+    if name in ("OTACallback", "save_optimizer_moments"):
+        from . import capture
+
+        return getattr(capture, name)
+    if name in ("push_expert", "publish_folder"):
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'ota_trainer' has no attribute {name!r}")

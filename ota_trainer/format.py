@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MOMENTS_DIR",
+    "MERGE_READY_TAG",
     "MOMENTS_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 MOMENTS_DIR = "ota"
+MERGE_READY_TAG = "ota-merge-ready"  # model-card tag of a checkpoint that carries moments
 MOMENTS_FILE = "moments.safetensors"
 METADATA_KEY = "ota_moments"
 FORMAT_NAME = "ota-moments"

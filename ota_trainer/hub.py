@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError, IncompatibleModelsError
+from .format import MERGE_READY_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ __all__ = [
     "MERGE_READY_TAG",
 ]
 
-MERGE_READY_TAG = "ota-merge-ready"
 WEIGHT_PATTERNS = (
     "config.json",
     "generation_config.json",

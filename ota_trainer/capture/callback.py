@@ -1,0 +1,406 @@
+"""``OTACallback``: the Trainer glue of the capture stage (method.md §1)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..errors import CaptureError, ConfigError, FormatError
+from ..format import COMPRESSIONS, MERGE_READY_TAG, has_moments, load_moments, moments_path
+from .core import save_optimizer_moments
+from .names import named_trainable_parameters
+from .sources import detect_engine, inspect_optimizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OTACallback", "MERGE_READY_TAG", "align_moments_to_weights", "check_moments_cover_weights"]
+
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+def _checkpoint_dir(args: Any, state: Any) -> Path:
+    return Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+
+
+def _is_writer(args: Any) -> bool:
+    """Whether this process writes files: global rank 0 (local rank 0 of each node with
+    ``save_on_each_node``). Read from torch.distributed when it is initialised, because
+    ``args.should_save`` can be true on every rank (seen with DeepSpeed on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if getattr(args, "save_on_each_node", False):
+            return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+        return dist.get_rank() == 0
+    return bool(args.should_save)
+
+
+def _copy_moments(src_folder: Path, dst_folder: Path) -> None:
+    """Copy ``src/ota/moments.safetensors`` to ``dst/ota/`` atomically (tmp file + rename)."""
+    src, dst = moments_path(src_folder), moments_path(dst_folder)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_moments_cover_weights(folder: str | os.PathLike, frozen: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Problems between a saved checkpoint's weights and its moments (empty when they line up).
+
+    Every floating weight in the saved safetensors that is not frozen must have moments, and
+    the moments must name only saved weights (the merger rejects any other name).
+    """
+    from ..checkpoint import ModelFolder
+
+    weights = ModelFolder(folder)
+    moments = load_moments(folder)
+    names = set(weights.tensors)
+    problems = [f"moments for {n!r}, which the saved weights lack" for n in moments.shapes if n not in names]
+    frozen_set = set(frozen)
+    problems += [
+        f"no moments for saved trainable weight {n!r}"
+        for n, t in weights.tensors.items()
+        if n not in moments and n not in frozen_set and t.dtype.is_floating_point
+    ]
+    return problems
+
+
+def align_moments_to_weights(folder: str | os.PathLike, tied: dict[str, str]) -> bool | None:
+    """Make a checkpoint's moments use the names its saved weights use for tied parameters.
+
+    Moments are written before the Trainer saves the weights, under the names its save path
+    is expected to use (:func:`~ota_trainer.capture.sources.saves_tied_aliases`). If the
+    saved weights turn out to carry a tied alias the moments lack (or lack the name the
+    moments use), the moments file is rewritten with the names of the weights. Entries
+    stored rank-one pass through ``outer(r, c) / sum(r)`` then (float32 rounding).
+
+    Args:
+        folder: a checkpoint holding weights and ``ota/moments.safetensors``.
+        tied: ``{alias: name}`` of tied parameters (the metadata's ``tied_parameters``).
+
+    Returns:
+        Whether the saved weights hold tied aliases (``None`` when nothing is tied or there
+        are no safetensors weights to compare with).
+    """
+    from ..checkpoint import ModelFolder
+    from ..format import save_moments
+
+    if not tied:
+        return None
+    try:
+        weights = set(ModelFolder(folder).tensors)
+    except FormatError:
+        return None
+    reader = load_moments(folder)
+    have = set(reader.shapes)
+    tied_names = set(tied) | set(tied.values())
+    # name to write -> name in the file; only tied names are touched
+    source: dict[str, str] = {n: n for n in have if n in weights or n not in tied_names}
+    for alias, name in tied.items():
+        src = name if name in have else alias if alias in have else None
+        for n in (name, alias):
+            if src is not None and n in weights:
+                source.setdefault(n, src)
+    saved_aliases = any(a in weights for a in tied)
+    if set(source) == have:
+        return saved_aliases
+    logger.warning(
+        "OTA: %s: renaming tied moments to match the saved weights (%s -> %s)", folder, sorted(have - set(source)),
+        sorted(set(source) - have),
+    )
+
+    class _Renamed(dict):
+        def items(self):  # one tensor at a time
+            for n, src in source.items():
+                yield n, reader[src].clone()
+
+    managed = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
+    keep = {k: v for k, v in reader.metadata.items() if k not in managed}
+    save_moments(folder, _Renamed(), compression=reader.metadata["compression"], metadata=keep)
+    return saved_aliases
+
+
+class OTACallback(TrainerCallback):
+    """Save Adam's second moments beside every checkpoint, so the expert can be OTA-merged.
+
+    Implements the capture stage of "Harnessing Optimization Dynamics for Curvature-Informed
+    Model Merging" (Mahdavi et al., arXiv 2509.11167): at the end of fine-tuning, the
+    optimizer's ``exp_avg_sq`` (``v_t`` in the paper, a diagonal-Fisher proxy) is read for
+    every trainable parameter, keyed by the parameter's saved weight name, compressed to
+    rank-one row/column sums (``r = v.sum(1)``, ``c = v.sum(0)``) or kept whole, and written
+    to ``<folder>/ota/moments.safetensors`` (format v1, :mod:`ota_trainer.format`).
+
+    Works with ``transformers.Trainer`` and TRL's ``SFTTrainer``; never changes the
+    ``TrainingArguments``. Optimizers: Adam/AdamW (``adamw_torch``, ``adamw_torch_fused``,
+    other variants with ``exp_avg_sq``), ``adafactor`` (factored state, stored rank-one),
+    bitsandbytes 8-bit/32-bit AdamW (``state2`` dequantized). Optimizers without a second
+    moment (SGD...) raise :class:`~ota_trainer.errors.CaptureError` in ``on_train_begin``,
+    before any compute. Engines: single process, DDP (rank 0 writes), DeepSpeed ZeRO 1/2/3
+    and FSDP2 (collective reads on every rank, rank 0 writes).
+
+    When files are written (``N`` = ``state.global_step``), and why this puts the moments
+    into the same Hub commit as the weights:
+
+    1. ``on_step_end`` / ``on_epoch_end`` with ``control.should_save`` set (the Trainer is
+       about to save ``checkpoint-N``): moments go to ``output_dir/checkpoint-N/ota/``
+       BEFORE the Trainer writes the weights there. With ``hub_strategy="checkpoint"`` or
+       ``"all_checkpoints"`` the checkpoint folder is uploaded afterwards, ``ota/`` included.
+    2. ``on_push_begin`` (``Trainer._push_from_checkpoint``, called after the checkpoint is
+       saved and immediately before the Trainer copies the checkpoint's weights into
+       ``output_dir`` and uploads ``output_dir`` in one ``upload_folder`` commit): the
+       checkpoint's moments are copied to ``output_dir/ota/``, so that commit holds the
+       weights and moments of step ``N``. (Copying here, not earlier, keeps ``output_dir``
+       untouched while a previous upload may still be reading it: the Trainer skips a push
+       while one is in progress unless ``hub_always_push``.)
+    3. ``on_save``: if the checkpoint has no moments yet (``save_strategy="best"``, where
+       the save decision comes after evaluation), they are captured now; the checkpoint's
+       weights and moments are then checked to line up.
+
+    Names: moments are keyed by the names the weights are saved under. Tied weights have one
+    optimizer state; it is stored under the one name ``save_pretrained`` keeps, or under
+    every alias when the save path writes them all (DeepSpeed ZeRO-1/2 saves a state dict of
+    clones). Before each upload (``on_push_begin``) and in ``on_save`` the checkpoint's
+    moments are aligned with the names actually saved (rewritten if they differ, and the
+    choice is kept for later captures).
+    4. ``on_train_end``: moments of the final optimizer state go to ``output_dir/ota/``
+       (with ``load_best_model_at_end``, the best checkpoint's moments are copied instead).
+       ``trainer.save_model()`` / ``trainer.push_to_hub()`` after ``train()`` then save and
+       upload ``output_dir`` with the weights in one commit.
+
+    ``on_train_begin`` removes a stale ``output_dir/ota/moments.safetensors`` left by an
+    earlier run (it would be pushed next to this run's weights) and adds the
+    ``ota-merge-ready`` tag to the model (``model.add_model_tags``), which
+    ``Trainer.push_to_hub`` writes into the model card's ``tags``.
+
+    Never losing training: a failed capture at a checkpoint is raised in ``on_save``,
+    after the checkpoint is on disk (resume from it). A failed capture at the end saves the
+    model to ``output_dir`` first (``save_pretrained``, single process or DDP), then raises.
+
+    Args:
+        compression: ``"rank1"`` (row/column sums, ~99% smaller; the default) or ``"full"``.
+        save_on_checkpoint: also write moments into every ``checkpoint-N/`` folder (and so
+            into mid-training Hub pushes), making every checkpoint merge-ready.
+        base_model: base model id recorded in the metadata; default ``model.config._name_or_path``
+            (or ``model.name_or_path``) when it is not a local folder.
+        base_model_revision: base model revision recorded in the metadata; default the
+            config's ``_commit_hash`` when the base came from the Hub.
+        tag_model_card: add the ``ota-merge-ready`` tag to the model's tags.
+
+    Bias correction is recorded, never applied: files hold the raw ``exp_avg_sq`` with
+    ``bias_corrected: false``, ``beta2`` and ``step``; the merger divides by
+    ``1 - beta2**step`` when asked.
+
+    Example:
+        >>> from trl import SFTConfig, SFTTrainer
+        >>> from ota_trainer.capture import OTACallback
+        >>> trainer = SFTTrainer(model=model, args=SFTConfig("out/math"), train_dataset=ds,
+        ...                      callbacks=[OTACallback(compression="rank1")])
+        >>> trainer.train()
+        >>> trainer.save_model()  # out/math/{model.safetensors, ota/moments.safetensors}
+    """
+
+    def __init__(
+        self,
+        compression: str = "rank1",
+        *,
+        save_on_checkpoint: bool = True,
+        base_model: str | None = None,
+        base_model_revision: str | None = None,
+        tag_model_card: bool = True,
+    ):
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"OTACallback(compression={compression!r}): choose one of {COMPRESSIONS}")
+        self.compression = compression
+        self.save_on_checkpoint = save_on_checkpoint
+        self.base_model = base_model
+        self.base_model_revision = base_model_revision
+        self.tag_model_card = tag_model_card
+        self._training = False
+        self._verified = False
+        self._engine: str | None = None
+        self._frozen: list[str] = []
+        self._tied: dict[str, str] = {}
+        self._tied_aliases: bool | None = None  # learned from the first saved checkpoint
+        self._captured_steps: set[int] = set()
+        self._pending_error: CaptureError | None = None
+
+    # -- helpers --------------------------------------------------------------------------
+    def _resolve_base_model(self, model: Any) -> tuple[str | None, str | None]:
+        if self.base_model is not None:
+            return self.base_model, self.base_model_revision
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+        if not name or os.path.isdir(str(name)):
+            return (str(name) if name else None), self.base_model_revision
+        return str(name), self.base_model_revision or getattr(config, "_commit_hash", None)
+
+    def _metadata(self, args: Any, state: Any, model: Any) -> dict[str, Any]:
+        base_model, base_revision = self._resolve_base_model(model)
+        return {
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "base_model": base_model,
+            "base_model_revision": base_revision,
+            "global_step": int(state.global_step),
+            "epoch": state.epoch,
+            "training": {
+                "learning_rate": args.learning_rate,
+                "weight_decay": args.weight_decay,
+                "max_grad_norm": args.max_grad_norm,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "world_size": args.world_size,
+                "seed": args.seed,
+                "hub_model_id": args.hub_model_id,
+            },
+        }
+
+    def _capture(self, folder: Path, args: Any, state: Any, model: Any, optimizer: Any) -> Path | None:
+        path = save_optimizer_moments(
+            folder,
+            model,
+            optimizer,
+            compression=self.compression,
+            metadata=self._metadata(args, state, model),
+            write=_is_writer(args),
+            tied_aliases=self._tied_aliases,
+        )
+        if path is not None:
+            logger.info("OTA: second moments of step %d written to %s", state.global_step, path)
+        return path
+
+    def _capture_checkpoint(self, args: Any, state: Any, model: Any, optimizer: Any) -> None:
+        step = int(state.global_step)
+        if step in self._captured_steps:
+            return
+        self._captured_steps.add(step)
+        try:
+            self._capture(_checkpoint_dir(args, state), args, state, model, optimizer)
+        except CaptureError as e:
+            # Raised in on_save, once the Trainer has written the checkpoint itself.
+            logger.error("OTA: capturing second moments for checkpoint-%d failed: %s", step, e)
+            self._pending_error = e
+
+    # -- events ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Refuse optimizers without a second moment; tag the model; drop stale moments."""
+        if optimizer is None or model is None:
+            raise CaptureError("OTACallback needs the Trainer's model and optimizer (got None)")
+        info = inspect_optimizer(optimizer)
+        params, self._frozen = named_trainable_parameters(model)
+        self._tied = {alias: p.name for p in params for alias in p.aliases}
+        if not params:
+            raise CaptureError("the model has no trainable parameters: nothing for OTACallback to capture")
+        self._engine = detect_engine(params)
+        self._verified = info.verified
+        if info.family == "adafactor" and self.compression == "full":
+            logger.warning(
+                "OTA: Adafactor keeps only row/column statistics for matrices; compression='full' stores them "
+                "as rank-one sums (1-D tensors stay full)"
+            )
+        if self.tag_model_card and hasattr(model, "add_model_tags"):
+            model.add_model_tags([MERGE_READY_TAG])
+        stale = moments_path(args.output_dir)
+        if _is_writer(args) and stale.is_file():
+            logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
+            stale.unlink()
+        self._captured_steps.clear()
+        self._pending_error = None
+        self._training = True
+        return control
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Before the Trainer saves ``checkpoint-N``: write its moments there first."""
+        if not self._verified:
+            info = inspect_optimizer(optimizer)  # raises CaptureError when the state has no second moment
+            self._verified = info.verified
+        if self.save_on_checkpoint and control.should_save:
+            self._capture_checkpoint(args, state, model, optimizer)
+        return control
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Same as ``on_step_end`` for ``save_strategy="epoch"`` (the save decision is made here)."""
+        if self.save_on_checkpoint and control.should_save:
+            self._capture_checkpoint(args, state, model, optimizer)
+        return control
+
+    def on_push_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Just before a mid-training upload of ``output_dir``: put the checkpoint's moments there."""
+        if not self._training or not self.save_on_checkpoint:
+            return control
+        ckpt = _checkpoint_dir(args, state)
+        if not has_moments(ckpt) and self._engine == "local" and int(state.global_step) not in self._captured_steps:
+            self._capture_checkpoint(args, state, model, optimizer)  # save_strategy="best": decided after on_step_end
+        if has_moments(ckpt):
+            self._align(ckpt)
+            _copy_moments(ckpt, Path(args.output_dir))
+        return control
+
+    def _align(self, ckpt: Path) -> None:
+        saved_aliases = align_moments_to_weights(ckpt, self._tied)
+        if saved_aliases is not None:
+            self._tied_aliases = saved_aliases
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """After ``checkpoint-N`` is saved: capture if still missing, raise a pending error, check names."""
+        if self.save_on_checkpoint:
+            self._capture_checkpoint(args, state, model, optimizer)
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise CaptureError(
+                f"{err} (checkpoint {_checkpoint_dir(args, state)} was saved without moments; "
+                "fix the cause and resume from it)"
+            ) from err
+        ckpt = _checkpoint_dir(args, state)
+        if self.save_on_checkpoint and _is_writer(args) and has_moments(ckpt):
+            self._align(ckpt)
+            try:
+                problems = check_moments_cover_weights(ckpt, self._frozen)
+            except FormatError as e:  # e.g. ZeRO-3 without gathered 16-bit weights: no safetensors to compare
+                logger.debug("OTA: could not compare moments and weights in %s: %s", ckpt, e)
+                problems = []
+            for p in problems[:10]:
+                logger.warning("OTA: %s: %s", ckpt, p)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
+        """Write the final moments to ``output_dir/ota/`` (before ``save_model`` / ``push_to_hub``)."""
+        self._training = False
+        out = Path(args.output_dir)
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and has_moments(best):
+            if _is_writer(args):
+                _copy_moments(Path(best), out)
+                logger.info("OTA: best checkpoint %s loaded at end; its moments copied to %s", best, out)
+            return control
+        try:
+            self._capture(out, args, state, model, optimizer)
+        except CaptureError as e:
+            saved = self._save_model_after_failure(args, model, processing_class)
+            where = f"the trained model was saved to {out}" if saved else (
+                "the model could not be saved by OTACallback (sharded engine); call trainer.save_model() "
+                f"or resume from the last checkpoint in {out}"
+            )
+            raise CaptureError(f"capturing second moments at the end of training failed; {where}. Cause: {e}") from e
+        return control
+
+    def _save_model_after_failure(self, args: Any, model: Any, processing_class: Any) -> bool:
+        if self._engine != "local" or not hasattr(model, "save_pretrained"):
+            return False
+        if not _is_writer(args):
+            return True
+        try:
+            model.save_pretrained(args.output_dir)
+            if processing_class is not None:
+                processing_class.save_pretrained(args.output_dir)
+        except (OSError, RuntimeError, ValueError) as e:
+            logger.error("OTA: saving the model after a failed capture failed too: %s", e)
+            return False
+        return True
+
