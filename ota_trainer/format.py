@@ -35,14 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
@@ -58,6 +59,8 @@ __all__ = [
     "FORMAT_VERSION",
     "COMPRESSIONS",
     "MomentsReader",
+    "Rank1Factors",
+    "convert_moments",
     "save_moments",
     "load_moments",
     "moments_path",
@@ -74,7 +77,39 @@ FORMAT_VERSION = 1
 COMPRESSIONS = ("rank1", "full")
 ROW_SUFFIX = "::row"
 COL_SUFFIX = "::col"
+# metadata keys save_moments writes itself (everything else passes through conversions)
+MANAGED_KEYS = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
+# safetensors dtype codes <-> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 _REQUIRED_KEYS = ("format", "format_version", "compression", "step", "beta2", "parameters")
+
+
+@dataclass(frozen=True)
+class Rank1Factors:
+    """Row sums ``row`` and column sums ``col`` of a second moment of ``shape`` (viewed as a matrix).
+
+    Pass these to :func:`save_moments` when only the sums exist (Adafactor's factored state,
+    shard-local sums under FSDP/ZeRO): they are stored exactly, without a reconstruction.
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+    shape: tuple[int, ...]
+
+    def reconstruct(self) -> torch.Tensor:
+        return rank1_reconstruct(self.row, self.col, self.shape)
 
 
 def moments_path(folder: str | os.PathLike) -> Path:
@@ -100,7 +135,9 @@ def save_moments(
     Args:
         folder: the checkpoint folder (the one holding ``config.json`` and the weights).
         moments: parameter name -> full second moment ``exp_avg_sq`` (any float dtype, the
-            parameter's shape). Names must be those of ``model.state_dict()``.
+            parameter's shape), or its :class:`Rank1Factors`. Names must be those of
+            ``model.state_dict()``. Read once, in order, through ``items()`` (a lazy mapping
+            keeps memory at one tensor).
         compression: ``"rank1"`` (row and column sums for tensors with 2+ dims, 1-D tensors
             whole) or ``"full"``.
         metadata: extra fields: ``optimizer``, ``beta2``, ``step``, ``base_model``,
@@ -122,49 +159,91 @@ def save_moments(
 
     if compression not in COMPRESSIONS:
         raise ConfigError(f"unknown moments compression {compression!r}; choose one of {COMPRESSIONS}")
-    tensors: dict[str, torch.Tensor] = {}
     params: dict[str, dict[str, Any]] = {}
-    for name, v in moments.items():
-        if not torch.is_tensor(v):
-            raise FormatError(f"moment for {name!r} is a {type(v).__name__}, expected a torch.Tensor")
-        v = v.detach().to("cpu")
-        _check_moment_values(name, v, where="moments to save")
-        shape = list(v.shape)
-        if compression == "rank1" and is_factorable(v.shape):
-            r, c = rank1_factors(v)
-            tensors[name + ROW_SUFFIX] = r.to(torch.float32).contiguous()
-            tensors[name + COL_SUFFIX] = c.to(torch.float32).contiguous()
-            params[name] = {"shape": shape, "stored": "rank1"}
-        else:
-            tensors[name] = v.to(torch.float32).reshape(shape).contiguous()
-            params[name] = {"shape": shape, "stored": "full"}
-    meta: dict[str, Any] = {
-        "optimizer": None,
-        "beta2": None,
-        "step": None,
-        "base_model": None,
-        "base_model_revision": None,
-        "source_revision": None,
-        "bias_corrected": False,
-    }
-    meta.update(dict(metadata or {}))
-    meta.update(
-        format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
-        compression=compression,
-        dtype="float32",
-        parameters=params,
-        library_version=__version__,
-    )
     path = moments_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    spool = path.with_name(path.name + f".spool-{os.getpid()}")
+    entries: list[tuple[str, list[int], torch.dtype, int, int]] = []
     try:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        # Tensor bytes are spooled to disk as they come, so memory holds one tensor at a time
+        # (full moments of an 8B model are 32 GB); the header is written in front at the end.
+        with open(spool, "wb") as data:
+
+            def put(key: str, t: torch.Tensor) -> None:
+                t = t.detach().to("cpu", torch.float32).contiguous()
+                start = entries[-1][4] if entries else 0
+                data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                entries.append((key, list(t.shape), torch.float32, start, start + t.numel() * 4))
+
+            for name, v in moments.items():
+                if isinstance(v, Rank1Factors):
+                    r, c = v.row.detach().to("cpu", torch.float32), v.col.detach().to("cpu", torch.float32)
+                    m, n = matrix_shape(v.shape)
+                    if len(v.shape) < 2 or r.shape != (m,) or c.shape != (n,):
+                        raise FormatError(f"rank-one factors of {name!r}: shapes {tuple(r.shape)}, {tuple(c.shape)} do not fit {tuple(v.shape)}")
+                    _check_moment_values(name, r, where="moments to save")
+                    _check_moment_values(name, c, where="moments to save")
+                    rs, cs = float(r.sum()), float(c.sum())
+                    if abs(rs - cs) > 1e-3 * max(rs, cs):  # both are sum(v)
+                        raise FormatError(f"rank-one factors of {name!r}: row and column sums disagree ({rs:.6g} vs {cs:.6g})")
+                    if compression == "rank1":
+                        put(name + ROW_SUFFIX, r)
+                        put(name + COL_SUFFIX, c)
+                        params[name] = {"shape": list(v.shape), "stored": "rank1"}
+                        continue
+                    v = rank1_reconstruct(r, c, v.shape)
+                if not torch.is_tensor(v):
+                    raise FormatError(f"moment for {name!r} is a {type(v).__name__}, expected a torch.Tensor or Rank1Factors")
+                v = v.detach().to("cpu")
+                _check_moment_values(name, v, where="moments to save")
+                if compression == "rank1" and is_factorable(v.shape):
+                    r, c = rank1_factors(v)
+                    put(name + ROW_SUFFIX, r)
+                    put(name + COL_SUFFIX, c)
+                    params[name] = {"shape": list(v.shape), "stored": "rank1"}
+                else:
+                    put(name, v)
+                    params[name] = {"shape": list(v.shape), "stored": "full"}
+        meta: dict[str, Any] = {
+            "optimizer": None,
+            "beta2": None,
+            "step": None,
+            "base_model": None,
+            "base_model_revision": None,
+            "source_revision": None,
+            "bias_corrected": False,
+        }
+        meta.update(dict(metadata or {}))
+        meta.update(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            compression=compression,
+            dtype="float32",
+            parameters=params,
+            library_version=__version__,
+        )
+        with open(tmp, "wb") as f:
+            f.write(safetensors_header(entries, {METADATA_KEY: json.dumps(meta, sort_keys=True)}))
+            with open(spool, "rb") as data:
+                shutil.copyfileobj(data, f, 16 * 2**20)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        spool.unlink(missing_ok=True)
     return path
+
+
+def safetensors_header(entries: list[tuple[str, list[int], torch.dtype, int, int]], metadata: dict[str, str]) -> bytes:
+    """The leading bytes of a safetensors file: 8-byte little-endian length + JSON header,
+    padded so the data starts 8-byte aligned. ``entries`` are ``(name, shape, dtype, begin, end)``
+    with offsets relative to the start of the data."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for name, shape, dtype, begin, end in entries:
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def _check_moment_values(name: str, v: torch.Tensor, *, where: str, model: str | None = None) -> None:
@@ -321,6 +400,14 @@ class MomentsReader(Mapping[str, torch.Tensor]):
             v.mul_(self.scale)
         return v
 
+    def raw(self, name: str) -> torch.Tensor | Rank1Factors:
+        """The entry as stored (no bias correction): the full tensor, or its :class:`Rank1Factors`."""
+        if self._stored.get(name) == "rank1":
+            return Rank1Factors(self._file.get_tensor(name + ROW_SUFFIX), self._file.get_tensor(name + COL_SUFFIX), self.shapes[name])
+        if name not in self._stored:
+            raise KeyError(name)
+        return self._file.get_tensor(name).clone()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
@@ -372,5 +459,11 @@ def convert_moments(src: str | os.PathLike, dst: str | os.PathLike, *, compressi
     Converting rank1 -> full gives the rank-one reconstruction, not the original moments.
     """
     moments = load_moments(src)
-    keep = {k: v for k, v in moments.metadata.items() if k not in ("format", "format_version", "compression", "dtype", "parameters", "library_version")}
-    return save_moments(dst, moments, compression=compression, metadata=keep)  # lazy: one tensor at a time
+    keep = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
+
+    class _Stored(dict):  # lazy, exact: rank-one entries pass their stored sums through
+        def items(self):
+            for name in moments:
+                yield name, moments.raw(name)
+
+    return save_moments(dst, _Stored(), compression=compression, metadata=keep)

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import DTYPES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .format import DTYPES, safetensors_header
 from .errors import ConfigError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "AtomicOutputDir"]
 
-_CODES = {v: k for k, v in DTYPES.items()}
 _ELEM = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
 
 
@@ -115,19 +115,15 @@ class StreamingSafetensorsWriter:
         if self._fh is not None:
             self._fh.close()
         shard = self.shards[i]
-        header: dict[str, Any] = {"__metadata__": self.metadata}
-        offset = 0
+        entries, offset = [], 0
         for name, shape, dtype in shard.entries:
             n = _ELEM[dtype]
             for d in shape:
                 n *= d
-            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            entries.append((name, list(shape), dtype, offset, offset + n))
             offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         self._fh = open(self.folder / shard.file, "wb")
-        self._fh.write(len(raw).to_bytes(8, "little"))
-        self._fh.write(raw)
+        self._fh.write(safetensors_header(entries, self.metadata))
         self._shard = i
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -152,3 +152,24 @@ def test_negative_values_in_a_file_are_refused_on_read(tmp_path):
     save_file({"w::row": torch.tensor([1.0, -1.0]), "w::col": torch.tensor([1.0, 1.0])}, str(p), metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(NumericalError, match="negative"):
         load_moments(tmp_path)["w"]
+
+
+def test_rank1_factors_are_stored_exactly_and_convert_round_trips(tmp_path):
+    from ota_trainer.format import Rank1Factors, convert_moments
+
+    r, c = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 4.0, 1.0])  # both sum to sum(v) = 6
+    save_moments(tmp_path / "a", {"w": Rank1Factors(r, c, (3, 2, 2)), "b": torch.ones(3)}, metadata={"step": 3, "beta2": 0.9})
+    m = load_moments(tmp_path / "a")
+    raw = m.raw("w")
+    assert torch.equal(raw.row, r) and torch.equal(raw.col, c) and raw.shape == (3, 2, 2)
+    assert_close(m["w"], (torch.outer(r, c) / r.sum()).reshape(3, 2, 2))
+    convert_moments(tmp_path / "a", tmp_path / "full", compression="full")
+    full = load_moments(tmp_path / "full")
+    assert full.metadata["compression"] == "full" and full.metadata["step"] == 3
+    assert_close(full["w"], m["w"])
+    convert_moments(tmp_path / "full", tmp_path / "back", compression="rank1")
+    assert_close(load_moments(tmp_path / "back").raw("w").row, r)
+    with pytest.raises(FormatError, match="do not fit"):
+        save_moments(tmp_path / "bad", {"w": Rank1Factors(r, c, (4, 4))})
+    with pytest.raises(FormatError, match="disagree"):
+        save_moments(tmp_path / "bad", {"w": Rank1Factors(r, c * 2, (3, 4))})

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..format import COMPRESSIONS, MERGE_READY_TAG, has_moments, load_moments, moments_path
+from ..format import COMPRESSIONS, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
 from .core import save_optimizer_moments
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer
@@ -117,12 +117,11 @@ def align_moments_to_weights(folder: str | os.PathLike, tied: dict[str, str]) ->
     )
 
     class _Renamed(dict):
-        def items(self):  # one tensor at a time
+        def items(self):  # one tensor at a time, as stored (rank-one sums stay exact)
             for n, src in source.items():
-                yield n, reader[src].clone()
+                yield n, reader.raw(src)
 
-    managed = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
-    keep = {k: v for k, v in reader.metadata.items() if k not in managed}
+    keep = {k: v for k, v in reader.metadata.items() if k not in MANAGED_KEYS}
     save_moments(folder, _Renamed(), compression=reader.metadata["compression"], metadata=keep)
     return saved_aliases
 

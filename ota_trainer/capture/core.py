@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from ..compress import rank1_reconstruct
 from ..errors import CaptureError, ConfigError, OTAError
-from ..format import COMPRESSIONS, save_moments
+from ..format import COMPRESSIONS, Rank1Factors, save_moments
 from .names import NamedParameter, named_trainable_parameters
 from .sources import (
     CapturedMoment,
@@ -63,10 +62,10 @@ class _MomentStream(Mapping[str, torch.Tensor]):
                 v = e.full
             else:
                 r, c = e.factors
-                v = rank1_reconstruct(r, c, e.shape)
+                v = Rank1Factors(r, c, tuple(e.shape))  # stored exactly, never reconstructed
             yield e.name, v
             for alias in e.aliases if self._aliases else ():
-                yield alias, v.clone()  # one optimizer state, saved under each name the weights use
+                yield alias, v  # one optimizer state, saved under each name the weights use
 
     def __getitem__(self, name: str) -> torch.Tensor:
         raise KeyError(f"{name}: a moment stream is read once, in order, through items()")
