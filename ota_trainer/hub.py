@@ -169,12 +169,7 @@ class HubResolver:
         if ref.repo_id in self.shas:
             return self.shas[ref.repo_id]
         if _offline():
-            from huggingface_hub import snapshot_download
-
-            folder = self._retry(ref, "config.json", lambda: snapshot_download(
-                ref.repo_id, revision=ref.revision, allow_patterns=["config.json"], local_files_only=True,
-                cache_dir=self.cache_dir, token=self.token))
-            sha = Path(folder).name
+            sha = self._cached_sha(ref)
         else:
             from huggingface_hub import HfApi
 
@@ -182,6 +177,31 @@ class HubResolver:
             sha = info.sha
         self.shas[ref.repo_id] = sha
         return sha
+
+    def _cached_sha(self, ref: ModelRef) -> str:
+        """Offline: the sha the cache knows for a reference.
+
+        Downloads pinned by sha record no branch ref in the cache, so a reference without a
+        revision resolves to the repo's only cached snapshot (ambiguous when there are several).
+        """
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=["config.json"], local_files_only=True,
+                                       cache_dir=self.cache_dir, token=self.token)
+            return Path(folder).name
+        except LocalEntryNotFoundError as e:
+            cache = Path(self.cache_dir or constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--")) / "snapshots"
+            snaps = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+            if ref.revision is None and len(snaps) == 1:
+                return snaps[0]
+            if len(snaps) > 1:
+                raise HubError(
+                    f"{ref.text}: HF_HUB_OFFLINE=1 and the cache holds {len(snaps)} revisions of {ref.repo_id} "
+                    f"({', '.join(s[:10] for s in snaps)}); pin one with {ref.repo_id}@<sha>", repo_id=ref.repo_id
+                ) from e
+            raise _translate(e, ref, "config.json") from e
 
     def config(self, text: str) -> dict[str, Any]:
         """The model's ``config.json`` (downloads only that file)."""
