@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .errors import FormatError
-from .format import DTYPES, read_safetensors_header
+from .format import DTYPES, read_safetensors_layout, read_tensor
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES"]
 
@@ -67,8 +66,9 @@ class ModelFolder:
             raise FormatError(f"{self.label}: model folder {self.path} does not exist", path=str(self.path))
         self.config: dict[str, Any] = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
+        self._data_start: dict[str, int] = {}
         for file in self._weight_files():
-            header = read_safetensors_header(self.path / file)
+            header, self._data_start[file] = read_safetensors_layout(self.path / file)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -121,24 +121,21 @@ class ModelFolder:
         return sorted(self.tensors, key=lambda n: (files[self.tensors[n].file], self.tensors[n].offset))
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (its stored dtype).
-
-        The result may share memory with the file's private mapping: copy it before editing
-        in place, or later reads of the same tensor will see the edits.
-        """
+        """Read one tensor from disk (its stored dtype) into fresh memory (safe to edit in place)."""
         info = self.tensors[name]
-        handle = self._open.get(info.file)
-        if handle is None:
+        path = self.path / info.file
+        fh = self._open.get(info.file)
+        if fh is None:
             try:
-                handle = self._open[info.file] = safe_open(str(self.path / info.file), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError
-                raise FormatError(f"{self.path / info.file}: cannot open ({e})", path=str(self.path / info.file)) from e
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise FormatError(f"{self.path / info.file}: cannot read tensor {name!r} ({e})", path=str(self.path / info.file)) from e
+                fh = self._open[info.file] = open(path, "rb")
+            except OSError as e:
+                raise FormatError(f"{path}: cannot open ({e})", path=str(path)) from e
+        start = self._data_start[info.file] + info.offset
+        return read_tensor(fh, path, start, start + info.nbytes, info.dtype, info.shape)
 
     def close(self) -> None:
+        for fh in self._open.values():
+            fh.close()
         self._open.clear()
 
     def __iter__(self) -> Iterator[str]:

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
@@ -66,6 +65,8 @@ __all__ = [
     "moments_path",
     "has_moments",
     "read_safetensors_header",
+    "read_safetensors_layout",
+    "read_tensor",
 ]
 
 MOMENTS_DIR = "ota"
@@ -264,6 +265,27 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FormatError: the file is truncated, corrupt or not safetensors (names the file).
     """
+    return read_safetensors_layout(path)[0]
+
+
+def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Read one tensor's bytes ``[start, end)`` of an open file into a fresh tensor.
+
+    Plain reads, not a memory map: the result is private (safe to edit in place) and the
+    process's resident memory holds only the tensors alive, not every page it has touched.
+
+    Raises:
+        FormatError: the file ends early.
+    """
+    buf = torch.empty(end - start, dtype=torch.uint8)
+    fh.seek(start)
+    if end > start and fh.readinto(memoryview(buf.numpy())) != end - start:
+        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
+    return buf.view(dtype).reshape(tuple(shape))
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file and the byte offset where its data starts."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -295,7 +317,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             "download or copy it again",
             path=str(path),
         )
-    return header
+    return header, 8 + n
 
 
 class MomentsReader(Mapping[str, torch.Tensor]):
@@ -314,7 +336,8 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | os.PathLike, *, bias_correction: bool = False, model: str | None = None):
         self.path = Path(path)
         self.model = model
-        header = read_safetensors_header(self.path)
+        header, self._data_start = read_safetensors_layout(self.path)
+        self._header = header
         self.metadata = self._parse_metadata(header)
         self.shapes: dict[str, tuple[int, ...]] = {
             n: tuple(int(d) for d in p["shape"]) for n, p in self.metadata["parameters"].items()
@@ -322,7 +345,15 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         self._stored = {n: p["stored"] for n, p in self.metadata["parameters"].items()}
         self._check_entries(header)
         self.scale = self._bias_correction_scale() if bias_correction else 1.0
-        self._file = safe_open(str(self.path), framework="pt")
+        self._fh = open(self.path, "rb")
+
+    def _get(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise self._fail(f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        return read_tensor(self._fh, self.path, self._data_start + begin, self._data_start + end, dtype, info["shape"])
 
     # -- validation -------------------------------------------------------------------------
     def _fail(self, what: str) -> FormatError:
@@ -388,13 +419,13 @@ class MomentsReader(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         shape = self.shapes[name]
         if stored == "rank1":
-            r = self._file.get_tensor(name + ROW_SUFFIX)
-            c = self._file.get_tensor(name + COL_SUFFIX)
+            r = self._get(name + ROW_SUFFIX)
+            c = self._get(name + COL_SUFFIX)
             _check_moment_values(name, r, where=str(self.path), model=self.model)
             _check_moment_values(name, c, where=str(self.path), model=self.model)
             v = rank1_reconstruct(r, c, shape)
         else:
-            v = self._file.get_tensor(name).to(torch.float32, copy=True)  # the file's mapping must stay untouched
+            v = self._get(name).to(torch.float32)
             _check_moment_values(name, v, where=str(self.path), model=self.model)
         if self.scale != 1.0:
             v.mul_(self.scale)
@@ -403,10 +434,10 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     def raw(self, name: str) -> torch.Tensor | Rank1Factors:
         """The entry as stored (no bias correction): the full tensor, or its :class:`Rank1Factors`."""
         if self._stored.get(name) == "rank1":
-            return Rank1Factors(self._file.get_tensor(name + ROW_SUFFIX), self._file.get_tensor(name + COL_SUFFIX), self.shapes[name])
+            return Rank1Factors(self._get(name + ROW_SUFFIX), self._get(name + COL_SUFFIX), self.shapes[name])
         if name not in self._stored:
             raise KeyError(name)
-        return self._file.get_tensor(name).clone()
+        return self._get(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)

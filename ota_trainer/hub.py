@@ -79,6 +79,8 @@ def parse_ref(text: str) -> ModelRef:
     p = Path(text).expanduser()
     if p.is_dir():
         return ModelRef(text, local=p)
+    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
+        raise HubError(f"{text!r}: no such folder (and not a Hub repo id like 'org/name[@revision]')", repo_id=text)
     repo, _, rev = text.partition("@")
     parts = repo.split("/")
     if text.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or (rev == "" and "@" in text):

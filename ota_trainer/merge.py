@@ -213,9 +213,7 @@ def _read_float(folder: ModelFolder, name: str) -> torch.Tensor:
     t = folder.get(name)
     if not torch.isfinite(t).all():
         raise NumericalError(f"{folder.label}: tensor {name!r} holds NaN or Inf", tensor=name, model=folder.label)
-    # copy=True: safetensors hands out zero-copy views of a private mapping, and the engine
-    # works in place; without a copy a later read of the same tensor would see the edits.
-    return t.to(torch.float32, copy=True)
+    return t.to(torch.float32)  # ModelFolder.get returns private memory: the engine may edit it in place
 
 
 # -- engine -------------------------------------------------------------------------------------
