@@ -216,10 +216,12 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
             print(f"      {name}: " + ", ".join(f"{t} {s:.2f}" for t, s in rows[name].items()))
 
     with stage("results table (Markdown, JSON, PNG)"):
+        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
         table = _table(rows, cfg, mode)
         print(table)
         (out / "results.md").write_text(table + "\n")
-        (out / "results.json").write_text(json.dumps({"mode": mode, "settings": cfg, "scores": rows, "samples": samples}, indent=1, default=list))
+        (out / "results.json").write_text(json.dumps({"mode": mode, "settings": cfg, "scores": rows, "samples": samples,
+                                                      "normalised": {m: _avg_norm(rows, m) for m in rows}}, indent=1, default=list))
         _plot(rows, out / "results.png")
         print(f"      written: {out / 'results.md'}, results.json, results.png")
 
