@@ -52,7 +52,8 @@ def test_facts_are_distinct_and_answers_correct():
         ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "THE ANSWER IS GREEN.", 1.0),
         ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "GREEN", 1.0),
         ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "The answer is green.", 0.0),
-        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "THE ANSWER IS BLUE.", 0.0),
+        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "THE ANSWER IS BLUE.", 1.0),
+        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "42", 0.0),
     ],
 )
 def test_scorers(task, prompt, answer, response, expected):
