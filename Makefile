@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean deepspeed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=900 $(PYTEST_ARGS)
+
+# DeepSpeed on a CPU machine: its full dependency set pulls GPU packages, so --no-deps + what it needs.
+deepspeed: $(STAMP)
+	$(PY) -m pip install -q deepspeed==0.19.8 --no-deps
+	$(PY) -m pip install -q hjson py-cpuinfo ninja msgpack einops nvidia-ml-py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_merge.py
