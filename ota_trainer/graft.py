@@ -58,9 +58,11 @@ def log_saliency(delta: torch.Tensor, v: torch.Tensor | None, score: str = "fish
 
 
 def _bin_index(log_s: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each finite log2 score (int64, clamped to [0, N_BINS))."""
-    idx = (log_s - LOG2_LO).mul_(BINS_PER_OCTAVE).floor_()
-    return idx.clamp_(0, N_BINS - 1).to(torch.int64)
+    """Histogram bin of each log2 score (int64). Bin 0 (log2 <= -1024, below any real float32
+    saliency) holds the zero saliencies (``-inf``) and NaN; the top bin holds ``+inf``."""
+    idx = (log_s - LOG2_LO).mul_(BINS_PER_OCTAVE)
+    idx.nan_to_num_(nan=0.0, neginf=0.0, posinf=N_BINS - 1.0)
+    return idx.floor_().clamp_(0, N_BINS - 1).to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,7 @@ class SaliencyHistogram:
     """
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(N_BINS, dtype=torch.int64)
-        self.zeros = 0  # entries with zero saliency (log2 = -inf)
+        self.counts = torch.zeros(N_BINS, dtype=torch.int64)  # counts[0]: zero saliency
         self.total = 0
 
     @torch.no_grad()
@@ -103,24 +104,28 @@ class SaliencyHistogram:
         flat = log_s.reshape(-1)
         self.total += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
-            chunk = flat[start : start + _CHUNK]
-            finite = chunk[chunk > -math.inf]
-            self.zeros += chunk.numel() - finite.numel()
-            if finite.numel() >= _SMALL:
-                self.counts += torch.bincount(_bin_index(finite), minlength=N_BINS)
-            elif finite.numel():  # small tensors: a full-length bincount would cost more than the data
-                self.counts.scatter_add_(0, _bin_index(finite), torch.ones(finite.numel(), dtype=torch.int64))
+            idx = _bin_index(flat[start : start + _CHUNK])
+            if idx.numel() >= _SMALL:
+                self.counts += torch.bincount(idx, minlength=N_BINS)
+            else:  # small tensors: a full-length bincount would cost more than the data
+                self.counts.scatter_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int64))
+
+    @property
+    def zeros(self) -> int:
+        """Entries with zero saliency (they are never kept by a finite threshold)."""
+        return int(self.counts[0])
 
     def threshold_for_density(self, density: float) -> Threshold:
         """The bin-edge threshold whose kept fraction is nearest ``density``."""
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
         target = density * self.total
-        nonzero = int(self.counts.sum())
-        if density >= 1.0 or target >= nonzero + 0.5 * self.zeros:
+        zeros = self.zeros
+        nonzero = self.total - zeros
+        if density >= 1.0 or target >= nonzero + 0.5 * zeros:
             return Threshold(-math.inf)
         kept_from = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0])  # kept_from[b] = sum(counts[b:])
-        b = int(torch.argmin((kept_from.to(torch.float64) - target).abs()))
+        b = 1 + int(torch.argmin((kept_from[1:].to(torch.float64) - target).abs()))  # bin 0 is "zero saliency"
         return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
 
     def threshold_for_share(self, share: float) -> Threshold:
@@ -135,12 +140,13 @@ class SaliencyHistogram:
             return Threshold(-math.inf)
         log_center = LOG2_LO + (torch.arange(N_BINS, dtype=torch.float64) + 0.5) / BINS_PER_OCTAVE
         nonzero = self.counts > 0
+        nonzero[0] = False  # zero saliency carries no mass
         if not nonzero.any():
             return Threshold(-math.inf)
         shift = float(log_center[nonzero].max())  # scale so the largest bin's mass is ~1 (no overflow)
         mass = self.counts.to(torch.float64) * torch.exp2((log_center - shift).clamp_(max=0.0))  # empty bins above: 0, not 0*inf
         kept_mass = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0])  # kept_mass[b] = mass of bins >= b
-        b = int(torch.nonzero(kept_mass >= share * float(kept_mass[0])).max())
+        b = max(1, int(torch.nonzero(kept_mass >= share * float(kept_mass[0])).max()))
         return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
 
     def kept(self, threshold: Threshold) -> int:

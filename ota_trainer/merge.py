@@ -210,10 +210,17 @@ def check_moments(folder: ModelFolder, moments: MomentsReader, names: Sequence[s
 
 
 def _read_float(folder: ModelFolder, name: str) -> torch.Tensor:
-    t = folder.get(name)
-    if not torch.isfinite(t).all():
+    """One tensor as float32 (private memory: the engine may edit it in place).
+
+    Not checked for NaN/Inf here: every method propagates them into its result, which is
+    checked; only then are the inputs searched for the culprit (see ``_Engine.explain``).
+    """
+    return folder.get(name).to(torch.float32)
+
+
+def _check_finite(folder: ModelFolder, name: str) -> None:
+    if not torch.isfinite(folder.get(name)).all():
         raise NumericalError(f"{folder.label}: tensor {name!r} holds NaN or Inf", tensor=name, model=folder.label)
-    return t.to(torch.float32)  # ModelFolder.get returns private memory: the engine may edit it in place
 
 
 # -- engine -------------------------------------------------------------------------------------
@@ -352,6 +359,15 @@ class _Engine:
             self.tensor_density[name] = densities
         return acc.result()
 
+    def explain_non_finite(self, name: str) -> None:
+        """The merge of ``name`` is not finite: find the input responsible and raise."""
+        for folder in ([self.base] if self.base else []) + self.experts:
+            _check_finite(folder, name)
+        for m in self.moments:
+            if m is not None and name in m:
+                m[name]  # raises NumericalError naming the file for NaN/Inf/negative moments
+        raise NumericalError(f"merged tensor {name!r} is not finite although its inputs are; check the method's parameters", tensor=name)
+
     def out_dtype(self, name: str) -> torch.dtype:
         info = self.template.tensors[name]
         if self.recipe.dtype and info.dtype.is_floating_point:
@@ -371,7 +387,7 @@ class _Engine:
                 if info.dtype.is_floating_point:
                     merged = self.merge_tensor(name)
                     if not torch.isfinite(merged).all():
-                        raise NumericalError(f"merged tensor {name!r} is not finite; check the method's parameters", tensor=name)
+                        self.explain_non_finite(name)
                 else:
                     merged = self.template.get(name)  # integer buffers are copied from the base
                 writer.write(name, merged.to(self.out_dtype(name)))
