@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -419,17 +420,35 @@ class MomentsReader(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         shape = self.shapes[name]
         if stored == "rank1":
-            r = self._get(name + ROW_SUFFIX)
-            c = self._get(name + COL_SUFFIX)
-            _check_moment_values(name, r, where=str(self.path), model=self.model)
-            _check_moment_values(name, c, where=str(self.path), model=self.model)
-            v = rank1_reconstruct(r, c, shape)
-        else:
-            v = self._get(name).to(torch.float32)
-            _check_moment_values(name, v, where=str(self.path), model=self.model)
+            r, c = self._factors(name)
+            return rank1_reconstruct(r, c, shape)  # c already carries the bias-correction scale
+        v = self._get(name).to(torch.float32)
+        _check_moment_values(name, v, where=str(self.path), model=self.model)
         if self.scale != 1.0:
             v.mul_(self.scale)
         return v
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self._get(name + ROW_SUFFIX).to(torch.float32)
+        c = self._get(name + COL_SUFFIX).to(torch.float32)
+        _check_moment_values(name, r, where=str(self.path), model=self.model)
+        _check_moment_values(name, c, where=str(self.path), model=self.model)
+        if self.scale != 1.0:
+            c.mul_(self.scale)  # v_hat = outer(r, c) / sum(r) is linear in c: n multiplications, not m*n
+        return r, c
+
+    def log2(self, name: str) -> torch.Tensor:
+        """``log2(v_hat)`` (``-inf`` where zero). For rank-one entries it is computed from the
+        factors, ``log2(r_i / sum(r)) + log2(c_j)``: one broadcast add instead of an outer
+        product and an element-wise log."""
+        if self._stored.get(name) == "rank1":
+            r, c = self._factors(name)
+            total = r.sum()
+            m, n = matrix_shape(self.shapes[name])
+            if total <= 0:
+                return torch.full(self.shapes[name], -math.inf)
+            return (torch.log2(r / total)[:, None] + torch.log2(c)[None, :]).reshape(self.shapes[name])  # (m, n) -> shape
+        return torch.log2(self[name])
 
     def raw(self, name: str) -> torch.Tensor | Rank1Factors:
         """The entry as stored (no bias correction): the full tensor, or its :class:`Rank1Factors`."""

@@ -42,16 +42,17 @@ _SMALL = 1 << 18  # below this, scatter_add beats a 2**21-bin bincount
 
 
 @torch.no_grad()
-def log_saliency(delta: torch.Tensor, v: torch.Tensor | None, score: str = "fisher") -> torch.Tensor:
+def log_saliency(delta: torch.Tensor, v: torch.Tensor | None, score: str = "fisher", *, log2_v: torch.Tensor | None = None) -> torch.Tensor:
     """``log2(s)`` with ``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude); ``-inf`` where ``s == 0``.
 
-    Computed as ``log2(v) + 2*log2|d|`` so that tiny saliencies do not underflow.
+    Computed as ``log2(v) + 2*log2|d|`` so that tiny saliencies do not underflow. ``log2_v``
+    may be given instead of ``v`` (cheaper for rank-one moments).
     """
     out = torch.log2(delta.abs().to(torch.float32)).mul_(2.0)
     if score == "fisher":
-        if v is None:
+        if log2_v is None and v is None:
             raise ValueError("fisher saliency needs the second moment v")
-        out.add_(torch.log2(v.to(torch.float32)))  # inputs are finite: no inf - inf, so no NaN
+        out.add_(log2_v if log2_v is not None else torch.log2(v.to(torch.float32)))
     elif score != "magnitude":
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
     return out

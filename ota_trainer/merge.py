@@ -262,14 +262,17 @@ class _Engine:
     def _score_inputs(self, i: int, name: str, delta: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor | None:
         """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments).
 
-        ``v`` is expert i's moment for ``name`` when the caller has it already (else it is read).
+        ``v`` is expert i's moment for ``name`` when the caller has it already.
         """
         score = self.params["score"]
-        if score == "fisher":
-            v = v if v is not None else self._v(i, name)
-            if v is None:
-                return None
-        return log_saliency(delta, v if score == "fisher" else None, score)
+        if score == "magnitude":
+            return log_saliency(delta, None, score)
+        if v is not None:
+            return log_saliency(delta, v, score)
+        m = self.moments[i]
+        if m is None or name not in m:
+            return None
+        return log_saliency(delta, None, score, log2_v=m.log2(name))
 
     # pass 1 ------------------------------------------------------------------------------
     def find_thresholds(self) -> None:

@@ -173,3 +173,12 @@ def test_rank1_factors_are_stored_exactly_and_convert_round_trips(tmp_path):
         save_moments(tmp_path / "bad", {"w": Rank1Factors(r, c, (4, 4))})
     with pytest.raises(FormatError, match="disagree"):
         save_moments(tmp_path / "bad", {"w": Rank1Factors(r, c * 2, (3, 4))})
+
+
+def test_rank1_bias_correction_and_log2(tmp_path):
+    v = torch.rand(5, 4) + 0.1
+    save_moments(tmp_path, {"w": v, "z": torch.zeros(2, 3)}, metadata={"step": 10, "beta2": 0.9})
+    plain, corrected = load_moments(tmp_path), load_moments(tmp_path, bias_correction=True)
+    assert_close(corrected["w"], plain["w"] / (1 - 0.9**10))
+    assert_close(corrected.log2("w"), torch.log2(corrected["w"]))
+    assert torch.equal(corrected.log2("z"), torch.full((2, 3), float("-inf")))

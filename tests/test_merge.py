@@ -56,10 +56,22 @@ def test_ota_absolute_threshold_matches_reference(ins, tmp_path):
     theta = 1e-13
     report = merge(_recipe(ins, "ota", threshold=theta), tmp_path / "out", quiet=True)
     masks = ref.ffg_masks_absolute(ins["base"], ins["experts"], ins["vs"], theta)
-    _close(_merged(tmp_path / "out"), ref.ota(ins["base"], ins["experts"], ins["vs"], masks))
+    want = ref.ota(ins["base"], ins["experts"], ins["vs"], masks)
+    got = _merged(tmp_path / "out")
+    # entries whose saliency is within float32 rounding of theta may fall either way
+    near = {n: torch.zeros_like(ins["base"][n], dtype=torch.bool) for n in ins["base"]}
+    for t, e in enumerate(ins["experts"]):
+        for n in near:
+            s = ins["vs"][t][n] * (e[n] - ins["base"][n]) ** 2
+            near[n] |= (s / theta - 1).abs() < 1e-5
+    n_near = sum(int(x.sum()) for x in near.values())
+    assert n_near < 10
+    for n in want:
+        ok = torch.isclose(got[n], want[n], atol=1e-6, rtol=1e-5) | near[n]
+        assert ok.all(), n
     for e, m in zip(report.experts, masks):
         kept = sum(int(x.sum()) for x in m.values())
-        assert e.kept == kept
+        assert abs(e.kept - kept) <= n_near
     _load_ok(tmp_path / "out")
 
 
