@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES
 from .errors import HubError, IncompatibleModelsError
 from .format import MERGE_READY_TAG
 
@@ -34,22 +35,8 @@ __all__ = [
     "MERGE_READY_TAG",
 ]
 
-WEIGHT_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# what a merge downloads of each model: config, weights (single file or shards + index), side files
+WEIGHT_PATTERNS = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model-*.safetensors", SAFE_WEIGHTS_INDEX_NAME, *SIDE_FILES)
 MOMENT_PATTERNS = ("ota/moments.safetensors",)
 # Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
 EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .aggregate import OTAAccumulator, dare_merge, fisher_merge, linear_merge, task_arithmetic_merge, ties_merge
-from .checkpoint import ModelFolder
+from .checkpoint import SIDE_FILES, ModelFolder
 from .config import MergeRecipe
 from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
 from .format import MOMENTS_DIR, MomentsReader, has_moments, load_moments
@@ -44,18 +44,6 @@ __all__ = ["merge", "MergeReport", "ExpertReport", "RECIPE_FILE", "REPORT_FILE"]
 RECIPE_FILE = "ota_merge.yaml"
 REPORT_FILE = "ota_merge_report.json"
 CARD_FILE = "README.md"
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # A resolver turns a model reference from the recipe (folder or repo id) into a local folder.
@@ -413,7 +401,7 @@ class _Engine:
                         config[key] = self.recipe.dtype
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             files.append("config.json")
-        for f in COPIED_FILES:
+        for f in SIDE_FILES:
             if (src / f).is_file():
                 shutil.copyfile(src / f, tmp / f)
                 files.append(f)

@@ -38,19 +38,7 @@ from ota_trainer.testing.tiny import tiny_llama_config
 # ----------------------------------------------------------------------------------------
 
 
-def tiny_model(*, tie: bool = True, seed: int = 0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(tie=tie))
-
-
-def tiny_dataset(n: int = 32, seq: int = 16, seed: int = 0):
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 128, (n, seq), generator=g).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+from dist_scripts._common import tiny_dataset, tiny_model  # noqa: E402  (shared with the multi-process scripts)
 
 
 def train_args(out: Path, **kw):
