@@ -134,7 +134,9 @@ def main() -> int:
         HF_ENDPOINT=hub.url, HF_HOME=str(out / "hf_home"), HF_TOKEN=token, HF_HUB_DISABLE_XET="1",
         HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
     )
-    env.pop("HF_HUB_OFFLINE", None)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the demo talks to its own loopback Hub
+        env.pop(key, None)
+        os.environ.pop(key, None)
     os.environ.update({k: env[k] for k in ("HF_ENDPOINT", "HF_HOME", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")})
     try:
         return _pipeline(args, cfg, out, env, stage, t0, hub)
