@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Benchmark what OTACallback costs a training run: capture time, extra memory, moments size.
+
+For each model (random Llama weights in fp32, as a CPU fine-tune holds them), runs a few real
+AdamW training steps (forward + backward + ``optimizer.step()``) so the optimizer holds a real
+``exp_avg_sq``, then measures, with the optimizer state in place:
+
+* one optimizer step (the median of the measured steps, forward + backward + step; and the
+  ``optimizer.step()`` alone);
+* ``save_optimizer_moments`` (what the callback runs at every save: read ``exp_avg_sq``,
+  compress, write ``ota/moments.safetensors``), for ``rank1`` and ``full``: wall time, and the
+  extra peak RSS above the training process's own high-water mark (``VmHWM`` reset through
+  ``/proc/self/clear_refs`` before each capture);
+* the moments file size against the weights saved by ``save_pretrained`` (fp32) and the same
+  weights in bf16 (how experts are usually published).
+
+Targets (issue #4): rank-one moments <= 0.5% of the weights on SmolLM2-sized shapes.
+Figures only: this is not a test.
+
+    # SmolLM2-135M and SmolLM2-360M shapes (~6 minutes on 2 cores)
+    .venv/bin/python scripts/bench_capture.py
+
+    # one model, more steps, JSON beside the table
+    .venv/bin/python scripts/bench_capture.py --models smollm2-360m --steps 5 --json bench_out/capture.json
+
+Nothing is downloaded: the models are built from configs with random weights (the shapes are
+what matters for time, memory and size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Llama shapes of the SmolLM2 family (config.json of HuggingFaceTB/SmolLM2-*), tied embeddings.
+MODELS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),  # a seconds-long check that the script runs
+}
+DEFAULT_MODELS = ("smollm2-135m", "smollm2-360m")
+TARGET_RANK1_SHARE = 0.005
+
+
+def _rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _folder_bytes(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def build(name: str, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=2048, tie_word_embeddings=True,
+                      head_dim=MODELS[name]["hidden_size"] // MODELS[name]["num_attention_heads"])
+    return LlamaForCausalLM(cfg).float()
+
+
+def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed: int, log) -> dict:
+    import torch
+
+    from ota_trainer.capture import save_optimizer_moments
+    from ota_trainer.format import MOMENTS_DIR, MOMENTS_FILE
+
+    model = build(name, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[{name}] {n_params / 1e6:.1f}M parameters (fp32), batch {batch}x{seq}, {steps} AdamW steps")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999))
+    g = torch.Generator().manual_seed(seed)
+    step_s, opt_s = [], []
+    for i in range(steps + 1):  # the first step allocates the optimizer state: not timed
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if i:
+            step_s.append(t2 - t0)
+            opt_s.append(t2 - t1)
+        log(f"[{name}] step {i}: {t2 - t0:.2f}s (optimizer.step {t2 - t1:.2f}s), loss {loss.item():.3f}")
+    del loss
+    row = {
+        "model": name, "params": n_params, "batch": f"{batch}x{seq}", "steps": steps,
+        "step_s": statistics.median(step_s), "optimizer_step_s": statistics.median(opt_s),
+        "train_rss_mb": _rss_mb(),
+    }
+
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)  # fp32 weights, as the Trainer saves this run's model
+    row["weights_fp32_bytes"] = _folder_bytes(out, "*.safetensors")
+    row["weights_bf16_bytes"] = row["weights_fp32_bytes"] // 2
+    for compression in ("rank1", "full"):
+        shutil.rmtree(out / MOMENTS_DIR, ignore_errors=True)
+        exact = _reset_peak()
+        before = _rss_mb()
+        hwm_before = _status_kb("VmHWM") / 1024
+        t0 = time.perf_counter()
+        path = save_optimizer_moments(out, model, opt, compression=compression,
+                                      metadata={"base_model": f"bench/{name}"})
+        wall = time.perf_counter() - t0
+        peak = _status_kb("VmHWM") / 1024
+        assert path == out / MOMENTS_DIR / MOMENTS_FILE, path
+        size = path.stat().st_size
+        row[compression] = {
+            "capture_s": wall,
+            "vs_step": wall / row["step_s"],
+            "extra_peak_mb": peak - (before if exact else hwm_before),
+            "peak_exact": exact,
+            "bytes": size,
+            "vs_fp32_weights": size / row["weights_fp32_bytes"],
+            "vs_bf16_weights": size / row["weights_bf16_bytes"],
+        }
+        log(f"[{name}] {compression}: {wall:.2f}s, +{row[compression]['extra_peak_mb']:.0f} MB peak, "
+            f"{size / 2**20:.2f} MB ({row[compression]['vs_fp32_weights']:.3%} of fp32 weights)")
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | params | one training step s (opt.step s) | moments | capture+compress+save s | vs one step "
+        "| extra peak RSS MB | file MB | vs fp32 weights | vs bf16 weights |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for c in ("rank1", "full"):
+            m = r[c]
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['step_s']:.2f} ({r['optimizer_step_s']:.2f}) | {c} "
+                f"| {m['capture_s']:.2f} | {m['vs_step']:.2f}x | {m['extra_peak_mb']:.0f} | {m['bytes'] / 2**20:.2f} "
+                f"| {m['vs_fp32_weights']:.3%} | {m['vs_bf16_weights']:.3%} |"
+            )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        share = r["rank1"]["vs_fp32_weights"]
+        ok = "PASS" if share <= TARGET_RANK1_SHARE else "FAIL"
+        out.append(f"- {r['model']}: rank-one moments {share:.3%} of the fp32 weights "
+                   f"({r['rank1']['vs_bf16_weights']:.3%} of bf16) vs target <= {TARGET_RANK1_SHARE:.1%}: {ok}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per model (after one untimed)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for name in args.models:
+            rows.append(bench_model(name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp),
+                                    seed=args.seed, log=log))
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"bench_capture: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
+          f"load average {load} at the end\n")
+    print(table(rows))
+    print()
+    print("\n".join(verdicts(rows)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

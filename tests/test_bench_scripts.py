@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on tiny inputs (their figures are not checked here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_capture_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "capture.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_capture.py"), "--models", "tiny", "--steps", "1", "--seq", "8",
+         "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| tiny |" in r.stdout and "rank-one moments" in r.stdout
+    (row,) = json.loads(out.read_text())
+    for c in ("rank1", "full"):
+        assert row[c]["capture_s"] > 0 and row[c]["bytes"] > 0
+    # full moments hold one fp32 value per parameter: about the fp32 weights' size; rank-one far less
+    assert 0.9 < row["full"]["vs_fp32_weights"] < 1.2
+    assert row["rank1"]["bytes"] < row["full"]["bytes"] / 5
