@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MOMENTS_DIR",
     "MERGE_READY_TAG",
+    "FORMAT_VERSION_TAG",
     "MOMENTS_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -76,6 +77,9 @@ MOMENTS_FILE = "moments.safetensors"
 METADATA_KEY = "ota_moments"
 FORMAT_NAME = "ota-moments"
 FORMAT_VERSION = 1
+# Model-card tag naming the moments' format version. A tag (not only a card key) because
+# Trainer.push_to_hub rebuilds README.md from the model's tags after every callback has run.
+FORMAT_VERSION_TAG = f"{FORMAT_NAME}-v{FORMAT_VERSION}"
 COMPRESSIONS = ("rank1", "full")
 ROW_SUFFIX = "::row"
 COL_SUFFIX = "::col"

@@ -290,17 +290,16 @@ def publish_folder(
 
 
 def mark_merge_ready(readme: str | os.PathLike, *, base_model: str | None = None) -> None:
-    """Add merge-ready metadata to a model card (created if absent): the ``ota-merge-ready`` tag,
-    ``ota_moments_format_version`` and, when known, ``base_model``."""
+    """Add merge-ready metadata to a model card (created if absent): the ``ota-merge-ready`` and
+    ``ota-moments-v1`` tags, ``ota_moments_format_version`` and, when known, ``base_model``."""
     from huggingface_hub import ModelCard
 
-    from .format import FORMAT_VERSION
+    from .format import FORMAT_VERSION, FORMAT_VERSION_TAG
 
     path = Path(readme)
     card = ModelCard(path.read_text()) if path.is_file() else ModelCard("---\n---\n\n# Expert\n\nTrained with ota_trainer's OTACallback.\n")
     tags = list(card.data.tags or [])
-    if MERGE_READY_TAG not in tags:
-        tags.append(MERGE_READY_TAG)
+    tags += [t for t in (MERGE_READY_TAG, FORMAT_VERSION_TAG) if t not in tags]
     card.data.tags = tags
     card.data.ota_moments_format_version = FORMAT_VERSION
     if base_model and not card.data.get("base_model") and "/" in base_model and not Path(base_model).exists():

@@ -213,7 +213,7 @@ def test_push_expert_validates_moments_first(local_hub, tiny, tmp_path):
     info = HfApi().model_info("org/good")
     assert info.sha == sha and "ota/moments.safetensors" in [s.rfilename for s in info.siblings]
     card = ModelCard.load("org/good")
-    assert "ota-merge-ready" in card.data.tags and card.data.ota_moments_format_version == 1
+    assert {"ota-merge-ready", "ota-moments-v1"} <= set(card.data.tags) and card.data.ota_moments_format_version == 1
 
 
 def test_trained_experts_pushed_by_the_trainer_merge_from_the_hub(local_hub, tmp_path):

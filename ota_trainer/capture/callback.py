@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..format import COMPRESSIONS, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
+from ..format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
 from .core import save_optimizer_moments
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer
@@ -175,8 +175,11 @@ class OTACallback(TrainerCallback):
 
     ``on_train_begin`` removes a stale ``output_dir/ota/moments.safetensors`` left by an
     earlier run (it would be pushed next to this run's weights) and adds the
-    ``ota-merge-ready`` tag to the model (``model.add_model_tags``), which
-    ``Trainer.push_to_hub`` writes into the model card's ``tags``.
+    ``ota-merge-ready`` and ``ota-moments-v1`` (format version) tags to the model
+    (``model.add_model_tags``), which ``Trainer.push_to_hub`` writes into the model card's
+    ``tags`` (the Trainer rebuilds the card after the callbacks run, so a tag is the card
+    metadata that survives; :func:`~ota_trainer.hub.push_expert` also sets
+    ``ota_moments_format_version``).
 
     Never losing training: a failed capture at a checkpoint is raised in ``on_save``,
     after the checkpoint is on disk (resume from it). A failed capture at the end saves the
@@ -304,7 +307,7 @@ class OTACallback(TrainerCallback):
                 "as rank-one sums (1-D tensors stay full)"
             )
         if self.tag_model_card and hasattr(model, "add_model_tags"):
-            model.add_model_tags([MERGE_READY_TAG])
+            model.add_model_tags([MERGE_READY_TAG, FORMAT_VERSION_TAG])
         stale = moments_path(args.output_dir)
         if _is_writer(args) and stale.is_file():
             logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
