@@ -18,6 +18,7 @@ __all__ = [
     "fisher_merge",
     "ota_merge",
     "ota_weights",
+    "ota_weights_rank1",
     "OTAAccumulator",
     "topk_mask",
 ]
@@ -117,10 +118,15 @@ def fisher_merge(
     return num.div_(den)
 
 
+def _power(x: torch.Tensor, power: float) -> torch.Tensor:
+    """``x ** power`` (a fresh tensor), with sqrt for the paper's ``p = 1/2``."""
+    return x.sqrt() if power == 0.5 else x.pow(power) if power != 1.0 else x.clone()
+
+
 @torch.no_grad()
 def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -> torch.Tensor:
     """``P_t + eps`` with ``P_t = v_t ** power``, optionally divided by its mean (``normalise="mean"``)."""
-    p = v.sqrt() if power == 0.5 else v.pow(power) if power != 1.0 else v.clone()
+    p = _power(v, power)
     if normalise == "mean":
         mean = p.mean()
         if mean > 0:
@@ -128,6 +134,25 @@ def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -
     elif normalise != "none":
         raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
     return p.add_(epsilon)
+
+
+@torch.no_grad()
+def ota_weights_rank1(
+    a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...] | torch.Size, power: float, epsilon: float, normalise: str
+) -> torch.Tensor:
+    """:func:`ota_weights` of a rank-one ``v = outer(a, b)``, from its factors.
+
+    ``v**p = outer(a**p, b**p)`` and ``mean(v**p) = mean(a**p) * mean(b**p)``, so the
+    normalisation and the power cost O(m + n); one outer product writes the (m, n) result.
+    """
+    pa, pb = _power(a.to(torch.float32), power), _power(b.to(torch.float32), power)
+    if normalise == "mean":
+        mean = pa.mean() * pb.mean()
+        if mean > 0:
+            pa.div_(mean)
+    elif normalise != "none":
+        raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
+    return torch.outer(pa, pb).add_(epsilon).reshape(tuple(shape))  # (m, n) -> shape
 
 
 class OTAAccumulator:
@@ -144,9 +169,22 @@ class OTAAccumulator:
         self.den = torch.zeros_like(base, dtype=torch.float32)
 
     @torch.no_grad()
-    def add(self, delta: torch.Tensor, v: torch.Tensor | None, mask: torch.Tensor | None, weight: float = 1.0) -> None:
-        """Add expert t: task vector ``d_t``, second moment ``v_t`` (None: uniform), keep mask ``M_t`` (None: all)."""
-        if v is not None:
+    def add(
+        self,
+        delta: torch.Tensor,
+        v: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        weight: float = 1.0,
+        *,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Add expert t: task vector ``d_t``, second moment ``v_t`` (None: uniform), keep mask ``M_t`` (None: all).
+
+        A rank-one ``v_t = outer(a, b)`` may be given as ``factors=(a, b)`` instead of ``v``.
+        """
+        if factors is not None:
+            w = ota_weights_rank1(factors[0], factors[1], self.num.shape, self.power, self.epsilon, self.normalise)
+        elif v is not None:
             w = ota_weights(v, self.power, self.epsilon, self.normalise)
         else:
             w = torch.full_like(self.num, 1.0 + self.epsilon)

@@ -441,17 +441,28 @@ class MomentsReader(Mapping[str, torch.Tensor]):
             c.mul_(self.scale)  # v_hat = outer(r, c) / sum(r) is linear in c: n multiplications, not m*n
         return r, c
 
+    def rank1(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(a, b)`` with ``v_hat = outer(a, b)`` (viewed as a matrix) for a rank-one entry, else None.
+
+        ``a = r / sum(r)`` (float32, shape ``(m,)``; zeros when ``v == 0``) and ``b = c`` with
+        the bias-correction scale applied (shape ``(n,)``). Element-wise functions of ``v_hat``
+        that factor, such as ``v_hat**p = outer(a**p, b**p)`` or ``log2(v_hat) = log2(a_i) +
+        log2(b_j)``, then cost O(m + n) plus one broadcast pass instead of a reconstruction.
+        """
+        if self._stored.get(name) != "rank1":
+            return None
+        r, c = self._factors(name)
+        total = r.sum()
+        return (r / total if total > 0 else torch.zeros_like(r)), c
+
     def log2(self, name: str) -> torch.Tensor:
         """``log2(v_hat)`` (``-inf`` where zero). For rank-one entries it is computed from the
-        factors, ``log2(r_i / sum(r)) + log2(c_j)``: one broadcast add instead of an outer
+        factors, ``log2(a_i) + log2(b_j)`` (:meth:`rank1`): one broadcast add instead of an outer
         product and an element-wise log."""
-        if self._stored.get(name) == "rank1":
-            r, c = self._factors(name)
-            total = r.sum()
-            m, n = matrix_shape(self.shapes[name])
-            if total <= 0:
-                return torch.full(self.shapes[name], -math.inf)
-            return (torch.log2(r / total)[:, None] + torch.log2(c)[None, :]).reshape(self.shapes[name])  # (m, n) -> shape
+        ab = self.rank1(name)
+        if ab is not None:
+            la, lb = torch.log2(ab[0]), torch.log2(ab[1])
+            return (la[:, None] + lb[None, :]).reshape(self.shapes[name])  # (m, n) -> shape
         return torch.log2(self[name])
 
     def raw(self, name: str) -> torch.Tensor | Rank1Factors:

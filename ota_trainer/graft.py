@@ -42,28 +42,48 @@ _SMALL = 1 << 18  # below this, scatter_add beats a 2**21-bin bincount
 
 
 @torch.no_grad()
-def log_saliency(delta: torch.Tensor, v: torch.Tensor | None, score: str = "fisher", *, log2_v: torch.Tensor | None = None) -> torch.Tensor:
+def log_saliency(
+    delta: torch.Tensor,
+    v: torch.Tensor | None,
+    score: str = "fisher",
+    *,
+    log2_v: torch.Tensor | None = None,
+    log2_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``log2(s)`` with ``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude); ``-inf`` where ``s == 0``.
 
-    Computed as ``log2(v) + 2*log2|d|`` so that tiny saliencies do not underflow. ``log2_v``
-    may be given instead of ``v`` (cheaper for rank-one moments).
+    Computed as ``2*log2|d| + log2(v)`` so that tiny saliencies do not underflow. Instead of
+    ``v`` one may give ``log2_v``, or for a rank-one ``v = outer(a, b)`` (viewed as a matrix)
+    ``log2_factors = (log2(a), log2(b))``: then ``log2(v)`` is never materialised and the
+    whole score costs four passes over the tensor.
     """
-    out = torch.log2(delta.abs().to(torch.float32)).mul_(2.0)
-    if score == "fisher":
-        if log2_v is None and v is None:
-            raise ValueError("fisher saliency needs the second moment v")
-        out.add_(log2_v if log2_v is not None else torch.log2(v.to(torch.float32)))
-    elif score != "magnitude":
+    out = delta.abs().to(torch.float32).log2_()  # fresh float32 memory: edited in place below
+    if score == "magnitude":
+        return out.mul_(2.0)
+    if score != "fisher":
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
-    return out
+    if log2_factors is not None:
+        la, lb = log2_factors
+        mat = out.view(la.numel(), lb.numel())  # (m, n)
+        torch.add(la[:, None], mat, alpha=2.0, out=mat)  # 2*log2|d_ij| + log2 a_i (exact scaling by 2)
+        mat.add_(lb[None, :])
+        return out
+    if log2_v is None and v is None:
+        raise ValueError("fisher saliency needs the second moment v")
+    return out.mul_(2.0).add_(log2_v if log2_v is not None else torch.log2(v.to(torch.float32)))
 
 
-def _bin_index(log_s: torch.Tensor) -> torch.Tensor:
+def _bin_index(log_s: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
     """Histogram bin of each log2 score (int64). Bin 0 (log2 <= -1024, below any real float32
-    saliency) holds the zero saliencies (``-inf``) and NaN; the top bin holds ``+inf``."""
-    idx = (log_s - LOG2_LO).mul_(BINS_PER_OCTAVE)
-    idx.nan_to_num_(nan=0.0, neginf=0.0, posinf=N_BINS - 1.0)
-    return idx.floor_().clamp_(0, N_BINS - 1).to(torch.int64)
+    saliency) holds the zero saliencies (``-inf``) and NaN; the top bin holds ``+inf``.
+
+    ``(log_s - LO) * BPO`` is computed as ``log_s * BPO - LO * BPO``: scaling by a power of
+    two is exact, so both round alike (:func:`keep_mask` relies on it). With ``consume`` the
+    scores' memory is reused.
+    """
+    idx = log_s.mul_(BINS_PER_OCTAVE) if consume else log_s * BINS_PER_OCTAVE
+    idx.sub_(LOG2_LO * BINS_PER_OCTAVE).nan_to_num_(nan=0.0, neginf=0.0, posinf=N_BINS - 1.0)
+    return idx.clamp_(0, N_BINS - 1).to(torch.int64)  # non-negative: truncation is floor
 
 
 @dataclass(frozen=True)
@@ -101,11 +121,12 @@ class SaliencyHistogram:
         self.total = 0
 
     @torch.no_grad()
-    def add(self, log_s: torch.Tensor) -> None:
+    def add(self, log_s: torch.Tensor, *, consume: bool = False) -> None:
+        """Count one tensor's log2 saliencies; ``consume=True`` lets it overwrite ``log_s``."""
         flat = log_s.reshape(-1)
         self.total += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
-            idx = _bin_index(flat[start : start + _CHUNK])
+            idx = _bin_index(flat[start : start + _CHUNK], consume=consume)
             if idx.numel() >= _SMALL:
                 self.counts += torch.bincount(idx, minlength=N_BINS)
             else:  # small tensors: a full-length bincount would cost more than the data

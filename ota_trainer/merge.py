@@ -247,20 +247,30 @@ class _Engine:
         m = self.moments[i]
         return m[name] if m is not None and name in m else None
 
-    def _score_inputs(self, i: int, name: str, delta: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _delta(self, i: int, name: str, w0: torch.Tensor) -> torch.Tensor:
+        """``d = w_t - w0`` in float32, in one pass (the stored dtype is promoted as it is read)."""
+        return torch.sub(self.experts[i].get(name), w0)
+
+    def _log_saliency(self, i: int, name: str, delta: torch.Tensor, v: torch.Tensor | None = None,
+                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments).
 
-        ``v`` is expert i's moment for ``name`` when the caller has it already.
+        ``v`` (full) or ``factors`` (rank-one ``(a, b)``) are expert i's moment for ``name``
+        when the caller has read it already.
         """
         score = self.params["score"]
         if score == "magnitude":
             return log_saliency(delta, None, score)
-        if v is not None:
-            return log_saliency(delta, v, score)
-        m = self.moments[i]
-        if m is None or name not in m:
-            return None
-        return log_saliency(delta, None, score, log2_v=m.log2(name))
+        if factors is None and v is None:
+            m = self.moments[i]
+            if m is None or name not in m:
+                return None
+            factors = m.rank1(name)
+            if factors is None:
+                return log_saliency(delta, None, score, log2_v=m.log2(name))
+        if factors is not None:
+            return log_saliency(delta, None, score, log2_factors=(torch.log2(factors[0]), torch.log2(factors[1])))
+        return log_saliency(delta, v, score)
 
     # pass 1 ------------------------------------------------------------------------------
     def find_thresholds(self) -> None:
@@ -279,10 +289,9 @@ class _Engine:
         for name in tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet):
             w0 = _read_float(self.base, name)
             for i in global_density:
-                d = _read_float(self.experts[i], name).sub_(w0)
-                ls = self._score_inputs(i, name, d)
+                ls = self._log_saliency(i, name, self._delta(i, name, w0))
                 if ls is not None:
-                    hists[i].add(ls)
+                    hists[i].add(ls, consume=True)
             del w0
         for i, h in hists.items():
             p = self.model_params[i]
@@ -330,12 +339,15 @@ class _Engine:
         uniform = not all(m is not None and name in m for m in self.moments)
         acc = OTAAccumulator(w0, power=self.params["power"], epsilon=self.params["epsilon"], normalise=self.params["normalise"])
         densities = []
-        for i, e in enumerate(self.experts):
-            d = _read_float(e, name).sub_(w0)
-            v = None if uniform else self._v(i, name)
+        for i in range(len(self.experts)):
+            d = self._delta(i, name, w0)
+            v = factors = None
+            if not uniform:  # rank-one moments stay factored: v**p and log2(v) come from the factors
+                factors = self.moments[i].rank1(name)
+                v = self.moments[i][name] if factors is None else None
             mask = None
             if self.grafting:
-                ls = self._score_inputs(i, name, d, v)
+                ls = self._log_saliency(i, name, d, v, factors)
                 if ls is not None:  # None: no moments for this tensor, no evidence to prune: keep every edit
                     thr = self.thresholds[i] if self.thresholds[i] is not None else per_tensor_threshold(ls, self.model_params[i]["density"])
                     mask = keep_mask(ls, thr)
@@ -344,8 +356,8 @@ class _Engine:
                 self.reports[i].kept += kept
                 self.reports[i].total += w0.numel()
                 densities.append(kept / max(w0.numel(), 1))
-            acc.add(d, v, mask, self.model_params[i]["weight"])
-            del d, v, mask
+            acc.add(d, v, mask, self.model_params[i]["weight"], factors=factors)
+            del d, v, mask, factors
         if self.grafting:
             self.tensor_density[name] = densities
         return acc.result()

@@ -74,3 +74,28 @@ def test_dare_is_unbiased_and_deterministic():
     assert torch.equal(a, b)
     assert set(a.unique().tolist()) == {0.0, 4.0}
     assert abs(a.mean().item() - 1.0) < 0.02
+
+
+def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
+    from ota_trainer.aggregate import ota_weights, ota_weights_rank1
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, generator=g), torch.rand(6, generator=g)
+    v = torch.outer(a, b).reshape(5, 2, 3)
+    for power in (0.5, 1.0, 0.25):
+        for normalise in ("none", "mean"):
+            assert_close(ota_weights_rank1(a, b, v.shape, power, 1e-8, normalise), ota_weights(v, power, 1e-8, normalise))
+
+
+def test_ota_accumulator_with_factors_matches_the_full_moment():
+    from ota_trainer.aggregate import OTAAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(4, 3, generator=g)
+    full, fact = OTAAccumulator(w0), OTAAccumulator(w0)
+    for _ in range(2):
+        d, a, b = torch.randn(4, 3, generator=g), torch.rand(4, generator=g), torch.rand(3, generator=g)
+        mask = torch.rand(4, 3, generator=g) > 0.5
+        full.add(d, torch.outer(a, b), mask, 2.0)
+        fact.add(d, None, mask, 2.0, factors=(a, b))
+    assert_close(fact.result(), full.result())

@@ -182,3 +182,15 @@ def test_rank1_bias_correction_and_log2(tmp_path):
     assert_close(corrected["w"], plain["w"] / (1 - 0.9**10))
     assert_close(corrected.log2("w"), torch.log2(corrected["w"]))
     assert torch.equal(corrected.log2("z"), torch.full((2, 3), float("-inf")))
+
+
+def test_rank1_factors_reproduce_the_reconstruction(tmp_path):
+    v = torch.rand(6, 2, 3) + 0.1  # > 2-D: factored as (6, 6)
+    save_moments(tmp_path, {"w": v, "z": torch.zeros(2, 3), "b": torch.rand(4)}, metadata={"step": 10, "beta2": 0.9})
+    m = load_moments(tmp_path, bias_correction=True)
+    a, b = m.rank1("w")
+    assert a.shape == (6,) and b.shape == (6,)
+    assert_close(torch.outer(a, b).reshape(6, 2, 3), m["w"])
+    za, zb = m.rank1("z")
+    assert torch.equal(torch.outer(za, zb), torch.zeros(2, 3))
+    assert m.rank1("b") is None  # 1-D entries are stored whole

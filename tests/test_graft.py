@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from ota_trainer.graft import SaliencyHistogram, Threshold, graft, keep_mask, log_saliency, per_tensor_threshold
 
@@ -114,3 +115,29 @@ def test_saliency_share_keeps_the_top_mass():
         kept = keep_mask(ls, h.threshold_for_share(share))
         assert (2.0 ** ls.double())[kept].sum() >= share * total  # enough mass kept
         assert (2.0 ** ls.double())[kept].sum() - 2.0 ** ls[kept].min().double() < share * total  # and no more entries than needed
+
+
+def test_log_saliency_from_rank_one_factors_equals_the_full_moment():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(7, 2, 5, generator=g)
+    d[0, 0, 0] = 0.0
+    a, b = torch.rand(7, generator=g), torch.rand(10, generator=g)
+    a[3] = 0.0  # a zero row: -inf saliency there
+    v = torch.outer(a, b).reshape(7, 2, 5)
+    got = log_saliency(d, None, log2_factors=(torch.log2(a), torch.log2(b)))
+    want = log_saliency(d, v)
+    assert got.shape == d.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert_close(got[fin], want[fin])
+
+
+def test_histogram_consuming_its_input_counts_the_same():
+    g = torch.Generator().manual_seed(2)
+    ls = log_saliency(torch.randn(1000, generator=g), torch.rand(1000, generator=g))
+    h1, h2 = SaliencyHistogram(), SaliencyHistogram()
+    h1.add(ls)
+    h2.add(ls.clone(), consume=True)
+    assert torch.equal(h1.counts, h2.counts)
+    thr = h1.threshold_for_density(0.3)
+    assert int(keep_mask(ls, thr).sum()) == h1.kept(thr)
