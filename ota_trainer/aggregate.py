@@ -6,6 +6,7 @@ back to the output dtype. Notation: ``w0`` base, ``w_t`` expert t, ``d_t = w_t -
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,8 @@ __all__ = [
     "ota_weights_rank1",
     "OTAAccumulator",
     "topk_mask",
+    "magnitude_cut",
+    "kth_largest_abs",
 ]
 
 
@@ -46,22 +49,64 @@ def task_arithmetic_merge(base: torch.Tensor, deltas: Sequence[torch.Tensor], we
 
 
 @torch.no_grad()
-def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Bool mask of the ``round(density * numel)`` entries of largest ``|x|`` (ties kept)."""
+def magnitude_cut(x: torch.Tensor, density: float) -> float:
+    """The ``round(density * numel)``-th largest ``|x|`` (``-inf``: keep all, ``inf``: keep none)."""
     n = x.numel()
     k = int(round(density * n))
     if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
+        return -math.inf
     if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    mag = x.abs().reshape(-1)
-    kth = torch.kthvalue(mag, n - k + 1).values  # k-th largest |x|
-    return x.abs() >= kth
+        return math.inf
+    return kth_largest_abs(x, k)
+
+
+@torch.no_grad()
+def kth_largest_abs(x: torch.Tensor, k: int) -> float:
+    """The k-th largest ``|x|`` of a float32 tensor, exactly (what ``torch.kthvalue`` gives).
+
+    A two-level radix select on the bit patterns of ``|x|`` (for non-negative floats the int32
+    pattern orders like the value): count the top 16 bits, find the bucket holding the k-th
+    largest, then count the low 16 bits inside that bucket. Four passes over the tensor instead
+    of a selection algorithm, ~10x faster on CPU.
+    """
+    bits = x.to(torch.float32).abs().reshape(-1).view(torch.int32)  # (N,), sign bit clear
+    hi = bits >> 16
+    bucket, rank = _select_from_top(torch.bincount(hi, minlength=1 << 15), k)
+    low = torch.bincount(bits[hi == bucket] & 0xFFFF, minlength=1 << 16)
+    lo, _ = _select_from_top(low, rank)
+    return float(torch.tensor((bucket << 16) | lo, dtype=torch.int32).view(torch.float32))
+
+
+def _select_from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest element, its rank counted from the top within that bin)."""
+    from_top = torch.cumsum(torch.flip(counts, [0]), 0)  # from_top[j]: elements in bins >= len-1-j
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))  # first j with from_top[j] >= k
+    b = counts.numel() - 1 - j
+    above = int(from_top[j]) - int(counts[b])
+    return b, k - above
+
+
+@torch.no_grad()
+def topk_mask(x: torch.Tensor, density: float, cut: float | None = None) -> torch.Tensor:
+    """Bool mask of the ``round(density * numel)`` entries of largest ``|x|`` (ties kept).
+
+    ``cut`` (from :func:`magnitude_cut` on the whole tensor) applies the same rule to a block of it.
+    """
+    cut = magnitude_cut(x, density) if cut is None else cut
+    if cut == -math.inf:
+        return torch.ones_like(x, dtype=torch.bool)
+    return x.abs() >= cut
 
 
 @torch.no_grad()
 def ties_merge(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float], lam: float
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float,
+    *,
+    cuts: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
 
@@ -69,8 +114,12 @@ def ties_merge(
     2. elect: ``gamma = sign(sum_t d_t')``
     3. disjoint mean: ``tau = sum_t d_t' [sign(d_t') == gamma] / #{t: sign(d_t') == gamma, d_t' != 0}``
     4. ``w0 + lam * tau``
+
+    ``cuts``: each task vector's trim threshold computed on its whole tensor (:func:`magnitude_cut`),
+    when ``deltas`` are blocks of it.
     """
-    trimmed = torch.stack([d * topk_mask(d, p) * c for d, c, p in zip(deltas, weights, densities)])  # (T, ...)
+    cuts = cuts if cuts is not None else [None] * len(deltas)
+    trimmed = torch.stack([d * topk_mask(d, p, k) * c for d, c, p, k in zip(deltas, weights, densities, cuts)])  # (T, ...)
     elected = torch.sign(trimmed.sum(dim=0))  # (...)
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (T, ...)
     total = (trimmed * agree).sum(dim=0)
@@ -155,6 +204,9 @@ def ota_weights_rank1(
     return torch.outer(pa, pb).add_(epsilon).reshape(tuple(shape))  # (m, n) -> shape
 
 
+_SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # 2**-149
+
+
 class OTAAccumulator:
     """Running sums of OTA aggregation, one expert at a time (so peak memory does not grow with T).
 
@@ -165,8 +217,8 @@ class OTAAccumulator:
     def __init__(self, base: torch.Tensor, *, power: float = 0.5, epsilon: float = 1e-26, normalise: str = "none"):
         self.base = base
         self.power, self.epsilon, self.normalise = power, epsilon, normalise
-        self.num = torch.zeros_like(base, dtype=torch.float32)
-        self.den = torch.zeros_like(base, dtype=torch.float32)
+        self.num: torch.Tensor | None = None  # allocated by the first expert's product
+        self.den: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(
@@ -183,22 +235,31 @@ class OTAAccumulator:
         A rank-one ``v_t = outer(a, b)`` may be given as ``factors=(a, b)`` instead of ``v``.
         """
         if factors is not None:
-            w = ota_weights_rank1(factors[0], factors[1], self.num.shape, self.power, self.epsilon, self.normalise)
+            w = ota_weights_rank1(factors[0], factors[1], self.base.shape, self.power, self.epsilon, self.normalise)
         elif v is not None:
             w = ota_weights(v, self.power, self.epsilon, self.normalise)
         else:
-            w = torch.full_like(self.num, 1.0 + self.epsilon)
+            w = torch.full(self.base.shape, 1.0 + self.epsilon, dtype=torch.float32)
         if mask is not None:
             w.mul_(mask)
         if weight != 1.0:
             w.mul_(weight)
-        self.num.addcmul_(w, delta)
-        self.den.add_(w)
+        if self.num is None:
+            self.num, self.den = w * delta, w  # W_t is this call's own tensor: kept as the running sum
+        else:
+            self.num.addcmul_(w, delta)
+            self.den.add_(w)
 
     @torch.no_grad()
     def result(self) -> torch.Tensor:
-        # Weights are non-negative, so num == 0 wherever den == 0: dividing by 1 there leaves w0.
-        return self.num.div_(self.den.masked_fill_(self.den == 0, 1.0)).add_(self.base)
+        """``w0 + num / den``, and ``w0`` where ``den == 0``."""
+        if self.num is None:
+            return self.base.to(torch.float32).clone()
+        # Weights are non-negative, so num == 0 wherever den == 0. Raising den to the smallest
+        # positive float32 changes only those zeros (every positive float32 is >= it): 0 / tiny
+        # = 0 there leaves w0, and everything else is divided exactly as before.
+        self.den.clamp_(min=_SMALLEST_SUBNORMAL)
+        return torch.addcdiv(self.base.to(torch.float32), self.num, self.den)
 
 
 @torch.no_grad()

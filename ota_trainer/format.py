@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MOMENTS_DIR",
     "MERGE_READY_TAG",
+    "all_finite",
     "FORMAT_VERSION_TAG",
     "MOMENTS_FILE",
     "FORMAT_NAME",
@@ -252,10 +253,16 @@ def safetensors_header(entries: list[tuple[str, list[int], torch.dtype, int, int
     return len(raw).to_bytes(8, "little") + raw
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """``isfinite(x).all()``, through a sum first: a reduction ~20x cheaper than the element test
+    (a non-finite sum of finite values, i.e. an overflow, falls back to the element test)."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def _check_moment_values(name: str, v: torch.Tensor, *, where: str, model: str | None = None) -> None:
-    if not torch.isfinite(v).all():
+    if not all_finite(v):
         raise NumericalError(f"{where}: second moment of {name!r} holds NaN or Inf", tensor=name, model=model)
-    if (v < 0).any():
+    if v.numel() and float(v.min()) < 0:
         raise NumericalError(
             f"{where}: second moment of {name!r} holds negative values (min {v.min().item():.3g}); "
             "Adam's exp_avg_sq is non-negative, so this file is not a second moment",

@@ -17,6 +17,7 @@ is exactly the count the histogram predicted.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ __all__ = [
     "Threshold",
     "per_tensor_threshold",
     "keep_mask",
+    "bin_cut",
     "graft",
 ]
 
@@ -37,8 +39,8 @@ LOG2_LO = -1024.0  # below every log2 score float32 inputs can produce (>= -149 
 LOG2_HI = 1024.0
 BINS_PER_OCTAVE = 1024
 N_BINS = int((LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE)  # 2**21
-_CHUNK = 1 << 22  # elements per chunk when binning, bounds temporary memory
-_SMALL = 1 << 18  # below this, scatter_add beats a 2**21-bin bincount
+_CHUNK = 1 << 19  # elements per chunk when binning: temporaries stay in cache
+_ONES = torch.ones(_CHUNK, dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -83,7 +85,9 @@ def _bin_index(log_s: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
     """
     idx = log_s.mul_(BINS_PER_OCTAVE) if consume else log_s * BINS_PER_OCTAVE
     idx.sub_(LOG2_LO * BINS_PER_OCTAVE).nan_to_num_(nan=0.0, neginf=0.0, posinf=N_BINS - 1.0)
-    return idx.clamp_(0, N_BINS - 1).to(torch.int64)  # non-negative: truncation is floor
+    # No clamp needed: finite float32 scores lie in [-447, 384] octaves (3 x float32's exponent
+    # range), well inside [LO, HI); non-negative, so truncation is floor.
+    return idx.to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,9 @@ class SaliencyHistogram:
         self.total += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
             idx = _bin_index(flat[start : start + _CHUNK], consume=consume)
-            if idx.numel() >= _SMALL:
-                self.counts += torch.bincount(idx, minlength=N_BINS)
-            else:  # small tensors: a full-length bincount would cost more than the data
-                self.counts.scatter_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int64))
+            # scatter_add into the running counts: as fast as bincount per element, without
+            # allocating and adding a 2**21-bin histogram per call
+            self.counts.scatter_add_(0, idx, _ONES[: idx.numel()])
 
     @property
     def zeros(self) -> int:
@@ -199,9 +202,45 @@ def keep_mask(log_s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
         return torch.ones_like(log_s, dtype=torch.bool)
     if threshold.bin is None:
         return log_s >= threshold.log2_value
-    # bin(x) >= b  <=>  floor((x - LO) * BPO) >= b  <=>  (x - LO) >= b / BPO, with (x - LO) rounded exactly
-    # as _bin_index rounds it (the scaling by a power of two is exact): the same decision, two ops.
-    return (log_s - LOG2_LO) >= threshold.bin / BINS_PER_OCTAVE
+    return log_s >= bin_cut(threshold.bin)
+
+
+@functools.lru_cache(maxsize=256)
+def bin_cut(b: int) -> float:
+    """The smallest float32 ``x`` whose histogram bin is ``>= b``: one comparison then decides
+    exactly what :func:`_bin_index` decided.
+
+    bin(x) >= b  <=>  fl32(x - LO) >= b / BPO (the scaling by BPO, a power of two, is exact),
+    a monotone predicate of ``x``. ``b / BPO + LO`` satisfies it; rounding of ``x - LO`` may
+    also admit floats a little below it (down to half an ulp of ``b / BPO``, which is at most
+    2**-13), so bisect over float32 values in that range (ordered by their bit patterns).
+    """
+    lo = torch.tensor(LOG2_LO, dtype=torch.float32)
+    edge = torch.tensor(b / BINS_PER_OCTAVE, dtype=torch.float32)
+
+    def holds(key: int) -> bool:
+        return bool((_from_key(key) - lo) >= edge)
+
+    hi_key = _to_key(b / BINS_PER_OCTAVE + LOG2_LO)  # exact in float32: satisfies the predicate
+    lo_key = _to_key(b / BINS_PER_OCTAVE + LOG2_LO - 2.0**-12)  # fails it
+    while hi_key - lo_key > 1:
+        mid = (hi_key + lo_key) // 2
+        if holds(mid):
+            hi_key = mid
+        else:
+            lo_key = mid
+    return float(_from_key(hi_key))
+
+
+def _to_key(x: float) -> int:
+    """A float32's position in value order (an int, monotone in x; -0.0 and 0.0 share 0)."""
+    bits = int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+
+
+def _from_key(key: int) -> torch.Tensor:
+    bits = key if key >= 0 else (-key) | -0x80000000
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
 
 
 @torch.no_grad()

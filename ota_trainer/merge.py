@@ -29,11 +29,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .aggregate import OTAAccumulator, dare_merge, fisher_merge, linear_merge, task_arithmetic_merge, ties_merge
+from .aggregate import (
+    OTAAccumulator,
+    dare_merge,
+    fisher_merge,
+    linear_merge,
+    magnitude_cut,
+    task_arithmetic_merge,
+    ties_merge,
+)
 from .checkpoint import SIDE_FILES, ModelFolder
+from .compress import matrix_shape
 from .config import MergeRecipe
-from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
-from .format import MOMENTS_DIR, MomentsReader, has_moments, load_moments
+from .errors import FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
+from .format import MOMENTS_DIR, MomentsReader, all_finite, has_moments, load_moments
 from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency, per_tensor_threshold
 from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size, render_model_card
 
@@ -45,6 +54,10 @@ RECIPE_FILE = "ota_merge.yaml"
 REPORT_FILE = "ota_merge_report.json"
 CARD_FILE = "README.md"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Tensors are merged in row blocks of this many entries: the chain of element-wise operations
+# then works on ~2 MB float32 temporaries that stay in cache and are reused by the allocator,
+# instead of streaming whole-tensor temporaries through memory (measured ~3x faster).
+BLOCK_ELEMENTS = 1 << 19
 
 # A resolver turns a model reference from the recipe (folder or repo id) into a local folder.
 Resolver = Callable[[str], Path]
@@ -197,18 +210,48 @@ def check_moments(folder: ModelFolder, moments: MomentsReader, names: Sequence[s
         logger.warning("%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there", folder.label, len(missing), missing[:3])
 
 
-def _read_float(folder: ModelFolder, name: str) -> torch.Tensor:
-    """One tensor as float32 (private memory: the engine may edit it in place).
-
-    Not checked for NaN/Inf here: every method propagates them into its result, which is
-    checked; only then are the inputs searched for the culprit (see ``_Engine.explain``).
-    """
-    return folder.get(name).to(torch.float32)
-
-
 def _check_finite(folder: ModelFolder, name: str) -> None:
     if not torch.isfinite(folder.get(name)).all():
         raise NumericalError(f"{folder.label}: tensor {name!r} holds NaN or Inf", tensor=name, model=folder.label)
+
+
+def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (m, n) view a tensor is processed as: rank-one factors index its rows and columns."""
+    return matrix_shape(shape) if len(shape) >= 2 else (math.prod(shape), 1)
+
+
+def _row_blocks(m: int, n: int) -> list[slice]:
+    """Row ranges of an (m, n) view holding about ``BLOCK_ELEMENTS`` entries each."""
+    step = max(1, BLOCK_ELEMENTS // max(n, 1))
+    return [slice(s, min(s + step, m)) for s in range(0, m, step)]
+
+
+@dataclass
+class _Curvature:
+    """One expert's second moment of one tensor in the (m, n) view: full ``v`` or rank-one ``outer(a, b)``."""
+
+    v: torch.Tensor | None = None  # (m, n) float32
+    a: torch.Tensor | None = None  # (m,)
+    b: torch.Tensor | None = None  # (n,)
+
+    def __post_init__(self) -> None:
+        if self.a is not None:
+            self.log2_a, self.log2_b = torch.log2(self.a), torch.log2(self.b)
+
+    def block(self, rows: slice) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(v, None) or (None, (a, b)) for a row block."""
+        if self.a is not None:
+            return None, (self.a[rows], self.b)
+        return self.v[rows], None
+
+    def full_block(self, rows: slice) -> torch.Tensor:
+        """``v`` of a row block (rank-one: ``outer(a, b)``)."""
+        return torch.outer(self.a[rows], self.b) if self.a is not None else self.v[rows]
+
+    def log_saliency(self, delta: torch.Tensor, rows: slice) -> torch.Tensor:
+        if self.a is not None:
+            return log_saliency(delta, None, log2_factors=(self.log2_a[rows], self.log2_b))
+        return log_saliency(delta, self.v[rows])
 
 
 # -- engine -------------------------------------------------------------------------------------
@@ -243,34 +286,25 @@ class _Engine:
         self.thresholds: list[Threshold | None] = [None] * len(self.experts)
         self.tensor_density: dict[str, list[float]] = {}
 
-    def _v(self, i: int, name: str) -> torch.Tensor | None:
-        m = self.moments[i]
-        return m[name] if m is not None and name in m else None
+    def _raw(self, folder: ModelFolder, name: str) -> torch.Tensor:
+        """One tensor as stored, in its (m, n) view."""
+        return folder.get(name).reshape(_matrix(self.template.tensors[name].shape))
 
-    def _delta(self, i: int, name: str, w0: torch.Tensor) -> torch.Tensor:
-        """``d = w_t - w0`` in float32, in one pass (the stored dtype is promoted as it is read)."""
-        return torch.sub(self.experts[i].get(name), w0)
+    def _curvature(self, i: int, name: str) -> _Curvature | None:
+        """Expert i's second moment of ``name`` (None: no moments for it)."""
+        mom = self.moments[i]
+        if mom is None or name not in mom:
+            return None
+        ab = mom.rank1(name)
+        if ab is not None:
+            return _Curvature(a=ab[0], b=ab[1])
+        return _Curvature(v=mom[name].reshape(_matrix(self.template.tensors[name].shape)))
 
-    def _log_saliency(self, i: int, name: str, delta: torch.Tensor, v: torch.Tensor | None = None,
-                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """log2 saliency of expert i's edits, or None when FFG keeps the whole tensor (no moments).
-
-        ``v`` (full) or ``factors`` (rank-one ``(a, b)``) are expert i's moment for ``name``
-        when the caller has read it already.
-        """
-        score = self.params["score"]
-        if score == "magnitude":
-            return log_saliency(delta, None, score)
-        if factors is None and v is None:
-            m = self.moments[i]
-            if m is None or name not in m:
-                return None
-            factors = m.rank1(name)
-            if factors is None:
-                return log_saliency(delta, None, score, log2_v=m.log2(name))
-        if factors is not None:
-            return log_saliency(delta, None, score, log2_factors=(torch.log2(factors[0]), torch.log2(factors[1])))
-        return log_saliency(delta, v, score)
+    def _block_saliency(self, curv: _Curvature | None, delta: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        """log2 saliency of a block of edits, or None when FFG keeps it whole (no moments)."""
+        if self.params["score"] == "magnitude":
+            return log_saliency(delta, None, "magnitude")
+        return curv.log_saliency(delta, rows) if curv is not None else None
 
     # pass 1 ------------------------------------------------------------------------------
     def find_thresholds(self) -> None:
@@ -287,12 +321,15 @@ class _Engine:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
         for name in tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet):
-            w0 = _read_float(self.base, name)
-            for i in global_density:
-                ls = self._log_saliency(i, name, self._delta(i, name, w0))
-                if ls is not None:
-                    hists[i].add(ls, consume=True)
-            del w0
+            w0r = self._raw(self.base, name)
+            experts = {i: (self._raw(self.experts[i], name), self._curvature(i, name)) for i in global_density}
+            for rows in _row_blocks(*w0r.shape):
+                w0 = w0r[rows].float()
+                for i, (er, curv) in experts.items():
+                    ls = self._block_saliency(curv, torch.sub(er[rows], w0), rows)
+                    if ls is not None:
+                        hists[i].add(ls, consume=True)
+            del w0r, experts
         for i, h in hists.items():
             p = self.model_params[i]
             share = p.get("saliency_share")
@@ -306,61 +343,102 @@ class _Engine:
 
     # pass 2 ------------------------------------------------------------------------------
     def merge_tensor(self, name: str) -> torch.Tensor:
+        """The merged tensor ``name`` in the output dtype, computed block by block in float32."""
         m = self.method.name
-        if m == "ota":
-            return self.merge_ota(name)
+        shape = self.template.tensors[name].shape
         weights = [p["weight"] for p in self.model_params]
-        experts = [_read_float(e, name) for e in self.experts]
-        if m == "linear":
-            return linear_merge(experts, weights)
-        if m == "fisher":
-            v = [self._v(i, name) for i in range(len(experts))]
-            if any(x is None for x in v):
-                v = [torch.ones_like(experts[0])] * len(experts)  # uniform curvature for this tensor
-            return fisher_merge(experts, v, weights, self.params["epsilon"])
-        w0 = _read_float(self.base, name)
-        deltas = [w.sub_(w0) for w in experts]  # in place: experts become task vectors
-        if m == "task_arithmetic":
-            return task_arithmetic_merge(w0, deltas, weights, self.params["lambda"])
-        if m == "ties":
-            return ties_merge(w0, deltas, weights, [p["density"] for p in self.model_params], self.params["lambda"])
-        if m == "dare":
-            gens = [
-                torch.Generator().manual_seed((self.params["seed"] * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % 2**63)
-                for i in range(len(deltas))
-            ]
-            return dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
-        raise AssertionError(f"unhandled method {m!r}")
+        experts = [self._raw(e, name) for e in self.experts]
+        if m == "ota":
+            block = self._ota_blocks(name, experts)
+        elif m == "linear":
+            def block(rows):
+                return linear_merge([e[rows] for e in experts], weights)
+        elif m == "fisher":
+            curvs = [self._curvature(i, name) for i in range(len(experts))]
+            uniform = any(c is None for c in curvs)  # uniform curvature for this tensor
 
-    def merge_ota(self, name: str) -> torch.Tensor:
-        """OTA (+ FFG), one expert at a time: peak memory is a few tensors whatever the number of experts."""
-        w0 = _read_float(self.base, name)
-        # uniform curvature for every expert on this tensor if any expert lacks its moments
-        uniform = not all(m is not None and name in m for m in self.moments)
-        acc = OTAAccumulator(w0, power=self.params["power"], epsilon=self.params["epsilon"], normalise=self.params["normalise"])
-        densities = []
-        for i in range(len(self.experts)):
-            d = self._delta(i, name, w0)
-            v = factors = None
-            if not uniform:  # rank-one moments stay factored: v**p and log2(v) come from the factors
-                factors = self.moments[i].rank1(name)
-                v = self.moments[i][name] if factors is None else None
-            mask = None
-            if self.grafting:
-                ls = self._log_saliency(i, name, d, v, factors)
-                if ls is not None:  # None: no moments for this tensor, no evidence to prune: keep every edit
-                    thr = self.thresholds[i] if self.thresholds[i] is not None else per_tensor_threshold(ls, self.model_params[i]["density"])
-                    mask = keep_mask(ls, thr)
-                    del ls
-                kept = int(mask.sum()) if mask is not None else w0.numel()
-                self.reports[i].kept += kept
-                self.reports[i].total += w0.numel()
-                densities.append(kept / max(w0.numel(), 1))
-            acc.add(d, v, mask, self.model_params[i]["weight"], factors=factors)
-            del d, v, mask, factors
+            def block(rows):
+                ws = [e[rows].float() for e in experts]
+                v = [torch.ones_like(ws[0])] * len(ws) if uniform else [c.full_block(rows) for c in curvs]
+                return fisher_merge(ws, v, weights, self.params["epsilon"])
+        else:
+            w0r = self._raw(self.base, name)
+            if m == "dare":  # one Bernoulli stream per tensor and expert: drawn for the whole tensor
+                gens = [
+                    torch.Generator().manual_seed((self.params["seed"] * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % 2**63)
+                    for i in range(len(experts))
+                ]
+                w0 = w0r.float()
+                deltas = [torch.sub(e, w0) for e in experts]
+                merged = dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
+                return self._finish(name, merged, slice(None)).to(self.out_dtype(name)).reshape(shape)
+            cuts = None
+            if m == "ties":  # trim thresholds are per whole tensor
+                w0 = w0r.float()
+                cuts = [magnitude_cut(torch.sub(e, w0), p["density"]) for e, p in zip(experts, self.model_params)]
+                del w0
+
+            def block(rows):
+                w0 = w0r[rows].float()
+                deltas = [torch.sub(e[rows], w0) for e in experts]
+                if m == "task_arithmetic":
+                    return task_arithmetic_merge(w0, deltas, weights, self.params["lambda"])
+                if m == "ties":
+                    return ties_merge(w0, deltas, weights, [p["density"] for p in self.model_params], self.params["lambda"], cuts=cuts)
+                raise AssertionError(f"unhandled method {m!r}")
+        out = torch.empty(experts[0].shape, dtype=self.out_dtype(name))
+        for rows in _row_blocks(*out.shape):
+            out[rows] = self._finish(name, block(rows), rows)
+        return out.reshape(shape)
+
+    def _finish(self, name: str, merged: torch.Tensor, rows: slice) -> torch.Tensor:
+        if not all_finite(merged):
+            self.explain_non_finite(name)
+        return merged
+
+    def _ota_blocks(self, name: str, experts: list[torch.Tensor]) -> Callable[[slice], torch.Tensor]:
+        """OTA (+ FFG) of one block, one expert at a time (peak memory does not grow with the number of experts)."""
+        w0r = self._raw(self.base, name)
+        own = [self._curvature(i, name) for i in range(len(experts))]  # FFG saliency: each expert's own moments
+        # aggregation: uniform curvature for every expert where any of them lacks moments
+        curvs = [None] * len(experts) if any(c is None for c in own) else own
+        thresholds = list(self.thresholds)
         if self.grafting:
-            self.tensor_density[name] = densities
-        return acc.result()
+            for i, (e, c) in enumerate(zip(experts, own)):
+                if thresholds[i] is None:  # per-tensor density (ablation): a threshold on the whole tensor
+                    ls = self._block_saliency(c, torch.sub(e, w0r.float()), slice(None))
+                    thresholds[i] = per_tensor_threshold(ls, self.model_params[i]["density"]) if ls is not None else None
+        kept = [0] * len(experts)
+        params = self.params
+
+        def block(rows: slice) -> torch.Tensor:
+            w0 = w0r[rows].float()
+            acc = OTAAccumulator(w0, power=params["power"], epsilon=params["epsilon"], normalise=params["normalise"])
+            for i, (e, c) in enumerate(zip(experts, curvs)):
+                d = torch.sub(e[rows], w0)
+                v, factors = c.block(rows) if c is not None else (None, None)
+                mask = None
+                if self.grafting:
+                    ls = self._block_saliency(own[i], d, rows)
+                    if ls is not None and thresholds[i] is not None:  # None: no moments, no evidence to prune
+                        mask = keep_mask(ls, thresholds[i])
+                    del ls
+                    kept[i] += int(torch.count_nonzero(mask)) if mask is not None else d.numel()
+                acc.add(d, v, mask, self.model_params[i]["weight"], factors=factors)
+                del d, v, mask, factors
+            if rows.stop is None or rows.stop >= w0r.shape[0]:
+                self._record_density(name, kept, w0r.numel())
+            return acc.result()
+
+        return block
+
+    def _record_density(self, name: str, kept: list[int], numel: int) -> None:
+        if not self.grafting:
+            return
+        for i, k in enumerate(kept):
+            self.reports[i].kept += k
+            self.reports[i].total += numel
+        self.tensor_density[name] = [k / max(numel, 1) for k in kept]
 
     def explain_non_finite(self, name: str) -> None:
         """The merge of ``name`` is not finite: find the input responsible and raise."""
@@ -388,9 +466,7 @@ class _Engine:
             for name in tqdm(self.names, desc=f"merge ({self.method.name})", unit="tensor", disable=self.quiet):
                 info = self.template.tensors[name]
                 if info.dtype.is_floating_point:
-                    merged = self.merge_tensor(name)
-                    if not torch.isfinite(merged).all():
-                        self.explain_non_finite(name)
+                    merged = self.merge_tensor(name)  # checked for NaN/Inf block by block
                 else:
                     merged = self.template.get(name)  # integer buffers are copied from the base
                 writer.write(name, merged.to(self.out_dtype(name)))

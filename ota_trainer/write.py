@@ -244,6 +244,6 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
         dens = f"{e['density']:.4f}" if e.get("grafted") else "-"
         lines.append(f"| expert | `{m['model']}` | `{sources.get(m['model']) or 'local'}` | {dens} |")
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
-    lines.append(f"Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
+    lines.append("Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
     lines.append("")
     return "\n".join(lines)

@@ -99,3 +99,19 @@ def test_ota_accumulator_with_factors_matches_the_full_moment():
         full.add(d, torch.outer(a, b), mask, 2.0)
         fact.add(d, None, mask, 2.0, factors=(a, b))
     assert_close(fact.result(), full.result())
+
+
+def test_kth_largest_abs_equals_kthvalue_with_ties_zeros_and_extremes():
+    from ota_trainer.aggregate import kth_largest_abs
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10_000, generator=g) * torch.exp(torch.randn(10_000, generator=g) * 20)
+    x[:500] = 0.0
+    x[500:1500] = 0.25  # many ties
+    x[1500:1510] = -0.25
+    x[1510] = float("inf")
+    x[1511] = 1e-45  # subnormal
+    x[1512] = -3e38
+    for k in (1, 2, 3, 10, 999, 1000, 1010, 5000, 9499, 9500, 9501, 10_000):
+        want = torch.kthvalue(x.abs(), x.numel() - k + 1).values.item()
+        assert kth_largest_abs(x, k) == want, k

@@ -141,3 +141,19 @@ def test_histogram_consuming_its_input_counts_the_same():
     assert torch.equal(h1.counts, h2.counts)
     thr = h1.threshold_for_density(0.3)
     assert int(keep_mask(ls, thr).sum()) == h1.kept(thr)
+
+
+def test_one_comparison_mask_agrees_with_the_histogram_bins_at_their_edges():
+    from ota_trainer.graft import BINS_PER_OCTAVE, LOG2_LO, _bin_index, bin_cut
+
+    g = torch.Generator().manual_seed(4)
+    bins = torch.randint(1, 2**21, (300,), generator=g).tolist() + [2**20, 2**20 + 1, 1024 * 1024 + 524 * 1024]
+    for b in bins:
+        edge = torch.tensor(b / BINS_PER_OCTAVE + LOG2_LO, dtype=torch.float32)
+        xs = [edge]
+        for _ in range(4):  # a few float32 steps either side of the edge
+            xs = [torch.nextafter(xs[0], torch.tensor(-math.inf))] + xs + [torch.nextafter(xs[-1], torch.tensor(math.inf))]
+        x = torch.stack(xs)
+        want = _bin_index(x.clone()) >= b
+        assert torch.equal(x >= bin_cut(b), want), b
+        assert torch.equal(keep_mask(x, Threshold(float(edge), bin=b)), want), b

@@ -55,7 +55,7 @@ def test_merge_from_repo_ids_equals_local_merge_and_publishes(local_hub, tiny, t
 
     _publish(tiny)
     assert merge_main(_merge_args(tmp_path / "hub_merge", "--push-to-hub", "org/merged")) == 0
-    local = merge({"method": "ota", "base_model": str(tiny["base"]), "models": [str(tiny["e1"]), str(tiny["e2"])],
+    merge({"method": "ota", "base_model": str(tiny["base"]), "models": [str(tiny["e1"]), str(tiny["e2"])],
                    "parameters": {"density": 0.4}}, tmp_path / "local_merge", quiet=True)
     a, b = _tensors(tmp_path / "hub_merge"), _tensors(tmp_path / "local_merge")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
