@@ -133,18 +133,34 @@ class ModelFolder:
         files = {f: i for i, f in enumerate(dict.fromkeys(t.file for t in self.tensors.values()))}
         return sorted(self.tensors, key=lambda n: (files[self.tensors[n].file], self.tensors[n].offset))
 
+    def _handle(self, file: str):
+        fh = self._open.get(file)
+        if fh is None:
+            path = self.path / file
+            try:
+                fh = self._open[file] = open(path, "rb")
+            except OSError as e:
+                raise FormatError(f"{path}: cannot open ({e})", path=str(path)) from e
+        return fh
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor from disk (its stored dtype) into fresh memory (safe to edit in place)."""
         info = self.tensors[name]
-        path = self.path / info.file
-        fh = self._open.get(info.file)
-        if fh is None:
-            try:
-                fh = self._open[info.file] = open(path, "rb")
-            except OSError as e:
-                raise FormatError(f"{path}: cannot open ({e})", path=str(path)) from e
+        fh = self._handle(info.file)
         start = self._data_start[info.file] + info.offset
-        return read_tensor(fh, path, start, start + info.nbytes, info.dtype, info.shape)
+        return read_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading ``name``'s bytes into the page cache (no memory of ours
+        is used): the next tensor's disk reads then overlap the current tensor's compute."""
+        info = self.tensors.get(name)
+        if info is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = self._handle(info.file).fileno()
+            os.posix_fadvise(fd, self._data_start[info.file] + info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, FormatError):
+            pass  # only a hint
 
     def close(self) -> None:
         for fh in self._open.values():

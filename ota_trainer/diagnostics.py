@@ -63,7 +63,7 @@ from .compress import matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import ConfigError
 from .format import MomentsReader, has_moments, load_moments
 from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency
-from .merge import _local_resolver, _read_float, check_compatible, check_moments
+from .merge import _local_resolver, check_compatible, check_moments
 
 logger = logging.getLogger(__name__)
 
@@ -402,9 +402,9 @@ class _Inspector:
             "rank1": [_BatchedHistogram() if f else None for f in self.full],
         }
         for name in tqdm(self.names, desc="thresholds", unit="tensor", disable=self.quiet):
-            w0 = _read_float(self.base, name)
+            w0 = self.base.get(name).float()
             for i, e in enumerate(self.experts):
-                d = _read_float(e, name).sub_(w0)
+                d = torch.sub(e.get(name), w0)
                 hists["magnitude"][i].add(log_saliency(d, None, "magnitude"))
                 v = self._v(i, name)
                 if v is None:
@@ -424,7 +424,7 @@ class _Inspector:
 
     def _inspect_tensor(self, name: str) -> None:
         t = len(self.experts)
-        w0 = _read_float(self.base, name)
+        w0 = self.base.get(name).float()
         n = w0.numel()
         cell = parse_name(name)
         is_matrix = w0.dim() >= 2
@@ -435,7 +435,7 @@ class _Inspector:
         factors: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * t
         rank1_err: list[float | None] = [None] * t
         for i, e in enumerate(self.experts):
-            d = _read_float(e, name).sub_(w0)
+            d = torch.sub(e.get(name), w0)
             masks["magnitude"][i] = keep_mask(log_saliency(d, None, "magnitude"), self.thresholds["magnitude"][i])
             v = self._v(i, name)
             if self.moments[i] is not None:

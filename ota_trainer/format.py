@@ -367,6 +367,19 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         begin, end = info["data_offsets"]
         return read_tensor(self._fh, self.path, self._data_start + begin, self._data_start + end, dtype, info["shape"])
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading ``name``'s stored tensors into the page cache (a hint)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in (name, name + ROW_SUFFIX, name + COL_SUFFIX):
+            info = self._header.get(key)
+            if info is not None:
+                begin, end = info["data_offsets"]
+                try:
+                    os.posix_fadvise(self._fh.fileno(), self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
+
     # -- validation -------------------------------------------------------------------------
     def _fail(self, what: str) -> FormatError:
         return FormatError(f"{self.path}: {what}", path=str(self.path))

@@ -286,6 +286,15 @@ class _Engine:
         self.thresholds: list[Threshold | None] = [None] * len(self.experts)
         self.tensor_density: dict[str, list[float]] = {}
 
+    def _prefetch(self, names: list[str], folders: list[ModelFolder]) -> None:
+        """Start the disk reads of the next tensor while this one is merged (page-cache hints only)."""
+        for name in names:
+            for f in folders:
+                f.prefetch(name)
+            for m in self.moments:
+                if m is not None and name in m:
+                    m.prefetch(name)
+
     def _raw(self, folder: ModelFolder, name: str) -> torch.Tensor:
         """One tensor as stored, in its (m, n) view."""
         return folder.get(name).reshape(_matrix(self.template.tensors[name].shape))
@@ -320,7 +329,8 @@ class _Engine:
         if not global_density:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
-        for name in tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet):
+        for k, name in enumerate(tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
+            self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + [self.experts[i] for i in global_density])
             w0r = self._raw(self.base, name)
             experts = {i: (self._raw(self.experts[i], name), self._curvature(i, name)) for i in global_density}
             for rows in _row_blocks(*w0r.shape):
@@ -463,7 +473,8 @@ class _Engine:
             metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": self.method.name},
         )
         try:
-            for name in tqdm(self.names, desc=f"merge ({self.method.name})", unit="tensor", disable=self.quiet):
+            for k, name in enumerate(tqdm(self.names, desc=f"merge ({self.method.name})", unit="tensor", disable=self.quiet)):
+                self._prefetch(self.names[k + 1 : k + 2], ([self.base] if self.base else []) + self.experts)
                 info = self.template.tensors[name]
                 if info.dtype.is_floating_point:
                     merged = self.merge_tensor(name)  # checked for NaN/Inf block by block
