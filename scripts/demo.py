@@ -86,7 +86,7 @@ def settings(args) -> dict:
     if args.smoke:
         return {"steps": 2, "n_eval": 4, "methods": SMOKE_METHODS, "batch": 4, "n_train": 64, "cross": True}
     if args.quick:
-        return {"steps": 6, "n_eval": 12, "methods": QUICK_METHODS, "batch": 8, "n_train": 256, "cross": False}
+        return {"steps": 8, "n_eval": 12, "methods": QUICK_METHODS, "batch": 8, "n_train": 256, "cross": False}
     return {"steps": args.steps, "n_eval": args.n_eval, "methods": tuple(METHODS), "batch": 8, "n_train": 2000, "cross": True}
 
 
