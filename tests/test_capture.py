@@ -620,3 +620,37 @@ def test_align_moments_to_weights_saved_under_both_tied_names(tmp_path, compress
     assert "lm_head.weight" in load_moments(other)
     assert align_moments_to_weights(other, tied) is False
     assert "lm_head.weight" not in load_moments(other) and check_moments_cover_weights(other) == []
+
+
+@pytest.mark.parametrize("compression", ["full", "rank1"])
+def test_bias_correction_apply_stores_corrected_moments(tmp_path, compression):
+    out = tmp_path / "out"
+    trainer = make_trainer(out, callback=OTACallback(compression, bias_correction="apply"))
+    trainer.train()
+    model = trainer.model
+    final = expected_state(real_optimizer(trainer), model)
+    reader = load_moments(out, bias_correction=True)  # the merger's default: must not correct twice
+    meta = reader.metadata
+    assert meta["bias_corrected"] is True and meta["step"] == 4
+    scale = 1.0 / (1.0 - 0.999**4)
+    shapes = shapes_of(model)
+    for name, st in final.items():
+        want = st["exp_avg_sq"].float() * scale
+        if compression == "rank1" and len(shapes[name]) >= 2:  # row/column sums of the corrected v
+            mat = want.reshape(shapes[name][0], -1)
+            raw = raw_file(out)
+            torch.testing.assert_close(raw[name + "::row"], mat.sum(1), rtol=1e-6, atol=0)
+            torch.testing.assert_close(raw[name + "::col"], mat.sum(0), rtol=1e-6, atol=0)
+        else:
+            torch.testing.assert_close(reader[name], want, rtol=1e-6, atol=0)
+    # the optimizer's own state was not scaled in place
+    assert torch.equal(expected_state(real_optimizer(trainer), model)[name]["exp_avg_sq"], final[name]["exp_avg_sq"])
+
+
+def test_bias_correction_option_is_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="bias_correction"):
+        OTACallback(bias_correction="sometimes")
+    trainer = make_trainer(tmp_path / "out", callback=OTACallback(bias_correction="apply"), optim="adafactor")
+    with pytest.raises(ConfigError, match="Adafactor"):
+        trainer.train()
+    assert trainer.state.global_step == 0

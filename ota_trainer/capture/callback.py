@@ -11,9 +11,9 @@ from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
 from ..format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
-from .core import save_optimizer_moments
+from .core import BIAS_CORRECTION, save_optimizer_moments
 from .names import named_trainable_parameters
-from .sources import detect_engine, inspect_optimizer
+from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +194,13 @@ class OTACallback(TrainerCallback):
         base_model_revision: base model revision recorded in the metadata; default the
             config's ``_commit_hash`` when the base came from the Hub.
         tag_model_card: add the ``ota-merge-ready`` tag to the model's tags.
+        bias_correction: ``"record"`` (store raw ``exp_avg_sq`` with ``beta2`` and ``step``;
+            the merger corrects it) or ``"apply"`` (store ``exp_avg_sq / (1 - beta2**step)``,
+            ``bias_corrected: true``; Adam-family optimizers only).
 
-    Bias correction is recorded, never applied: files hold the raw ``exp_avg_sq`` with
-    ``bias_corrected: false``, ``beta2`` and ``step``; the merger divides by
-    ``1 - beta2**step`` when asked.
+    Bias correction is recorded by default, not applied: files hold the raw ``exp_avg_sq``
+    with ``bias_corrected: false``, ``beta2`` and ``step``; the merger divides by
+    ``1 - beta2**step`` (its ``bias_correction`` parameter, on by default).
 
     Example:
         >>> from trl import SFTConfig, SFTTrainer
@@ -216,9 +219,13 @@ class OTACallback(TrainerCallback):
         base_model: str | None = None,
         base_model_revision: str | None = None,
         tag_model_card: bool = True,
+        bias_correction: str = "record",
     ):
         if compression not in COMPRESSIONS:
             raise ConfigError(f"OTACallback(compression={compression!r}): choose one of {COMPRESSIONS}")
+        if bias_correction not in BIAS_CORRECTION:
+            raise ConfigError(f"OTACallback(bias_correction={bias_correction!r}): choose one of {BIAS_CORRECTION}")
+        self.bias_correction = bias_correction
         self.compression = compression
         self.save_on_checkpoint = save_on_checkpoint
         self.base_model = base_model
@@ -272,6 +279,7 @@ class OTACallback(TrainerCallback):
             metadata=self._metadata(args, state, model),
             write=_is_writer(args),
             tied_aliases=self._tied_aliases,
+            bias_correction=self.bias_correction,
         )
         if path is not None:
             logger.info("OTA: second moments of step %d written to %s", state.global_step, path)
@@ -295,6 +303,11 @@ class OTACallback(TrainerCallback):
         if optimizer is None or model is None:
             raise CaptureError("OTACallback needs the Trainer's model and optimizer (got None)")
         info = inspect_optimizer(optimizer)
+        if self.bias_correction == "apply" and optimizer_hyperparameters(info).get("beta2") is None:
+            raise ConfigError(
+                f"OTACallback(bias_correction='apply') needs Adam's beta2; {info.class_name} has none "
+                "(Adafactor's average is unbiased by construction). Use bias_correction='record'"
+            )
         params, self._frozen = named_trainable_parameters(model)
         self._tied = {alias: p.name for p in params for alias in p.aliases}
         if not params:

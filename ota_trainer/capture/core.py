@@ -31,7 +31,24 @@ from .sources import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_optimizer_moments", "capture_metadata"]
+__all__ = ["save_optimizer_moments", "capture_metadata", "bias_correction_scale", "BIAS_CORRECTION"]
+
+BIAS_CORRECTION = ("record", "apply")
+
+
+def bias_correction_scale(beta2: float | None, step: int | None, *, optimizer: str = "the optimizer") -> float:
+    """Adam's bias correction of the second moment: ``1 / (1 - beta2**step)``.
+
+    Raises:
+        ConfigError: ``beta2`` or ``step`` unknown (e.g. Adafactor, whose average is unbiased
+            by construction), or ``step == 0``.
+    """
+    if beta2 is None or not step or not 0.0 <= float(beta2) < 1.0:
+        raise ConfigError(
+            f"bias_correction='apply' needs Adam's beta2 and a step > 0; {optimizer} has beta2={beta2}, "
+            f"step={step}. Use bias_correction='record' (the default)"
+        )
+    return 1.0 / (1.0 - float(beta2) ** int(step))
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -49,19 +66,23 @@ class _MomentStream(Mapping[str, torch.Tensor]):
     ``r`` and ``c`` again, so ``save_moments(..., compression="rank1")`` stores them back.
     """
 
-    def __init__(self, entries: Iterator[CapturedMoment | None], names: list[str], *, aliases: bool = False):
+    def __init__(self, entries: Iterator[CapturedMoment | None], names: list[str], *, aliases: bool = False, scale: float = 1.0):
         self._entries = entries
         self._names = names
         self._aliases = aliases
+        self._scale = scale
 
     def items(self):  # type: ignore[override]
+        k = self._scale
         for e in self._entries:
             if e is None:
                 continue
             if e.full is not None:
-                v = e.full
+                v = e.full * k if k != 1.0 else e.full  # never in place: it may be the optimizer's own tensor
             else:
                 r, c = e.factors
+                if k != 1.0:  # both sums are linear in v
+                    r, c = r * k, c * k
                 v = Rank1Factors(r, c, tuple(e.shape))  # stored exactly, never reconstructed
             yield e.name, v
             for alias in e.aliases if self._aliases else ():
@@ -131,6 +152,7 @@ def save_optimizer_moments(
     metadata: Mapping[str, Any] | None = None,
     write: bool | None = None,
     tied_aliases: bool | None = None,
+    bias_correction: str = "record",
 ) -> Path | None:
     """Read the second moment of every trainable parameter and write ``<folder>/ota/moments.safetensors``.
 
@@ -156,12 +178,16 @@ def save_optimizer_moments(
             weights are saved under each of them). Default: as the engine's Trainer save
             path does (:func:`~ota_trainer.capture.sources.saves_tied_aliases`: DeepSpeed
             ZeRO-1/2 yes, otherwise no).
+        bias_correction: ``"record"`` (default): store the raw ``exp_avg_sq`` with ``beta2``
+            and ``step`` so the merger can correct it; ``"apply"``: store
+            ``exp_avg_sq / (1 - beta2**step)`` (``bias_corrected: true``; Adam-family only).
 
     Returns:
         The file written, or ``None`` on a process that does not write.
 
     Raises:
-        ConfigError: unknown ``compression``.
+        ConfigError: unknown ``compression`` or ``bias_correction``, or ``"apply"`` for an
+            optimizer without Adam's ``beta2`` and ``step``.
         CaptureError: no second moment in this optimizer, unsupported engine, or reading or
             writing failed (the cause is chained).
 
@@ -171,6 +197,8 @@ def save_optimizer_moments(
     """
     if compression not in COMPRESSIONS:
         raise ConfigError(f"unknown moments compression {compression!r}; choose one of {COMPRESSIONS}")
+    if bias_correction not in BIAS_CORRECTION:
+        raise ConfigError(f"unknown bias_correction {bias_correction!r}; choose one of {BIAS_CORRECTION}")
     rank, _ = _dist_rank_world()
     write = (rank == 0) if write is None else write
     info = inspect_optimizer(optimizer)
@@ -202,7 +230,11 @@ def save_optimizer_moments(
     if tied_aliases is None:
         tied_aliases = saves_tied_aliases(params)
     names = [n for p in params if p.name not in set(without_state) for n in (p.name, *(p.aliases if tied_aliases else ()))]
-    stream = _MomentStream(entries, names, aliases=tied_aliases)
+    scale = 1.0
+    if bias_correction == "apply":
+        scale = bias_correction_scale(meta.get("beta2"), meta.get("step"), optimizer=info.class_name)
+        meta["bias_corrected"] = True
+    stream = _MomentStream(entries, names, aliases=tied_aliases, scale=scale)
     try:
         return save_moments(folder, stream, compression=stored, metadata=meta)
     except Exception as e:
