@@ -358,8 +358,9 @@ class _Engine:
         shape = self.template.tensors[name].shape
         weights = [p["weight"] for p in self.model_params]
         experts = [self._raw(e, name) for e in self.experts]
+        kept = None
         if m == "ota":
-            block = self._ota_blocks(name, experts)
+            block, kept = self._ota_blocks(name, experts)
         elif m == "linear":
             def block(rows):
                 return linear_merge([e[rows] for e in experts], weights)
@@ -381,7 +382,7 @@ class _Engine:
                 w0 = w0r.float()
                 deltas = [torch.sub(e, w0) for e in experts]
                 merged = dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
-                return self._finish(name, merged, slice(None)).to(self.out_dtype(name)).reshape(shape)
+                return self._finish(name, merged).to(self.out_dtype(name)).reshape(shape)
             cuts = None
             if m == "ties":  # trim thresholds are per whole tensor
                 w0 = w0r.float()
@@ -398,16 +399,20 @@ class _Engine:
                 raise AssertionError(f"unhandled method {m!r}")
         out = torch.empty(experts[0].shape, dtype=self.out_dtype(name))
         for rows in _row_blocks(*out.shape):
-            out[rows] = self._finish(name, block(rows), rows)
+            out[rows] = self._finish(name, block(rows))
+        if kept is not None and self.grafting:
+            self._record_density(name, kept, out.numel())
         return out.reshape(shape)
 
-    def _finish(self, name: str, merged: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _finish(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        """``merged`` if finite; otherwise the input responsible is found and named (raises)."""
         if not all_finite(merged):
             self.explain_non_finite(name)
         return merged
 
-    def _ota_blocks(self, name: str, experts: list[torch.Tensor]) -> Callable[[slice], torch.Tensor]:
-        """OTA (+ FFG) of one block, one expert at a time (peak memory does not grow with the number of experts)."""
+    def _ota_blocks(self, name: str, experts: list[torch.Tensor]) -> tuple[Callable[[slice], torch.Tensor], list[int]]:
+        """OTA (+ FFG) of one block, one expert at a time (peak memory does not grow with the number
+        of experts), and the per-expert counts of kept entries that the blocks accumulate."""
         w0r = self._raw(self.base, name)
         own = [self._curvature(i, name) for i in range(len(experts))]  # FFG saliency: each expert's own moments
         # aggregation: uniform curvature for every expert where any of them lacks moments
@@ -436,15 +441,12 @@ class _Engine:
                     kept[i] += int(torch.count_nonzero(mask)) if mask is not None else d.numel()
                 acc.add(d, v, mask, self.model_params[i]["weight"], factors=factors)
                 del d, v, mask, factors
-            if rows.stop is None or rows.stop >= w0r.shape[0]:
-                self._record_density(name, kept, w0r.numel())
             return acc.result()
 
-        return block
+        return block, kept
 
     def _record_density(self, name: str, kept: list[int], numel: int) -> None:
-        if not self.grafting:
-            return
+        """FFG's kept counts of one whole tensor into the per-expert and per-tensor report."""
         for i, k in enumerate(kept):
             self.reports[i].kept += k
             self.reports[i].total += numel
