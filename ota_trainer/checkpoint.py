@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import FormatError
-from .format import DTYPES, read_safetensors_layout, read_tensor
+from .format import DTYPES, prefetch_range, read_safetensors_layout, read_tensor
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
 
@@ -154,13 +154,13 @@ class ModelFolder:
         """Ask the kernel to start reading ``name``'s bytes into the page cache (no memory of ours
         is used): the next tensor's disk reads then overlap the current tensor's compute."""
         info = self.tensors.get(name)
-        if info is None or not hasattr(os, "posix_fadvise"):
+        if info is None:
             return
         try:
-            fd = self._handle(info.file).fileno()
-            os.posix_fadvise(fd, self._data_start[info.file] + info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
-        except (OSError, FormatError):
-            pass  # only a hint
+            fh = self._handle(info.file)
+        except FormatError:
+            return  # only a hint: get() reports the problem
+        prefetch_range(fh, self._data_start[info.file] + info.offset, info.nbytes)
 
     def close(self) -> None:
         for fh in self._open.values():

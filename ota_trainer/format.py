@@ -55,6 +55,8 @@ __all__ = [
     "MOMENTS_DIR",
     "MERGE_READY_TAG",
     "all_finite",
+    "bias_correction_factor",
+    "prefetch_range",
     "FORMAT_VERSION_TAG",
     "MOMENTS_FILE",
     "FORMAT_NAME",
@@ -253,6 +255,11 @@ def safetensors_header(entries: list[tuple[str, list[int], torch.dtype, int, int
     return len(raw).to_bytes(8, "little") + raw
 
 
+def bias_correction_factor(beta2: float, step: int) -> float:
+    """Adam's bias correction of the second moment: ``v_hat = v / (1 - beta2**step)``; returns ``1 / (1 - beta2**step)``."""
+    return 1.0 / (1.0 - float(beta2) ** int(step))
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """``isfinite(x).all()``, through a sum first: a reduction ~20x cheaper than the element test
     (a non-finite sum of finite values, i.e. an overflow, falls back to the element test)."""
@@ -278,6 +285,17 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         FormatError: the file is truncated, corrupt or not safetensors (names the file).
     """
     return read_safetensors_layout(path)[0]
+
+
+def prefetch_range(fh, start: int, length: int) -> None:
+    """Ask the kernel to start reading ``[start, start + length)`` of an open file into the page
+    cache (``posix_fadvise(WILLNEED)``): a hint that uses no memory of ours; ignored where unsupported."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fh.fileno(), start, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -369,16 +387,11 @@ class MomentsReader(Mapping[str, torch.Tensor]):
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s stored tensors into the page cache (a hint)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         for key in (name, name + ROW_SUFFIX, name + COL_SUFFIX):
             info = self._header.get(key)
             if info is not None:
                 begin, end = info["data_offsets"]
-                try:
-                    os.posix_fadvise(self._fh.fileno(), self._data_start + begin, end - begin, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    return
+                prefetch_range(self._fh, self._data_start + begin, end - begin)
 
     # -- validation -------------------------------------------------------------------------
     def _fail(self, what: str) -> FormatError:
@@ -435,7 +448,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         beta2, step = self.metadata.get("beta2"), self.metadata.get("step")
         if self.metadata.get("bias_corrected") or beta2 is None or not step:
             return 1.0
-        return 1.0 / (1.0 - float(beta2) ** int(step))
+        return bias_correction_factor(beta2, step)
 
     # -- mapping ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -49,14 +49,13 @@ def log_saliency(
     v: torch.Tensor | None,
     score: str = "fisher",
     *,
-    log2_v: torch.Tensor | None = None,
     log2_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``log2(s)`` with ``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude); ``-inf`` where ``s == 0``.
 
-    Computed as ``2*log2|d| + log2(v)`` so that tiny saliencies do not underflow. Instead of
-    ``v`` one may give ``log2_v``, or for a rank-one ``v = outer(a, b)`` (viewed as a matrix)
-    ``log2_factors = (log2(a), log2(b))``: then ``log2(v)`` is never materialised and the
+    Computed as ``2*log2|d| + log2(v)`` so that tiny saliencies do not underflow. For a
+    rank-one ``v = outer(a, b)`` (viewed as a matrix) give ``log2_factors = (log2(a), log2(b))``
+    instead of ``v``: then ``log2(v)`` is never materialised and the
     whole score costs four passes over the tensor.
     """
     out = delta.abs().to(torch.float32).log2_()  # fresh float32 memory: edited in place below
@@ -70,9 +69,9 @@ def log_saliency(
         torch.add(la[:, None], mat, alpha=2.0, out=mat)  # 2*log2|d_ij| + log2 a_i (exact scaling by 2)
         mat.add_(lb[None, :])
         return out
-    if log2_v is None and v is None:
+    if v is None:
         raise ValueError("fisher saliency needs the second moment v")
-    return out.mul_(2.0).add_(log2_v if log2_v is not None else torch.log2(v.to(torch.float32)))
+    return out.mul_(2.0).add_(torch.log2(v.to(torch.float32)))
 
 
 def _bin_index(log_s: torch.Tensor, *, consume: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CaptureError, ConfigError, OTAError
-from ..format import COMPRESSIONS, Rank1Factors, save_moments
+from ..format import COMPRESSIONS, Rank1Factors, bias_correction_factor, save_moments
 from .names import NamedParameter, named_trainable_parameters
 from .sources import (
     CapturedMoment,
@@ -48,7 +48,7 @@ def bias_correction_scale(beta2: float | None, step: int | None, *, optimizer: s
             f"bias_correction='apply' needs Adam's beta2 and a step > 0; {optimizer} has beta2={beta2}, "
             f"step={step}. Use bias_correction='record' (the default)"
         )
-    return 1.0 / (1.0 - float(beta2) ** int(step))
+    return bias_correction_factor(beta2, step)
 
 
 def _dist_rank_world() -> tuple[int, int]:
