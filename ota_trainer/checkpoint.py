@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import FormatError
-from .format import DTYPES, prefetch_range, read_safetensors_layout, read_tensor
+from .format import DTYPES, map_tensor, prefetch_range, read_safetensors_layout, read_tensor
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
 
@@ -125,6 +125,11 @@ class ModelFolder:
         raise FormatError(f"{self.label}: no safetensors weights in {self.path}{hint}", path=str(self.path))
 
     @property
+    def files(self) -> list[Path]:
+        """The weight files, in tensor order."""
+        return [self.path / f for f in dict.fromkeys(t.file for t in self.tensors.values())]
+
+    @property
     def architectures(self) -> list[str]:
         return list(self.config.get("architectures") or [])
 
@@ -149,6 +154,13 @@ class ModelFolder:
         fh = self._handle(info.file)
         start = self._data_start[info.file] + info.offset
         return read_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a READ-ONLY memory map of its bytes (no copy; never write into it)."""
+        info = self.tensors[name]
+        fh = self._handle(info.file)
+        start = self._data_start[info.file] + info.offset
+        return map_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s bytes into the page cache (no memory of ours

@@ -35,9 +35,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +314,26 @@ def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.
     if end > start and fh.readinto(memoryview(buf.numpy())) != end - start:
         raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
     return buf.view(dtype).reshape(tuple(shape))
+
+
+def map_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A READ-ONLY tensor over bytes ``[start, end)`` of an open file, memory-mapped: no copy, the
+    page cache's pages are the tensor. The mapping covers just this tensor and is released with
+    it, so resident memory holds only the tensors alive. Never write into the result.
+
+    Raises:
+        FormatError: the file ends early (a mapping past the end would fault when read).
+    """
+    if end > os.fstat(fh.fileno()).st_size:
+        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
+    if end == start:
+        return torch.empty(tuple(shape), dtype=dtype)
+    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fh.fileno(), end - lo, access=mmap.ACCESS_READ, offset=lo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": callers only read it
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start - lo)
+    return flat.view(dtype).reshape(tuple(shape))  # the tensor keeps the mapping alive
 
 
 def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:

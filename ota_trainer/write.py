@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,122 @@ def plan_shards(
     return shards
 
 
+# Output files are written with O_DIRECT where the filesystem allows it: bytes go from two
+# reused, aligned staging buffers straight to the disk, on a background thread, instead of being
+# copied into newly allocated page-cache pages on the merge's own cores (measured: 1 GB costs
+# ~0.15 CPU-s instead of 0.4-2.8 CPU-s). OTA_TRAINER_DIRECT_IO=0 turns it off.
+_ALIGN = 4096
+STAGING_BYTES = 16 * 2**20
+
+
+def _direct_io_wanted() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("OTA_TRAINER_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _OutputFile:
+    """Sequential writes to one new file: direct I/O through aligned staging buffers flushed by a
+    background thread when possible, else ordinary buffered writes. Errors of a background
+    write surface at the next :meth:`write` or at :meth:`close`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = 0
+        self._fd = -1
+        self._fh = None
+        if _direct_io_wanted():
+            self._open_direct()
+        if self._fd < 0:
+            self._fh = open(path, "wb")
+
+    def _open_direct(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError:
+            return
+        bufs = [torch.empty(STAGING_BYTES + _ALIGN, dtype=torch.uint8) for _ in range(2)]
+        self._bufs = [b[(-b.data_ptr()) % _ALIGN :][:STAGING_BYTES] for b in bufs]
+        self._views = [memoryview(b.numpy()) for b in self._bufs]
+        try:  # the probe: some filesystems accept O_DIRECT at open and refuse the writes
+            os.pwrite(fd, self._views[0][:_ALIGN], 0)
+        except OSError:
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        self._fd, self._cur, self._fill, self._flushed = fd, 0, 0, 0
+        self._pending: list[Future | None] = [None, None]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota-writer")
+
+    def write(self, data: memoryview) -> None:
+        self.size += len(data)
+        if self._fh is not None:
+            self._fh.write(data)
+            return
+        data = data.cast("B")
+        while len(data):
+            view = self._views[self._cur]
+            n = min(len(data), STAGING_BYTES - self._fill)
+            view[self._fill : self._fill + n] = data[:n]
+            self._fill += n
+            data = data[n:]
+            if self._fill == STAGING_BYTES:
+                self._submit(STAGING_BYTES)
+
+    def _submit(self, length: int) -> None:
+        """Hand the current staging buffer (``length`` bytes, a multiple of the alignment) to the
+        writer thread and wait until the other one is free."""
+        k, off = self._cur, self._flushed
+        self._pending[k] = self._pool.submit(self._pwrite_all, self._views[k][:length], off)
+        self._flushed += length
+        self._cur, self._fill = 1 - k, 0
+        self._wait(self._cur)
+
+    def _pwrite_all(self, view: memoryview, off: int) -> None:
+        while len(view):
+            n = os.pwrite(self._fd, view, off)
+            view, off = view[n:], off + n
+
+    def _wait(self, k: int) -> None:
+        fut, self._pending[k] = self._pending[k], None
+        if fut is not None:
+            fut.result()  # re-raises the background write's error
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            return
+        if self._fd < 0:
+            return
+        try:
+            if self._fill:
+                tail = self._fill
+                pad = -tail % _ALIGN
+                self._views[self._cur][tail : tail + pad] = bytes(pad)
+                self._submit(tail + pad)
+            self._wait(0)
+            self._wait(1)
+            os.ftruncate(self._fd, self.size)  # drop the last block's padding
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.abort()
+            self._fh = None
+        elif self._fd >= 0:
+            for k in (0, 1):
+                try:
+                    self._wait(k)
+                except OSError:
+                    pass
+            self._release()
+
+    def _release(self) -> None:
+        self._pool.shutdown(wait=True)
+        os.close(self._fd)
+        self._fd = -1
+
+
 class StreamingSafetensorsWriter:
     """Writes tensors in a fixed, pre-announced order into sharded safetensors files.
 
@@ -122,8 +239,8 @@ class StreamingSafetensorsWriter:
                 n *= d
             entries.append((name, list(shape), dtype, offset, offset + n))
             offset += n
-        self._fh = open(self.folder / shard.file, "wb")
-        self._fh.write(safetensors_header(entries, self.metadata))
+        self._fh = _OutputFile(self.folder / shard.file)
+        self._fh.write(memoryview(safetensors_header(entries, self.metadata)))
         self._shard = i
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -160,7 +277,7 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            self._fh.abort()
             self._fh = None
 
 

@@ -1,0 +1,139 @@
+"""Read the merge's inputs into the page cache ahead of the engine, in the order it reads them.
+
+Standard library only, so that ``scripts/merge_from_hub.py`` can start it before importing
+PyTorch (the disk then works while the interpreter starts). The engine starts it too.
+
+Models share one tensor layout, and the engine reads tensor ``k`` of every model before
+tensor ``k + 1``, so the files are asked for in interleaved slices: slice 0 of every model,
+then slice 1, ... (``posix_fadvise(WILLNEED)``: the kernel reads asynchronously; the call
+waits only when the disk queue is full, which paces this thread at the disk's speed). Only a
+hint: errors are ignored, and platforms without ``posix_fadvise`` do nothing.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["model_files", "readahead", "start", "local_models_in_args"]
+
+SLICE_BYTES = 32 * 2**20
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """The files a merge reads from a local model folder: weights, then second moments."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    moments = folder / "ota" / "moments.safetensors"
+    return files + ([moments] if moments.is_file() else [])
+
+
+def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = SLICE_BYTES, *, touch: bool = False) -> None:
+    """Ask for every file of every group, slice ``k`` of each group before slice ``k + 1``.
+
+    A group is one model's files, read as one concatenated stream. With ``touch`` the slices
+    are also read (into one reused buffer, then dropped): that waits for the disk, and costs a
+    core, but leaves every page not only cached but touched once, which is what makes the
+    engine's first pass over them fast on virtual machines that back guest memory lazily. Meant
+    for a core that is otherwise idle (while the interpreter starts)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    touch_fn = _toucher() if touch else None
+    streams = []
+    for files in groups:
+        spans = []
+        for f in files:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            spans.append([fd, 0, os.fstat(fd).st_size])
+        streams.append(spans)
+    try:
+        active = True
+        while active:
+            active = False
+            for spans in streams:
+                budget = slice_bytes
+                while spans and budget > 0:
+                    span = spans[0]
+                    fd, pos, size = span
+                    n = min(budget, size - pos)
+                    if n > 0:  # (a length of 0 would mean "to the end of the file")
+                        try:
+                            os.posix_fadvise(fd, pos, n, os.POSIX_FADV_WILLNEED)
+                            if touch_fn is not None:
+                                touch_fn(fd, pos, n)
+                        except OSError:
+                            pass
+                    span[1] += n
+                    budget -= n
+                    if span[1] >= size:
+                        os.close(fd)
+                        spans.pop(0)
+                active = active or bool(spans)
+    finally:
+        for spans in streams:
+            for fd, _, _ in spans:
+                os.close(fd)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+def _toucher():
+    """A function ``(fd, pos, n)`` that waits for those bytes and touches every page once:
+    ``madvise(MADV_POPULATE_READ)`` on a temporary map (Linux 5.14+, no copy), else reads
+    into a reused buffer."""
+    buf = None
+
+    def populate(fd: int, pos: int, n: int) -> None:
+        nonlocal buf
+        if buf is None:
+            lo = pos - pos % mmap.ALLOCATIONGRANULARITY
+            try:
+                with mmap.mmap(fd, pos + n - lo, access=mmap.ACCESS_READ, offset=lo) as mm:
+                    mm.madvise(_MADV_POPULATE_READ)
+                return
+            except (OSError, ValueError, TypeError):
+                buf = memoryview(bytearray(SLICE_BYTES))  # no MADV_POPULATE_READ here: read instead
+        for off in range(pos, pos + n, len(buf)):
+            os.preadv(fd, [buf[: min(len(buf), pos + n - off)]], off)
+
+    return populate
+
+
+def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False) -> threading.Thread:
+    """:func:`readahead` on a daemon thread (its system calls release the GIL)."""
+    t = threading.Thread(target=readahead, args=(groups,), kwargs={"touch": touch}, name="ota-readahead", daemon=True)
+    t.start()
+    return t
+
+
+def local_models_in_args(argv: Sequence[str]) -> list[Path]:
+    """The local model folders a merge command line names (``--base``, ``--expert`` and the
+    ``--recipe``'s ``base_model`` and ``models``), for a read-ahead before the command parses
+    them properly. Anything unreadable is skipped: the real parser reports it."""
+    refs: list[str] = []
+    args = list(argv)
+    for i, a in enumerate(args):
+        for flag in ("--base", "--expert", "--recipe"):
+            value = a.split("=", 1)[1] if a.startswith(flag + "=") else args[i + 1] if a == flag and i + 1 < len(args) else None
+            if value is None:
+                continue
+            if flag != "--recipe":
+                refs.append(value)
+                continue
+            try:
+                import yaml  # light, and already a dependency
+
+                recipe = yaml.safe_load(Path(value).read_text())
+                refs.append(str(recipe.get("base_model") or ""))
+                for m in recipe.get("models") or []:
+                    refs.append(str(m.get("model") if isinstance(m, dict) else m))
+            except Exception:  # noqa: BLE001 - a hint only: the CLI reports a bad recipe
+                pass
+    return [Path(r) for r in dict.fromkeys(refs) if r and Path(r).is_dir()]
