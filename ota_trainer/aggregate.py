@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,7 @@ __all__ = [
     "ota_weights",
     "ota_weights_rank1",
     "OTAAccumulator",
+    "Curvature",
     "topk_mask",
     "magnitude_cut",
     "kth_largest_abs",
@@ -172,36 +174,84 @@ def _power(x: torch.Tensor, power: float) -> torch.Tensor:
     return x.sqrt() if power == 0.5 else x.pow(power) if power != 1.0 else x.clone()
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (PyTorch's vectorised one may be off by an ulp; the
+    native kernel's ``sqrtf`` is exact, and both must agree): through float64, which is exact."""
+    return x.to(torch.float64).sqrt_().to(torch.float32)
+
+
+def _check_normalise(normalise: str) -> None:
+    if normalise not in ("none", "mean"):
+        raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
+
+
+@dataclass
+class Curvature:
+    """``P_t = v_t ** power`` of one whole tensor in its (m, n) view, optionally divided by its
+    mean (``normalise="mean"``), prepared once per tensor and read block by block.
+
+    Rank one (``pa``, ``pb``): ``P = outer(pa, pb)`` with ``pa = a**p / mean``, ``pb = b**p``
+    (``mean(v**p) = mean(a**p) * mean(b**p)``: O(m + n)). Full (``v``): ``P = sqrt(v)`` when
+    ``sqrt`` else ``v`` (already raised to any other power), then divided by ``div`` when > 0.
+    Neither: uniform curvature (``P = 1``).
+    """
+
+    pa: torch.Tensor | None = None
+    pb: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    sqrt: bool = False
+    div: float = 0.0
+
+    @classmethod
+    def rank1(cls, a: torch.Tensor, b: torch.Tensor, power: float, normalise: str) -> "Curvature":
+        _check_normalise(normalise)
+        pa, pb = _power(a.to(torch.float32), power), _power(b.to(torch.float32), power)
+        if normalise == "mean":
+            mean = pa.mean() * pb.mean()
+            if mean > 0:
+                pa.div_(mean)
+        return cls(pa=pa, pb=pb)
+
+    @classmethod
+    def full(cls, v: torch.Tensor, power: float, normalise: str) -> "Curvature":
+        _check_normalise(normalise)
+        v = v.to(torch.float32)
+        src = v if power in (0.5, 1.0) else v.pow(power)
+        div = 0.0
+        if normalise == "mean":
+            mean = float((_sqrt(src) if power == 0.5 else src).mean())
+            div = mean if mean > 0 else 0.0
+        return cls(v=src, sqrt=power == 0.5, div=div)
+
+    @property
+    def uniform(self) -> bool:
+        return self.pa is None and self.v is None
+
+    def weights(self, rows: slice, epsilon: float) -> torch.Tensor | None:
+        """``P + eps`` of a row block (a fresh float32 tensor), or None for uniform curvature."""
+        if self.pa is not None:
+            return torch.outer(self.pa[rows], self.pb).add_(epsilon)
+        if self.v is None:
+            return None
+        p = _sqrt(self.v[rows]) if self.sqrt else self.v[rows].clone()
+        if self.div > 0:
+            p.div_(self.div)
+        return p.add_(epsilon)
+
+
 @torch.no_grad()
 def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -> torch.Tensor:
     """``P_t + eps`` with ``P_t = v_t ** power``, optionally divided by its mean (``normalise="mean"``)."""
-    p = _power(v, power)
-    if normalise == "mean":
-        mean = p.mean()
-        if mean > 0:
-            p.div_(mean)
-    elif normalise != "none":
-        raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
-    return p.add_(epsilon)
+    m = v.reshape(v.shape[0], -1) if v.dim() >= 1 else v.reshape(1, 1)
+    return Curvature.full(m, power, normalise).weights(slice(None), epsilon).reshape(v.shape)
 
 
 @torch.no_grad()
 def ota_weights_rank1(
     a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...] | torch.Size, power: float, epsilon: float, normalise: str
 ) -> torch.Tensor:
-    """:func:`ota_weights` of a rank-one ``v = outer(a, b)``, from its factors.
-
-    ``v**p = outer(a**p, b**p)`` and ``mean(v**p) = mean(a**p) * mean(b**p)``, so the
-    normalisation and the power cost O(m + n); one outer product writes the (m, n) result.
-    """
-    pa, pb = _power(a.to(torch.float32), power), _power(b.to(torch.float32), power)
-    if normalise == "mean":
-        mean = pa.mean() * pb.mean()
-        if mean > 0:
-            pa.div_(mean)
-    elif normalise != "none":
-        raise ValueError(f"unknown normalise {normalise!r}; choose 'none' or 'mean'")
-    return torch.outer(pa, pb).add_(epsilon).reshape(tuple(shape))  # (m, n) -> shape
+    """:func:`ota_weights` of a rank-one ``v = outer(a, b)``, from its factors (see :class:`Curvature`)."""
+    return Curvature.rank1(a, b, power, normalise).weights(slice(None), epsilon).reshape(tuple(shape))
 
 
 _SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # 2**-149
@@ -210,36 +260,21 @@ _SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-
 class OTAAccumulator:
     """Running sums of OTA aggregation, one expert at a time (so peak memory does not grow with T).
 
-    ``num = sum_t W_t d_t`` and ``den = sum_t W_t`` with ``W_t = c_t (v_t**p + eps) M_t``;
+    ``num = sum_t W_t d_t`` and ``den = sum_t W_t`` with ``W_t = c_t (P_t + eps) M_t``;
     :meth:`result` gives ``w0 + num / den`` (``w0`` where ``den == 0``).
     """
 
-    def __init__(self, base: torch.Tensor, *, power: float = 0.5, epsilon: float = 1e-26, normalise: str = "none"):
+    def __init__(self, base: torch.Tensor, *, epsilon: float = 1e-26):
         self.base = base
-        self.power, self.epsilon, self.normalise = power, epsilon, normalise
+        self.epsilon = epsilon
         self.num: torch.Tensor | None = None  # allocated by the first expert's product
         self.den: torch.Tensor | None = None
 
     @torch.no_grad()
-    def add(
-        self,
-        delta: torch.Tensor,
-        v: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        weight: float = 1.0,
-        *,
-        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Add expert t: task vector ``d_t``, second moment ``v_t`` (None: uniform), keep mask ``M_t`` (None: all).
-
-        A rank-one ``v_t = outer(a, b)`` may be given as ``factors=(a, b)`` instead of ``v``.
-        """
-        if factors is not None:
-            w = ota_weights_rank1(factors[0], factors[1], self.base.shape, self.power, self.epsilon, self.normalise)
-        elif v is not None:
-            w = ota_weights(v, self.power, self.epsilon, self.normalise)
-        else:
-            w = torch.full(self.base.shape, 1.0 + self.epsilon, dtype=torch.float32)
+    def add(self, delta: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None, weight: float = 1.0) -> None:
+        """Add expert t: task vector ``d_t``, ``P_t + eps`` (None: uniform, a fresh tensor this call
+        may edit otherwise; see :meth:`Curvature.weights`), keep mask ``M_t`` (None: all)."""
+        w = weights if weights is not None else torch.full(self.base.shape, 1.0 + self.epsilon, dtype=torch.float32)
         if mask is not None:
             w.mul_(mask)
         if weight != 1.0:
@@ -282,7 +317,7 @@ def ota_merge(
     A ``None`` moment means uniform curvature (``P_t = 1``) for that tensor; a ``None`` mask
     keeps every edit. Equal curvature gives the plain average of the kept task vectors.
     """
-    acc = OTAAccumulator(base.to(torch.float32), power=power, epsilon=epsilon, normalise=normalise)
+    acc = OTAAccumulator(base.to(torch.float32), epsilon=epsilon)
     for d, v, m, c in zip(deltas, moments, masks, weights):
-        acc.add(d, v, m, c)
+        acc.add(d, ota_weights(v, power, epsilon, normalise) if v is not None else None, m, c)
     return acc.result()

@@ -62,7 +62,7 @@ from .checkpoint import ModelFolder
 from .compress import matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import ConfigError
 from .format import MomentsReader, has_moments, load_moments
-from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency
+from .graft import SaliencyHistogram, Threshold, keep_mask, saliency
 from .merge import _local_resolver, check_compatible, check_moments
 
 logger = logging.getLogger(__name__)
@@ -328,13 +328,13 @@ class _BatchedHistogram:
         self._pending: list[torch.Tensor] = []
         self._size = 0
 
-    def add(self, log_s: torch.Tensor) -> None:
-        if log_s.numel() >= self._BATCH:  # large enough alone: no concatenation copy
+    def add(self, s: torch.Tensor) -> None:
+        if s.numel() >= self._BATCH:  # large enough alone: no concatenation copy
             self.flush()
-            self.hist.add(log_s)
+            self.hist.add(s)
             return
-        self._pending.append(log_s.reshape(-1))
-        self._size += log_s.numel()
+        self._pending.append(s.reshape(-1))
+        self._size += s.numel()
         if self._size >= self._BATCH:
             self.flush()
 
@@ -405,13 +405,13 @@ class _Inspector:
             w0 = self.base.get(name).float()
             for i, e in enumerate(self.experts):
                 d = torch.sub(e.get(name), w0)
-                hists["magnitude"][i].add(log_saliency(d, None, "magnitude"))
+                hists["magnitude"][i].add(saliency(d, None, "magnitude"))
                 v = self._v(i, name)
                 if v is None:
                     continue  # no evidence to prune: FFG keeps this tensor whole (as in the merge engine)
-                hists["ffg"][i].add(log_saliency(d, v))
+                hists["ffg"][i].add(saliency(d, v))
                 if self.full[i]:
-                    hists["rank1"][i].add(log_saliency(d, _rank1(v) if v.dim() >= 2 else v))
+                    hists["rank1"][i].add(saliency(d, _rank1(v) if v.dim() >= 2 else v))
         for kind, hs in hists.items():
             for i, h in enumerate(hs):
                 if h is not None:
@@ -436,14 +436,14 @@ class _Inspector:
         rank1_err: list[float | None] = [None] * t
         for i, e in enumerate(self.experts):
             d = torch.sub(e.get(name), w0)
-            masks["magnitude"][i] = keep_mask(log_saliency(d, None, "magnitude"), self.thresholds["magnitude"][i])
+            masks["magnitude"][i] = keep_mask(saliency(d, None, "magnitude"), self.thresholds["magnitude"][i])
             v = self._v(i, name)
             if self.moments[i] is not None:
-                masks["ffg"][i] = (keep_mask(log_saliency(d, v), self.thresholds["ffg"][i]) if v is not None
+                masks["ffg"][i] = (keep_mask(saliency(d, v), self.thresholds["ffg"][i]) if v is not None
                                    else torch.ones_like(d, dtype=torch.bool))
             if self.full[i] and v is not None:
                 v1 = _rank1(v) if is_matrix else v  # 1-D moments are stored whole in either compression
-                m1 = keep_mask(log_saliency(d, v1), self.thresholds["rank1"][i])
+                m1 = keep_mask(saliency(d, v1), self.thresholds["rank1"][i])
                 f = self.rank1[i][cell]
                 both, either = overlap_counts(masks["ffg"][i], m1)
                 f["both"] += both

@@ -8,16 +8,23 @@ Saliency of edit ``d_t = w_t - w0`` with second moment ``v_t``::
 Keep mask ``M_t = s_t >= theta_t``; grafted weights ``w0 + M_t * d_t``.
 
 Scores span hundreds of binary orders of magnitude and underflow float32 when squared, so
-everything here works on ``log2(s)`` (``-inf`` for zero saliency). A *global* threshold for
-a target density (fraction of an expert's entries kept, over all its parameters) is found
-with a streaming log-space histogram (:class:`SaliencyHistogram`): one pass accumulates
-counts into 2**20 bins of 1/1024 octave, then the bin edge whose kept count is nearest the
-target is chosen. Masks in the merge pass use the same binning, so the achieved density
-is exactly the count the histogram predicted.
+they are computed in float64, as ``((d * d) * v)`` (rank-one ``v = outer(a, b)``:
+``((d * d) * a_i) * b_j``) from float32 ``d`` and ``v``: for any finite float32 inputs the
+result lies in [2**-596, 2**384], far inside float64's range, so nothing underflows, and the
+fixed order of the multiplications makes the score the same bits wherever it is computed
+(here or in the native kernel, :mod:`ota_trainer.native`).
+
+A *global* threshold for a target density (fraction of an expert's entries kept, over all its
+parameters) is found with a streaming histogram (:class:`SaliencyHistogram`) of the scores'
+bit patterns: a non-negative float64's bits order like its value, so ``bits >> 42`` (its 11
+exponent bits and top 10 mantissa bits) is a bin index that splits every octave into 1024
+bins (each under 0.1% wide) with no logarithm. One pass counts, then the bin edge whose kept
+count is nearest the target is chosen; the edge is itself a float64, so the merge pass's mask
+``s >= edge`` is exactly "bin >= b" and the achieved density is exactly the count the
+histogram predicted.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -25,98 +32,141 @@ import torch
 
 __all__ = [
     "SCORES",
-    "log_saliency",
+    "saliency",
+    "Score",
     "SaliencyHistogram",
     "Threshold",
+    "KEEP_ALL",
     "per_tensor_threshold",
     "keep_mask",
-    "bin_cut",
+    "bin_edge",
     "graft",
 ]
 
 SCORES = ("fisher", "magnitude")
-LOG2_LO = -1024.0  # below every log2 score float32 inputs can produce (>= -149 - 2*149)
-LOG2_HI = 1024.0
-BINS_PER_OCTAVE = 1024
-N_BINS = int((LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE)  # 2**21
+BIN_SHIFT = 42  # float64 bits >> 42: 11 exponent bits + 10 mantissa bits
+N_BINS = 1 << (63 - BIN_SHIFT)  # 2**21 bins cover every non-negative float64
+_BIN_MASK = N_BINS - 1  # also maps -0.0 (sign bit set) to bin 0 with the zeros
 _CHUNK = 1 << 19  # elements per chunk when binning: temporaries stay in cache
 _ONES = torch.ones(_CHUNK, dtype=torch.int64)
 
 
 @torch.no_grad()
-def log_saliency(
+def saliency(
     delta: torch.Tensor,
     v: torch.Tensor | None,
     score: str = "fisher",
     *,
-    log2_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``log2(s)`` with ``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude); ``-inf`` where ``s == 0``.
+    """``s = v * d**2`` (fisher) or ``s = d**2`` (magnitude) in float64, ``delta``'s shape.
 
-    Computed as ``2*log2|d| + log2(v)`` so that tiny saliencies do not underflow. For a
-    rank-one ``v = outer(a, b)`` (viewed as a matrix) give ``log2_factors = (log2(a), log2(b))``
-    instead of ``v``: then ``log2(v)`` is never materialised and the
-    whole score costs four passes over the tensor.
+    For a rank-one ``v = outer(a, b)`` of ``delta`` viewed as an (m, n) matrix give
+    ``factors = (a, b)`` (float64, shapes (m,) and (n,)) instead of ``v``: ``v`` is never
+    materialised. Products are taken in the order ``((d * d) * a_i) * b_j`` / ``(d * d) * v``.
     """
-    out = delta.abs().to(torch.float32).log2_()  # fresh float32 memory: edited in place below
+    s = delta.to(torch.float64).square_()
     if score == "magnitude":
-        return out.mul_(2.0)
+        return s
     if score != "fisher":
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
-    if log2_factors is not None:
-        la, lb = log2_factors
-        mat = out.view(la.numel(), lb.numel())  # (m, n)
-        torch.add(la[:, None], mat, alpha=2.0, out=mat)  # 2*log2|d_ij| + log2 a_i (exact scaling by 2)
-        mat.add_(lb[None, :])
-        return out
+    if factors is not None:
+        a, b = factors
+        mat = s.view(a.numel(), b.numel())  # (m, n)
+        mat.mul_(a[:, None]).mul_(b[None, :])
+        return s
     if v is None:
         raise ValueError("fisher saliency needs the second moment v")
-    return out.mul_(2.0).add_(torch.log2(v.to(torch.float32)))
+    return s.mul_(v.to(torch.float64))
 
 
-def _bin_index(log_s: torch.Tensor, *, consume: bool = False) -> torch.Tensor:
-    """Histogram bin of each log2 score (int64). Bin 0 (log2 <= -1024, below any real float32
-    saliency) holds the zero saliencies (``-inf``) and NaN; the top bin holds ``+inf``.
+@dataclass
+class Score:
+    """How one expert's FFG saliency is computed for one tensor in its (m, n) view, prepared
+    once per tensor and applied block by block: ``kind`` is "rank1" (``a``, ``b``: float64
+    factors of ``v``, shapes (m,) and (n,)), "full" (``v``: float32 (m, n)) or "magnitude"."""
 
-    ``(log_s - LO) * BPO`` is computed as ``log_s * BPO - LO * BPO``: scaling by a power of
-    two is exact, so both round alike (:func:`keep_mask` relies on it). With ``consume`` the
-    scores' memory is reused.
-    """
-    idx = log_s.mul_(BINS_PER_OCTAVE) if consume else log_s * BINS_PER_OCTAVE
-    idx.sub_(LOG2_LO * BINS_PER_OCTAVE).nan_to_num_(nan=0.0, neginf=0.0, posinf=N_BINS - 1.0)
-    # No clamp needed: finite float32 scores lie in [-447, 384] octaves (3 x float32's exponent
-    # range), well inside [LO, HI); non-negative, so truncation is floor.
-    return idx.to(torch.int64)
+    kind: str
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @classmethod
+    def rank1(cls, a: torch.Tensor, b: torch.Tensor) -> "Score":
+        return cls("rank1", a=a.to(torch.float64), b=b.to(torch.float64))
+
+    def block(self, delta: torch.Tensor, rows: slice) -> torch.Tensor:
+        """float64 saliencies of the edits ``delta`` of rows ``rows``."""
+        if self.kind == "magnitude":
+            return saliency(delta, None, "magnitude")
+        if self.kind == "rank1":
+            return saliency(delta, None, factors=(self.a[rows], self.b))
+        return saliency(delta, self.v[rows])
+
+
+def _bin_index(s: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each float64 score (int64): ``bits >> 42``. Bin 0 holds the zeros (no
+    non-zero score from float32 inputs is that small); +inf and NaN land in the top bins."""
+    return (s.to(torch.float64).contiguous().view(torch.int64) >> BIN_SHIFT) & _BIN_MASK
+
+
+def bin_edge(b: int) -> float:
+    """The smallest float64 whose bin is ``b`` (``bits = b << 42``): ``s >= bin_edge(b)`` is
+    exactly "bin of s >= b" for non-negative ``s``."""
+    return float(torch.tensor(b << BIN_SHIFT, dtype=torch.int64).view(torch.float64))
+
+
+def _bin_centers_log2() -> torch.Tensor:
+    """log2 of each bin's middle value (float64; +inf/NaN for the bins past the finite range)."""
+    bits = (torch.arange(N_BINS, dtype=torch.int64) << BIN_SHIFT) | (1 << (BIN_SHIFT - 1))
+    return torch.log2(bits.view(torch.float64))
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """A keep rule ``M = s >= theta``.
+    """A keep rule ``M = s >= theta`` (``theta = value``; 0 keeps everything).
 
-    ``log2_value`` is ``log2(theta)`` (``-inf`` keeps everything). When ``bin`` is set the rule
-    is "histogram bin >= bin", which is what a density-derived global threshold means.
+    When ``bin`` is set the rule is "histogram bin >= bin" (``value = bin_edge(bin)``), which is
+    what a density-derived global threshold means.
     """
 
-    log2_value: float
+    value: float
     bin: int | None = None
 
     @classmethod
     def absolute(cls, theta: float) -> "Threshold":
         """The paper's absolute threshold ``theta`` (e.g. 2.6e-19)."""
-        return cls(math.log2(theta) if theta > 0 else -math.inf)
+        return cls(max(float(theta), 0.0))
+
+    @classmethod
+    def at_bin(cls, b: int) -> "Threshold":
+        return cls(bin_edge(b), bin=b)
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.value <= 0.0
+
+    @property
+    def log2_value(self) -> float:
+        """``log2(theta)`` (``-inf`` for the keep-everything threshold), as reports give it."""
+        return math.log2(self.value) if self.value > 0 else -math.inf
 
     @property
     def theta(self) -> float:
-        """The threshold on the saliency scale (may underflow to 0.0 for very small ones)."""
-        return 2.0 ** self.log2_value if self.log2_value > -1075 else 0.0
+        return self.value
+
+
+KEEP_ALL = Threshold(0.0)
 
 
 class SaliencyHistogram:
-    """Streaming histogram of ``log2`` saliencies of one expert over all its parameters.
+    """Streaming histogram of one expert's float64 saliencies over all its parameters.
 
     >>> h = SaliencyHistogram()
-    >>> h.add(log_saliency(d, v))          # once per tensor
+    >>> h.add(saliency(d, v))              # once per tensor
     >>> thr = h.threshold_for_density(0.4)  # global threshold
+
+    ``counts`` may also be filled by the native kernel (same bins) and ``total`` raised by hand.
     """
 
     def __init__(self) -> None:
@@ -124,19 +174,19 @@ class SaliencyHistogram:
         self.total = 0
 
     @torch.no_grad()
-    def add(self, log_s: torch.Tensor, *, consume: bool = False) -> None:
-        """Count one tensor's log2 saliencies; ``consume=True`` lets it overwrite ``log_s``."""
-        flat = log_s.reshape(-1)
+    def add(self, s: torch.Tensor) -> None:
+        """Count one tensor's float64 saliencies."""
+        flat = s.reshape(-1)
         self.total += flat.numel()
         for start in range(0, flat.numel(), _CHUNK):
-            idx = _bin_index(flat[start : start + _CHUNK], consume=consume)
+            idx = _bin_index(flat[start : start + _CHUNK])
             # scatter_add into the running counts: as fast as bincount per element, without
             # allocating and adding a 2**21-bin histogram per call
             self.counts.scatter_add_(0, idx, _ONES[: idx.numel()])
 
     @property
     def zeros(self) -> int:
-        """Entries with zero saliency (they are never kept by a finite threshold)."""
+        """Entries with zero saliency (they are never kept by a positive threshold)."""
         return int(self.counts[0])
 
     def threshold_for_density(self, density: float) -> Threshold:
@@ -147,99 +197,60 @@ class SaliencyHistogram:
         zeros = self.zeros
         nonzero = self.total - zeros
         if density >= 1.0 or target >= nonzero + 0.5 * zeros:
-            return Threshold(-math.inf)
+            return KEEP_ALL
         kept_from = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0])  # kept_from[b] = sum(counts[b:])
         b = 1 + int(torch.argmin((kept_from[1:].to(torch.float64) - target).abs()))  # bin 0 is "zero saliency"
-        return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
+        return Threshold.at_bin(b)
 
     def threshold_for_share(self, share: float) -> Threshold:
         """The bin-edge threshold keeping the fewest top entries that hold ``share`` of the
         expert's total saliency ``sum(s)`` (a density rule that adapts to each expert).
 
-        Bin masses are ``count_b * 2**center_b``, exact to 1/2048 octave.
+        Bin masses are ``count_b * center_b``, exact to 0.05%.
         """
         if not 0.0 < share <= 1.0:
             raise ValueError(f"saliency share must be in (0, 1], got {share}")
         if share >= 1.0:
-            return Threshold(-math.inf)
-        log_center = LOG2_LO + (torch.arange(N_BINS, dtype=torch.float64) + 0.5) / BINS_PER_OCTAVE
-        nonzero = self.counts > 0
+            return KEEP_ALL
+        log_center = _bin_centers_log2()
+        nonzero = (self.counts > 0) & torch.isfinite(log_center)
         nonzero[0] = False  # zero saliency carries no mass
         if not nonzero.any():
-            return Threshold(-math.inf)
+            return KEEP_ALL
         shift = float(log_center[nonzero].max())  # scale so the largest bin's mass is ~1 (no overflow)
-        mass = self.counts.to(torch.float64) * torch.exp2((log_center - shift).clamp_(max=0.0))  # empty bins above: 0, not 0*inf
+        scale = torch.exp2((log_center - shift).clamp_(max=0.0)).nan_to_num_(nan=0.0)  # bins above: 0, not 0*inf
+        mass = torch.where(nonzero, self.counts.to(torch.float64) * scale, 0.0)
         kept_mass = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0])  # kept_mass[b] = mass of bins >= b
         b = max(1, int(torch.nonzero(kept_mass >= share * float(kept_mass[0])).max()))
-        return Threshold(LOG2_LO + b / BINS_PER_OCTAVE, bin=b)
+        return Threshold.at_bin(b)
 
     def kept(self, threshold: Threshold) -> int:
         """Entries a threshold keeps (exact for histogram thresholds)."""
-        if threshold.log2_value == -math.inf:
+        if threshold.keeps_all:
             return self.total
-        b = threshold.bin if threshold.bin is not None else int((threshold.log2_value - LOG2_LO) * BINS_PER_OCTAVE)
-        return int(self.counts[max(b, 0) :].sum())
+        b = threshold.bin if threshold.bin is not None else int(_bin_index(torch.tensor([threshold.value], dtype=torch.float64)))
+        return int(self.counts[b:].sum())
 
 
 @torch.no_grad()
-def per_tensor_threshold(log_s: torch.Tensor, density: float) -> Threshold:
-    """Threshold keeping the top ``density`` fraction of one tensor's entries (ablation, TIES)."""
-    n = log_s.numel()
+def per_tensor_threshold(s: torch.Tensor, density: float) -> Threshold:
+    """Threshold keeping the top ``density`` fraction of one tensor's entries (ablation)."""
+    n = s.numel()
     k = int(round(density * n))
     if k >= n:
-        return Threshold(-math.inf)
+        return KEEP_ALL
     if k <= 0:
         return Threshold(math.inf)
-    kth = torch.kthvalue(log_s.reshape(-1).to(torch.float32), n - k + 1).values.item()  # k-th largest
-    return Threshold(kth)
+    kth = torch.kthvalue(s.reshape(-1).to(torch.float64), n - k + 1).values.item()  # k-th largest
+    return KEEP_ALL if kth <= 0 else Threshold(kth)
 
 
 @torch.no_grad()
-def keep_mask(log_s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """``M = s >= theta`` as a bool tensor of ``log_s``'s shape."""
-    if threshold.log2_value == -math.inf:
-        return torch.ones_like(log_s, dtype=torch.bool)
-    if threshold.bin is None:
-        return log_s >= threshold.log2_value
-    return log_s >= bin_cut(threshold.bin)
-
-
-@functools.lru_cache(maxsize=256)
-def bin_cut(b: int) -> float:
-    """The smallest float32 ``x`` whose histogram bin is ``>= b``: one comparison then decides
-    exactly what :func:`_bin_index` decided.
-
-    bin(x) >= b  <=>  fl32(x - LO) >= b / BPO (the scaling by BPO, a power of two, is exact),
-    a monotone predicate of ``x``. ``b / BPO + LO`` satisfies it; rounding of ``x - LO`` may
-    also admit floats a little below it (down to half an ulp of ``b / BPO``, which is at most
-    2**-13), so bisect over float32 values in that range (ordered by their bit patterns).
-    """
-    lo = torch.tensor(LOG2_LO, dtype=torch.float32)
-    edge = torch.tensor(b / BINS_PER_OCTAVE, dtype=torch.float32)
-
-    def holds(key: int) -> bool:
-        return bool((_from_key(key) - lo) >= edge)
-
-    hi_key = _to_key(b / BINS_PER_OCTAVE + LOG2_LO)  # exact in float32: satisfies the predicate
-    lo_key = _to_key(b / BINS_PER_OCTAVE + LOG2_LO - 2.0**-12)  # fails it
-    while hi_key - lo_key > 1:
-        mid = (hi_key + lo_key) // 2
-        if holds(mid):
-            hi_key = mid
-        else:
-            lo_key = mid
-    return float(_from_key(hi_key))
-
-
-def _to_key(x: float) -> int:
-    """A float32's position in value order (an int, monotone in x; -0.0 and 0.0 share 0)."""
-    bits = int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
-    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
-
-
-def _from_key(key: int) -> torch.Tensor:
-    bits = key if key >= 0 else (-key) | -0x80000000
-    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+def keep_mask(s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """``M = s >= theta`` as a bool tensor of ``s``'s shape."""
+    if threshold.keeps_all:
+        return torch.ones_like(s, dtype=torch.bool)
+    return s >= threshold.value
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ Stages:
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -29,7 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import native, readahead
 from .aggregate import (
+    Curvature,
     OTAAccumulator,
     dare_merge,
     fisher_merge,
@@ -43,7 +46,7 @@ from .compress import matrix_shape
 from .config import MergeRecipe
 from .errors import FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
 from .format import MOMENTS_DIR, MomentsReader, all_finite, has_moments, load_moments
-from .graft import SaliencyHistogram, Threshold, keep_mask, log_saliency, per_tensor_threshold
+from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
 from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size, render_model_card
 
 logger = logging.getLogger(__name__)
@@ -226,34 +229,6 @@ def _row_blocks(m: int, n: int) -> list[slice]:
     return [slice(s, min(s + step, m)) for s in range(0, m, step)]
 
 
-@dataclass
-class _Curvature:
-    """One expert's second moment of one tensor in the (m, n) view: full ``v`` or rank-one ``outer(a, b)``."""
-
-    v: torch.Tensor | None = None  # (m, n) float32
-    a: torch.Tensor | None = None  # (m,)
-    b: torch.Tensor | None = None  # (n,)
-
-    def __post_init__(self) -> None:
-        if self.a is not None:
-            self.log2_a, self.log2_b = torch.log2(self.a), torch.log2(self.b)
-
-    def block(self, rows: slice) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """(v, None) or (None, (a, b)) for a row block."""
-        if self.a is not None:
-            return None, (self.a[rows], self.b)
-        return self.v[rows], None
-
-    def full_block(self, rows: slice) -> torch.Tensor:
-        """``v`` of a row block (rank-one: ``outer(a, b)``)."""
-        return torch.outer(self.a[rows], self.b) if self.a is not None else self.v[rows]
-
-    def log_saliency(self, delta: torch.Tensor, rows: slice) -> torch.Tensor:
-        if self.a is not None:
-            return log_saliency(delta, None, log2_factors=(self.log2_a[rows], self.log2_b))
-        return log_saliency(delta, self.v[rows])
-
-
 # -- engine -------------------------------------------------------------------------------------
 class _Engine:
     def __init__(self, recipe: MergeRecipe, resolver: Resolver, quiet: bool):
@@ -285,6 +260,7 @@ class _Engine:
         ]
         self.thresholds: list[Threshold | None] = [None] * len(self.experts)
         self.tensor_density: dict[str, list[float]] = {}
+        self._arena: torch.Tensor | None = None
 
     def _prefetch(self, names: list[str], folders: list[ModelFolder]) -> None:
         """Start the disk reads of the next tensor while this one is merged (page-cache hints only)."""
@@ -296,24 +272,32 @@ class _Engine:
                     m.prefetch(name)
 
     def _raw(self, folder: ModelFolder, name: str) -> torch.Tensor:
-        """One tensor as stored, in its (m, n) view."""
-        return folder.get(name).reshape(_matrix(self.template.tensors[name].shape))
+        """One tensor as stored, in its (m, n) view: a read-only map of the file (the engine only reads it)."""
+        return folder.view(name).reshape(_matrix(self.template.tensors[name].shape))
 
-    def _curvature(self, i: int, name: str) -> _Curvature | None:
-        """Expert i's second moment of ``name`` (None: no moments for it)."""
+    def _moment(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+        """Expert i's second moment of ``name``: rank-one factors ``(a, b)`` of its (m, n) view, the
+        full (m, n) float32 ``v``, or None (no moments for it)."""
         mom = self.moments[i]
         if mom is None or name not in mom:
             return None
         ab = mom.rank1(name)
         if ab is not None:
-            return _Curvature(a=ab[0], b=ab[1])
-        return _Curvature(v=mom[name].reshape(_matrix(self.template.tensors[name].shape)))
+            return ab
+        return mom[name].reshape(_matrix(self.template.tensors[name].shape)).contiguous()
 
-    def _block_saliency(self, curv: _Curvature | None, delta: torch.Tensor, rows: slice) -> torch.Tensor | None:
-        """log2 saliency of a block of edits, or None when FFG keeps it whole (no moments)."""
+    def _score(self, moment) -> Score | None:
+        """FFG saliency of an expert's edits of one tensor, or None when FFG keeps it whole (no moments)."""
         if self.params["score"] == "magnitude":
-            return log_saliency(delta, None, "magnitude")
-        return curv.log_saliency(delta, rows) if curv is not None else None
+            return Score("magnitude")
+        if moment is None:
+            return None
+        return Score.rank1(*moment) if isinstance(moment, tuple) else Score("full", v=moment)
+
+    def _native(self, name: str, folders: Sequence[ModelFolder], out_dtype: torch.dtype | None = None) -> bool:
+        """Whether this tensor is merged by the native kernels (available, and its dtypes supported)."""
+        dtypes = [f.tensors[name].dtype for f in folders] + ([out_dtype] if out_dtype is not None else [])
+        return native.available() and native.supports(*dtypes)
 
     # pass 1 ------------------------------------------------------------------------------
     def find_thresholds(self) -> None:
@@ -329,17 +313,26 @@ class _Engine:
         if not global_density:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
+        folders = [self.experts[i] for i in global_density]
+        counter = native.SaliencyCounter([hists[i].counts for i in global_density]) if native.available() else None
         for k, name in enumerate(tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
-            self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + [self.experts[i] for i in global_density])
+            self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + folders)
             w0r = self._raw(self.base, name)
-            experts = {i: (self._raw(self.experts[i], name), self._curvature(i, name)) for i in global_density}
-            for rows in _row_blocks(*w0r.shape):
-                w0 = w0r[rows].float()
-                for i, (er, curv) in experts.items():
-                    ls = self._block_saliency(curv, torch.sub(er[rows], w0), rows)
-                    if ls is not None:
-                        hists[i].add(ls, consume=True)
-            del w0r, experts
+            experts = [self._raw(f, name) for f in folders]
+            scores = [self._score(self._moment(i, name)) for i in global_density]
+            if counter is not None and self._native(name, [self.base] + folders):
+                counter.add(w0r, experts, scores)
+                for i, sc in zip(global_density, scores):
+                    hists[i].total += w0r.numel() if sc is not None else 0
+            else:
+                for rows in _row_blocks(*w0r.shape):
+                    w0 = w0r[rows].float()
+                    for i, e, sc in zip(global_density, experts, scores):
+                        if sc is not None:
+                            hists[i].add(sc.block(torch.sub(e[rows], w0), rows))
+            del w0r, experts, scores
+        if counter is not None:
+            counter.flush()
         for i, h in hists.items():
             p = self.model_params[i]
             share = p.get("saliency_share")
@@ -358,19 +351,23 @@ class _Engine:
         shape = self.template.tensors[name].shape
         weights = [p["weight"] for p in self.model_params]
         experts = [self._raw(e, name) for e in self.experts]
-        kept = None
         if m == "ota":
-            block, kept = self._ota_blocks(name, experts)
-        elif m == "linear":
+            out, kept = self._ota(name, experts)
+            if self.grafting:
+                self._record_density(name, kept, out.numel())
+            return out.reshape(shape)
+        if m == "linear":
             def block(rows):
                 return linear_merge([e[rows] for e in experts], weights)
         elif m == "fisher":
-            curvs = [self._curvature(i, name) for i in range(len(experts))]
-            uniform = any(c is None for c in curvs)  # uniform curvature for this tensor
+            moments = [self._moment(i, name) for i in range(len(experts))]
+            uniform = any(mo is None for mo in moments)  # uniform curvature for this tensor
+            curvs = [Curvature() if uniform else Curvature.rank1(*mo, 1.0, "none") if isinstance(mo, tuple)
+                     else Curvature.full(mo, 1.0, "none") for mo in moments]
 
             def block(rows):
                 ws = [e[rows].float() for e in experts]
-                v = [torch.ones_like(ws[0])] * len(ws) if uniform else [c.full_block(rows) for c in curvs]
+                v = [torch.ones_like(ws[0])] * len(ws) if uniform else [c.weights(rows, 0.0) for c in curvs]
                 return fisher_merge(ws, v, weights, self.params["epsilon"])
         else:
             w0r = self._raw(self.base, name)
@@ -397,12 +394,24 @@ class _Engine:
                 if m == "ties":
                     return ties_merge(w0, deltas, weights, [p["density"] for p in self.model_params], self.params["lambda"], cuts=cuts)
                 raise AssertionError(f"unhandled method {m!r}")
-        out = torch.empty(experts[0].shape, dtype=self.out_dtype(name))
-        for rows in _row_blocks(*out.shape):
+        return self._blockwise(name, experts[0].shape, block).reshape(shape)
+
+    def _out_buffer(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """Memory for output tensor ``name`` in its (m, n) view, reused from tensor to tensor (the
+        writer copies each tensor out before the next is merged): no fresh pages per tensor."""
+        dtype = self.out_dtype(name)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self._arena is None or self._arena.numel() < nbytes:
+            self._arena = None  # free the old one first
+            self._arena = torch.empty(nbytes, dtype=torch.uint8)
+        return self._arena[:nbytes].view(dtype).view(shape)
+
+    def _blockwise(self, name: str, shape: tuple[int, int], block: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """The (m, n) output tensor ``name`` from ``block(rows)`` (float32) row block by row block."""
+        out = self._out_buffer(name, shape)
+        for rows in _row_blocks(*shape):
             out[rows] = self._finish(name, block(rows))
-        if kept is not None and self.grafting:
-            self._record_density(name, kept, out.numel())
-        return out.reshape(shape)
+        return out
 
     def _finish(self, name: str, merged: torch.Tensor) -> torch.Tensor:
         """``merged`` if finite; otherwise the input responsible is found and named (raises)."""
@@ -410,40 +419,52 @@ class _Engine:
             self.explain_non_finite(name)
         return merged
 
-    def _ota_blocks(self, name: str, experts: list[torch.Tensor]) -> tuple[Callable[[slice], torch.Tensor], list[int]]:
-        """OTA (+ FFG) of one block, one expert at a time (peak memory does not grow with the number
-        of experts), and the per-expert counts of kept entries that the blocks accumulate."""
+    def _ota(self, name: str, experts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """OTA (+ FFG) of one tensor in its (m, n) view, and the entries each expert's mask kept.
+
+        Natively when possible, else block by block with PyTorch, one expert at a time (peak
+        memory does not grow with the number of experts); both give the same bits."""
         w0r = self._raw(self.base, name)
-        own = [self._curvature(i, name) for i in range(len(experts))]  # FFG saliency: each expert's own moments
-        # aggregation: uniform curvature for every expert where any of them lacks moments
-        curvs = [None] * len(experts) if any(c is None for c in own) else own
-        thresholds = list(self.thresholds)
+        moments = [self._moment(i, name) for i in range(len(experts))]
+        scores: list[Score | None] = [None] * len(experts)  # FFG: each expert's own moments
         if self.grafting:
-            for i, (e, c) in enumerate(zip(experts, own)):
-                if thresholds[i] is None:  # per-tensor density (ablation): a threshold on the whole tensor
-                    ls = self._block_saliency(c, torch.sub(e, w0r.float()), slice(None))
-                    thresholds[i] = per_tensor_threshold(ls, self.model_params[i]["density"]) if ls is not None else None
+            for i, (e, mo) in enumerate(zip(experts, moments)):
+                sc, thr = self._score(mo), self.thresholds[i]
+                if sc is not None and thr is None:  # per-tensor density (ablation): a threshold on the whole tensor
+                    thr = per_tensor_threshold(sc.block(torch.sub(e, w0r.float()), slice(None)), self.model_params[i]["density"])
+                if sc is not None and thr is not None and not thr.keeps_all:  # None: no evidence to prune
+                    scores[i] = (sc, thr)
+        p = self.params
+        # aggregation: uniform curvature for every expert where any of them lacks moments
+        uniform = any(mo is None for mo in moments)
+        curvs = [
+            Curvature() if uniform else Curvature.rank1(*mo, p["power"], p["normalise"]) if isinstance(mo, tuple)
+            else Curvature.full(mo, p["power"], p["normalise"])
+            for mo in moments
+        ]
+        coefs = [mp["weight"] for mp in self.model_params]
+        if self._native(name, [self.base] + self.experts, self.out_dtype(name)):
+            out, kept, finite = native.ota_merge(
+                w0r, experts, [s[0] if s else None for s in scores], [s[1].value if s else 0.0 for s in scores],
+                curvs, coefs, epsilon=p["epsilon"], out_dtype=self.out_dtype(name), out=self._out_buffer(name, w0r.shape),
+            )
+            if not finite:
+                self.explain_non_finite(name)
+            return out, kept
         kept = [0] * len(experts)
-        params = self.params
 
         def block(rows: slice) -> torch.Tensor:
             w0 = w0r[rows].float()
-            acc = OTAAccumulator(w0, power=params["power"], epsilon=params["epsilon"], normalise=params["normalise"])
+            acc = OTAAccumulator(w0, epsilon=p["epsilon"])
             for i, (e, c) in enumerate(zip(experts, curvs)):
                 d = torch.sub(e[rows], w0)
-                v, factors = c.block(rows) if c is not None else (None, None)
-                mask = None
-                if self.grafting:
-                    ls = self._block_saliency(own[i], d, rows)
-                    if ls is not None and thresholds[i] is not None:  # None: no moments, no evidence to prune
-                        mask = keep_mask(ls, thresholds[i])
-                    del ls
-                    kept[i] += int(torch.count_nonzero(mask)) if mask is not None else d.numel()
-                acc.add(d, v, mask, self.model_params[i]["weight"], factors=factors)
-                del d, v, mask, factors
+                mask = keep_mask(scores[i][0].block(d, rows), scores[i][1]) if scores[i] else None
+                kept[i] += int(torch.count_nonzero(mask)) if mask is not None else d.numel()
+                acc.add(d, c.weights(rows, p["epsilon"]), mask, coefs[i])
+                del d, mask
             return acc.result()
 
-        return block, kept
+        return self._blockwise(name, w0r.shape, block), kept
 
     def _record_density(self, name: str, kept: list[int], numel: int) -> None:
         """FFG's kept counts of one whole tensor into the per-expert and per-tensor report."""
@@ -468,6 +489,10 @@ class _Engine:
         return info.dtype
 
     def run(self, tmp: Path) -> list[str]:
+        # the disk reads every input in the order the passes need it, while they compute
+        models = ([self.base] if self.base else []) + self.experts
+        moments = [None] * (len(models) - len(self.experts)) + list(self.moments)
+        readahead.start([f.files + ([m.path] if m is not None else []) for f, m in zip(models, moments)])
         self.find_thresholds()
         plan = [(n, self.template.tensors[n].shape, self.out_dtype(n)) for n in self.names]
         writer = StreamingSafetensorsWriter(
@@ -546,7 +571,13 @@ def merge(
     out = AtomicOutputDir(out_dir, overwrite=overwrite)  # refuses a non-empty out_dir before any work
     engine = _Engine(recipe, resolver or _local_resolver, quiet)
     with out as tmp:
-        files = engine.run(tmp)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
+        try:
+            files = engine.run(tmp)
+        finally:
+            if gc_was_on:
+                gc.enable()
         report = MergeReport(
             method=recipe.method,
             out_dir=str(out.dest),

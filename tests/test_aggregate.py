@@ -88,7 +88,7 @@ def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
 
 
 def test_ota_accumulator_with_factors_matches_the_full_moment():
-    from ota_trainer.aggregate import OTAAccumulator
+    from ota_trainer.aggregate import Curvature, OTAAccumulator
 
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(4, 3, generator=g)
@@ -96,9 +96,23 @@ def test_ota_accumulator_with_factors_matches_the_full_moment():
     for _ in range(2):
         d, a, b = torch.randn(4, 3, generator=g), torch.rand(4, generator=g), torch.rand(3, generator=g)
         mask = torch.rand(4, 3, generator=g) > 0.5
-        full.add(d, torch.outer(a, b), mask, 2.0)
-        fact.add(d, None, mask, 2.0, factors=(a, b))
+        full.add(d, Curvature.full(torch.outer(a, b), 0.5, "none").weights(slice(None), 1e-26), mask, 2.0)
+        fact.add(d, Curvature.rank1(a, b, 0.5, "none").weights(slice(None), 1e-26), mask, 2.0)
     assert_close(fact.result(), full.result())
+
+
+def test_curvature_normalises_by_the_whole_tensors_mean_in_every_row_block():
+    from ota_trainer.aggregate import Curvature
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(10, generator=g), torch.rand(7, generator=g)
+    v = torch.outer(a, b)
+    v[:5] *= 100  # the first rows' mean is far from the whole tensor's
+    for power in (0.5, 1.0, 0.25):
+        want = v**power / (v**power).mean()
+        for curv in (Curvature.full(v, power, "mean"), Curvature.rank1(a * torch.tensor([100.0] * 5 + [1.0] * 5), b, power, "mean")):
+            blocks = torch.cat([curv.weights(slice(r, r + 3), 0.0) for r in range(0, 10, 3)])
+            assert_close(blocks, want, rtol=1e-5, atol=0)
 
 
 def test_kth_largest_abs_equals_kthvalue_with_ties_zeros_and_extremes():

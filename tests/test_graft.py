@@ -4,25 +4,27 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.graft import SaliencyHistogram, Threshold, graft, keep_mask, log_saliency, per_tensor_threshold
+from ota_trainer.graft import SaliencyHistogram, Score, Threshold, graft, keep_mask, per_tensor_threshold, saliency
 
 
-def test_log_saliency_matches_direct_formula():
+def test_saliency_matches_direct_formula():
     d = torch.tensor([0.5, -0.25, 0.0, 2.0])
     v = torch.tensor([4.0, 1.0, 3.0, 0.0])
-    s = v * d**2  # [1, 1/16, 0, 0]
-    ls = log_saliency(d, v, "fisher")
-    assert ls[0] == 0.0 and ls[1] == -4.0
-    assert ls[2] == -math.inf and ls[3] == -math.inf
-    assert torch.equal(torch.exp2(ls), s)
-    assert torch.equal(log_saliency(d, None, "magnitude"), torch.log2(d**2))
+    s = saliency(d, v, "fisher")
+    assert s.dtype == torch.float64
+    assert s.tolist() == [1.0, 1 / 16, 0.0, 0.0]
+    assert saliency(d, None, "magnitude").tolist() == [0.25, 1 / 16, 0.0, 4.0]
+    with pytest.raises(ValueError):
+        saliency(d, v, "curvy")
 
 
-def test_log_saliency_does_not_underflow():
+def test_saliency_does_not_underflow():
     d = torch.tensor([1e-30])
     v = torch.tensor([1e-30])
     assert (v * d**2).item() == 0.0  # the naive product underflows float32
-    assert log_saliency(d, v).item() == pytest.approx(math.log2(1e-30) * 3, rel=1e-5)
+    assert saliency(d, v).item() == pytest.approx(float(torch.tensor(1e-30)) ** 3, rel=1e-12)
+    tiny = torch.tensor([2.0**-149])  # the smallest float32: d**2 * v still far above float64's smallest
+    assert saliency(tiny, tiny).item() == 2.0**-447
 
 
 def test_global_density_is_accurate_on_a_wide_distribution():
@@ -33,9 +35,9 @@ def test_global_density_is_accurate_on_a_wide_distribution():
         d = torch.randn(n, generator=g) * 10 ** torch.empty(1).uniform_(-6, -2, generator=g).item()
         v = torch.exp(torch.randn(n, generator=g) * 4 - 25)
         d[: n // 10] = 0  # unchanged entries have zero saliency
-        ls = log_saliency(d, v)
-        tensors.append(ls)
-        h.add(ls)
+        s = saliency(d, v)
+        tensors.append(s)
+        h.add(s)
     total = sum(t.numel() for t in tensors)
     for density in (0.01, 0.1, 0.4, 0.85):
         thr = h.threshold_for_density(density)
@@ -46,10 +48,10 @@ def test_global_density_is_accurate_on_a_wide_distribution():
 
 def test_density_one_and_beyond_nonzero_keeps_everything():
     h = SaliencyHistogram()
-    ls = log_saliency(torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))
-    h.add(ls)
-    assert keep_mask(ls, h.threshold_for_density(1.0)).all()
-    assert keep_mask(ls, h.threshold_for_density(0.9)).all()
+    s = saliency(torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))
+    h.add(s)
+    assert keep_mask(s, h.threshold_for_density(1.0)).all()
+    assert keep_mask(s, h.threshold_for_density(0.9)).all()
     with pytest.raises(ValueError):
         h.threshold_for_density(0.0)
 
@@ -57,15 +59,15 @@ def test_density_one_and_beyond_nonzero_keeps_everything():
 def test_absolute_threshold_is_the_papers_rule():
     d = torch.tensor([1e-5, 2e-5, 3e-5])
     v = torch.tensor([1e-9, 1e-9, 1e-9])
-    s = v * d**2
-    thr = Threshold.absolute(float(s[1]))
-    assert keep_mask(log_saliency(d, v), thr).tolist() == [False, True, True]
-    assert keep_mask(log_saliency(d, v), Threshold.absolute(0.0)).all()
+    thr = Threshold.absolute(float(saliency(d, v)[1]))  # s = v * d**2 >= theta
+    assert keep_mask(saliency(d, v), thr).tolist() == [False, True, True]
+    assert keep_mask(saliency(d, v), Threshold.absolute(0.0)).all()
+    assert Threshold.absolute(2.6e-19).log2_value == pytest.approx(math.log2(2.6e-19))
 
 
 def test_per_tensor_threshold_keeps_top_fraction():
-    ls = torch.arange(100, dtype=torch.float32)
-    mask = keep_mask(ls, per_tensor_threshold(ls, 0.25))
+    s = torch.arange(100, dtype=torch.float64)
+    mask = keep_mask(s, per_tensor_threshold(s, 0.25))
     assert mask.sum() == 25 and mask[75:].all()
 
 
@@ -84,76 +86,80 @@ def test_global_density_on_a_100m_parameter_model():
     seeds = []
     for i, shape in enumerate(shapes):
         seeds.append(int(torch.randint(0, 2**31, (1,), generator=g)))
-        h.add(_synthetic_log_saliency(shape, seeds[-1], i))
+        h.add(_synthetic_saliency(shape, seeds[-1], i))
     assert h.total > 100_000_000
     for density in (0.05, 0.4):
         thr = h.threshold_for_density(density)
-        kept = sum(int(keep_mask(_synthetic_log_saliency(s, seed, i), thr).sum()) for i, (s, seed) in enumerate(zip(shapes, seeds)))
+        kept = sum(int(keep_mask(_synthetic_saliency(s, seed, i), thr).sum()) for i, (s, seed) in enumerate(zip(shapes, seeds)))
         assert kept == h.kept(thr)
         assert abs(kept / h.total - density) <= 0.001
 
 
-def _synthetic_log_saliency(shape, seed, i):
+def _synthetic_saliency(shape, seed, i):
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(shape, generator=g) * 10 ** (-5 + i % 3)  # bf16-fine-tuning-sized edits, per-tensor scale
     d[torch.rand(shape, generator=g) < 0.2] = 0  # unchanged entries
     rows = torch.exp(torch.randn(shape[0], generator=g) * 2 - 22)
     v = rows[:, None] * torch.exp(torch.randn(shape[1:] or (1,), generator=g))[None, :] if len(shape) == 2 else rows
-    return log_saliency(d, v.reshape(shape))
+    return saliency(d, v.reshape(shape))
 
 
 def test_saliency_share_keeps_the_top_mass():
     # saliencies 2**k for k = 0..19: the top entry holds ~half of the total
-    ls = torch.arange(20, dtype=torch.float32)
+    s = 2.0 ** torch.arange(20, dtype=torch.float64)
     h = SaliencyHistogram()
-    h.add(ls)
-    assert keep_mask(ls, h.threshold_for_share(0.5)).sum() == 1
-    assert keep_mask(ls, h.threshold_for_share(0.74)).sum() == 2  # 2**19 + 2**18 = 75% of the total
-    assert keep_mask(ls, h.threshold_for_share(1.0)).all()
-    total = (2.0 ** ls.double()).sum()
+    h.add(s)
+    assert keep_mask(s, h.threshold_for_share(0.5)).sum() == 1
+    assert keep_mask(s, h.threshold_for_share(0.74)).sum() == 2  # 2**19 + 2**18 = 75% of the total
+    assert keep_mask(s, h.threshold_for_share(1.0)).all()
+    total = s.sum()
     for share in (0.3, 0.9, 0.99):
-        kept = keep_mask(ls, h.threshold_for_share(share))
-        assert (2.0 ** ls.double())[kept].sum() >= share * total  # enough mass kept
-        assert (2.0 ** ls.double())[kept].sum() - 2.0 ** ls[kept].min().double() < share * total  # and no more entries than needed
+        kept = keep_mask(s, h.threshold_for_share(share))
+        assert s[kept].sum() >= share * total  # enough mass kept
+        assert s[kept].sum() - s[kept].min() < share * total  # and no more entries than needed
 
 
-def test_log_saliency_from_rank_one_factors_equals_the_full_moment():
+def test_saliency_from_rank_one_factors_equals_the_full_moment():
     g = torch.Generator().manual_seed(1)
     d = torch.randn(7, 2, 5, generator=g)
     d[0, 0, 0] = 0.0
     a, b = torch.rand(7, generator=g), torch.rand(10, generator=g)
-    a[3] = 0.0  # a zero row: -inf saliency there
+    a[3] = 0.0  # a zero row: zero saliency there
     v = torch.outer(a, b).reshape(7, 2, 5)
-    got = log_saliency(d, None, log2_factors=(torch.log2(a), torch.log2(b)))
-    want = log_saliency(d, v)
+    got = saliency(d, None, factors=(a.double(), b.double()))
+    want = saliency(d, v)
     assert got.shape == d.shape
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    fin = torch.isfinite(want)
-    assert_close(got[fin], want[fin])
+    assert torch.equal(got == 0, want == 0)
+    assert_close(got, want, rtol=1e-6, atol=0)
+    score = Score.rank1(a, b)  # the engine's per-tensor form, applied to row blocks
+    m = d.reshape(7, 10)
+    assert torch.equal(torch.cat([score.block(m[r : r + 3], slice(r, r + 3)) for r in range(0, 7, 3)]), got.reshape(7, 10))
 
 
-def test_histogram_consuming_its_input_counts_the_same():
-    g = torch.Generator().manual_seed(2)
-    ls = log_saliency(torch.randn(1000, generator=g), torch.rand(1000, generator=g))
-    h1, h2 = SaliencyHistogram(), SaliencyHistogram()
-    h1.add(ls)
-    h2.add(ls.clone(), consume=True)
-    assert torch.equal(h1.counts, h2.counts)
-    thr = h1.threshold_for_density(0.3)
-    assert int(keep_mask(ls, thr).sum()) == h1.kept(thr)
+def test_histogram_bins_split_each_octave_finely_and_hold_zeros_apart():
+    from ota_trainer.graft import _bin_index
+
+    s = torch.tensor([0.0, -0.0, 2.0**-447, 1.0, 1.0 + 2**-10, 1.0 + 2**-11, 2.0, 2.0**384], dtype=torch.float64)
+    idx = _bin_index(s).tolist()
+    assert idx[0] == idx[1] == 0 and idx[2] > 0  # zeros in bin 0, nothing else is
+    assert idx[4] == idx[3] + 1 and idx[5] == idx[3] and idx[6] == idx[3] + 1024  # 1024 bins per octave
+    h = SaliencyHistogram()
+    h.add(s)
+    assert h.zeros == 2 and h.total == 8
 
 
 def test_one_comparison_mask_agrees_with_the_histogram_bins_at_their_edges():
-    from ota_trainer.graft import BINS_PER_OCTAVE, LOG2_LO, _bin_index, bin_cut
+    from ota_trainer.graft import N_BINS, _bin_index, bin_edge
 
     g = torch.Generator().manual_seed(4)
-    bins = torch.randint(1, 2**21, (300,), generator=g).tolist() + [2**20, 2**20 + 1, 1024 * 1024 + 524 * 1024]
+    bins = torch.randint(1, 2046 * 1024, (300,), generator=g).tolist() + [1, 1023 * 1024, 1023 * 1024 + 1, N_BINS // 2]
     for b in bins:
-        edge = torch.tensor(b / BINS_PER_OCTAVE + LOG2_LO, dtype=torch.float32)
+        edge = torch.tensor(bin_edge(b), dtype=torch.float64)
         xs = [edge]
-        for _ in range(4):  # a few float32 steps either side of the edge
-            xs = [torch.nextafter(xs[0], torch.tensor(-math.inf))] + xs + [torch.nextafter(xs[-1], torch.tensor(math.inf))]
+        for _ in range(4):  # a few float64 steps either side of the edge
+            xs = [torch.nextafter(xs[0], torch.tensor(-math.inf, dtype=torch.float64))] + xs + [
+                torch.nextafter(xs[-1], torch.tensor(math.inf, dtype=torch.float64))]
         x = torch.stack(xs)
-        want = _bin_index(x.clone()) >= b
-        assert torch.equal(x >= bin_cut(b), want), b
-        assert torch.equal(keep_mask(x, Threshold(float(edge), bin=b)), want), b
+        want = _bin_index(x) >= b
+        assert want.tolist() == [False] * 4 + [True] * 5, b
+        assert torch.equal(keep_mask(x, Threshold.at_bin(b)), want), b

@@ -1,0 +1,191 @@
+"""The native kernels give the same bits as the engine's PyTorch path (and so the same merges)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ota_trainer import merge, native
+from ota_trainer.aggregate import Curvature, OTAAccumulator
+from ota_trainer.graft import N_BINS, SaliencyHistogram, Score, Threshold, keep_mask
+from ota_trainer.merge import REPORT_FILE
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
+
+
+def _inputs(m, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(m, n, generator=g) * 0.02).to(dtype)
+    experts = [(w0.float() + torch.randn(m, n, generator=g) * 2e-3).to(dtype) for _ in range(3)]
+    experts[1][0, :7] = w0[0, :7]  # unchanged entries: zero saliency
+    a = torch.exp(torch.randn(m, generator=g) * 2 - 10)
+    a[3] = 0.0  # a zero row of the moments
+    b = torch.exp(torch.randn(n, generator=g) * 2 - 10)
+    v = torch.exp(torch.randn(m, n, generator=g) * 2 - 20)
+    return w0, experts, a, b, v
+
+
+def _scores(a, b, v):
+    return [Score.rank1(a, b), Score("full", v=v), Score("magnitude")]
+
+
+def _torch_merge(w0, experts, masks, curvs, coefs, eps, out_dtype):
+    """What the engine's PyTorch path computes, on the whole tensor as one block."""
+    rows = slice(None)
+    acc = OTAAccumulator(w0.float(), epsilon=eps)
+    kept = []
+    for e, mk, c, coef in zip(experts, masks, curvs, coefs):
+        d = torch.sub(e, w0.float())
+        mask = keep_mask(mk[0].block(d, rows), mk[1]) if mk else None
+        kept.append(int(mask.sum()) if mask is not None else d.numel())
+        acc.add(d, c.weights(rows, eps), mask, coef)
+    return acc.result().to(out_dtype), kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch):
+    if not native.supports(dtype):
+        pytest.skip(f"{dtype} unsupported by this compiler")
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w0, experts, a, b, v = _inputs(97, 531, dtype)  # rows and columns not multiples of the kernel's chunk
+        scores = _scores(a, b, v)
+        hists = [torch.zeros(N_BINS, dtype=torch.int64) for _ in scores]
+        counter = native.SaliencyCounter(hists)
+        counter.add(w0, experts, scores)
+        counter.add(w0, experts, [None, scores[1], None])  # an expert without a score is skipped
+        counter.flush()
+        for k, (e, s) in enumerate(zip(experts, scores)):
+            want = SaliencyHistogram()
+            for _ in range(2 if k == 1 else 1):
+                want.add(s.block(torch.sub(e, w0.float()), slice(None)))
+            assert torch.equal(hists[k], want.counts), k
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("power,normalise", [(0.5, "none"), (1.0, "mean"), (0.25, "mean")])
+def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, normalise, monkeypatch):
+    if not native.supports(dtype, out_dtype):
+        pytest.skip(f"{dtype} unsupported by this compiler")
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w0, experts, a, b, v = _inputs(211, 300, dtype, seed=1)
+        scores = _scores(a, b, v)
+        cuts = [Threshold(float(torch.quantile(s.block(torch.sub(e, w0.float()), slice(None)).flatten()[:10000], 0.6)))
+                for s, e in zip(scores, experts)]
+        masks = [(scores[0], cuts[0]), None, (scores[2], cuts[2])]  # expert 1: FFG keeps it whole
+        for curvs in (
+            [Curvature.rank1(a, b, power, normalise), Curvature.full(v, power, normalise), Curvature.rank1(a.flip(0), b.flip(0), power, normalise)],
+            [Curvature()] * 3,  # uniform (an expert without moments)
+        ):
+            coefs = [1.0, 2.0, 0.5]
+            got, kept, finite = native.ota_merge(
+                w0, experts, [mk[0] if mk else None for mk in masks], [mk[1].value if mk else 0.0 for mk in masks],
+                curvs, coefs, epsilon=1e-26, out_dtype=out_dtype,
+            )
+            want, want_kept = _torch_merge(w0, experts, masks, curvs, coefs, 1e-26, out_dtype)
+            assert finite
+            assert kept == want_kept
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_ota_merge_reports_non_finite_results():
+    w0, experts, a, b, v = _inputs(8, 9, torch.float32)
+    experts[2][5, 5] = float("nan")
+    _, _, finite = native.ota_merge(w0, experts, [None] * 3, [0.0] * 3, [Curvature()] * 3, [1.0] * 3,
+                                    epsilon=1e-26, out_dtype=torch.float32)
+    assert not finite
+
+
+def test_kernel_arguments_are_checked():
+    w0, experts, a, b, v = _inputs(8, 9, torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        native.SaliencyCounter([torch.zeros(N_BINS, dtype=torch.int64)]).add(w0, experts[:1], [Score("rank1", a=a, b=b)])
+    with pytest.raises(ValueError, match="contiguous"):
+        native.ota_merge(w0, [experts[0].t()], [None], [0.0], [Curvature()], [1.0], epsilon=0.0, out_dtype=torch.float32)
+
+
+def test_unavailable_native_kernels_fall_back_or_fail_as_asked(monkeypatch, tmp_path):
+    monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
+    assert not native.available()
+    monkeypatch.setenv("OTA_TRAINER_NATIVE", "1")
+    assert native.available()
+    # a machine without a compiler: a fresh cache and no CC on PATH
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("OTA_TRAINER_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    try:
+        with pytest.raises(native.NativeUnavailable, match="no C compiler"):
+            native.available()
+        monkeypatch.setenv("OTA_TRAINER_NATIVE", "auto")
+        assert not native.available()
+    finally:
+        monkeypatch.undo()
+        native._tried, native._lib, native._why = False, None, None
+    assert native.available()
+
+
+# -- whole merges: native and PyTorch engines write the same bytes ---------------------------------
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory):
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+
+    root = tmp_path_factory.mktemp("bf16")
+    base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
+    return {"base": base, "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
+            "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
+            "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None)}
+
+
+RECIPES = {
+    "density": {"parameters": {"density": 0.3}},
+    "threshold": {"parameters": {"threshold": 1e-13}},
+    "per_tensor": {"parameters": {"density": 0.5, "per_tensor": True}},
+    "magnitude": {"parameters": {"density": 0.4, "score": "magnitude"}},
+    "share": {"parameters": {"saliency_share": 0.9}},
+    "no_graft": {"parameters": {"graft": False, "power": 1.0, "normalise": "mean"}},
+    "weights_fp16_out": {"parameters": {"density": 0.6}, "weights": [2.0, 0.5], "dtype": "float16"},
+}
+
+
+@pytest.mark.parametrize("models", ["tiny_models", "bf16_models"])
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_native_and_torch_engines_write_the_same_merge(models, name, request, tmp_path, monkeypatch):
+    m = request.getfixturevalue(models)
+    spec = RECIPES[name]
+    experts = [str(m["e1"]), str(m["e2"]), str(m["e3"])]
+    recipe = {"method": "ota", "base_model": str(m["base"]), "parameters": spec["parameters"],
+              "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, spec.get("weights", [1.0] * 3))]}
+    if "dtype" in spec:
+        recipe["dtype"] = spec["dtype"]
+    if models == "bf16_models":
+        recipe["options"] = {"allow_missing_moments": True}  # e3 has none: uniform curvature, FFG keeps it whole
+    outs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("OTA_TRAINER_NATIVE", mode)
+        outs[mode] = tmp_path / f"native{mode}"
+        merge(recipe, outs[mode], quiet=True)
+    a, b = load_file(str(outs["1"] / "model.safetensors")), load_file(str(outs["0"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ra, rb = (json.loads((outs[k] / REPORT_FILE).read_text()) for k in ("1", "0"))
+    assert ra["experts"] == rb["experts"] and ra["tensor_density"] == rb["tensor_density"]
+    if spec["parameters"].get("graft", True):
+        assert any(e["density"] < 1.0 for e in ra["experts"]), "FFG should have reverted some edits"
+    assert all(math.isfinite(x) for v in ra["tensor_density"].values() for x in v)
