@@ -381,6 +381,14 @@ class _Engine:
                 merged = dare_merge(w0, deltas, weights, [p["drop_rate"] for p in self.model_params], self.params["lambda"], gens)
                 return self._finish(name, merged).to(self.out_dtype(name)).reshape(shape)
             cuts = None
+            densities = [p.get("density") for p in self.model_params]
+            if m == "ties" and len(experts) <= native.MAX_TIES_EXPERTS and self._native(name, [self.base] + self.experts, self.out_dtype(name)):
+                cuts = native.magnitude_cuts(w0r, experts, densities)
+                out, finite = native.ties_merge(w0r, experts, cuts, weights, self.params["lambda"],
+                                                out_dtype=self.out_dtype(name), out=self._out_buffer(name, w0r.shape))
+                if not finite:
+                    self.explain_non_finite(name)
+                return out.reshape(shape)
             if m == "ties":  # trim thresholds are per whole tensor
                 w0 = w0r.float()
                 cuts = [magnitude_cut(torch.sub(e, w0), p["density"]) for e, p in zip(experts, self.model_params)]
@@ -392,7 +400,7 @@ class _Engine:
                 if m == "task_arithmetic":
                     return task_arithmetic_merge(w0, deltas, weights, self.params["lambda"])
                 if m == "ties":
-                    return ties_merge(w0, deltas, weights, [p["density"] for p in self.model_params], self.params["lambda"], cuts=cuts)
+                    return ties_merge(w0, deltas, weights, densities, self.params["lambda"], cuts=cuts)
                 raise AssertionError(f"unhandled method {m!r}")
         return self._blockwise(name, experts[0].shape, block).reshape(shape)
 

@@ -42,6 +42,11 @@ def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = 
     if not hasattr(os, "posix_fadvise"):
         return
     touch_fn = _toucher() if touch else None
+    if touch and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:  # Linux: priorities are per thread; the interpreter's own start-up goes first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
     streams = []
     for files in groups:
         spans = []

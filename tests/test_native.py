@@ -189,3 +189,39 @@ def test_native_and_torch_engines_write_the_same_merge(models, name, request, tm
     if spec["parameters"].get("graft", True):
         assert any(e["density"] < 1.0 for e in ra["experts"]), "FFG should have reverted some edits"
     assert all(math.isfinite(x) for v in ra["tensor_density"].values() for x in v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_cuts_and_merge_are_bit_identical_to_the_torch_path(dtype, threads, monkeypatch):
+    from ota_trainer.aggregate import magnitude_cut, ties_merge
+
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w0, experts, *_ = _inputs(203, 301, dtype, seed=2)
+        experts[2][:50] = w0[:50]  # many zero edits: ties at the cut
+        experts[0][7, 7] = (w0[7, 7].float() + 1.0).to(dtype)  # one large edit
+        deltas = [torch.sub(e, w0.float()) for e in experts]
+        for densities in ([0.4, 0.2, 0.9], [1.0, 1e-9, 0.5], [0.5, 0.5, 0.5]):
+            cuts = native.magnitude_cuts(w0, experts, densities)
+            assert cuts == [magnitude_cut(d, p) for d, p in zip(deltas, densities)]
+            for coefs, lam in (([1.0, 1.0, 1.0], 1.0), ([2.0, 0.5, 1.0], 0.7)):
+                got, finite = native.ties_merge(w0, experts, cuts, coefs, lam, out_dtype=dtype)
+                want = ties_merge(w0.float(), deltas, coefs, densities, lam, cuts=cuts).to(dtype)
+                assert finite and torch.equal(got, want), (densities, coefs)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("models", ["tiny_models", "bf16_models"])
+def test_native_and_torch_ties_write_the_same_merge(models, request, tmp_path, monkeypatch):
+    m = request.getfixturevalue(models)
+    recipe = {"method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.3, "lambda": 0.9},
+              "models": [{"model": str(m[e]), "parameters": {"weight": w}} for e, w in (("e1", 1.0), ("e2", 2.0), ("e3", 0.5))]}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("OTA_TRAINER_NATIVE", mode)
+        merge(recipe, tmp_path / mode, quiet=True)
+    a, b = load_file(str(tmp_path / "1" / "model.safetensors")), load_file(str(tmp_path / "0" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

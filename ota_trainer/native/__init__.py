@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -28,19 +29,20 @@ from pathlib import Path
 
 import torch
 
-from ..aggregate import Curvature
+from ..aggregate import Curvature, _select_from_top
 from ..graft import Score
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "why_unavailable", "supports", "SaliencyCounter", "ota_merge", "NativeUnavailable"]
+__all__ = ["available", "why_unavailable", "supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge", "MAX_TIES_EXPERTS", "NativeUnavailable"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 4  # ota_native_version() of kernels.c
+_VERSION = 5  # ota_native_version() of kernels.c
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
@@ -123,6 +125,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_native_has_f16.restype = _int
     lib.ota_saliency_hist.restype = None
     lib.ota_saliency_hist.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64, _ints, _ptrs, _ptrs, _ptrs, _ptrs]
+    lib.ota_abs_hist.restype = None
+    lib.ota_abs_hist.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptrs]
+    lib.ota_ties.restype = _int
+    lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
     lib.ota_merge_rows.restype = _int
     lib.ota_merge_rows.argtypes = [
         _ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64,  # w0, dt0, T, e, dte, n, r0, r1
@@ -346,3 +352,78 @@ def ota_merge(
 
     bad = _run([call(k, r0, r1) for k, (r0, r1) in enumerate(ranges)])
     return out, [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
+
+
+def _flat_ranges(numel: int) -> list[tuple[int, int]]:
+    k = max(1, min(torch.get_num_threads(), numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
+    step = -(-numel // k)
+    return [(s, min(s + step, numel)) for s in range(0, numel, step)]
+
+
+@torch.no_grad()
+def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: list[float]) -> list[float]:
+    """Each task vector's TIES trim threshold over the whole tensor, exactly
+    :func:`ota_trainer.aggregate.magnitude_cut` (``-inf`` keeps all, ``inf`` none): the
+    ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select."""
+    lib = _load()
+    numel = w0.numel()
+    w0, experts = w0.reshape(1, -1), [e.reshape(1, -1) for e in experts]
+    eptr, edt = _tensor_arrays(w0, experts)
+    cuts: list[float | None] = []
+    ks = []
+    for p in densities:
+        k = int(round(p * numel))
+        ks.append(k)
+        cuts.append(-math.inf if k >= numel else math.inf if k <= 0 else None)
+    todo = [t for t, c in enumerate(cuts) if c is None]
+    if not todo:
+        return cuts
+    T = len(experts)
+    ranges = _flat_ranges(numel)
+
+    def count(bins: int, bucket) -> list[torch.Tensor]:
+        parts = [[torch.zeros(bins, dtype=torch.int64) for _ in range(T)] for _ in ranges]
+        calls = []
+        for (r0, r1), hs in zip(ranges, parts):
+            hp = _arr(_ptr, [h.data_ptr() for h in hs])
+            calls.append(lambda r0=r0, r1=r1, hp=hp: lib.ota_abs_hist(
+                w0.data_ptr(), _DT[w0.dtype], T, eptr, edt, r0, r1, bucket, hp))
+        _run(calls)
+        return [sum(p[t] for p in parts) for t in range(T)]
+
+    hi = count(1 << 15, None)
+    picks = {t: _select_from_top(hi[t], ks[t]) for t in todo}
+    buckets = _arr(_i64, [picks[t][0] if t in picks else -1 for t in range(T)])
+    lo = count(1 << 16, ctypes.addressof(buckets))
+    for t in todo:
+        bucket, rank = picks[t]
+        low, _ = _select_from_top(lo[t], rank)
+        cuts[t] = float(torch.tensor((bucket << 16) | low, dtype=torch.int32).view(torch.float32))
+    return cuts
+
+
+@torch.no_grad()
+def ties_merge(
+    w0: torch.Tensor, experts: list[torch.Tensor], cuts: list[float], coefs: list[float], lam: float,
+    *, out_dtype: torch.dtype, out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """TIES of one tensor (exactly :func:`ota_trainer.aggregate.ties_merge` with these ``cuts``).
+
+    Returns (merged tensor in ``out_dtype``, of ``w0``'s shape, and whether it is finite)."""
+    lib = _load()
+    if len(experts) > MAX_TIES_EXPERTS:
+        raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
+    shape, numel = w0.shape, w0.numel()
+    w0f, flat = w0.reshape(1, -1), [e.reshape(1, -1) for e in experts]
+    eptr, edt = _tensor_arrays(w0f, flat)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype)
+    _check(out, numel, "output")
+    cut, coef = _arr(_f32, cuts), _arr(_f32, coefs)
+    lam32 = float(torch.tensor(lam, dtype=torch.float32))
+    calls = [
+        (lambda r0=r0, r1=r1: lib.ota_ties(w0f.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, r0, r1,
+                                           ctypes.addressof(cut), ctypes.addressof(coef), lam32, out.data_ptr(), _DT[out_dtype]))
+        for r0, r1 in _flat_ranges(numel)
+    ]
+    return out, not any(_run(calls))

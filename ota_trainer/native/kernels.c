@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -31,7 +32,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 4; }
+int ota_native_version(void) { return 5; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -187,6 +188,90 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
             }
             store(out, dto, off, len, res);
         }
+    }
+    return bad;
+}
+
+/* -- TIES ---------------------------------------------------------------------------------------
+ * The trim threshold of each task vector is the k-th largest |d| of the whole tensor, found
+ * exactly by a two-level radix select on the bits of |d| (ota_trainer.aggregate.kth_largest_abs):
+ * ota_abs_hist counts the top 16 bits (bucket == NULL) or, for entries whose top bits equal
+ * bucket[t], the low 16 bits. Then, as ota_trainer.aggregate.ties_merge computes it:
+ *   tr_t  = (d_t * (|d_t| >= cut_t)) * c_t
+ *   g     = sign(tr_0 + tr_1 + ...)                 (summed in expert order)
+ *   a_t   = sign(tr_t) == g && tr_t != 0
+ *   out   = w0 + (lam * sum_t(tr_t * a_t)) / max(#a, 1)
+ * Element ranges [start, end) of the flattened tensor. */
+void ota_abs_hist(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t start,
+                  int64_t end, const int64_t *bucket, int64_t *const *hist) {
+    float bw[CHUNK], be[CHUNK];
+    uint32_t bits[CHUNK];
+    /* |d| of fine-tuning edits fills few buckets: four interleaved copies of the counters keep
+     * consecutive increments of one bucket from waiting on each other */
+    uint32_t *sub = bucket == 0 ? calloc((size_t)4 << 15, sizeof *sub) : 0;
+    for (int t = 0; t < T; t++) {
+        int64_t *h = hist[t];
+        for (int64_t off = start; off < end; off += CHUNK) {
+            int64_t len = end - off < CHUNK ? end - off : CHUNK;
+            load_f32(w0, dt0, off, len, bw);
+            load_f32(e[t], dte[t], off, len, be);
+            for (int64_t k = 0; k < len; k++) {
+                float d = be[k] - bw[k];
+                memcpy(&bits[k], &d, sizeof d);
+                bits[k] &= 0x7FFFFFFFu;
+            }
+            if (bucket != 0) {
+                for (int64_t k = 0; k < len; k++)
+                    if ((int64_t)(bits[k] >> 16) == bucket[t]) h[bits[k] & 0xFFFFu]++;
+            } else if (sub != 0) {
+                for (int64_t k = 0; k < len; k++) sub[((k & 3) << 15) | (bits[k] >> 16)]++;
+                if (((off - start) / CHUNK) % 4096 == 4095 || off + len >= end) { /* flush before 2^32 */
+                    for (int q = 0; q < 4; q++)
+                        for (int64_t j = 0; j < (1 << 15); j++) h[j] += sub[(q << 15) | j], sub[(q << 15) | j] = 0;
+                }
+            } else {
+                for (int64_t k = 0; k < len; k++) h[bits[k] >> 16]++;
+            }
+        }
+    }
+    free(sub);
+}
+
+static inline float signf(float x) { return x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : x; }
+
+int ota_ties(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t start, int64_t end,
+             const float *cut, const float *coef, float lam, void *out, int dto) {
+    float bw[CHUNK], be[CHUNK], res[CHUNK], sum[CHUNK], g[CHUNK], total[CHUNK], cnt[CHUNK];
+    float tr[16][CHUNK];
+    int bad = 0;
+    for (int64_t off = start; off < end; off += CHUNK) {
+        int64_t len = end - off < CHUNK ? end - off : CHUNK;
+        load_f32(w0, dt0, off, len, bw);
+        for (int64_t k = 0; k < len; k++) sum[k] = 0.0f, total[k] = 0.0f, cnt[k] = 0.0f;
+        for (int t = 0; t < T; t++) {
+            load_f32(e[t], dte[t], off, len, be);
+            float c = cut[t], ct = coef[t];
+            float *r = tr[t];
+            for (int64_t k = 0; k < len; k++) {
+                float d = be[k] - bw[k];
+                r[k] = (d * (fabsf(d) >= c ? 1.0f : 0.0f)) * ct;
+                sum[k] = sum[k] + r[k];
+            }
+        }
+        for (int64_t k = 0; k < len; k++) g[k] = signf(sum[k]);
+        for (int t = 0; t < T; t++) {
+            const float *r = tr[t];
+            for (int64_t k = 0; k < len; k++) {
+                float a = (signf(r[k]) == g[k]) & (r[k] != 0.0f) ? 1.0f : 0.0f;
+                total[k] = total[k] + r[k] * a;
+                cnt[k] = cnt[k] + a;
+            }
+        }
+        for (int64_t k = 0; k < len; k++) {
+            res[k] = bw[k] + (lam * total[k]) / (cnt[k] > 1.0f ? cnt[k] : 1.0f);
+            bad |= !isfinite(res[k]);
+        }
+        store(out, dto, off, len, res);
     }
     return bad;
 }
