@@ -156,7 +156,8 @@ def describe_plan(recipe, resolver) -> str:
     if largest:
         name, numel = largest
         t = len(recipe.models)
-        # fp32: base + per expert (weights, v_hat, log-saliency/mask) + accumulators; FFG histograms 16 MB/expert
+        # the PyTorch path's fp32 working set (base + per expert: weights, v_hat, saliency/mask) + accumulators,
+        # and FFG histograms of 16 MB per expert; the native kernels need less (inputs are mapped, not copied)
         peak = numel * 4 * (3 + 3 * t) + (16 * 2**20 * t if recipe.method == "ota" else 0)
         lines.append(f"estimated peak memory: {_fmt(peak)} (largest tensor {name}, {numel:,} entries, {t} experts)")
     else:
