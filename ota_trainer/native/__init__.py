@@ -61,6 +61,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
 _tried = False
+_warned = False
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -172,8 +173,9 @@ def available() -> bool:
     if lib is None:
         if mode == "1":
             raise NativeUnavailable(f"OTA_TRAINER_NATIVE=1 but the native kernels are unavailable: {_why}")
-        if not getattr(available, "_warned", False):
-            available._warned = True
+        global _warned
+        if not _warned:
+            _warned = True
             logger.warning("native merge kernels unavailable (%s); using the PyTorch path (same results, slower)", _why)
         return False
     return True
@@ -202,7 +204,8 @@ def _arr(ctype, values):
 
 
 def _workers(rows: int, numel: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges, one per thread (torch's intra-op thread count)."""
+    """Contiguous ranges of ``rows`` rows (or elements: ``rows = numel``), one per thread
+    (torch's intra-op thread count)."""
     k = max(1, min(torch.get_num_threads(), rows, numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
     step = -(-rows // k)
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
@@ -354,12 +357,6 @@ def ota_merge(
     return out, [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
 
 
-def _flat_ranges(numel: int) -> list[tuple[int, int]]:
-    k = max(1, min(torch.get_num_threads(), numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
-    step = -(-numel // k)
-    return [(s, min(s + step, numel)) for s in range(0, numel, step)]
-
-
 @torch.no_grad()
 def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: list[float]) -> list[float]:
     """Each task vector's TIES trim threshold over the whole tensor, exactly
@@ -379,7 +376,7 @@ def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: lis
     if not todo:
         return cuts
     T = len(experts)
-    ranges = _flat_ranges(numel)
+    ranges = _workers(numel, numel)
 
     def count(bins: int, bucket) -> list[torch.Tensor]:
         parts = [[torch.zeros(bins, dtype=torch.int64) for _ in range(T)] for _ in ranges]
@@ -424,6 +421,6 @@ def ties_merge(
     calls = [
         (lambda r0=r0, r1=r1: lib.ota_ties(w0f.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, r0, r1,
                                            ctypes.addressof(cut), ctypes.addressof(coef), lam32, out.data_ptr(), _DT[out_dtype]))
-        for r0, r1 in _flat_ranges(numel)
+        for r0, r1 in _workers(numel, numel)
     ]
     return out, not any(_run(calls))
