@@ -34,11 +34,11 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
 def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = SLICE_BYTES, *, touch: bool = False) -> None:
     """Ask for every file of every group, slice ``k`` of each group before slice ``k + 1``.
 
-    A group is one model's files, read as one concatenated stream. With ``touch`` the slices
-    are also read (into one reused buffer, then dropped): that waits for the disk, and costs a
-    core, but leaves every page not only cached but touched once, which is what makes the
-    engine's first pass over them fast on virtual machines that back guest memory lazily. Meant
-    for a core that is otherwise idle (while the interpreter starts)."""
+    A group is one model's files, read as one concatenated stream. With ``touch`` every page of
+    the slices is also faulted in once (see :func:`_toucher`): that waits for the disk and
+    costs CPU, but the engine's first pass over the pages is then fast on virtual machines that
+    back guest memory lazily. Meant for a core that is otherwise idle (while the interpreter
+    starts); the thread lowers its own CPU priority."""
     if not hasattr(os, "posix_fadvise"):
         return
     touch_fn = _toucher() if touch else None
@@ -103,7 +103,7 @@ def _toucher():
                 with mmap.mmap(fd, pos + n - lo, access=mmap.ACCESS_READ, offset=lo) as mm:
                     mm.madvise(_MADV_POPULATE_READ)
                 return
-            except (OSError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError, AttributeError):
                 buf = memoryview(bytearray(SLICE_BYTES))  # no MADV_POPULATE_READ here: read instead
         for off in range(pos, pos + n, len(buf)):
             os.preadv(fd, [buf[: min(len(buf), pos + n - off)]], off)
