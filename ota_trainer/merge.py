@@ -314,7 +314,7 @@ class _Engine:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
         folders = [self.experts[i] for i in global_density]
-        counter = native.SaliencyCounter([hists[i].counts for i in global_density]) if native.available() else None
+        counter = native.SaliencyCounter([hists[i] for i in global_density]) if native.available() else None
         for k, name in enumerate(tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
             self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + folders)
             w0r = self._raw(self.base, name)
@@ -322,8 +322,6 @@ class _Engine:
             scores = [self._score(self._moment(i, name)) for i in global_density]
             if counter is not None and self._native(name, [self.base] + folders):
                 counter.add(w0r, experts, scores)
-                for i, sc in zip(global_density, scores):
-                    hists[i].total += w0r.numel() if sc is not None else 0
             else:
                 for rows in _row_blocks(*w0r.shape):
                     w0 = w0r[rows].float()

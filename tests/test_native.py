@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ota_trainer import merge, native
 from ota_trainer.aggregate import Curvature, OTAAccumulator
-from ota_trainer.graft import N_BINS, SaliencyHistogram, Score, Threshold, keep_mask
+from ota_trainer.graft import SaliencyHistogram, Score, Threshold, keep_mask
 from ota_trainer.merge import REPORT_FILE
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
@@ -56,7 +56,7 @@ def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch)
     try:
         w0, experts, a, b, v = _inputs(97, 531, dtype)  # rows and columns not multiples of the kernel's chunk
         scores = _scores(a, b, v)
-        hists = [torch.zeros(N_BINS, dtype=torch.int64) for _ in scores]
+        hists = [SaliencyHistogram() for _ in scores]
         counter = native.SaliencyCounter(hists)
         counter.add(w0, experts, scores)
         counter.add(w0, experts, [None, scores[1], None])  # an expert without a score is skipped
@@ -65,7 +65,7 @@ def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch)
             want = SaliencyHistogram()
             for _ in range(2 if k == 1 else 1):
                 want.add(s.block(torch.sub(e, w0.float()), slice(None)))
-            assert torch.equal(hists[k], want.counts), k
+            assert torch.equal(hists[k].counts, want.counts) and hists[k].total == want.total, k
     finally:
         torch.set_num_threads(old)
 
@@ -113,7 +113,7 @@ def test_ota_merge_reports_non_finite_results():
 def test_kernel_arguments_are_checked():
     w0, experts, a, b, v = _inputs(8, 9, torch.float32)
     with pytest.raises(ValueError, match="float64"):
-        native.SaliencyCounter([torch.zeros(N_BINS, dtype=torch.int64)]).add(w0, experts[:1], [Score("rank1", a=a, b=b)])
+        native.SaliencyCounter([SaliencyHistogram()]).add(w0, experts[:1], [Score("rank1", a=a, b=b)])
     with pytest.raises(ValueError, match="contiguous"):
         native.ota_merge(w0, [experts[0].t()], [None], [0.0], [Curvature()], [1.0], epsilon=0.0, out_dtype=torch.float32)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..aggregate import Curvature, _select_from_top
-from ..graft import Score
+from ..graft import SaliencyHistogram, Score
 
 logger = logging.getLogger(__name__)
 
@@ -262,15 +262,16 @@ def _tensor_arrays(w0: torch.Tensor, experts: list[torch.Tensor]):
 
 
 class SaliencyCounter:
-    """Adds saliency-bin counts into one int64 histogram per expert (2**21 bins, as
-    :class:`ota_trainer.graft.SaliencyHistogram`), tensor after tensor, on several threads.
+    """Counts saliencies into one :class:`ota_trainer.graft.SaliencyHistogram` per expert,
+    tensor after tensor, on several threads.
 
-    Each extra thread counts into a private histogram of its own, allocated once and added into
-    ``hists`` by :meth:`flush` (no shared counters, no per-tensor allocations).
+    Each extra thread counts into private bins of its own, allocated once and added into the
+    histograms by :meth:`flush` (no shared counters, no per-tensor allocations).
     """
 
-    def __init__(self, hists: list[torch.Tensor]):
-        self.hists = hists
+    def __init__(self, hists: list[SaliencyHistogram]):
+        self.targets = hists
+        self.hists = [h.counts for h in hists]
         self._private: dict[int, list[torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -291,9 +292,12 @@ class SaliencyCounter:
             return lambda: lib.ota_saliency_hist(w0.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, n, r0, r1, smode, sa, sb, sv, hp)
 
         _run([call(k, r0, r1) for k, (r0, r1) in enumerate(_workers(m, m * n))])
+        for h, s in zip(self.targets, scores):
+            if s is not None:
+                h.total += m * n
 
     def flush(self) -> None:
-        """Add the private counts into ``hists``."""
+        """Add the private counts into the histograms (before reading their counts)."""
         for own in self._private.values():
             for h, x in zip(self.hists, own):
                 h.add_(x)
