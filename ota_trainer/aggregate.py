@@ -223,10 +223,6 @@ class Curvature:
             div = mean if mean > 0 else 0.0
         return cls(v=src, sqrt=power == 0.5, div=div)
 
-    @property
-    def uniform(self) -> bool:
-        return self.pa is None and self.v is None
-
     def weights(self, rows: slice, epsilon: float) -> torch.Tensor | None:
         """``P + eps`` of a row block (a fresh float32 tensor), or None for uniform curvature."""
         if self.pa is not None:

@@ -229,6 +229,15 @@ def _row_blocks(m: int, n: int) -> list[slice]:
     return [slice(s, min(s + step, m)) for s in range(0, m, step)]
 
 
+def _curvatures(moments: list, power: float, normalise: str) -> list[Curvature]:
+    """Each expert's ``P = v**power`` for one tensor, from :meth:`_Engine._moment`'s results;
+    uniform curvature for every expert when any of them lacks moments for it."""
+    if any(mo is None for mo in moments):
+        return [Curvature() for _ in moments]
+    return [Curvature.rank1(*mo, power, normalise) if isinstance(mo, tuple) else Curvature.full(mo, power, normalise)
+            for mo in moments]
+
+
 # -- engine -------------------------------------------------------------------------------------
 class _Engine:
     def __init__(self, recipe: MergeRecipe, resolver: Resolver, quiet: bool):
@@ -358,14 +367,12 @@ class _Engine:
             def block(rows):
                 return linear_merge([e[rows] for e in experts], weights)
         elif m == "fisher":
-            moments = [self._moment(i, name) for i in range(len(experts))]
-            uniform = any(mo is None for mo in moments)  # uniform curvature for this tensor
-            curvs = [Curvature() if uniform else Curvature.rank1(*mo, 1.0, "none") if isinstance(mo, tuple)
-                     else Curvature.full(mo, 1.0, "none") for mo in moments]
+            curvs = _curvatures([self._moment(i, name) for i in range(len(experts))], 1.0, "none")
 
             def block(rows):
                 ws = [e[rows].float() for e in experts]
-                v = [torch.ones_like(ws[0])] * len(ws) if uniform else [c.weights(rows, 0.0) for c in curvs]
+                v = [c.weights(rows, 0.0) for c in curvs]  # None: uniform curvature
+                v = [torch.ones_like(ws[0]) if x is None else x for x in v]
                 return fisher_merge(ws, v, weights, self.params["epsilon"])
         else:
             w0r = self._raw(self.base, name)
@@ -441,13 +448,7 @@ class _Engine:
                 if sc is not None and thr is not None and not thr.keeps_all:  # None: no evidence to prune
                     scores[i] = (sc, thr)
         p = self.params
-        # aggregation: uniform curvature for every expert where any of them lacks moments
-        uniform = any(mo is None for mo in moments)
-        curvs = [
-            Curvature() if uniform else Curvature.rank1(*mo, p["power"], p["normalise"]) if isinstance(mo, tuple)
-            else Curvature.full(mo, p["power"], p["normalise"])
-            for mo in moments
-        ]
+        curvs = _curvatures(moments, p["power"], p["normalise"])
         coefs = [mp["weight"] for mp in self.model_params]
         if self._native(name, [self.base] + self.experts, self.out_dtype(name)):
             out, kept, finite = native.ota_merge(
