@@ -42,7 +42,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 5  # ota_native_version() of kernels.c
+_VERSION = 6  # ota_native_version() of kernels.c
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2

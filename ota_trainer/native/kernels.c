@@ -32,7 +32,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 5; }
+int ota_native_version(void) { return 6; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -78,25 +78,30 @@ static inline void store(void *dst, int dt, int64_t off, int64_t len, const floa
     }
 }
 
-/* Saliency of a chunk of edits into s[0..len). */
-static inline void saliency_chunk(int mode, const float *d, int64_t len, double ai, const double *b,
-                                  const float *v, double *s) {
-    if (mode == S_RANK1) {
-        for (int64_t k = 0; k < len; k++) s[k] = (((double)d[k] * (double)d[k]) * ai) * b[k];
-    } else if (mode == S_FULL) {
-        for (int64_t k = 0; k < len; k++) s[k] = ((double)d[k] * (double)d[k]) * (double)v[k];
-    } else {
-        for (int64_t k = 0; k < len; k++) s[k] = (double)d[k] * (double)d[k];
+/* Pass 1: add the saliency bins of rows [r0, r1) of every expert with smode != S_NONE to hist[t]
+ * (int64[2^21] each). Edits, saliencies and bins are computed in one loop per expert chunk. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void hist_chunk(int mode, const float *be, const float *bw, int64_t len, double ai, const double *b,
+                       const float *v, int64_t *h) {
+    uint32_t bin[CHUNK];
+    for (int64_t k = 0; k < len; k++) {  /* vectorised: edits, saliencies, bins */
+        float dk = be[k] - bw[k];
+        double dd = (double)dk * (double)dk, s;
+        if (mode == S_RANK1) s = (dd * ai) * b[k];
+        else if (mode == S_FULL) s = dd * (double)v[k];
+        else s = dd;
+        uint64_t bits;
+        memcpy(&bits, &s, sizeof bits);
+        bin[k] = (uint32_t)((bits >> BIN_SHIFT) & BIN_MASK);
     }
+    for (int64_t k = 0; k < len; k++) h[bin[k]]++;  /* the scatter, apart */
 }
 
-/* Pass 1: add the saliency bins of rows [r0, r1) of every expert with smode != S_NONE to hist[t]
- * (int64[2^21] each). */
 void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, const int *dte,
                        int64_t n, int64_t r0, int64_t r1, const int *smode, const double *const *sa,
                        const double *const *sb, const float *const *sv, int64_t *const *hist) {
-    float bw[CHUNK], be[CHUNK], d[CHUNK];
-    double s[CHUNK];
+    float bw[CHUNK], be[CHUNK];
     for (int64_t i = r0; i < r1; i++) {
         for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
             int64_t len = n - j0 < CHUNK ? n - j0 : CHUNK, off = i * n + j0;
@@ -105,18 +110,75 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
                 int mode = smode[t];
                 if (mode == S_NONE) continue;
                 load_f32(e[t], dte[t], off, len, be);
-                for (int64_t k = 0; k < len; k++) d[k] = be[k] - bw[k];
-                saliency_chunk(mode, d, len, mode == S_RANK1 ? sa[t][i] : 1.0, mode == S_RANK1 ? sb[t] + j0 : 0,
-                               mode == S_FULL ? sv[t] + off : 0, s);
-                int64_t *h = hist[t];
-                for (int64_t k = 0; k < len; k++) {
-                    uint64_t bits;
-                    memcpy(&bits, &s[k], sizeof bits);
-                    h[(bits >> BIN_SHIFT) & BIN_MASK]++;
-                }
+                if (mode == S_RANK1) hist_chunk(S_RANK1, be, bw, len, sa[t][i], sb[t] + j0, 0, hist[t]);
+                else if (mode == S_FULL) hist_chunk(S_FULL, be, bw, len, 1.0, 0, sv[t] + off, hist[t]);
+                else hist_chunk(S_MAGNITUDE, be, bw, len, 1.0, 0, 0, hist[t]);
             }
         }
     }
+}
+
+/* One expert's contribution to a chunk of pass 2, in one loop: edit, curvature weight, keep
+ * mask, running sums. ``smode``/``wmode`` are constants at every call site, so each
+ * combination is compiled into a loop of its own. Returns the entries kept. */
+INLINE int64_t merge_chunk(int smode, int wmode, const float *be, const float *bw, int64_t len,
+                           double sai, const double *sbj, const float *svv, double cut, float pai,
+                           const float *pbj, const float *wvv, int sqrt_p, float div, float eps,
+                           float uniform, float ct, float *num, float *den) {
+    int64_t kept = 0;
+    for (int64_t k = 0; k < len; k++) {
+        float dk = be[k] - bw[k], w;
+        if (wmode == W_RANK1) {
+            w = pai * pbj[k] + eps;
+        } else if (wmode == W_FULL) {
+            w = sqrt_p ? sqrtf(wvv[k]) : wvv[k];
+            if (div > 0.0f) w = w / div;
+            w = w + eps;
+        } else {
+            w = uniform;
+        }
+        if (smode != S_NONE) {
+            double dd = (double)dk * (double)dk, s;
+            if (smode == S_RANK1) s = (dd * sai) * sbj[k];
+            else if (smode == S_FULL) s = dd * (double)svv[k];
+            else s = dd;
+            int keep = s >= cut;
+            kept += keep;
+            w = w * (keep ? 1.0f : 0.0f);
+        }
+        float wk = w * ct;
+        num[k] = fmaf(wk, dk, num[k]);
+        den[k] = den[k] + wk;
+    }
+    return smode != S_NONE ? kept : len;
+}
+
+#define MERGE_W(SM, WM) merge_chunk(SM, WM, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, sqrt_p, div, eps, uniform, ct, num, den)
+#define MERGE_S(SM) (wm == W_RANK1 ? MERGE_W(SM, W_RANK1) : wm == W_FULL ? MERGE_W(SM, W_FULL) : MERGE_W(SM, W_UNIFORM))
+
+/* w0 + num / max(den, 2^-149) of a chunk, rounded into out; returns 1 if any value is not finite. */
+INLINE int finish_chunk(int dto, const float *bw, const float *num, const float *den, int64_t len, void *out,
+                        int64_t off) {
+    const float tiny = 0x1p-149f;
+    int bad = 0;
+    if (dto == DT_BF16) {
+        uint16_t *o = (uint16_t *)out + off;
+        for (int64_t k = 0; k < len; k++) {
+            float dk = den[k] < tiny ? tiny : den[k];
+            float r = bw[k] + num[k] / dk;
+            bad |= !isfinite(r);
+            o[k] = bf16_round(r);
+        }
+    } else {
+        float res[CHUNK];
+        for (int64_t k = 0; k < len; k++) {
+            float dk = den[k] < tiny ? tiny : den[k];
+            res[k] = bw[k] + num[k] / dk;
+            bad |= !isfinite(res[k]);
+        }
+        store(out, dto, off, len, res);
+    }
+    return bad;
 }
 
 /* Pass 2: OTA (+ FFG masks) of rows [r0, r1) into out (dtype dto). Per expert t:
@@ -131,9 +193,7 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
                    const float *const *pa, const float *const *pb, const float *const *wv, int sqrt_p,
                    const float *pdiv, float eps, float uniform, const float *coef, void *out, int dto,
                    int64_t *kept) {
-    float bw[CHUNK], be[CHUNK], d[CHUNK], w[CHUNK], num[CHUNK], den[CHUNK], res[CHUNK];
-    double s[CHUNK];
-    const float tiny = 0x1p-149f;
+    float bw[CHUNK], be[CHUNK], num[CHUNK], den[CHUNK];
     int bad = 0;
     for (int64_t i = r0; i < r1; i++) {
         for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
@@ -142,51 +202,18 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
             for (int64_t k = 0; k < len; k++) num[k] = 0.0f, den[k] = 0.0f;
             for (int t = 0; t < T; t++) {
                 load_f32(e[t], dte[t], off, len, be);
-                for (int64_t k = 0; k < len; k++) d[k] = be[k] - bw[k];
-                /* curvature weight */
-                if (wmode[t] == W_RANK1) {
-                    float ai = pa[t][i];
-                    const float *b = pb[t] + j0;
-                    for (int64_t k = 0; k < len; k++) w[k] = ai * b[k] + eps;
-                } else if (wmode[t] == W_FULL) {
-                    const float *v = wv[t] + off;
-                    float div = pdiv[t];
-                    for (int64_t k = 0; k < len; k++) w[k] = sqrt_p ? sqrtf(v[k]) : v[k];
-                    if (div > 0.0f)
-                        for (int64_t k = 0; k < len; k++) w[k] = w[k] / div;
-                    for (int64_t k = 0; k < len; k++) w[k] = w[k] + eps;
-                } else {
-                    for (int64_t k = 0; k < len; k++) w[k] = uniform;
-                }
-                /* FFG keep mask */
-                int mode = smode[t];
-                if (mode != S_NONE) {
-                    saliency_chunk(mode, d, len, mode == S_RANK1 ? sa[t][i] : 1.0, mode == S_RANK1 ? sb[t] + j0 : 0,
-                                   mode == S_FULL ? sv[t] + off : 0, s);
-                    double c = cut[t];
-                    int64_t kk = 0;
-                    for (int64_t k = 0; k < len; k++) {
-                        float m = s[k] >= c ? 1.0f : 0.0f;
-                        kk += s[k] >= c;
-                        w[k] = w[k] * m;
-                    }
-                    kept[t] += kk;
-                } else {
-                    kept[t] += len;
-                }
-                float ct = coef[t];
-                for (int64_t k = 0; k < len; k++) {
-                    float wk = w[k] * ct;
-                    num[k] = fmaf(wk, d[k], num[k]);
-                    den[k] = den[k] + wk;
-                }
+                int sm = smode[t], wm = wmode[t];
+                double sai = sm == S_RANK1 ? sa[t][i] : 1.0, c = cut[t];
+                const double *sbj = sm == S_RANK1 ? sb[t] + j0 : 0;
+                const float *svv = sm == S_FULL ? sv[t] + off : 0;
+                float pai = wm == W_RANK1 ? pa[t][i] : 0.0f, div = pdiv[t], ct = coef[t];
+                const float *pbj = wm == W_RANK1 ? pb[t] + j0 : 0, *wvv = wm == W_FULL ? wv[t] + off : 0;
+                if (sm == S_RANK1) kept[t] += MERGE_S(S_RANK1);
+                else if (sm == S_FULL) kept[t] += MERGE_S(S_FULL);
+                else if (sm == S_MAGNITUDE) kept[t] += MERGE_S(S_MAGNITUDE);
+                else kept[t] += MERGE_S(S_NONE);
             }
-            for (int64_t k = 0; k < len; k++) {
-                float dk = den[k] < tiny ? tiny : den[k];
-                res[k] = bw[k] + num[k] / dk;
-                bad |= !isfinite(res[k]);
-            }
-            store(out, dto, off, len, res);
+            bad |= finish_chunk(dto, bw, num, den, len, out, off);
         }
     }
     return bad;
