@@ -5,20 +5,6 @@ Pipeline: capture (OTACallback) -> compress -> format (moments files) -> hub -> 
 """
 __version__ = "0.1.0"
 
-from .config import MergeRecipe, ModelEntry  # noqa: E402
-from .errors import (  # noqa: E402
-    ConfigError,
-    FormatError,
-    IncompatibleModelsError,
-    MissingMomentsError,
-    NumericalError,
-    OTAError,
-    OutputExistsError,
-)
-from .format import load_moments, save_moments  # noqa: E402
-from .merge import MergeReport, merge  # noqa: E402
-from .methods import METHODS  # noqa: E402
-
 __all__ = [
     "__version__",
     "OTACallback",
@@ -42,15 +28,29 @@ __all__ = [
 ]
 
 
+# Public name -> the submodule defining it. Imported on first use (PEP 562), so that `import
+# ota_trainer` and its light modules (config, readahead, prescan, native's loader) do not load
+# PyTorch: the merge CLI starts its disk reads and its first pass before PyTorch has loaded.
+_LAZY = {
+    "MergeRecipe": "config", "ModelEntry": "config", "METHODS": "methods",
+    "load_moments": "format", "save_moments": "format", "merge": "engine", "MergeReport": "engine",
+    "OTACallback": "capture", "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
+    "push_expert": "hub", "publish_folder": "hub",
+    **dict.fromkeys(("ConfigError", "FormatError", "IncompatibleModelsError", "MissingMomentsError",
+                     "NumericalError", "OTAError", "OutputExistsError"), "errors"),
+}
+
+
 def __getattr__(name: str):
-    # The callback pulls in transformers' Trainer machinery: import it only when asked for,
-    # so `import ota_trainer` (and the merge CLI) stays light.
-    if name in ("OTACallback", "save_optimizer_moments"):
-        from . import capture
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ota_trainer' has no attribute {name!r}")
+    import importlib
 
-        return getattr(capture, name)
-    if name in ("push_expert", "publish_folder"):
-        from . import hub
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(hub, name)
-    raise AttributeError(f"module 'ota_trainer' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

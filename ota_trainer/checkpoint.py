@@ -16,12 +16,11 @@ from typing import Any
 import torch
 
 from .errors import FormatError
-from .format import DTYPES, map_tensor, prefetch_range, read_safetensors_layout, read_tensor
+from .format import DTYPES, map_tensor, read_tensor
+from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, prefetch_range, read_safetensors_layout, weight_files
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 # Files of a model folder besides the weights that a merged model inherits from its base.
 SIDE_FILES = (
@@ -80,7 +79,7 @@ class ModelFolder:
         self.config: dict[str, Any] = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
         self._data_start: dict[str, int] = {}
-        for file in self._weight_files():
+        for file in weight_files(self.path, self.label):
             header, self._data_start[file] = read_safetensors_layout(self.path / file)
             for name, info in header.items():
                 if name == "__metadata__":
@@ -101,28 +100,6 @@ class ModelFolder:
             return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FormatError(f"{p}: invalid config.json ({e})", path=str(p)) from e
-
-    def _weight_files(self) -> list[str]:
-        index = self.path / SAFE_WEIGHTS_INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise FormatError(f"{index}: invalid safetensors index ({e})", path=str(index)) from e
-            files = list(dict.fromkeys(weight_map.values()))
-            for f in files:
-                if not (self.path / f).is_file():
-                    raise FormatError(f"{index}: lists {f!r}, which is missing from {self.path}", path=str(self.path / f))
-            return files
-        if (self.path / SAFE_WEIGHTS_NAME).is_file():
-            return [SAFE_WEIGHTS_NAME]
-        others = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if others:
-            return others
-        hint = " (found PyTorch .bin weights: convert them with save_pretrained(..., safe_serialization=True))" if any(
-            self.path.glob("*.bin")
-        ) else ""
-        raise FormatError(f"{self.label}: no safetensors weights in {self.path}{hint}", path=str(self.path))
 
     @property
     def files(self) -> list[Path]:

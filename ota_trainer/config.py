@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ import yaml
 
 from .errors import ConfigError
 from .methods import MergeMethod, get_method
-from .write import parse_size
 
 __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
 
@@ -36,6 +36,28 @@ DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
+
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    Raises:
+        ConfigError: the string is not a size.
+    """
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"shard size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
+    if not m:
+        raise ConfigError(f"cannot read {size!r} as a size; write e.g. '5GB' or '500MB'")
+    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
+    base = 1024 if (m.group(3) or "").startswith("I") else 1000
+    n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
+    if n <= 0:
+        raise ConfigError(f"shard size must be positive, got {size!r}")
+    return n
 
 
 @dataclass(frozen=True)

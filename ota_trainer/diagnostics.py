@@ -63,7 +63,7 @@ from .compress import matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import ConfigError
 from .format import MomentsReader, has_moments, load_moments
 from .graft import SaliencyHistogram, Threshold, keep_mask, saliency
-from .merge import _local_resolver, check_compatible, check_moments
+from .engine import _local_resolver, check_compatible, check_moments
 
 logger = logging.getLogger(__name__)
 

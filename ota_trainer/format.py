@@ -50,6 +50,11 @@ import torch
 from . import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import FormatError, NumericalError
+from .layout import (  # noqa: F401 - part of this module's API
+    COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
+    METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
+    prefetch_range, read_safetensors_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +81,6 @@ __all__ = [
     "read_tensor",
 ]
 
-MOMENTS_DIR = "ota"
-MERGE_READY_TAG = "ota-merge-ready"  # model-card tag of a checkpoint that carries moments
-MOMENTS_FILE = "moments.safetensors"
-METADATA_KEY = "ota_moments"
-FORMAT_NAME = "ota-moments"
-FORMAT_VERSION = 1
-# Model-card tag naming the moments' format version. A tag (not only a card key) because
-# Trainer.push_to_hub rebuilds README.md from the model's tags after every callback has run.
-FORMAT_VERSION_TAG = f"{FORMAT_NAME}-v{FORMAT_VERSION}"
-COMPRESSIONS = ("rank1", "full")
-ROW_SUFFIX = "::row"
-COL_SUFFIX = "::col"
-# metadata keys save_moments writes itself (everything else passes through conversions)
-MANAGED_KEYS = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
 # safetensors dtype codes <-> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -121,16 +112,6 @@ class Rank1Factors:
 
     def reconstruct(self) -> torch.Tensor:
         return rank1_reconstruct(self.row, self.col, self.shape)
-
-
-def moments_path(folder: str | os.PathLike) -> Path:
-    """Path of the moments file inside a checkpoint folder (``<folder>/ota/moments.safetensors``)."""
-    return Path(folder) / MOMENTS_DIR / MOMENTS_FILE
-
-
-def has_moments(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a moments file."""
-    return moments_path(folder).is_file()
 
 
 @torch.no_grad()
@@ -257,11 +238,6 @@ def safetensors_header(entries: list[tuple[str, list[int], torch.dtype, int, int
     return len(raw).to_bytes(8, "little") + raw
 
 
-def bias_correction_factor(beta2: float, step: int) -> float:
-    """Adam's bias correction of the second moment: ``v_hat = v / (1 - beta2**step)``; returns ``1 / (1 - beta2**step)``."""
-    return 1.0 / (1.0 - float(beta2) ** int(step))
-
-
 def all_finite(x: torch.Tensor) -> bool:
     """``isfinite(x).all()``, through a sum first: a reduction ~20x cheaper than the element test
     (a non-finite sum of finite values, i.e. an overflow, falls back to the element test)."""
@@ -287,17 +263,6 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
         FormatError: the file is truncated, corrupt or not safetensors (names the file).
     """
     return read_safetensors_layout(path)[0]
-
-
-def prefetch_range(fh, start: int, length: int) -> None:
-    """Ask the kernel to start reading ``[start, start + length)`` of an open file into the page
-    cache (``posix_fadvise(WILLNEED)``): a hint that uses no memory of ours; ignored where unsupported."""
-    if length <= 0 or not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        os.posix_fadvise(fh.fileno(), start, length, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
 
 
 def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -334,42 +299,6 @@ def map_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.d
         warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": callers only read it
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start - lo)
     return flat.view(dtype).reshape(tuple(shape))  # the tensor keeps the mapping alive
-
-
-def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """The header of a safetensors file and the byte offset where its data starts."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise FormatError(f"{path}: not a safetensors file (shorter than 8 bytes)", path=str(path))
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 * 2**20):
-                raise FormatError(f"{path}: corrupt or truncated safetensors header", path=str(path))
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise FormatError(f"{path}: file not found", path=str(path)) from e
-        raise FormatError(f"{path}: corrupt safetensors header ({e})", path=str(path)) from e
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: corrupt safetensors header", path=str(path))
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise FormatError(f"{path}: corrupt entry {key!r} in safetensors header", path=str(path)) from e
-    if 8 + n + end > size:
-        raise FormatError(
-            f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end}); "
-            "download or copy it again",
-            path=str(path),
-        )
-    return header, 8 + n
 
 
 class MomentsReader(Mapping[str, torch.Tensor]):

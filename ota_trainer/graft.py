@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods import SCORES
+
 __all__ = [
     "SCORES",
     "saliency",
@@ -43,7 +45,6 @@ __all__ = [
     "graft",
 ]
 
-SCORES = ("fisher", "magnitude")
 BIN_SHIFT = 42  # float64 bits >> 42: 11 exponent bits + 10 mantissa bits
 N_BINS = 1 << (63 - BIN_SHIFT)  # 2**21 bins cover every non-negative float64
 _BIN_MASK = N_BINS - 1  # also maps -0.0 (sign bit set) to bin 0 with the zeros

@@ -331,7 +331,7 @@ def push_expert(
         >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     """
     from .checkpoint import ModelFolder
-    from .merge import _open_moments, check_moments
+    from .engine import _open_moments, check_moments
 
     model = ModelFolder(folder)
     moments = _open_moments(model, bias_correction=False, allow_missing=False)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .graft import SCORES
 
 __all__ = ["Param", "MergeMethod", "METHODS", "get_method"]
 
@@ -35,6 +34,8 @@ def _non_negative(x: Any) -> str | None:
 def _finite(x: Any) -> str | None:
     return None if math.isfinite(x) else "must be finite"
 
+
+SCORES = ("fisher", "magnitude")  # FFG saliency scores
 
 @dataclass(frozen=True)
 class Param:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,34 +23,14 @@ import torch
 
 from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .format import DTYPES, safetensors_header
-from .errors import ConfigError, OutputExistsError
+from .config import parse_size
+from .errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "AtomicOutputDir"]
 
 _ELEM = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
-
-    Raises:
-        ConfigError: the string is not a size.
-    """
-    if isinstance(size, int):
-        if size <= 0:
-            raise ConfigError(f"shard size must be positive, got {size}")
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
-    if not m:
-        raise ConfigError(f"cannot read {size!r} as a size; write e.g. '5GB' or '500MB'")
-    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
-    base = 1024 if (m.group(3) or "").startswith("I") else 1000
-    n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
-    if n <= 0:
-        raise ConfigError(f"shard size must be positive, got {size!r}")
-    return n
 
 
 @dataclass

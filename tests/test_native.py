@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ota_trainer import merge, native
 from ota_trainer.aggregate import Curvature, OTAAccumulator
 from ota_trainer.graft import SaliencyHistogram, Score, Threshold, keep_mask
-from ota_trainer.merge import REPORT_FILE
+from ota_trainer.engine import REPORT_FILE
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..errors import OTAError
     from ..hub import HubResolver, check_architectures, publish_folder
-    from ..merge import merge
+    from ..engine import merge
 
     try:
         recipe = recipe_from_args(args)

@@ -20,6 +20,7 @@
  * the one fused multiply-add PyTorch does is written out as fmaf.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,54 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
             }
         }
     }
+}
+
+/* Pass 1 over a whole model in one call, on ``nthreads`` threads of its own (the caller's
+ * interpreter keeps running meanwhile). Tensor k is an (m[k], n[k]) matrix: base w0[k] (dtype
+ * dt0[k]) and T experts e[k*T + t] (dte[...]), scored with smode[k*T + t] and its factors.
+ * Every thread takes the same share of the rows of each tensor, tensor after tensor (so all
+ * threads move through the files together, in the order a read-ahead fills them), counting into
+ * hist[thread*T + t]; the caller adds the threads' histograms. */
+struct hist_job {
+    int ntensors, T, nthreads, id;
+    const void *const *w0, *const *e;
+    const int *dt0, *dte, *smode;
+    const int64_t *m, *n;
+    const double *const *sa, *const *sb;
+    const float *const *sv;
+    int64_t *const *hist;
+};
+
+static void *hist_worker(void *arg) {
+    const struct hist_job *j = arg;
+    for (int k = 0; k < j->ntensors; k++) {
+        int64_t m = j->m[k], step = (m + j->nthreads - 1) / j->nthreads, r0 = j->id * step;
+        int64_t r1 = r0 + step < m ? r0 + step : m;
+        if (r0 < r1)
+            ota_saliency_hist(j->w0[k], j->dt0[k], j->T, j->e + (size_t)k * j->T, j->dte + (size_t)k * j->T, j->n[k], r0, r1,
+                              j->smode + (size_t)k * j->T, j->sa + (size_t)k * j->T, j->sb + (size_t)k * j->T,
+                              j->sv + (size_t)k * j->T, j->hist + (size_t)j->id * j->T);
+    }
+    return 0;
+}
+
+int ota_saliency_hist_model(int ntensors, int T, const void *const *w0, const int *dt0, const void *const *e,
+                            const int *dte, const int64_t *m, const int64_t *n, const int *smode,
+                            const double *const *sa, const double *const *sb, const float *const *sv,
+                            int nthreads, int64_t *const *hist) {
+    struct hist_job jobs[64];
+    pthread_t tid[64];
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    for (int q = 0; q < nthreads; q++)
+        jobs[q] = (struct hist_job){ntensors, T, nthreads, q, w0, e, dt0, dte, smode, m, n, sa, sb, sv, hist};
+    int started = 1;
+    for (int q = 1; q < nthreads; q++, started++)
+        if (pthread_create(&tid[q], 0, hist_worker, &jobs[q]) != 0) break;
+    for (int q = started; q < nthreads; q++) hist_worker(&jobs[q]);  /* threads refused: do their share here */
+    hist_worker(&jobs[0]);
+    for (int q = 1; q < started; q++) pthread_join(tid[q], 0);
+    return 0;
 }
 
 /* One expert's contribution to a chunk of pass 2, in one loop: edit, curvature weight, keep

@@ -1,0 +1,120 @@
+"""Where things are in checkpoint folders and safetensors files: headers, weight files, the
+moments file's names and constants. Standard library only (no PyTorch), so the merge CLI can
+plan its reads and its first pass while PyTorch loads; :mod:`ota_trainer.format` and
+:mod:`ota_trainer.checkpoint` build on it."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+MOMENTS_DIR = "ota"
+MERGE_READY_TAG = "ota-merge-ready"  # model-card tag of a checkpoint that carries moments
+MOMENTS_FILE = "moments.safetensors"
+METADATA_KEY = "ota_moments"
+FORMAT_NAME = "ota-moments"
+FORMAT_VERSION = 1
+# Model-card tag naming the moments' format version. A tag (not only a card key) because
+# Trainer.push_to_hub rebuilds README.md from the model's tags after every callback has run.
+FORMAT_VERSION_TAG = f"{FORMAT_NAME}-v{FORMAT_VERSION}"
+COMPRESSIONS = ("rank1", "full")
+ROW_SUFFIX = "::row"
+COL_SUFFIX = "::col"
+# metadata keys save_moments writes itself (everything else passes through conversions)
+MANAGED_KEYS = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
+
+
+def moments_path(folder: str | os.PathLike) -> Path:
+    """Path of the moments file inside a checkpoint folder (``<folder>/ota/moments.safetensors``)."""
+    return Path(folder) / MOMENTS_DIR / MOMENTS_FILE
+
+
+def has_moments(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a moments file."""
+    return moments_path(folder).is_file()
+
+
+def bias_correction_factor(beta2: float, step: int) -> float:
+    """Adam's bias correction of the second moment: ``v_hat = v / (1 - beta2**step)``; returns ``1 / (1 - beta2**step)``."""
+    return 1.0 / (1.0 - float(beta2) ** int(step))
+
+
+def prefetch_range(fh, start: int, length: int) -> None:
+    """Ask the kernel to start reading ``[start, start + length)`` of an open file into the page
+    cache (``posix_fadvise(WILLNEED)``): a hint that uses no memory of ours; ignored where unsupported."""
+    if length <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fh.fileno(), start, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file and the byte offset where its data starts."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than 8 bytes)", path=str(path))
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise FormatError(f"{path}: corrupt or truncated safetensors header", path=str(path))
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise FormatError(f"{path}: file not found", path=str(path)) from e
+        raise FormatError(f"{path}: corrupt safetensors header ({e})", path=str(path)) from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header", path=str(path))
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise FormatError(f"{path}: corrupt entry {key!r} in safetensors header", path=str(path)) from e
+    if 8 + n + end > size:
+        raise FormatError(
+            f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end}); "
+            "download or copy it again",
+            path=str(path),
+        )
+    return header, 8 + n
+
+
+def weight_files(path: Path, label: str) -> list[str]:
+    """The safetensors weight files of a model folder (names inside it), in index order.
+
+    Raises:
+        FormatError: a bad index, a listed file missing, or no safetensors weights at all.
+    """
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index}: invalid safetensors index ({e})", path=str(index)) from e
+        files = list(dict.fromkeys(weight_map.values()))
+        for f in files:
+            if not (path / f).is_file():
+                raise FormatError(f"{index}: lists {f!r}, which is missing from {path}", path=str(path / f))
+        return files
+    if (path / SAFE_WEIGHTS_NAME).is_file():
+        return [SAFE_WEIGHTS_NAME]
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    if others:
+        return others
+    hint = " (found PyTorch .bin weights: convert them with save_pretrained(..., safe_serialization=True))" if any(
+        path.glob("*.bin")
+    ) else ""
+    raise FormatError(f"{label}: no safetensors weights in {path}{hint}", path=str(path))
