@@ -155,6 +155,23 @@ class MergeRecipe:
             out["density"] = DEFAULT_FFG_DENSITY
         return out
 
+    def grafting(self) -> bool:
+        """Whether FFG prunes the experts' edits (method ``ota`` with ``graft`` on)."""
+        return self.method == "ota" and bool(self.method_parameters().get("graft"))
+
+    def global_threshold_experts(self) -> list[int]:
+        """The experts whose FFG threshold needs a first pass over all their parameters: a global
+        ``density`` or a ``saliency_share`` (not an absolute ``threshold``, not ``per_tensor``)."""
+        if not self.grafting():
+            return []
+        per_tensor = self.method_parameters().get("per_tensor")
+        out = []
+        for i in range(len(self.models)):
+            p = self.model_parameters(i)
+            if p.get("threshold") is None and (p.get("saliency_share") is not None or (p.get("density") is not None and not per_tensor)):
+                out.append(i)
+        return out
+
     # -- (de)serialisation ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":

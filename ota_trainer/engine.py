@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from . import native, readahead
+from . import native, prescan, readahead
 from .aggregate import (
     Curvature,
     OTAAccumulator,
@@ -253,7 +253,7 @@ class _Engine:
         check_compatible(self.template, self.experts if self.base else self.experts[1:])
         self.names = self.template.names()
         self.float_names = [n for n in self.names if self.template.tensors[n].dtype.is_floating_point]
-        self.grafting = self.method.name == "ota" and self.params["graft"]
+        self.grafting = recipe.grafting()
         self.moments: list[MomentsReader | None] = [None] * len(self.experts)
         if self.method.needs_moments:
             for i, e in enumerate(self.experts):
@@ -309,12 +309,43 @@ class _Engine:
         return native.available() and native.supports(*dtypes)
 
     # pass 1 ------------------------------------------------------------------------------
+    def _take_prescan(self, experts: list[int], hists: dict[int, SaliencyHistogram]) -> bool:
+        """Fill the histograms from the merge CLI's early first pass (:mod:`.prescan`), if one ran
+        on exactly these inputs; False when there is none."""
+        if self.base is None:
+            return False
+        scan = prescan.take(self.base.path, [self.experts[i].path for i in experts],
+                            score=self.params["score"], bias_correction=self.params["bias_correction"])
+        if scan is None:
+            return False
+        for i, counts, total in zip(experts, scan.counts, scan.totals):
+            hists[i].counts = torch.frombuffer(counts, dtype=torch.int64)
+            hists[i].total = total
+        logger.info("FFG thresholds: saliencies counted while PyTorch loaded")
+        return True
+
+    def _count_saliencies(self, experts: list[int], hists: dict[int, SaliencyHistogram], folders: list[ModelFolder]) -> None:
+        """Pass 1: every expert's saliencies into its histogram, tensor by tensor."""
+        counter = native.SaliencyCounter([hists[i] for i in experts]) if native.available() else None
+        for k, name in enumerate(tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
+            self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + folders)
+            w0r = self._raw(self.base, name)
+            tensors = [self._raw(f, name) for f in folders]
+            scores = [self._score(self._moment(i, name)) for i in experts]
+            if counter is not None and self._native(name, [self.base] + folders):
+                counter.add(w0r, tensors, scores)
+            else:
+                for rows in _row_blocks(*w0r.shape):
+                    w0 = w0r[rows].float()
+                    for i, e, sc in zip(experts, tensors, scores):
+                        if sc is not None:
+                            hists[i].add(sc.block(torch.sub(e[rows], w0), rows))
+            del w0r, tensors, scores
+        if counter is not None:
+            counter.flush()
+
     def find_thresholds(self) -> None:
-        global_density = [
-            i for i, p in enumerate(self.model_params)
-            if self.grafting and p.get("threshold") is None
-            and (p.get("saliency_share") is not None or (p.get("density") is not None and not self.params["per_tensor"]))
-        ]
+        global_density = self.recipe.global_threshold_experts()
         for i, p in enumerate(self.model_params):
             if self.grafting and p.get("threshold") is not None:
                 self.thresholds[i] = Threshold.absolute(p["threshold"])
@@ -323,23 +354,8 @@ class _Engine:
             return
         hists = {i: SaliencyHistogram() for i in global_density}
         folders = [self.experts[i] for i in global_density]
-        counter = native.SaliencyCounter([hists[i] for i in global_density]) if native.available() else None
-        for k, name in enumerate(tqdm(self.float_names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
-            self._prefetch(self.float_names[k + 1 : k + 2], [self.base] + folders)
-            w0r = self._raw(self.base, name)
-            experts = [self._raw(f, name) for f in folders]
-            scores = [self._score(self._moment(i, name)) for i in global_density]
-            if counter is not None and self._native(name, [self.base] + folders):
-                counter.add(w0r, experts, scores)
-            else:
-                for rows in _row_blocks(*w0r.shape):
-                    w0 = w0r[rows].float()
-                    for i, e, sc in zip(global_density, experts, scores):
-                        if sc is not None:
-                            hists[i].add(sc.block(torch.sub(e[rows], w0), rows))
-            del w0r, experts, scores
-        if counter is not None:
-            counter.flush()
+        if not self._take_prescan(global_density, hists):
+            self._count_saliencies(global_density, hists, folders)
         for i, h in hists.items():
             p = self.model_params[i]
             share = p.get("saliency_share")

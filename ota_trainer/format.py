@@ -53,7 +53,7 @@ from .errors import FormatError, NumericalError
 from .layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
-    prefetch_range, read_safetensors_layout,
+    moments_scale, prefetch_range, read_safetensors_layout, row_total,
 )
 
 logger = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         }
         self._stored = {n: p["stored"] for n, p in self.metadata["parameters"].items()}
         self._check_entries(header)
-        self.scale = self._bias_correction_scale() if bias_correction else 1.0
+        self.scale = moments_scale(self.metadata, bias_correction)
         self._fh = open(self.path, "rb")
 
     def _get(self, key: str) -> torch.Tensor:
@@ -395,12 +395,6 @@ class MomentsReader(Mapping[str, torch.Tensor]):
                 if list(info.get("shape", [])) != wshape:
                     raise self._fail(f"tensor {key!r} has shape {info.get('shape')}, metadata says {wshape}")
 
-    def _bias_correction_scale(self) -> float:
-        beta2, step = self.metadata.get("beta2"), self.metadata.get("step")
-        if self.metadata.get("bias_corrected") or beta2 is None or not step:
-            return 1.0
-        return bias_correction_factor(beta2, step)
-
     # -- mapping ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
         stored = self._stored.get(name)
@@ -428,7 +422,8 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     def rank1(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(a, b)`` with ``v_hat = outer(a, b)`` (viewed as a matrix) for a rank-one entry, else None.
 
-        ``a = r / sum(r)`` (float32, shape ``(m,)``; zeros when ``v == 0``) and ``b = c`` with
+        ``a = r / sum(r)`` (float32, shape ``(m,)``; zeros when ``v == 0``; the sum is
+        :func:`~ota_trainer.layout.row_total`, the same in every reader) and ``b = c`` with
         the bias-correction scale applied (shape ``(n,)``). Element-wise functions of ``v_hat``
         that factor, such as ``v_hat**p = outer(a**p, b**p)`` or ``log2(v_hat) = log2(a_i) +
         log2(b_j)``, then cost O(m + n) plus one broadcast pass instead of a reconstruction.
@@ -436,7 +431,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         if self._stored.get(name) != "rank1":
             return None
         r, c = self._factors(name)
-        total = r.sum()
+        total = row_total(r.tolist())
         return (r / total if total > 0 else torch.zeros_like(r)), c
 
     def log2(self, name: str) -> torch.Tensor:

@@ -5,6 +5,7 @@ plan its reads and its first pass while PyTorch loads; :mod:`ota_trainer.format`
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -43,6 +44,26 @@ def has_moments(folder: str | os.PathLike) -> bool:
 def bias_correction_factor(beta2: float, step: int) -> float:
     """Adam's bias correction of the second moment: ``v_hat = v / (1 - beta2**step)``; returns ``1 / (1 - beta2**step)``."""
     return 1.0 / (1.0 - float(beta2) ** int(step))
+
+
+def row_total(values) -> float:
+    """``sum(r)`` of rank-one row factors (float32 values), rounded to float32, computed exactly
+    (``math.fsum``): the same number in every order, so every reader of the factors (the engine,
+    the CLI's early first pass) derives bit-identical ``a = r / sum(r)``."""
+    total = math.fsum(values)
+    try:
+        return struct.unpack("<f", struct.pack("<f", total))[0]
+    except OverflowError:  # beyond float32's range, as a float32 sum would be
+        return math.inf
+
+
+def moments_scale(metadata: dict[str, Any], bias_correction: bool) -> float:
+    """The factor a moments file's values are multiplied by when read: Adam's bias correction
+    ``1 / (1 - beta2**step)`` if asked for and not already applied, else 1."""
+    beta2, step = metadata.get("beta2"), metadata.get("step")
+    if not bias_correction or metadata.get("bias_corrected") or beta2 is None or not step:
+        return 1.0
+    return bias_correction_factor(beta2, step)
 
 
 def prefetch_range(fh, start: int, length: int) -> None:

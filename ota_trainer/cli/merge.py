@@ -203,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..errors import OTAError
-    from ..hub import HubResolver, check_architectures, publish_folder
-    from ..engine import merge
 
     try:
         recipe = recipe_from_args(args)
+        if not args.dry_run:  # the disk and the cores work while PyTorch loads below
+            from .. import prescan, readahead
+
+            if prescan.start(recipe) is None:  # FFG's first pass on local models (it reads them itself)
+                readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
+        from ..engine import merge
+        from ..hub import HubResolver, check_architectures, publish_folder
+
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:
             print(describe_plan(recipe, resolver))

@@ -127,7 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_ties.restype = _int
     lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
     lib.ota_saliency_hist_model.restype = _int
-    lib.ota_saliency_hist_model.argtypes = [_int, _int, _ptrs, _ints, _ptrs, _ints, _ptr, _ptr, _ints, _ptrs, _ptrs, _ptrs, _int, _ptrs]
+    lib.ota_saliency_hist_model.argtypes = [_int, _int, _ptrs, _ints, _ptrs, _ints, _ptr, _ptr, _ints, _ptrs, _ptrs, _ptrs, _int, _int, _ptrs]
     lib.ota_merge_rows.restype = _int
     lib.ota_merge_rows.argtypes = [
         _ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64,  # w0, dt0, T, e, dte, n, r0, r1

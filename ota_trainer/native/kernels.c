@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,10 +124,12 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
  * interpreter keeps running meanwhile). Tensor k is an (m[k], n[k]) matrix: base w0[k] (dtype
  * dt0[k]) and T experts e[k*T + t] (dte[...]), scored with smode[k*T + t] and its factors.
  * Every thread takes the same share of the rows of each tensor, tensor after tensor (so all
- * threads move through the files together, in the order a read-ahead fills them), counting into
- * hist[thread*T + t]; the caller adds the threads' histograms. */
+ * threads move through the files together, in the order a read-ahead fills them). Thread 0
+ * counts into hist[t] (the caller's int64[2^21] each), the others into private bins added into
+ * hist at the end. With ``release_maps`` (the inputs are private file mappings that nobody
+ * writes) each thread drops its rows' pages from its mapping once counted. Returns 0, or -1 when memory for the private bins was refused. */
 struct hist_job {
-    int ntensors, T, nthreads, id;
+    int ntensors, T, nthreads, id, release;
     const void *const *w0, *const *e;
     const int *dt0, *dte, *smode;
     const int64_t *m, *n;
@@ -135,15 +138,32 @@ struct hist_job {
     int64_t *const *hist;
 };
 
+/* Drop this thread's mapping of bytes [p, p + len) once counted (the pages stay in the page
+ * cache; a private, never-written file mapping just faults them in again if read): resident
+ * memory then holds about one tensor, not the whole model. */
+static void release(const void *p, int64_t len) {
+    uintptr_t lo = (uintptr_t)p & ~(uintptr_t)4095, hi = ((uintptr_t)p + (uintptr_t)len + 4095) & ~(uintptr_t)4095;
+    if (len > 0) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+static int64_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
 static void *hist_worker(void *arg) {
     const struct hist_job *j = arg;
     for (int k = 0; k < j->ntensors; k++) {
         int64_t m = j->m[k], step = (m + j->nthreads - 1) / j->nthreads, r0 = j->id * step;
         int64_t r1 = r0 + step < m ? r0 + step : m;
-        if (r0 < r1)
-            ota_saliency_hist(j->w0[k], j->dt0[k], j->T, j->e + (size_t)k * j->T, j->dte + (size_t)k * j->T, j->n[k], r0, r1,
-                              j->smode + (size_t)k * j->T, j->sa + (size_t)k * j->T, j->sb + (size_t)k * j->T,
-                              j->sv + (size_t)k * j->T, j->hist + (size_t)j->id * j->T);
+        if (r0 >= r1) continue;
+        const size_t kt = (size_t)k * j->T;
+        int64_t n = j->n[k], off = r0 * n, len = (r1 - r0) * n;
+        ota_saliency_hist(j->w0[k], j->dt0[k], j->T, j->e + kt, j->dte + kt, n, r0, r1, j->smode + kt, j->sa + kt,
+                          j->sb + kt, j->sv + kt, j->hist);
+        if (j->release) {
+            release((const char *)j->w0[k] + off * dt_size(j->dt0[k]), len * dt_size(j->dt0[k]));
+            for (int t = 0; t < j->T; t++) {
+                release((const char *)j->e[kt + t] + off * dt_size(j->dte[kt + t]), len * dt_size(j->dte[kt + t]));
+            }  /* (moments may live in the caller's heap: never released) */
+        }
     }
     return 0;
 }
@@ -151,19 +171,41 @@ static void *hist_worker(void *arg) {
 int ota_saliency_hist_model(int ntensors, int T, const void *const *w0, const int *dt0, const void *const *e,
                             const int *dte, const int64_t *m, const int64_t *n, const int *smode,
                             const double *const *sa, const double *const *sb, const float *const *sv,
-                            int nthreads, int64_t *const *hist) {
-    struct hist_job jobs[64];
-    pthread_t tid[64];
+                            int nthreads, int release_maps, int64_t *const *hist) {
+    enum { MAXT = 64 };
+    struct hist_job jobs[MAXT];
+    pthread_t tid[MAXT];
+    int64_t *priv[MAXT] = {0}, *ptrs[MAXT * 16];
+    const size_t bins = (size_t)BIN_MASK + 1;
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
-    for (int q = 0; q < nthreads; q++)
-        jobs[q] = (struct hist_job){ntensors, T, nthreads, q, w0, e, dt0, dte, smode, m, n, sa, sb, sv, hist};
+    if (nthreads > MAXT) nthreads = MAXT;
+    if (T > 16) nthreads = 1;
+    for (int q = 1; q < nthreads; q++) {
+        priv[q] = calloc(bins * (size_t)T, sizeof(int64_t));  /* untouched bins stay unbacked zero pages */
+        if (priv[q] == 0) {
+            for (int r = 1; r < q; r++) free(priv[r]);
+            return -1;
+        }
+    }
+    for (int q = 0; q < nthreads; q++) {
+        int64_t *const *h = hist;
+        if (q > 0) {
+            for (int t = 0; t < T; t++) ptrs[q * 16 + t] = priv[q] + (size_t)t * bins;
+            h = ptrs + q * 16;
+        }
+        jobs[q] = (struct hist_job){ntensors, T, nthreads, q, release_maps, w0, e, dt0, dte, smode, m, n, sa, sb, sv, h};
+    }
     int started = 1;
     for (int q = 1; q < nthreads; q++, started++)
         if (pthread_create(&tid[q], 0, hist_worker, &jobs[q]) != 0) break;
-    for (int q = started; q < nthreads; q++) hist_worker(&jobs[q]);  /* threads refused: do their share here */
+    for (int q = started; q < nthreads; q++) hist_worker(&jobs[q]);  /* threads refused: their share here */
     hist_worker(&jobs[0]);
     for (int q = 1; q < started; q++) pthread_join(tid[q], 0);
+    for (int q = 1; q < nthreads; q++) {
+        for (int t = 0; t < T; t++)
+            for (size_t b = 0; b < bins; b++) hist[t][b] += priv[q][(size_t)t * bins + b];
+        free(priv[q]);
+    }
     return 0;
 }
 

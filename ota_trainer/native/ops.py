@@ -9,8 +9,9 @@ import torch
 
 from ..aggregate import Curvature, _select_from_top
 from ..graft import SaliencyHistogram, Score
+from .. import native as _package
 from . import (
-    DT_CODES, MAX_TIES_EXPERTS, MIN_PARALLEL, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
+    DT_CODES, MAX_TIES_EXPERTS, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
     _arr, _f32, _f64, _i64, _int, _load, _ptr,
 )
 
@@ -36,7 +37,7 @@ def _addr(t: torch.Tensor | None) -> int | None:
 def _workers(rows: int, numel: int) -> list[tuple[int, int]]:
     """Contiguous ranges of ``rows`` rows (or elements: ``rows = numel``), one per thread
     (torch's intra-op thread count)."""
-    k = max(1, min(torch.get_num_threads(), rows, numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
+    k = max(1, min(torch.get_num_threads(), rows, numel // _package.MIN_PARALLEL if numel >= 2 * _package.MIN_PARALLEL else 1))
     step = -(-rows // k)
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
