@@ -17,24 +17,9 @@ import torch
 
 from .errors import FormatError
 from .format import DTYPES, map_tensor, read_tensor
-from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, prefetch_range, read_safetensors_layout, weight_files
+from .layout import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range, read_safetensors_layout, weight_files
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
-
-CONFIG_NAME = "config.json"
-# Files of a model folder besides the weights that a merged model inherits from its base.
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 @dataclass(frozen=True)
 class TensorInfo:

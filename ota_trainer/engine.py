@@ -14,15 +14,12 @@ Stages:
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
-import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,76 +38,27 @@ from .aggregate import (
     task_arithmetic_merge,
     ties_merge,
 )
-from .checkpoint import SIDE_FILES, ModelFolder
+from .checkpoint import ModelFolder
 from .compress import matrix_shape
 from .config import MergeRecipe
-from .errors import FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError
+from .errors import IncompatibleModelsError, MissingMomentsError, NumericalError
 from .format import MOMENTS_DIR, MomentsReader, all_finite, has_moments, load_moments
 from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
-from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size, render_model_card
+from .report import (  # noqa: F401 - RECIPE_FILE, REPORT_FILE, CARD_FILE: part of this module's API
+    CARD_FILE, RECIPE_FILE, REPORT_FILE, ExpertReport, MergeReport, Resolver, copy_side_files, finish, local_resolver as _local_resolver,
+)
+from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["merge", "MergeReport", "ExpertReport", "RECIPE_FILE", "REPORT_FILE"]
 
-RECIPE_FILE = "ota_merge.yaml"
-REPORT_FILE = "ota_merge_report.json"
-CARD_FILE = "README.md"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors are merged in row blocks of this many entries: the chain of element-wise operations
 # then works on ~2 MB float32 temporaries that stay in cache and are reused by the allocator,
 # instead of streaming whole-tensor temporaries through memory (measured ~3x faster).
 BLOCK_ELEMENTS = 1 << 19
 
-# A resolver turns a model reference from the recipe (folder or repo id) into a local folder.
-Resolver = Callable[[str], Path]
-
-
-@dataclass
-class ExpertReport:
-    """What FFG did to one expert."""
-
-    model: str
-    density_target: float | None
-    threshold_log2: float | None
-    kept: int = 0
-    total: int = 0
-    saliency_share: float | None = None
-    grafted: bool = False  # FFG ran on this expert (density is then the achieved kept fraction)
-
-    @property
-    def density(self) -> float:
-        return self.kept / self.total if self.total else 1.0
-
-
-@dataclass
-class MergeReport:
-    """Returned by :func:`merge` and written to ``ota_merge_report.json`` in the output."""
-
-    method: str
-    out_dir: str
-    recipe: dict[str, Any]
-    experts: list[ExpertReport]
-    tensor_density: dict[str, list[float]] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-    sources: dict[str, str | None] = field(default_factory=dict)
-    seconds: float = 0.0
-    library_version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for e, rep in zip(d["experts"], self.experts):
-            e["density"] = rep.density
-            if e["threshold_log2"] is not None and not math.isfinite(e["threshold_log2"]):
-                e["threshold_log2"] = None  # keep-everything threshold; JSON has no -Infinity
-        return d
-
-
-def _local_resolver(ref: str) -> Path:
-    p = Path(ref).expanduser()
-    if not p.is_dir():
-        raise FormatError(f"model {ref!r}: no such folder", path=str(p))
-    return p
 
 
 def _as_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:
@@ -536,25 +484,9 @@ class _Engine:
         except BaseException:
             writer.abort()
             raise
-        files += self._copy_side_files(tmp)
+        files += copy_side_files(self.template.path, self.template.config, tmp, self.recipe.dtype)
         return files
 
-    def _copy_side_files(self, tmp: Path) -> list[str]:
-        files = []
-        src = self.template.path
-        config = dict(self.template.config)
-        if config:
-            if self.recipe.dtype:
-                for key in ("torch_dtype", "dtype"):
-                    if key in config:
-                        config[key] = self.recipe.dtype
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            files.append("config.json")
-        for f in SIDE_FILES:
-            if (src / f).is_file():
-                shutil.copyfile(src / f, tmp / f)
-                files.append(f)
-        return files
 
 
 def merge(
@@ -601,20 +533,5 @@ def merge(
         finally:
             if gc_was_on:
                 gc.enable()
-        report = MergeReport(
-            method=recipe.method,
-            out_dir=str(out.dest),
-            recipe=recipe.to_dict(),
-            experts=engine.reports,
-            tensor_density=engine.tensor_density,
-            files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
-        )
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        sha = getattr(engine.resolver, "sha", None)
-        refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
-        sources = {r: (sha(r) if sha else None) for r in refs}
-        report.sources = sources
-        (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), sources))
-        report.seconds = time.perf_counter() - start
-        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        report = finish(tmp, recipe, out.dest, engine.reports, engine.tensor_density, files, engine.resolver, start)
     return report

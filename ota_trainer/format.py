@@ -53,7 +53,7 @@ from .errors import FormatError, NumericalError
 from .layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
-    moments_scale, prefetch_range, read_safetensors_layout, row_total,
+    moments_scale, prefetch_range, read_safetensors_layout, row_total, safetensors_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -224,18 +224,6 @@ def save_moments(
         tmp.unlink(missing_ok=True)
         spool.unlink(missing_ok=True)
     return path
-
-
-def safetensors_header(entries: list[tuple[str, list[int], torch.dtype, int, int]], metadata: dict[str, str]) -> bytes:
-    """The leading bytes of a safetensors file: 8-byte little-endian length + JSON header,
-    padded so the data starts 8-byte aligned. ``entries`` are ``(name, shape, dtype, begin, end)``
-    with offsets relative to the start of the data."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    for name, shape, dtype, begin, end in entries:
-        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
 
 
 def all_finite(x: torch.Tensor) -> bool:

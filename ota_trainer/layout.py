@@ -13,8 +13,25 @@ from typing import Any
 
 from .errors import FormatError
 
+# bytes per element of each safetensors dtype code
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# Files of a model folder besides the weights that a merged model inherits from its base.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
 MOMENTS_DIR = "ota"
 MERGE_READY_TAG = "ota-merge-ready"  # model-card tag of a checkpoint that carries moments
 MOMENTS_FILE = "moments.safetensors"
@@ -29,6 +46,27 @@ ROW_SUFFIX = "::row"
 COL_SUFFIX = "::col"
 # metadata keys save_moments writes itself (everything else passes through conversions)
 MANAGED_KEYS = ("format", "format_version", "compression", "dtype", "parameters", "library_version")
+
+
+def dtype_code(dtype) -> str:
+    """The safetensors code ("BF16") of a code or a torch dtype."""
+    if isinstance(dtype, str):
+        return dtype
+    from .format import DTYPE_CODES  # a torch dtype: PyTorch is loaded already
+
+    return DTYPE_CODES[dtype]
+
+
+def safetensors_header(entries: list[tuple[str, list[int], Any, int, int]], metadata: dict[str, str]) -> bytes:
+    """The leading bytes of a safetensors file: 8-byte little-endian length + JSON header,
+    padded so the data starts 8-byte aligned. ``entries`` are ``(name, shape, dtype, begin, end)``
+    (dtype a code or a torch dtype) with offsets relative to the start of the data."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for name, shape, dtype, begin, end in entries:
+        header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def moments_path(folder: str | os.PathLike) -> Path:

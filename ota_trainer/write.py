@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,34 +20,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-from .format import DTYPES, safetensors_header
 from .config import parse_size
 from .errors import OutputExistsError
+from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, safetensors_header
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "AtomicOutputDir"]
 
-_ELEM = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
+def _uint8():
+    import torch  # only callers holding torch tensors get here
+
+    return torch.uint8
 
 
 @dataclass
 class _Shard:
     file: str
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    entries: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)  # dtype: safetensors code
     nbytes: int = 0
 
 
-def plan_shards(
-    tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
-) -> list[_Shard]:
-    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+def plan_shards(tensors: list[tuple[str, tuple[int, ...], Any]], max_shard_bytes: int) -> list[_Shard]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets
+    its own). Dtypes are torch dtypes or safetensors codes ("BF16")."""
     shards: list[_Shard] = [_Shard("")]
     for name, shape, dtype in tensors:
-        n = _ELEM[dtype]
+        dtype = dtype_code(dtype)
+        n = DTYPE_SIZES[dtype]
         for d in shape:
             n *= d
         if shards[-1].entries and shards[-1].nbytes + n > max_shard_bytes:
@@ -93,9 +94,8 @@ class _OutputFile:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError:
             return
-        bufs = [torch.empty(STAGING_BYTES + _ALIGN, dtype=torch.uint8) for _ in range(2)]
-        self._bufs = [b[(-b.data_ptr()) % _ALIGN :][:STAGING_BYTES] for b in bufs]
-        self._views = [memoryview(b.numpy()) for b in self._bufs]
+        self._bufs = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)]  # page-aligned, as direct I/O wants
+        self._views = [memoryview(b) for b in self._bufs]
         try:  # the probe: some filesystems accept O_DIRECT at open and refuse the writes
             os.pwrite(fd, self._views[0][:_ALIGN], 0)
         except OSError:
@@ -161,7 +161,7 @@ class _OutputFile:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.abort()
+            self._fh.close()
             self._fh = None
         elif self._fd >= 0:
             for k in (0, 1):
@@ -175,6 +175,10 @@ class _OutputFile:
         self._pool.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
+        for v in self._views:
+            v.release()
+        for b in self._bufs:
+            b.close()
 
 
 class StreamingSafetensorsWriter:
@@ -194,7 +198,7 @@ class StreamingSafetensorsWriter:
     def __init__(
         self,
         folder: str | os.PathLike,
-        tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+        tensors: list[tuple[str, tuple[int, ...], Any]],
         *,
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
@@ -213,7 +217,7 @@ class StreamingSafetensorsWriter:
         shard = self.shards[i]
         entries, offset = [], 0
         for name, shape, dtype in shard.entries:
-            n = _ELEM[dtype]
+            n = DTYPE_SIZES[dtype]
             for d in shape:
                 n *= d
             entries.append((name, list(shape), dtype, offset, offset + n))
@@ -222,18 +226,31 @@ class StreamingSafetensorsWriter:
         self._fh.write(memoryview(safetensors_header(entries, self.metadata)))
         self._shard = i
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
+        """Write the next tensor: a torch tensor of the announced shape and dtype."""
+        shape, dtype = tuple(tensor.shape), dtype_code(tensor.dtype)
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(_uint8()).numpy())
+        self._append(name, shape, dtype, data)
+
+    def write_bytes(self, name: str, shape: tuple[int, ...], dtype: str, data) -> None:
+        """Write the next tensor as raw bytes (any buffer) of the announced shape and dtype code."""
+        data = memoryview(data).cast("B")
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        if len(data) != n:
+            raise ValueError(f"writer: {name!r} should be {n} bytes, got {len(data)}")
+        self._append(name, tuple(shape), dtype, data)
+
+    def _append(self, name: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> None:
         if self._pos >= len(self._order):
             raise ValueError(f"unexpected tensor {name!r}: every announced tensor was written already")
-        i, (want, shape, dtype) = self._order[self._pos]
-        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(
-                f"writer expected {want!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}"
-            )
+        i, (want, wshape, wdtype) = self._order[self._pos]
+        if name != want or shape != wshape or dtype != wdtype:
+            raise ValueError(f"writer expected {want!r} {wshape} {wdtype}, got {name!r} {shape} {dtype}")
         if i != self._shard:
             self._open_shard(i)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._fh.write(memoryview(data.numpy()))
+        self._fh.write(data)
         self._pos += 1
 
     def close(self) -> list[str]:
@@ -256,7 +273,7 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.abort()
+            self._fh.close()
             self._fh = None
 
 

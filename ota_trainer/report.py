@@ -1,0 +1,113 @@
+"""What a merge leaves beside the weights: the report, the recipe, the model card and the
+base's config/tokenizer files. No PyTorch: both the engine and the native fast path
+(:mod:`ota_trainer.fastpath`) finish their output folders here."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import MergeRecipe
+from .errors import FormatError
+from .layout import SIDE_FILES
+from .write import render_model_card
+
+__all__ = ["ExpertReport", "MergeReport", "RECIPE_FILE", "REPORT_FILE", "CARD_FILE", "copy_side_files", "finish", "local_resolver"]
+
+RECIPE_FILE = "ota_merge.yaml"
+REPORT_FILE = "ota_merge_report.json"
+CARD_FILE = "README.md"
+# A resolver turns a model reference from the recipe (folder or repo id) into a local folder.
+Resolver = Callable[[str], Path]
+
+
+@dataclass
+class ExpertReport:
+    """What FFG did to one expert."""
+
+    model: str
+    density_target: float | None
+    threshold_log2: float | None
+    kept: int = 0
+    total: int = 0
+    saliency_share: float | None = None
+    grafted: bool = False  # FFG ran on this expert (density is then the achieved kept fraction)
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+@dataclass
+class MergeReport:
+    """Returned by :func:`merge` and written to ``ota_merge_report.json`` in the output."""
+
+    method: str
+    out_dir: str
+    recipe: dict[str, Any]
+    experts: list[ExpertReport]
+    tensor_density: dict[str, list[float]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    sources: dict[str, str | None] = field(default_factory=dict)
+    seconds: float = 0.0
+    library_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for e, rep in zip(d["experts"], self.experts):
+            e["density"] = rep.density
+            if e["threshold_log2"] is not None and not math.isfinite(e["threshold_log2"]):
+                e["threshold_log2"] = None  # keep-everything threshold; JSON has no -Infinity
+        return d
+
+
+def local_resolver(ref: str) -> Path:
+    p = Path(ref).expanduser()
+    if not p.is_dir():
+        raise FormatError(f"model {ref!r}: no such folder", path=str(p))
+    return p
+
+
+def copy_side_files(src: Path, config: dict[str, Any], tmp: Path, dtype: str | None) -> list[str]:
+    """config.json (with the output dtype) and the base's tokenizer/generation files into ``tmp``."""
+    files = []
+    config = dict(config)
+    if config:
+        if dtype:
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.append("config.json")
+    for f in SIDE_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, tmp / f)
+            files.append(f)
+    return files
+
+
+def finish(tmp: Path, recipe: MergeRecipe, dest: Path, experts: list[ExpertReport], tensor_density: dict[str, list[float]],
+           files: list[str], resolver: Resolver, start: float) -> MergeReport:
+    """Write the recipe, the model card and the report into ``tmp``; returns the report."""
+    report = MergeReport(
+        method=recipe.method,
+        out_dir=str(dest),
+        recipe=recipe.to_dict(),
+        experts=experts,
+        tensor_density=tensor_density,
+        files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
+    )
+    (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+    sha = getattr(resolver, "sha", None)
+    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    report.sources = {r: (sha(r) if sha else None) for r in refs}
+    (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), report.sources))
+    report.seconds = time.perf_counter() - start
+    (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return report
