@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .methods import SCORES
+from .thresholds import BIN_SHIFT, N_BINS, bin_edge, density_bin
 
 __all__ = [
     "SCORES",
@@ -45,8 +46,6 @@ __all__ = [
     "graft",
 ]
 
-BIN_SHIFT = 42  # float64 bits >> 42: 11 exponent bits + 10 mantissa bits
-N_BINS = 1 << (63 - BIN_SHIFT)  # 2**21 bins cover every non-negative float64
 _BIN_MASK = N_BINS - 1  # also maps -0.0 (sign bit set) to bin 0 with the zeros
 _CHUNK = 1 << 19  # elements per chunk when binning: temporaries stay in cache
 _ONES = torch.ones(_CHUNK, dtype=torch.int64)
@@ -109,12 +108,6 @@ def _bin_index(s: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each float64 score (int64): ``bits >> 42``. Bin 0 holds the zeros (no
     non-zero score from float32 inputs is that small); +inf and NaN land in the top bins."""
     return (s.to(torch.float64).contiguous().view(torch.int64) >> BIN_SHIFT) & _BIN_MASK
-
-
-def bin_edge(b: int) -> float:
-    """The smallest float64 whose bin is ``b`` (``bits = b << 42``): ``s >= bin_edge(b)`` is
-    exactly "bin of s >= b" for non-negative ``s``."""
-    return float(torch.tensor(b << BIN_SHIFT, dtype=torch.int64).view(torch.float64))
 
 
 def _bin_centers_log2() -> torch.Tensor:
@@ -192,16 +185,9 @@ class SaliencyHistogram:
 
     def threshold_for_density(self, density: float) -> Threshold:
         """The bin-edge threshold whose kept fraction is nearest ``density``."""
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {density}")
-        target = density * self.total
-        zeros = self.zeros
-        nonzero = self.total - zeros
-        if density >= 1.0 or target >= nonzero + 0.5 * zeros:
-            return KEEP_ALL
-        kept_from = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0])  # kept_from[b] = sum(counts[b:])
-        b = 1 + int(torch.argmin((kept_from[1:].to(torch.float64) - target).abs()))  # bin 0 is "zero saliency"
-        return Threshold.at_bin(b)
+        bins = torch.nonzero(self.counts).reshape(-1)
+        b = density_bin(bins.tolist(), self.counts[bins].tolist(), self.total, density)
+        return KEEP_ALL if b is None else Threshold.at_bin(b)
 
     def threshold_for_share(self, share: float) -> Threshold:
         """The bin-edge threshold keeping the fewest top entries that hold ``share`` of the

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import struct
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -39,7 +42,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 6  # ota_native_version() of kernels.c
+_VERSION = 7  # ota_native_version() of kernels.c
 DT_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype -> the kernels' code
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
@@ -58,6 +61,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
 _tried = False
+_pool: ThreadPoolExecutor | None = None
 _warned = False
 
 
@@ -128,6 +132,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
     lib.ota_saliency_hist_model.restype = _int
     lib.ota_saliency_hist_model.argtypes = [_int, _int, _ptrs, _ints, _ptrs, _ints, _ptr, _ptr, _ints, _ptrs, _ptrs, _ptrs, _int, _int, _ptrs]
+    lib.ota_rank1_prep.restype = None
+    lib.ota_rank1_prep.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _f32, _int, _int, _ptr, _ptr, _ptr, _ptr]
+    lib.ota_add_i64.restype = None
+    lib.ota_add_i64.argtypes = [_ptr, _ptr, _i64]
+    lib.ota_select_from_top.restype = _i64
+    lib.ota_select_from_top.argtypes = [_ptr, _i64, _i64, _ptr]
     lib.ota_merge_rows.restype = _int
     lib.ota_merge_rows.argtypes = [
         _ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64,  # w0, dt0, T, e, dte, n, r0, r1
@@ -194,6 +204,116 @@ def library() -> ctypes.CDLL:
     if lib is None:
         raise NativeUnavailable(f"the native kernels are unavailable: {_why}")
     return lib
+
+
+# -- the kernels on raw addresses (no PyTorch): .ops adapts tensors, ota_trainer.fastpath maps files --
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as a Python float)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def workers(rows: int, numel: int, threads: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``rows`` rows (or elements: ``rows = numel``), one per thread; one
+    range for small tensors (a hand-off to threads costs more than it saves)."""
+    k = max(1, min(threads, rows, numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
+    step = -(-rows // k)
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def run(calls: list, threads: int) -> list:
+    """Run zero-argument callables on the thread pool (ctypes releases the GIL) and return their results."""
+    global _pool
+    if len(calls) == 1:
+        return [calls[0]()]
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="ota-native")
+    return [f.result() for f in [_pool.submit(c) for c in calls]]
+
+
+def raw_saliency_hist(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int, int]], smode: list[int],
+                      sa: list, sb: list, sv: list, hists: list[list[int]], threads: int) -> None:
+    """Count rows of one (m, n) tensor into per-range histograms: range k of
+    ``workers(m, m * n, threads)`` counts into ``hists[k]`` (T int64[2^21] addresses)."""
+    lib = library()
+    T = len(experts)
+    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    sm, pa, pb, pv = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
+    ranges = workers(m, m * n, threads)
+    hp = [_arr(_ptr, hists[k]) for k in range(len(ranges))]
+    run([lambda k=k, r0=r0, r1=r1: lib.ota_saliency_hist(w0, dt0, T, eptr, edt, n, r0, r1, sm, pa, pb, pv, hp[k])
+         for k, (r0, r1) in enumerate(ranges)], threads)
+
+
+def raw_ota_merge(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int, int]], smode: list[int], sa: list,
+                  sb: list, sv: list, cuts: list[float], wmode: list[int], pa: list, pb: list, wv: list, sqrt_p: bool,
+                  pdiv: list[float], coefs: list[float], epsilon: float, out: int, dto: int,
+                  threads: int) -> tuple[list[int], bool]:
+    """OTA (+ FFG masks) of one (m, n) tensor into ``out`` (see ``ota_merge_rows`` in kernels.c).
+    Returns (entries kept per expert, whether every merged value is finite)."""
+    lib = library()
+    T = len(experts)
+    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    sm, a, b, v = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
+    wm, qa, qb, qv = _arr(_int, wmode), _arr(_ptr, pa), _arr(_ptr, pb), _arr(_ptr, wv)
+    cut, div, coef = _arr(_f64, cuts), _arr(_f32, pdiv), _arr(_f32, coefs)
+    eps32, uniform = float32(epsilon), float32(1.0 + epsilon)
+    ranges = workers(m, m * n, threads)
+    kept = [_arr(_i64, [0] * T) for _ in ranges]
+    bad = run([
+        lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
+            w0, dt0, T, eptr, edt, n, r0, r1, sm, a, b, v, ctypes.addressof(cut), wm, qa, qb, qv, int(sqrt_p),
+            ctypes.addressof(div), eps32, uniform, ctypes.addressof(coef), out, dto, ctypes.addressof(kept[k]))
+        for k, (r0, r1) in enumerate(ranges)], threads)
+    return [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
+
+
+def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, int]], densities: list[float],
+                       threads: int) -> list[float]:
+    """Each task vector's TIES trim threshold over the whole tensor (``-inf`` keeps all, ``inf``
+    none): the ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select
+    (:func:`ota_trainer.aggregate.magnitude_cut`, exactly)."""
+    lib = library()
+    T = len(experts)
+    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    cuts: list[float | None] = []
+    ks = []
+    for p in densities:
+        k = int(round(p * numel))
+        ks.append(k)
+        cuts.append(-math.inf if k >= numel else math.inf if k <= 0 else None)
+    todo = [t for t, c in enumerate(cuts) if c is None]
+    if not todo:
+        return cuts
+    ranges = workers(numel, numel, threads)
+
+    def count(bins: int, bucket) -> list:
+        parts = [[(_i64 * bins)() for _ in range(T)] for _ in ranges]
+        hps = [_arr(_ptr, [ctypes.addressof(h) for h in hs]) for hs in parts]
+        run([lambda r0=r0, r1=r1, hp=hp: lib.ota_abs_hist(w0, dt0, T, eptr, edt, r0, r1, bucket, hp)
+             for (r0, r1), hp in zip(ranges, hps)], threads)
+        for p in parts[1:]:
+            for t in range(T):
+                lib.ota_add_i64(ctypes.addressof(parts[0][t]), ctypes.addressof(p[t]), bins)
+        return parts[0]
+
+    def select(h, k: int) -> tuple[int, int]:
+        rank = _i64(0)
+        b = lib.ota_select_from_top(ctypes.addressof(h), len(h), k, ctypes.byref(rank))
+        return int(b), int(rank.value)
+
+    hi = count(1 << 15, None)
+    picks = {t: select(hi[t], ks[t]) for t in todo}
+    buckets = _arr(_i64, [picks[t][0] if t in picks else -1 for t in range(T)])
+    lo = count(1 << 16, ctypes.addressof(buckets))
+    for t in todo:
+        bucket, rank = picks[t]
+        low, _ = select(lo[t], rank)
+        cuts[t] = struct.unpack("<f", struct.pack("<I", (bucket << 16) | low))[0]
+    return cuts
 
 
 def __getattr__(name: str):

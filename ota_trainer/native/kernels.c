@@ -34,7 +34,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 6; }
+int ota_native_version(void) { return 7; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -308,6 +308,47 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
         }
     }
     return bad;
+}
+
+/* -- small helpers of the native fast path (ota_trainer.fastpath) -------------------------------
+ * Rank-one factors as the engine derives them (ota_trainer.format.MomentsReader.rank1 and the
+ * aggregate/graft Score and Curvature): a = r / total and b = c * scale in float32 (scale only
+ * when apply_scale), their float64 copies for the saliency, and the curvature factors
+ * P = a, b (power 1) or sqrt(a), sqrt(b) (power 1/2: correctly rounded, through float64).
+ * total <= 0 (or NaN) gives a = 0. */
+void ota_rank1_prep(const float *r, const float *c, int64_t m, int64_t n, float total, float scale,
+                    int apply_scale, int sqrt_p, double *a64, double *b64, float *pa, float *pb) {
+    int zero = !(total > 0.0f);
+    for (int64_t i = 0; i < m; i++) {
+        float a = zero ? 0.0f : r[i] / total;
+        a64[i] = (double)a;
+        pa[i] = sqrt_p ? (float)sqrt((double)a) : a;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float b = apply_scale ? c[j] * scale : c[j];
+        b64[j] = (double)b;
+        pb[j] = sqrt_p ? (float)sqrt((double)b) : b;
+    }
+}
+
+/* dst[i] += src[i], and src[i] = 0 (private histogram bins into the shared ones). */
+void ota_add_i64(int64_t *dst, int64_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i], src[i] = 0;
+}
+
+/* The bin holding the k-th largest element of a histogram and that element's rank from the top
+ * inside it (ota_trainer.aggregate._select_from_top). */
+int64_t ota_select_from_top(const int64_t *counts, int64_t nbins, int64_t k, int64_t *rank) {
+    int64_t above = 0;
+    for (int64_t b = nbins - 1; b >= 0; b--) {
+        if (above + counts[b] >= k) {
+            *rank = k - above;
+            return b;
+        }
+        above += counts[b];
+    }
+    *rank = k - above;
+    return 0;
 }
 
 /* -- TIES ---------------------------------------------------------------------------------------

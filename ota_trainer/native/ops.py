@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import ctypes
-import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..aggregate import Curvature, _select_from_top
+from ..aggregate import Curvature
 from ..graft import SaliencyHistogram, Score
 from .. import native as _package
 from . import (
     DT_CODES, MAX_TIES_EXPERTS, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
-    _arr, _f32, _f64, _i64, _int, _load, _ptr,
+    _arr, _f32, _int, _load, _ptr,
 )
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
 
 _DT = {torch.float32: DT_CODES["F32"], torch.bfloat16: DT_CODES["BF16"], torch.float16: DT_CODES["F16"]}
-_pool: ThreadPoolExecutor | None = None
 
 
 def supports(*dtypes: torch.dtype) -> bool:
@@ -34,22 +31,8 @@ def _addr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _workers(rows: int, numel: int) -> list[tuple[int, int]]:
-    """Contiguous ranges of ``rows`` rows (or elements: ``rows = numel``), one per thread
-    (torch's intra-op thread count)."""
-    k = max(1, min(torch.get_num_threads(), rows, numel // _package.MIN_PARALLEL if numel >= 2 * _package.MIN_PARALLEL else 1))
-    step = -(-rows // k)
-    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
-
-
-def _run(calls):
-    """Run zero-argument callables on the thread pool (ctypes releases the GIL) and return their results."""
-    global _pool
-    if len(calls) == 1:
-        return [calls[0]()]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()), thread_name_prefix="ota-native")
-    return [f.result() for f in [_pool.submit(c) for c in calls]]
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 def _check(t: torch.Tensor, numel: int, what: str) -> None:
@@ -109,20 +92,16 @@ class SaliencyCounter:
     def add(self, w0: torch.Tensor, experts: list[torch.Tensor], scores: list[Score | None]) -> None:
         """Count one tensor: ``w0`` and ``experts`` are (m, n) contiguous tensors in their stored
         dtypes; experts whose score is None are skipped."""
-        lib = _load()
         m, n = w0.shape
-        eptr, edt = _tensor_arrays(w0, experts)
+        _tensor_arrays(w0, experts)
         smode, sa, sb, sv = _score_arrays(m, n, scores)
-
-        def call(k: int, r0: int, r1: int):
-            if k == 0:
-                own = self.hists
-            else:
-                own = self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists])
-            hp = _arr(_ptr, [h.data_ptr() for h in own])
-            return lambda: lib.ota_saliency_hist(w0.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, n, r0, r1, smode, sa, sb, sv, hp)
-
-        _run([call(k, r0, r1) for k, (r0, r1) in enumerate(_workers(m, m * n))])
+        hists = []
+        for k in range(len(_package.workers(m, m * n, _threads()))):
+            own = self.hists if k == 0 else (
+                self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists]))
+            hists.append([h.data_ptr() for h in own])
+        _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
+                                   list(smode), list(sa), list(sb), list(sv), hists, _threads())
         for h, s in zip(self.targets, scores):
             if s is not None:
                 h.total += m * n
@@ -153,10 +132,8 @@ def ota_merge(
     ``out``: an (m, n) contiguous tensor of ``out_dtype`` to write into (default: a new one).
     Returns (merged tensor in ``out_dtype``, entries kept per expert, whether every merged value
     is finite)."""
-    lib = _load()
     m, n = w0.shape
-    T = len(experts)
-    eptr, edt = _tensor_arrays(w0, experts)
+    _tensor_arrays(w0, experts)
     smode, sa, sb, sv = _score_arrays(m, n, scores)
     full = [c for c in curvatures if c.v is not None]
     if len({c.sqrt for c in full}) > 1:
@@ -167,29 +144,20 @@ def ota_merge(
             _check(c.pb, n, "curvature column factor")
         elif c.v is not None:
             _check(c.v, m * n, "curvature")
-    wmode = _arr(_int, [W_RANK1 if c.pa is not None else W_FULL if c.v is not None else W_UNIFORM for c in curvatures])
-    pa, pb, wv = (_arr(_ptr, [_addr(getattr(c, k)) for c in curvatures]) for k in ("pa", "pb", "v"))
-    sqrt_p = int(any(c.sqrt for c in full))
-    cut, pdiv, coef = _arr(_f64, cuts), _arr(_f32, [c.div for c in curvatures]), _arr(_f32, coefs)
-    uniform = float(torch.tensor(1.0 + epsilon, dtype=torch.float32))
-    eps32 = float(torch.tensor(epsilon, dtype=torch.float32))
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
     elif out.dtype != out_dtype:
         raise ValueError(f"native kernel: out is {out.dtype}, expected {out_dtype}")
     _check(out, m * n, "output")
-    ranges = _workers(m, m * n)
-    kept = [_arr(_i64, [0] * T) for _ in ranges]
-
-    def call(k: int, r0: int, r1: int):
-        return lambda: lib.ota_merge_rows(
-            w0.data_ptr(), _DT[w0.dtype], T, eptr, edt, n, r0, r1, smode, sa, sb, sv, ctypes.addressof(cut),
-            wmode, pa, pb, wv, sqrt_p, ctypes.addressof(pdiv), eps32, uniform, ctypes.addressof(coef),
-            out.data_ptr(), _DT[out_dtype], ctypes.addressof(kept[k]),
-        )
-
-    bad = _run([call(k, r0, r1) for k, (r0, r1) in enumerate(ranges)])
-    return out, [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
+    kept, finite = _package.raw_ota_merge(
+        w0.data_ptr(), _DT[w0.dtype], m, n, [(e.data_ptr(), _DT[e.dtype]) for e in experts], list(smode), list(sa),
+        list(sb), list(sv), list(cuts),
+        [W_RANK1 if c.pa is not None else W_FULL if c.v is not None else W_UNIFORM for c in curvatures],
+        [_addr(c.pa) for c in curvatures], [_addr(c.pb) for c in curvatures], [_addr(c.v) for c in curvatures],
+        any(c.sqrt for c in full), [c.div for c in curvatures], list(coefs), epsilon, out.data_ptr(), _DT[out_dtype],
+        _threads(),
+    )
+    return out, kept, finite
 
 
 @torch.no_grad()
@@ -197,41 +165,10 @@ def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: lis
     """Each task vector's TIES trim threshold over the whole tensor, exactly
     :func:`ota_trainer.aggregate.magnitude_cut` (``-inf`` keeps all, ``inf`` none): the
     ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select."""
-    lib = _load()
     numel = w0.numel()
-    w0, experts = w0.reshape(1, -1), [e.reshape(1, -1) for e in experts]
-    eptr, edt = _tensor_arrays(w0, experts)
-    cuts: list[float | None] = []
-    ks = []
-    for p in densities:
-        k = int(round(p * numel))
-        ks.append(k)
-        cuts.append(-math.inf if k >= numel else math.inf if k <= 0 else None)
-    todo = [t for t, c in enumerate(cuts) if c is None]
-    if not todo:
-        return cuts
-    T = len(experts)
-    ranges = _workers(numel, numel)
-
-    def count(bins: int, bucket) -> list[torch.Tensor]:
-        parts = [[torch.zeros(bins, dtype=torch.int64) for _ in range(T)] for _ in ranges]
-        calls = []
-        for (r0, r1), hs in zip(ranges, parts):
-            hp = _arr(_ptr, [h.data_ptr() for h in hs])
-            calls.append(lambda r0=r0, r1=r1, hp=hp: lib.ota_abs_hist(
-                w0.data_ptr(), _DT[w0.dtype], T, eptr, edt, r0, r1, bucket, hp))
-        _run(calls)
-        return [sum(p[t] for p in parts) for t in range(T)]
-
-    hi = count(1 << 15, None)
-    picks = {t: _select_from_top(hi[t], ks[t]) for t in todo}
-    buckets = _arr(_i64, [picks[t][0] if t in picks else -1 for t in range(T)])
-    lo = count(1 << 16, ctypes.addressof(buckets))
-    for t in todo:
-        bucket, rank = picks[t]
-        low, _ = _select_from_top(lo[t], rank)
-        cuts[t] = float(torch.tensor((bucket << 16) | low, dtype=torch.int32).view(torch.float32))
-    return cuts
+    _tensor_arrays(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
+    return _package.raw_magnitude_cuts(w0.data_ptr(), _DT[w0.dtype], numel, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
+                                       list(densities), _threads())
 
 
 @torch.no_grad()
@@ -256,6 +193,6 @@ def ties_merge(
     calls = [
         (lambda r0=r0, r1=r1: lib.ota_ties(w0f.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, r0, r1,
                                            ctypes.addressof(cut), ctypes.addressof(coef), lam32, out.data_ptr(), _DT[out_dtype]))
-        for r0, r1 in _workers(numel, numel)
+        for r0, r1 in _package.workers(numel, numel, _threads())
     ]
-    return out, not any(_run(calls))
+    return out, not any(_package.run(calls, _threads()))
