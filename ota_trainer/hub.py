@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES
+from .layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES
 from .errors import HubError, IncompatibleModelsError
-from .format import MERGE_READY_TAG
 
 logger = logging.getLogger(__name__)
 

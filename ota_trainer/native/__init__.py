@@ -316,6 +316,20 @@ def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, i
     return cuts
 
 
+def raw_ties_merge(w0: int, dt0: int, numel: int, experts: list[tuple[int, int]], cuts: list[float], coefs: list[float],
+                   lam: float, out: int, dto: int, threads: int) -> bool:
+    """TIES of one tensor into ``out`` (see ``ota_ties`` in kernels.c); whether it is finite."""
+    if len(experts) > MAX_TIES_EXPERTS:
+        raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
+    lib = library()
+    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    cut, coef, lam32 = _arr(_f32, cuts), _arr(_f32, coefs), float32(lam)
+    bad = run([lambda r0=r0, r1=r1: lib.ota_ties(w0, dt0, len(experts), eptr, edt, r0, r1, ctypes.addressof(cut),
+                                                 ctypes.addressof(coef), lam32, out, dto)
+               for r0, r1 in workers(numel, numel, threads)], threads)
+    return not any(bad)
+
+
 def __getattr__(name: str):
     if name in _OPS:
         from . import ops

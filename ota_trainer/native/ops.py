@@ -1,7 +1,6 @@
 """The native kernels on PyTorch tensors: what the merge engine calls (see the package docstring)."""
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
@@ -10,7 +9,7 @@ from ..graft import SaliencyHistogram, Score
 from .. import native as _package
 from . import (
     DT_CODES, MAX_TIES_EXPERTS, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
-    _arr, _f32, _int, _load, _ptr,
+    _arr, _int, _load, _ptr,
 )
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
@@ -179,20 +178,13 @@ def ties_merge(
     """TIES of one tensor (exactly :func:`ota_trainer.aggregate.ties_merge` with these ``cuts``).
 
     Returns (merged tensor in ``out_dtype``, of ``w0``'s shape, and whether it is finite)."""
-    lib = _load()
     if len(experts) > MAX_TIES_EXPERTS:
         raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
     shape, numel = w0.shape, w0.numel()
-    w0f, flat = w0.reshape(1, -1), [e.reshape(1, -1) for e in experts]
-    eptr, edt = _tensor_arrays(w0f, flat)
+    _tensor_arrays(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
     if out is None:
         out = torch.empty(shape, dtype=out_dtype)
     _check(out, numel, "output")
-    cut, coef = _arr(_f32, cuts), _arr(_f32, coefs)
-    lam32 = float(torch.tensor(lam, dtype=torch.float32))
-    calls = [
-        (lambda r0=r0, r1=r1: lib.ota_ties(w0f.data_ptr(), _DT[w0.dtype], len(experts), eptr, edt, r0, r1,
-                                           ctypes.addressof(cut), ctypes.addressof(coef), lam32, out.data_ptr(), _DT[out_dtype]))
-        for r0, r1 in _package.workers(numel, numel, _threads())
-    ]
-    return out, not any(_package.run(calls, _threads()))
+    finite = _package.raw_ties_merge(w0.data_ptr(), _DT[w0.dtype], numel, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
+                                     list(cuts), list(coefs), lam, out.data_ptr(), _DT[out_dtype], _threads())
+    return out, finite
