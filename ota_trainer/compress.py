@@ -11,12 +11,9 @@ import math
 
 import torch
 
+from .layout import matrix_shape  # noqa: F401 - part of this module's API
+
 __all__ = ["matrix_shape", "is_factorable", "rank1_factors", "rank1_reconstruct"]
-
-
-def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
-    """(shape[0], prod(shape[1:])): the 2-D view a tensor of ``shape`` is compressed as."""
-    return int(shape[0]), int(math.prod(shape[1:]))
 
 
 def is_factorable(shape: tuple[int, ...] | torch.Size) -> bool:

@@ -53,7 +53,7 @@ from .errors import FormatError, NumericalError
 from .layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
-    moments_scale, prefetch_range, read_safetensors_layout, row_total, safetensors_header,
+    check_moments_entries, moments_scale, parse_moments_metadata, prefetch_range, read_safetensors_layout, row_total, safetensors_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-_REQUIRED_KEYS = ("format", "format_version", "compression", "step", "beta2", "parameters")
 
 
 @dataclass(frozen=True)
@@ -307,12 +306,12 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         self.model = model
         header, self._data_start = read_safetensors_layout(self.path)
         self._header = header
-        self.metadata = self._parse_metadata(header)
+        self.metadata = parse_moments_metadata(self.path, header)
         self.shapes: dict[str, tuple[int, ...]] = {
             n: tuple(int(d) for d in p["shape"]) for n, p in self.metadata["parameters"].items()
         }
         self._stored = {n: p["stored"] for n, p in self.metadata["parameters"].items()}
-        self._check_entries(header)
+        check_moments_entries(self.path, header, self.shapes, self._stored)
         self.scale = moments_scale(self.metadata, bias_correction)
         self._fh = open(self.path, "rb")
 
@@ -335,53 +334,6 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     # -- validation -------------------------------------------------------------------------
     def _fail(self, what: str) -> FormatError:
         return FormatError(f"{self.path}: {what}", path=str(self.path))
-
-    def _parse_metadata(self, header: dict[str, Any]) -> dict[str, Any]:
-        raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
-        if raw is None:
-            raise self._fail(
-                f"no '{METADATA_KEY}' metadata: not an ota_trainer moments file "
-                "(write it with ota_trainer.save_moments or OTACallback)"
-            )
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise self._fail(f"moments metadata is not valid JSON ({e})") from e
-        missing = [k for k in _REQUIRED_KEYS if k not in meta]
-        if missing:
-            raise self._fail(f"moments metadata lacks {missing}")
-        if meta["format"] != FORMAT_NAME:
-            raise self._fail(f"format is {meta['format']!r}, expected {FORMAT_NAME!r}")
-        if meta["format_version"] != FORMAT_VERSION:
-            raise self._fail(
-                f"moments format version {meta['format_version']} is not supported by this "
-                f"ota_trainer ({__version__} reads version {FORMAT_VERSION}); upgrade ota_trainer"
-            )
-        if meta["compression"] not in COMPRESSIONS:
-            raise self._fail(f"unknown compression {meta['compression']!r}")
-        params = meta["parameters"]
-        if not isinstance(params, dict):
-            raise self._fail("'parameters' must map names to {shape, stored}")
-        for name, p in params.items():
-            if not isinstance(p, dict) or p.get("stored") not in ("rank1", "full") or not isinstance(p.get("shape"), list):
-                raise self._fail(f"bad 'parameters' entry for {name!r}: {p!r}")
-        return meta
-
-    def _check_entries(self, header: dict[str, Any]) -> None:
-        for name, shape in self.shapes.items():
-            if self._stored[name] == "rank1":
-                if len(shape) < 2:
-                    raise self._fail(f"{name!r} is 1-D but stored rank1")
-                m, n = matrix_shape(shape)
-                want = {name + ROW_SUFFIX: [m], name + COL_SUFFIX: [n]}
-            else:
-                want = {name: list(shape)}
-            for key, wshape in want.items():
-                info = header.get(key)
-                if info is None:
-                    raise self._fail(f"tensor {key!r} listed in the metadata is missing")
-                if list(info.get("shape", [])) != wshape:
-                    raise self._fail(f"tensor {key!r} has shape {info.get('shape')}, metadata says {wshape}")
 
     # -- mapping ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import FormatError
 
 # bytes per element of each safetensors dtype code
@@ -93,6 +94,79 @@ def row_total(values) -> float:
         return struct.unpack("<f", struct.pack("<f", total))[0]
     except OverflowError:  # beyond float32's range, as a float32 sum would be
         return math.inf
+
+
+def _fail(path: Path, what: str) -> FormatError:
+    return FormatError(f"{path}: {what}", path=str(path))
+
+
+def parse_moments_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``ota_moments`` JSON metadata of a moments file's header.
+
+    Raises:
+        FormatError: naming the file: missing or invalid metadata, another format or version.
+    """
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise _fail(
+            path,
+            f"no '{METADATA_KEY}' metadata: not an ota_trainer moments file "
+            "(write it with ota_trainer.save_moments or OTACallback)"
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"moments metadata is not valid JSON ({e})") from e
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise _fail(path, f"moments metadata lacks {missing}")
+    if meta["format"] != FORMAT_NAME:
+        raise _fail(path, f"format is {meta['format']!r}, expected {FORMAT_NAME!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"moments format version {meta['format_version']} is not supported by this "
+            f"ota_trainer ({__version__} reads version {FORMAT_VERSION}); upgrade ota_trainer"
+        )
+    if meta["compression"] not in COMPRESSIONS:
+        raise _fail(path, f"unknown compression {meta['compression']!r}")
+    params = meta["parameters"]
+    if not isinstance(params, dict):
+        raise _fail(path, "'parameters' must map names to {shape, stored}")
+    for name, p in params.items():
+        if not isinstance(p, dict) or p.get("stored") not in ("rank1", "full") or not isinstance(p.get("shape"), list):
+            raise _fail(path, f"bad 'parameters' entry for {name!r}: {p!r}")
+    return meta
+
+
+def check_moments_entries(path: Path, header: dict[str, Any], shapes: dict[str, tuple[int, ...]], stored: dict[str, str]) -> None:
+    """Every parameter the metadata lists has its tensors, of the shapes it says (FormatError otherwise)."""
+    for name, shape in shapes.items():
+        if stored[name] == "rank1":
+            if len(shape) < 2:
+                raise _fail(path, f"{name!r} is 1-D but stored rank1")
+            m, n = matrix_shape(shape)
+            want = {name + ROW_SUFFIX: [m], name + COL_SUFFIX: [n]}
+        else:
+            want = {name: list(shape)}
+        for key, wshape in want.items():
+            info = header.get(key)
+            if info is None:
+                raise _fail(path, f"tensor {key!r} listed in the metadata is missing")
+            if list(info.get("shape", [])) != wshape:
+                raise _fail(path, f"tensor {key!r} has shape {info.get('shape')}, metadata says {wshape}")
+
+
+_REQUIRED_KEYS = ("format", "format_version", "compression", "step", "beta2", "parameters")
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """(shape[0], prod(shape[1:])): the 2-D view a tensor is compressed as (rank-one factors
+    index its rows and columns)."""
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return int(shape[0]), int(n)
 
 
 def moments_scale(metadata: dict[str, Any], bias_correction: bool) -> float:
