@@ -170,8 +170,8 @@ def fisher_merge(
 
 
 def _power(x: torch.Tensor, power: float) -> torch.Tensor:
-    """``x ** power`` (a fresh tensor), with sqrt for the paper's ``p = 1/2``."""
-    return x.sqrt() if power == 0.5 else x.pow(power) if power != 1.0 else x.clone()
+    """``x ** power`` (a fresh tensor), with the correctly rounded sqrt for the paper's ``p = 1/2``."""
+    return _sqrt(x) if power == 0.5 else x.pow(power) if power != 1.0 else x.clone()
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:

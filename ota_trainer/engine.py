@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from . import native, prescan, readahead
+from . import fastpath, native, prescan, readahead
 from .aggregate import (
     Curvature,
     OTAAccumulator,
@@ -496,6 +496,7 @@ def merge(
     overwrite: bool = False,
     quiet: bool = False,
     resolver: Resolver | None = None,
+    fast_path: bool = True,
 ) -> MergeReport:
     """Merge experts as the recipe says and write a Hugging Face model folder to ``out_dir``.
 
@@ -506,6 +507,8 @@ def merge(
         quiet: no progress bars.
         resolver: turns a model reference into a local folder (default: the reference is a
             folder). The Hub layer passes one that downloads repo ids.
+        fast_path: try :mod:`ota_trainer.fastpath` first (the same merge without PyTorch, for
+            the recipes it covers); False: always this engine.
 
     Returns:
         A :class:`MergeReport` (achieved FFG density per expert and per tensor, files, time),
@@ -523,6 +526,10 @@ def merge(
     """
     start = time.perf_counter()
     recipe = _as_recipe(recipe)
+    if fast_path:  # the native kernels without PyTorch, where they cover the recipe (same bytes)
+        report = fastpath.merge(recipe, out_dir, overwrite=overwrite, quiet=quiet, resolver=resolver)
+        if report is not None:
+            return report
     out = AtomicOutputDir(out_dir, overwrite=overwrite)  # refuses a non-empty out_dir before any work
     engine = _Engine(recipe, resolver or _local_resolver, quiet)
     with out as tmp:

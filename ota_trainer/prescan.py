@@ -18,34 +18,24 @@ factors (``tests/test_prescan.py``).
 """
 from __future__ import annotations
 
-import array
 import ctypes
-import json
 import logging
 import mmap
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import native
-from .layout import (
-    COL_SUFFIX, METADATA_KEY, ROW_SUFFIX, moments_path, moments_scale, read_safetensors_layout, row_total, weight_files,
-)
+from . import fastpath, native
+from .layout import matrix_shape, moments_path, weight_files
+from .thresholds import N_BINS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["start", "take", "Scan"]
 
-N_BINS = 1 << 21  # ota_trainer.graft.N_BINS (the kernel's bins)
-_FLOATS = ("F32", "BF16", "F16")
 _lock = threading.Lock()
 _scans: list["Scan"] = []
-
-
-class _Decline(Exception):
-    """The scan does not handle this input: the engine counts itself."""
 
 
 @dataclass
@@ -72,105 +62,49 @@ def _signature(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
-def _tensors(folder: Path) -> tuple[dict[str, tuple[str, str, tuple[int, ...], int, int]], list[Path]]:
-    """name -> (file, dtype, shape, data start, data end) of a model folder's weights."""
-    out: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
-    files = weight_files(folder, str(folder))
-    for f in files:
-        header, start = read_safetensors_layout(folder / f)
-        for name, info in header.items():
-            if name != "__metadata__":
-                b, e = info["data_offsets"]
-                out[name] = (f, info["dtype"], tuple(int(d) for d in info["shape"]), start + b, start + e)
-    return out, [folder / f for f in files]
-
-
-def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(m, n): the engine's view (first dimension by the rest; 1-D as a column)."""
-    if len(shape) >= 2:
-        n = 1
-        for d in shape[1:]:
-            n *= d
-        return shape[0], n
-    n = 1
-    for d in shape:
-        n *= d
-    return n, 1
-
-
-class _Files:
-    """Read-only views of whole files, and their addresses for the kernels."""
-
-    def __init__(self) -> None:
-        self.maps: dict[Path, tuple[mmap.mmap, Any]] = {}
-
-    def addr(self, path: Path, offset: int) -> int:
-        if path not in self.maps:
-            with open(path, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: pages shared with the cache until written (never)
-            self.maps[path] = (mm, ctypes.c_char.from_buffer(mm))
-        return ctypes.addressof(self.maps[path][1]) + offset
-
-    def read(self, path: Path, start: int, end: int, dtype: str) -> array.array:
-        if dtype != "F32":
-            raise _Decline(f"{path}: moments stored as {dtype}")
-        self.addr(path, 0)
-        out = array.array("f")
-        out.frombytes(self.maps[path][0][start:end])
-        return out
-
-    def close(self) -> None:
-        maps = list(self.maps.values())
-        self.maps.clear()
-        while maps:
-            mm, view = maps.pop()
-            del view  # the last reference to the export: the map can close
-            mm.close()
-
-
-def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool, files: _Files, keep: list):
-    """The kernel's arguments for the first pass: every float tensor of the base, in file order."""
-    base_t, _ = _tensors(base)
-    exp_t = [_tensors(e)[0] for e in experts]
-    moments = []
-    for e in experts:
-        if score == "magnitude":
-            moments.append(None)
-            continue
-        path = moments_path(e)
-        header, start = read_safetensors_layout(path)
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-        moments.append((path, header, start, meta["parameters"], moments_scale(meta, bias_correction)))
-    floats = set(_FLOATS) if native.library().ota_native_has_f16() else {"F32", "BF16"}
-    odd = [n for n, t in base_t.items() if t[1] not in floats and t[1].startswith(("F", "BF"))]
+def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool, maps: fastpath._Maps, keep: list):
+    """The kernel's arguments for the first pass over every float tensor of the base, in file
+    order, read and prepared as the fast path reads them (so as the engine does)."""
+    lib = native.library()
+    floats = {"F32", "BF16", "F16"} if lib.ota_native_has_f16() else {"F32", "BF16"}
+    bf = fastpath._Folder(base, str(base))
+    efs = [fastpath._Folder(e, str(e)) for e in experts]
+    moments = [None if score == "magnitude" else fastpath._Moments(e, bias_correction) for e in experts]
+    odd = [n for n, t in bf.tensors.items() if t.dtype not in floats and t.dtype.startswith(("F", "BF"))]
     if odd:
-        raise _Decline(f"{base}: {odd[0]!r} is {base_t[odd[0]][1]}, which the kernels do not read")
-    names = [n for n, t in sorted(base_t.items(), key=lambda kv: (kv[1][0], kv[1][3])) if t[1] in floats]
-    T = len(experts)
+        raise fastpath.Decline(f"{base}: {odd[0]!r} is {bf.tensors[odd[0]].dtype}, which the kernels do not read")
+    names = [n for n in bf.names if bf.tensors[n].dtype in floats]
+    T = len(experts)  # noqa: N806
     w0, dt0, ms, ns = [], [], [], []
     e_ptr, e_dt, smode, sa, sb, sv = [], [], [], [], [], []
     totals = [0] * T
     for name in names:
-        f, dt, shape, s0, _ = base_t[name]
-        m, n = _matrix(shape)
-        w0.append(files.addr(base / f, s0))
-        dt0.append(native.DT_CODES[dt])
+        t = bf.tensors[name]
+        m, n = matrix_shape(t.shape) if len(t.shape) >= 2 else (t.numel, 1)
+        w0.append(maps.addr(t.file, t.start))
+        dt0.append(native.DT_CODES[t.dtype])
         ms.append(m)
         ns.append(n)
-        for t, (e, et) in enumerate(zip(experts, exp_t)):
-            ef, edt, eshape, es0, _ = et[name]  # a mismatch: KeyError, declined (the engine explains it)
-            if edt not in floats or eshape != shape:
-                raise _Decline(f"{e}: {name!r} differs from the base")
-            e_ptr.append(files.addr(e / ef, es0))
-            e_dt.append(native.DT_CODES[edt])
-            mode, a, b, v = _score(files, moments[t], name, m, n, score)
-            keep += [x for x in (a, b, v) if isinstance(x, array.array)]
+        for k, (ef, mom) in enumerate(zip(efs, moments)):
+            et = ef.tensors.get(name)
+            if et is None or et.dtype not in floats or et.shape != t.shape:
+                raise fastpath.Decline(f"{ef.label}: {name!r} differs from the base")
+            e_ptr.append(maps.addr(et.file, et.start))
+            e_dt.append(native.DT_CODES[et.dtype])
+            if mom is None:
+                mode, a, b, v = native.S_MAGNITUDE, None, None, None
+            elif name not in mom.stored:
+                mode, a, b, v = native.S_NONE, None, None, None  # no moments for it: FFG keeps it whole
+            else:
+                factors = fastpath._Factors(maps, mom, name, m, n, False, lib)
+                keep.append(factors)
+                mode, a, b, v = factors.score(False)
             smode.append(mode)
-            sa.append(_address(a))
-            sb.append(_address(b))
-            sv.append(_address(v))
+            sa.append(a)
+            sb.append(b)
+            sv.append(v)
             if mode != native.S_NONE:
-                totals[t] += m * n
+                totals[k] += m * n
     arr, P, I, L = native._arr, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64  # noqa: N806
     args = (len(names), T, arr(P, w0), arr(I, dt0), arr(P, e_ptr), arr(I, e_dt), arr(L, ms), arr(L, ns), arr(I, smode),
             arr(P, sa), arr(P, sb), arr(P, sv))
@@ -178,7 +112,7 @@ def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool,
     return args, totals
 
 
-def _count(scan: Scan, args: tuple, totals: list[int], files: _Files, keep: list) -> None:
+def _count(scan: Scan, args: tuple, totals: list[int], maps: fastpath._Maps, keep: list) -> None:
     """Run the kernel (GIL released throughout) and keep its histograms on ``scan``."""
     try:
         k, T, w0, dt0, e, edt, ms, ns, smode, sa, sb, sv = args  # noqa: N806
@@ -190,53 +124,13 @@ def _count(scan: Scan, args: tuple, totals: list[int], files: _Files, keep: list
         )
         del views, hist
         if rc != 0:
-            raise _Decline("the kernel could not allocate its bins")
+            raise fastpath.Decline("the kernel could not allocate its bins")
         scan.counts, scan.totals = counts, totals
     except Exception as e:  # noqa: BLE001 - the engine reads the inputs itself and reports problems properly
         scan.error = f"{type(e).__name__}: {e}"
     finally:
         keep.clear()
-        files.close()
-
-
-def _address(buf: array.array | int | None) -> int | None:
-    return buf if buf is None or isinstance(buf, int) else buf.buffer_info()[0]
-
-
-def _score(files: _Files, mom, name: str, m: int, n: int, score: str):
-    """(mode, a, b, v) of one expert's tensor, as the engine's ``Score`` (float64 rank-one factors
-    ``a = r / row_total(r)`` and ``b = c * scale``, or the float32 full ``v * scale``)."""
-    if score == "magnitude":
-        return native.S_MAGNITUDE, None, None, None
-    path, header, start, params, scale = mom
-    p = params.get(name)
-    if p is None:
-        return native.S_NONE, None, None, None  # no moments for it: FFG keeps it whole
-
-    def get(key: str) -> array.array:
-        info = header[key]
-        b, e = info["data_offsets"]
-        return files.read(path, start + b, start + e, info["dtype"])
-
-    s32 = array.array("f", [scale])[0]
-    if p["stored"] == "rank1":
-        r, c = get(name + ROW_SUFFIX), get(name + COL_SUFFIX)
-        if len(r) != m or len(c) != n:
-            raise _Decline(f"{path}: factors of {name!r} do not fit")
-        if s32 != 1.0:
-            c = array.array("f", [x * s32 for x in c])  # float32 products, as the engine's
-        total = row_total(r)
-        a = array.array("f", [x / total for x in r]) if total > 0 else array.array("f", bytes(4 * m))
-        return native.S_RANK1, array.array("d", a), array.array("d", c), None
-    info = header[name]
-    b, e = info["data_offsets"]
-    if info["dtype"] != "F32" or e - b != 4 * m * n:
-        raise _Decline(f"{path}: moments of {name!r} are not float32 of its shape")
-    if s32 == 1.0:
-        return native.S_FULL, None, None, files.addr(path, start + b)  # read in place
-    if m * n > 1 << 20:
-        raise _Decline(f"{path}: large full moments to rescale")
-    return native.S_FULL, None, None, array.array("f", [x * s32 for x in get(name)])
+        maps.close()
 
 
 def _key(base: Path, experts: list[Path], score: str, bias_correction: bool) -> tuple:
@@ -268,14 +162,14 @@ def start(recipe) -> Scan | None:
         p = recipe.method_parameters()
         score, bias = p["score"], p["bias_correction"]
         scan = Scan(_key(base, experts, score, bias))
-        files, keep = _Files(), []
+        maps, keep = fastpath._Maps(), []
         try:  # here, before PyTorch loads: a thread would wait for the GIL behind the import
-            args, totals = _prepare(base, experts, score, bias, files, keep)
+            args, totals = _prepare(base, experts, score, bias, maps, keep)
         except BaseException:
             keep.clear()
-            files.close()
+            maps.close()
             raise
-        scan.thread = threading.Thread(target=_count, args=(scan, args, totals, files, keep), name="ota-prescan", daemon=True)
+        scan.thread = threading.Thread(target=_count, args=(scan, args, totals, maps, keep), name="ota-prescan", daemon=True)
         with _lock:
             _scans.append(scan)
         scan.thread.start()

@@ -11,6 +11,7 @@ hint: errors are ignored, and platforms without ``posix_fadvise`` do nothing.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
@@ -91,24 +92,46 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.sta
 
 def _toucher():
     """A function ``(fd, pos, n)`` that waits for those bytes and touches every page once:
-    ``madvise(MADV_POPULATE_READ)`` on a temporary map (Linux 5.14+, no copy), else reads
-    into a reused buffer."""
+    ``madvise(MADV_POPULATE_READ)`` on a temporary map (Linux 5.14+, no copy), called through
+    ctypes so the interpreter's other threads run meanwhile (``mmap.madvise`` holds the GIL
+    while it waits for the disk); else reads into a reused buffer (``preadv`` releases the GIL)."""
     buf = None
+    madvise = _libc_madvise()
 
     def populate(fd: int, pos: int, n: int) -> None:
         nonlocal buf
-        if buf is None:
+        if buf is None and madvise is not None:
             lo = pos - pos % mmap.ALLOCATIONGRANULARITY
             try:
-                with mmap.mmap(fd, pos + n - lo, access=mmap.ACCESS_READ, offset=lo) as mm:
-                    mm.madvise(_MADV_POPULATE_READ)
-                return
-            except (OSError, ValueError, TypeError, AttributeError):
-                buf = memoryview(bytearray(SLICE_BYTES))  # no MADV_POPULATE_READ here: read instead
+                with mmap.mmap(fd, pos + n - lo, access=mmap.ACCESS_COPY, offset=lo) as mm:
+                    view = ctypes.c_char.from_buffer(mm)
+                    try:
+                        ok = madvise(ctypes.addressof(view), len(mm), _MADV_POPULATE_READ) == 0
+                    finally:
+                        del view
+                if ok:
+                    return
+            except (OSError, ValueError, TypeError):
+                pass
+        if buf is None:
+            buf = memoryview(bytearray(SLICE_BYTES))  # no MADV_POPULATE_READ here: read instead
         for off in range(pos, pos + n, len(buf)):
             os.preadv(fd, [buf[: min(len(buf), pos + n - off)]], off)
 
     return populate
+
+
+def _libc_madvise():
+    """libc's ``madvise(addr, length, advice)`` through ctypes (the GIL is released), or None."""
+    if _MADV_POPULATE_READ is None:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
 
 
 def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False) -> threading.Thread:

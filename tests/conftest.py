@@ -34,3 +34,15 @@ def tiny_models(tmp_path_factory):
         "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full", step=50),
         "e3": make_tiny_expert(base, root / "e3", seed=3, moments="rank1"),
     }
+
+
+@pytest.fixture(scope="session")
+def bf16_models(tmp_path_factory):
+    """A bf16 base (hidden 96) and experts with rank-one (e1), full (e2) and no (e3) moments."""
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+
+    root = tmp_path_factory.mktemp("bf16")
+    base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
+    return {"base": base, "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
+            "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
+            "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None)}

@@ -141,17 +141,6 @@ def test_unavailable_native_kernels_fall_back_or_fail_as_asked(monkeypatch, tmp_
 
 
 # -- whole merges: native and PyTorch engines write the same bytes ---------------------------------
-@pytest.fixture(scope="module")
-def bf16_models(tmp_path_factory):
-    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
-
-    root = tmp_path_factory.mktemp("bf16")
-    base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
-    return {"base": base, "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
-            "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
-            "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None)}
-
-
 RECIPES = {
     "density": {"parameters": {"density": 0.3}},
     "threshold": {"parameters": {"threshold": 1e-13}},

@@ -52,12 +52,17 @@ def test_histograms_are_the_engines_own(tiny_models, name):
         assert torch.equal(torch.frombuffer(counts, dtype=torch.int64), hists[i].counts), f"expert {i}"
 
 
-def test_cli_merge_takes_the_scan_and_writes_the_same_merge(tiny_models, tmp_path):
-    recipe = _recipe(tiny_models, {"density": 0.4})
+def test_cli_merge_takes_the_scan_and_writes_the_same_merge(tiny_models, tmp_path, monkeypatch):
+    # normalise: mean is not the fast path's (ota_trainer.fastpath): the CLI loads PyTorch and the
+    # engine, and FFG's first pass runs meanwhile
+    recipe = _recipe(tiny_models, {"density": 0.4, "normalise": "mean"})
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe.to_yaml())
+    taken = []
+    real_take = prescan.take
+    monkeypatch.setattr(prescan, "take", lambda *a, **k: taken.append(real_take(*a, **k)) or taken[-1])
     assert cli_main(["--recipe", str(path), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
-    assert not prescan._scans  # started by the CLI and taken by the engine
+    assert len(taken) == 1 and taken[0] is not None and not prescan._scans  # started by the CLI, taken by the engine
     merge(recipe, tmp_path / "api", quiet=True)  # no scan: the engine counts itself
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -199,6 +199,21 @@ def _numel(shape) -> int:
     return n
 
 
+def _merge(recipe, args, resolver, argv):
+    """The merge, with PyTorch loaded only if the native fast path does not cover the recipe;
+    then FFG's first pass (or a read-ahead) runs on local inputs while PyTorch loads."""
+    from .. import fastpath, prescan, readahead
+
+    report = fastpath.merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver)
+    if report is not None:
+        return report
+    if prescan.start(recipe) is None:  # it reads the inputs itself
+        readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
+    from ..engine import merge
+
+    return merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver, fast_path=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -206,12 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = recipe_from_args(args)
-        if not args.dry_run:  # the disk and the cores work while PyTorch loads below
-            from .. import prescan, readahead
-
-            if prescan.start(recipe) is None:  # FFG's first pass on local models (it reads them itself)
-                readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
-        from ..engine import merge
         from ..hub import HubResolver, check_architectures, publish_folder
 
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
@@ -220,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # configs only: an incompatible expert fails before any weights are downloaded
         check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-        report = merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver)
+        report = _merge(recipe, args, resolver, argv)
         if args.push_to_hub:
             sha = publish_folder(report.out_dir, args.push_to_hub, private=args.private,
                                  commit_message=f"Merge with ota_trainer ({report.method})")

@@ -333,7 +333,8 @@ void ota_rank1_prep(const float *r, const float *c, int64_t m, int64_t n, float 
 
 /* dst[i] += src[i], and src[i] = 0 (private histogram bins into the shared ones). */
 void ota_add_i64(int64_t *dst, int64_t *src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] += src[i], src[i] = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (src[i]) dst[i] += src[i], src[i] = 0;  /* only the counted bins' pages are written */
 }
 
 /* The bin holding the k-th largest element of a histogram and that element's rank from the top
