@@ -465,7 +465,7 @@ def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = 
     except OutputExistsError:
         raise
     except Exception as e:  # noqa: BLE001 - the engine reads the inputs itself and reports problems properly
-        logger.debug("fast path declined: %s", e)
+        logger.info("merging with the PyTorch engine (the native fast path does not cover this: %s)", e)
         return None
     try:
         with out as tmp:
@@ -478,7 +478,7 @@ def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = 
                     gc.enable()
             report = finish(tmp, recipe, out.dest, job.reports, job.tensor_density, files, resolver, start)
     except Decline as e:
-        logger.debug("fast path declined: %s", e)
+        logger.info("merging with the PyTorch engine (the native fast path stopped: %s)", e)
         return None
     finally:
         job.maps.close()

@@ -1,18 +1,19 @@
 """FFG's first pass (the saliency histograms) started before PyTorch has loaded.
 
-A merge with a global FFG density reads every expert entry twice: once to find each expert's
-threshold, once to merge. Loading PyTorch takes the merge CLI a second or more of CPU; this
-module lets the first pass run meanwhile. It needs no PyTorch: recipe (:mod:`.config`),
-headers (:mod:`.layout`) and the native kernels (:mod:`.native`, loader only) are enough, and
-one kernel call does the whole pass on threads of its own (the GIL is released throughout).
+When the merge CLI cannot use the native fast path (:mod:`.fastpath`: e.g. ``normalise: mean``
+or another ``power``), it loads PyTorch and runs the engine; loading PyTorch takes a second or
+more of CPU. If the recipe needs FFG's first pass, this module runs it meanwhile: the fast
+path's readers (headers, moments, rank-one factors) and one kernel call that does the whole
+pass on threads of its own (the GIL is released throughout, and each thread drops the pages it
+has counted from its maps, so resident memory stays at about one tensor).
 
-    scan = prescan.start("recipe.yaml")      # before `import torch`: a thread, or None
+    scan = prescan.start(recipe)      # before `import torch`: a thread, or None
     ...
     found = prescan.take(base_dir, expert_dirs, score=..., bias_correction=...)   # the engine
 
 The engine takes the histograms only when everything they depend on matches what it would
 read itself (folders, score, bias correction, every input file's size and mtime); otherwise,
-or when the scan declined (no native kernels, remote models, moments it does not handle, any
+or when the scan declined (no native kernels, remote models, moments it does not read, any
 error), it counts itself. The counts are the engine's own, bit for bit: same kernel, same
 factors (``tests/test_prescan.py``).
 """

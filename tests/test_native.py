@@ -214,3 +214,25 @@ def test_native_and_torch_ties_write_the_same_merge(models, request, tmp_path, m
         merge(recipe, tmp_path / mode, quiet=True)
     a, b = load_file(str(tmp_path / "1" / "model.safetensors")), load_file(str(tmp_path / "0" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["sampled", "sample_misleads", "no_bracket"])
+def test_ties_cuts_of_large_tensors_are_exact_whichever_way_they_are_found(dtype, case, monkeypatch):
+    """Tensors of >= BRACKET_MIN entries: one pass over the bracket a sample found, or (when the
+    sample misleads, or too much falls in the bracket) the two full passes; the cut is exact."""
+    from ota_trainer.aggregate import magnitude_cut
+
+    g = torch.Generator().manual_seed(7)
+    m, n = 700, 1000  # 700k entries > BRACKET_MIN
+    w0 = (torch.randn(m, n, generator=g) * 0.02).to(dtype)
+    experts = [(w0.float() + torch.randn(m, n, generator=g) * 2e-3).to(dtype) for _ in range(2)]
+    if case == "sample_misleads":  # the sampled entries (every 61st) carry the largest edits: the bracket misses
+        flat = experts[0].reshape(-1)
+        flat[:: native.BRACKET_STRIDE] = (w0.reshape(-1)[:: native.BRACKET_STRIDE].float() + 0.5).to(dtype)
+    if case == "no_bracket":
+        monkeypatch.setattr(native, "BRACKET_MAX_SHARE", 0.0)
+    densities = [0.4, 0.05]
+    got = native.magnitude_cuts(w0, experts, densities)
+    want = [magnitude_cut(torch.sub(e, w0.float()), p) for e, p in zip(experts, densities)]
+    assert got == want

@@ -34,7 +34,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 7; }
+int ota_native_version(void) { return 8; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -395,6 +395,73 @@ void ota_abs_hist(const void *w0, int dt0, int T, const void *const *e, const in
         }
     }
     free(sub);
+}
+
+/* The TIES cut in one pass when a sample has bracketed it (ota_trainer.native.raw_magnitude_cuts):
+ * ota_abs_sample counts the top 16 bits of |d| of every stride-th entry into hist[t]
+ * (int64[2^15]); ota_abs_bracket then adds the entries
+ * of one expert whose top bits exceed hi to above and copies the |d| bits of the entries with
+ * lo <= top <= hi into cand (at most cap; returns how many, or -1 when they do not fit). When the
+ * k-th largest lies in the bracket (above < k <= above + candidates) ota_select_bits finds it
+ * among them exactly; otherwise the caller falls back to the two full passes of ota_abs_hist. */
+void ota_abs_sample(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t start,
+                    int64_t end, int64_t stride, int64_t *const *hist) {
+    float bw, be;
+    for (int64_t off = start; off < end; off += stride) {
+        load_f32(w0, dt0, off, 1, &bw);
+        for (int t = 0; t < T; t++) {
+            load_f32(e[t], dte[t], off, 1, &be);
+            float d = be - bw;
+            uint32_t bits;
+            memcpy(&bits, &d, sizeof bits);
+            hist[t][(bits & 0x7FFFFFFFu) >> 16]++;
+        }
+    }
+}
+
+int64_t ota_abs_bracket(const void *w0, int dt0, const void *e, int dte, int64_t start, int64_t end, uint32_t lo,
+                        uint32_t hi, int64_t *above, uint32_t *cand, int64_t cap) {
+    float bw[CHUNK], be[CHUNK];
+    uint32_t bits[CHUNK];
+    int64_t ab = 0, nc = 0;
+    const uint32_t width = hi - lo;
+    for (int64_t off = start; off < end; off += CHUNK) {
+        int64_t len = end - off < CHUNK ? end - off : CHUNK;
+        load_f32(w0, dt0, off, len, bw);
+        load_f32(e, dte, off, len, be);
+        int64_t in = 0;
+        for (int64_t k = 0; k < len; k++) {  /* vectorised */
+            float d = be[k] - bw[k];
+            uint32_t u;
+            memcpy(&u, &d, sizeof u);
+            u &= 0x7FFFFFFFu;
+            ab += (u >> 16) > hi;
+            in += (u >> 16) - lo <= width;
+            bits[k] = u;
+        }
+        if (in == 0) continue;
+        if (nc + in > cap) return -1;  /* more candidates than room: the caller falls back */
+        for (int64_t k = 0; k < len; k++) {
+            cand[nc] = bits[k];
+            nc += (bits[k] >> 16) - lo <= width;  /* branch-free compaction */
+        }
+    }
+    *above += ab;
+    return nc;
+}
+
+/* The k-th largest of n values (1 <= k <= n), by a two-level radix select on their bits. */
+uint32_t ota_select_bits(const uint32_t *v, int64_t n, int64_t k) {
+    int64_t *h = calloc((size_t)1 << 16, sizeof *h), rank = 0;
+    if (h == 0) return 0;
+    for (int64_t i = 0; i < n; i++) h[v[i] >> 16]++;
+    int64_t top = ota_select_from_top(h, (int64_t)1 << 16, k, &rank);
+    memset(h, 0, sizeof *h << 16);
+    for (int64_t i = 0; i < n; i++)
+        if ((int64_t)(v[i] >> 16) == top) h[v[i] & 0xFFFFu]++;
+    int64_t low = ota_select_from_top(h, (int64_t)1 << 16, rank, &rank);
+    free(h);
+    return (uint32_t)((top << 16) | low);
 }
 
 static inline float signf(float x) { return x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : x; }
