@@ -172,13 +172,14 @@ class _Factors:
         if mom.stored[name] == "rank1":
             (r0, r1), (c0, c1) = mom.span(name + ROW_SUFFIX), mom.span(name + COL_SUFFIX)
             r, c = maps.floats(mom.path, r0, r1), maps.floats(mom.path, c0, c1)
+            if len(r) != m or len(c) != n:
+                raise Decline(f"{mom.path}: factors of {name!r} do not fit")
             total = row_total(r)
-            _check_values(mom.path, name, r, total)
-            _check_values(mom.path, name, c, math.fsum(c))
             self.a64, self.b64 = (ctypes.c_double * m)(), (ctypes.c_double * n)()
             self.pa, self.pb = (ctypes.c_float * m)(), (ctypes.c_float * n)()
-            lib.ota_rank1_prep(maps.addr(mom.path, r0), maps.addr(mom.path, c0), m, n, total, s32, int(mom.scale != 1.0),
-                               int(sqrt_p), self.a64, self.b64, self.pa, self.pb)
+            if lib.ota_rank1_prep(maps.addr(mom.path, r0), maps.addr(mom.path, c0), m, n, total, s32, int(mom.scale != 1.0),
+                                  int(sqrt_p), self.a64, self.b64, self.pa, self.pb):
+                raise Decline(f"{mom.path}: moments of {name!r} hold NaN, Inf or negative values")
             self.kind, self.v = "rank1", None
         else:
             v0, v1 = mom.span(name)

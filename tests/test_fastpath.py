@@ -171,3 +171,24 @@ def test_density_bin_is_the_argmin_over_all_bins():
         want = None if target >= (total - zeros) + 0.5 * zeros else 1 + int(torch.argmin((kept_from[1:].double() - target).abs()))
         bins = torch.nonzero(counts).reshape(-1).tolist()
         assert density_bin(bins, [int(counts[b]) for b in bins], total, density) == want, trial
+
+
+def test_negative_moments_are_declined_then_named_by_the_engine(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models["e3"], bad)  # rank-one moments
+    path = bad / "ota" / "moments.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith("::row"))
+    tensors[key][0] = -1.0
+    save_file(tensors, str(path), metadata=meta)
+    recipe = MergeRecipe.from_dict({"method": "ota", "base_model": str(tiny_models["base"]), "models": [str(bad)]})
+    assert fastpath.merge(recipe, tmp_path / "out", quiet=True) is None
+    with pytest.raises(NumericalError, match="negative"):
+        engine.merge(recipe, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

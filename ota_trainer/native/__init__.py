@@ -138,7 +138,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
     lib.ota_saliency_hist_model.restype = _int
     lib.ota_saliency_hist_model.argtypes = [_int, _int, _ptrs, _ints, _ptrs, _ints, _ptr, _ptr, _ints, _ptrs, _ptrs, _ptrs, _int, _int, _ptrs]
-    lib.ota_rank1_prep.restype = None
+    lib.ota_rank1_prep.restype = _int
     lib.ota_rank1_prep.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _f32, _int, _int, _ptr, _ptr, _ptr, _ptr]
     lib.ota_add_i64.restype = None
     lib.ota_add_i64.argtypes = [_ptr, _ptr, _i64]

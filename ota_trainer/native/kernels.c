@@ -19,6 +19,7 @@
  * Build: cc -O3 -ffp-contract=off: no implicit FMA contraction (it would change roundings);
  * the one fused multiply-add PyTorch does is written out as fmaf.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <sys/mman.h>
@@ -315,20 +316,23 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
  * aggregate/graft Score and Curvature): a = r / total and b = c * scale in float32 (scale only
  * when apply_scale), their float64 copies for the saliency, and the curvature factors
  * P = a, b (power 1) or sqrt(a), sqrt(b) (power 1/2: correctly rounded, through float64).
- * total <= 0 (or NaN) gives a = 0. */
-void ota_rank1_prep(const float *r, const float *c, int64_t m, int64_t n, float total, float scale,
-                    int apply_scale, int sqrt_p, double *a64, double *b64, float *pa, float *pb) {
-    int zero = !(total > 0.0f);
+ * total <= 0 (or NaN) gives a = 0. Returns 1 if r or c holds NaN, Inf or a negative value. */
+int ota_rank1_prep(const float *r, const float *c, int64_t m, int64_t n, float total, float scale,
+                   int apply_scale, int sqrt_p, double *a64, double *b64, float *pa, float *pb) {
+    int zero = !(total > 0.0f), bad = 0;
     for (int64_t i = 0; i < m; i++) {
+        bad |= !(r[i] >= 0.0f && r[i] <= FLT_MAX);  /* NaN, Inf or negative */
         float a = zero ? 0.0f : r[i] / total;
         a64[i] = (double)a;
         pa[i] = sqrt_p ? (float)sqrt((double)a) : a;
     }
     for (int64_t j = 0; j < n; j++) {
+        bad |= !(c[j] >= 0.0f && c[j] <= FLT_MAX);
         float b = apply_scale ? c[j] * scale : c[j];
         b64[j] = (double)b;
         pb[j] = sqrt_p ? (float)sqrt((double)b) : b;
     }
+    return bad;
 }
 
 /* dst[i] += src[i], and src[i] = 0 (private histogram bins into the shared ones). */
