@@ -14,7 +14,8 @@ FFG; ``score`` fisher or magnitude; ``power`` 1/2 or 1; ``normalise: none``; eve
 tensor with moments: rank-one, or stored whole when 1-D) and ``ties``; bf16/fp16/fp32; base
 and experts as local folders (or what a resolver makes local). Anything else, any input the
 engine would reject, and any non-finite result: :func:`merge` declines (returns None, leaving
-nothing behind) and the engine does the merge and the explaining.
+nothing behind) and the engine does the merge and the explaining. ``OTA_TRAINER_FAST_PATH=0``
+turns it off (the engine then does every merge); ``OTA_TRAINER_NATIVE=0`` does too.
 """
 from __future__ import annotations
 
@@ -461,6 +462,8 @@ def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = 
     start = time.perf_counter()
     resolver = resolver or local_resolver
     out = AtomicOutputDir(out_dir, overwrite=overwrite)
+    if os.environ.get("OTA_TRAINER_FAST_PATH", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
     try:
         job = _Merge(recipe, resolver, quiet)
     except OutputExistsError:

@@ -134,8 +134,19 @@ def _libc_madvise():
     return fn
 
 
-def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False) -> threading.Thread:
-    """:func:`readahead` on a daemon thread (its system calls release the GIL)."""
+_started: set[frozenset[str]] = set()
+_started_lock = threading.Lock()
+
+
+def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False) -> threading.Thread | None:
+    """:func:`readahead` on a daemon thread (its system calls release the GIL). Once per set of
+    files in a process: the merge CLI starts it first thing, and the engine or the fast path
+    asking again for the same inputs is a no-op (None)."""
+    key = frozenset(os.path.realpath(f) for files in groups for f in files)
+    with _started_lock:
+        if not key or key in _started:
+            return None
+        _started.add(key)
     t = threading.Thread(target=readahead, args=(groups,), kwargs={"touch": touch}, name="ota-readahead", daemon=True)
     t.start()
     return t

@@ -12,8 +12,13 @@ import sys
 # The engine runs its own threads; idle OpenMP workers should sleep, not spin on our cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Light: PyTorch is imported only once the arguments are parsed and the inputs' reads (and FFG's
-# first pass, ota_trainer.prescan) have started.
+from ota_trainer import readahead  # noqa: E402 - light: no PyTorch
+
+# First thing: the disk starts reading the local inputs the command line names (in the order the
+# merge reads them) while the interpreter parses the recipe. PyTorch is imported only if the
+# native fast path does not cover the recipe (ota_trainer.fastpath).
+readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(sys.argv[1:])], touch=True)
+
 from ota_trainer.cli.merge import main  # noqa: E402
 
 if __name__ == "__main__":

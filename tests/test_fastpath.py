@@ -131,6 +131,12 @@ def test_non_finite_input_is_declined_then_named_by_the_engine(tiny_models, tmp_
         engine.merge(recipe, tmp_path / "out", quiet=True)
 
 
+def test_it_can_be_turned_off(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTA_TRAINER_FAST_PATH", "0")
+    assert fastpath.merge(_recipe(tiny_models, "ota", {"density": 0.4}), tmp_path / "out", quiet=True) is None
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_existing_output_is_refused_as_by_the_engine(tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

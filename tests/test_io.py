@@ -83,3 +83,5 @@ def test_readahead_finds_local_inputs_on_the_command_line_and_reads_them(tmp_pat
     for touch in (False, True):
         readahead.readahead(files + [[tmp_path / "nope.safetensors"]], slice_bytes=4096, touch=touch)  # missing files are skipped
     readahead.start(files).join(timeout=30)
+    assert readahead.start([list(reversed(f)) for f in files]) is None  # the same inputs again: once a process
+    assert readahead.start([]) is None
