@@ -409,6 +409,9 @@ class _Merge:
 
     # helpers ----------------------------------------------------------------------------------------
     def _tensor(self, name: str, folders: list[_Folder]):
+        for f in [self.base] + folders:  # bytes the read-ahead is about to read: wait for it, do not fault them in
+            u = f.tensors[name]
+            readahead.wait(u.file, u.end)
         t = self.base.tensors[name]
         m, n = matrix_shape(t.shape) if len(t.shape) >= 2 else (t.numel, 1)
         w0 = (self.maps.addr(t.file, t.start), native.DT_CODES[t.dtype])

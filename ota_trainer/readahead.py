@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["model_files", "readahead", "start", "local_models_in_args"]
+__all__ = ["model_files", "readahead", "start", "wait", "local_models_in_args"]
 
 SLICE_BYTES = 32 * 2**20
 
@@ -56,7 +56,7 @@ def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = 
                 fd = os.open(f, os.O_RDONLY)
             except OSError:
                 continue
-            spans.append([fd, 0, os.fstat(fd).st_size])
+            spans.append([fd, 0, os.fstat(fd).st_size, os.path.realpath(f)])
         streams.append(spans)
     try:
         active = True
@@ -66,7 +66,7 @@ def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = 
                 budget = slice_bytes
                 while spans and budget > 0:
                     span = spans[0]
-                    fd, pos, size = span
+                    fd, pos, size, real = span
                     n = min(budget, size - pos)
                     if n > 0:  # (a length of 0 would mean "to the end of the file")
                         try:
@@ -77,14 +77,40 @@ def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = 
                             pass
                     span[1] += n
                     budget -= n
+                    _advance(real, span[1] if span[1] < size else _DONE)
                     if span[1] >= size:
                         os.close(fd)
                         spans.pop(0)
                 active = active or bool(spans)
     finally:
         for spans in streams:
-            for fd, _, _ in spans:
+            for fd, _, _, real in spans:
                 os.close(fd)
+                _advance(real, _DONE)  # (an error: nobody waits for these bytes any more)
+
+
+# How far the running read-ahead has read each file (realpath -> bytes), for :func:`wait`.
+_DONE = float("inf")
+_progress: dict[str, float] = {}
+_progress_changed = threading.Condition()
+
+
+def _advance(real: str, upto: float) -> None:
+    with _progress_changed:
+        _progress[real] = upto
+        _progress_changed.notify_all()
+
+
+def wait(path: str | os.PathLike, end: int, timeout: float = 60.0) -> None:
+    """Wait until the read-ahead has read ``path`` up to byte ``end`` (at once when no read-ahead
+    of this process reads that file, or it is past it). A reader that waits instead of faulting
+    the pages in itself does not send the disk a second stream of requests competing with the
+    read-ahead's (measured: that made both slower)."""
+    real = os.path.realpath(path)
+    with _progress_changed:
+        if real not in _pending:
+            return
+        _progress_changed.wait_for(lambda: _progress.get(real, 0) >= end, timeout=timeout)
 
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
@@ -134,20 +160,28 @@ def _libc_madvise():
     return fn
 
 
-_started: set[frozenset[str]] = set()
+_started: set[str] = set()
+_pending: set[str] = set()  # files a touching read-ahead reads (wait() waits for them)
 _started_lock = threading.Lock()
 
 
 def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False) -> threading.Thread | None:
-    """:func:`readahead` on a daemon thread (its system calls release the GIL). Once per set of
-    files in a process: the merge CLI starts it first thing, and the engine or the fast path
-    asking again for the same inputs is a no-op (None)."""
-    key = frozenset(os.path.realpath(f) for files in groups for f in files)
+    """:func:`readahead` on a daemon thread (its system calls release the GIL), for the files no
+    earlier call in this process asked for: the merge CLI starts it first thing, and the engine
+    or the fast path asking again for the same inputs adds nothing (None when nothing is new)."""
     with _started_lock:
-        if not key or key in _started:
-            return None
-        _started.add(key)
-    t = threading.Thread(target=readahead, args=(groups,), kwargs={"touch": touch}, name="ota-readahead", daemon=True)
+        fresh = []
+        for files in groups:
+            new = [f for f in files if os.path.realpath(f) not in _started]
+            _started.update(os.path.realpath(f) for f in new)
+            if new:
+                fresh.append(new)
+    if not fresh:
+        return None
+    if touch:  # only then do its bytes stand for pages read: wait() waits for those
+        with _progress_changed:
+            _pending.update(os.path.realpath(f) for files in fresh for f in files)
+    t = threading.Thread(target=readahead, args=(fresh,), kwargs={"touch": touch}, name="ota-readahead", daemon=True)
     t.start()
     return t
 

@@ -227,9 +227,10 @@ def test_ties_cuts_of_large_tensors_are_exact_whichever_way_they_are_found(dtype
     m, n = 700, 1000  # 700k entries > BRACKET_MIN
     w0 = (torch.randn(m, n, generator=g) * 0.02).to(dtype)
     experts = [(w0.float() + torch.randn(m, n, generator=g) * 2e-3).to(dtype) for _ in range(2)]
-    if case == "sample_misleads":  # the sampled entries (every 61st) carry the largest edits: the bracket misses
-        flat = experts[0].reshape(-1)
-        flat[:: native.BRACKET_STRIDE] = (w0.reshape(-1)[:: native.BRACKET_STRIDE].float() + 0.5).to(dtype)
+    if case == "sample_misleads":  # the sampled entries carry the largest edits: the bracket misses
+        flat, base = experts[0].reshape(-1), w0.reshape(-1)
+        for j in range(8):  # each sample point is 8 neighbours
+            flat[j:: native.BRACKET_STRIDE] = (base[j:: native.BRACKET_STRIDE].float() + 0.5).to(dtype)
     if case == "no_bracket":
         monkeypatch.setattr(native, "BRACKET_MAX_SHARE", 0.0)
     densities = [0.4, 0.05]

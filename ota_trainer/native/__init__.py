@@ -328,7 +328,7 @@ def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, i
 # ota_abs_bracket in kernels.c) instead of two: 4 sigma of the sample's rank error either side,
 # so the bracket misses (and the two passes run) about once in 30000 tensors. Exact either way.
 BRACKET_MIN = 1 << 18
-BRACKET_STRIDE = 61  # every 61st entry (a prime: not aligned with rows)
+BRACKET_STRIDE = 8 * 61  # 8 neighbouring entries every 488 (61: a prime, not aligned with rows)
 BRACKET_MAX_SHARE = 0.25  # of the entries inside the bracket (bf16 edits take few distinct values)
 
 
@@ -346,7 +346,8 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
     eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
     sample = [(_i64 * (1 << 15))() for _ in range(T)]
     lib.ota_abs_sample(w0, dt0, T, eptr, edt, 0, numel, BRACKET_STRIDE, _arr(_ptr, [ctypes.addressof(h) for h in sample]))
-    ns = -(-numel // BRACKET_STRIDE)
+    full, rest = divmod(numel, BRACKET_STRIDE)
+    ns = 8 * full + min(8, rest)  # entries sampled
     jobs, plans, left = [], {}, []
     for t in todo:
         q = ks[t] / numel
@@ -376,6 +377,7 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
     found = run([lambda j=j: job(*j) for j in jobs], threads)
     for (t, k, r0, r1, off, cap), nc in zip(jobs, found):
         plans[t][5].append((off, nc))
+    chosen = []  # (expert, candidates, rank among them)
     for t, (lo, hi, buf, above, caps, got) in plans.items():
         if any(nc < 0 for _, nc in got):
             left.append(t)
@@ -386,9 +388,12 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
                 ctypes.memmove(ctypes.addressof(buf) + 4 * at, ctypes.addressof(buf) + 4 * off, 4 * nc)
             at += nc
         if n_above < ks[t] <= n_above + at:
-            cuts[t] = _f32_of_bits(lib.ota_select_bits(buf, at, ks[t] - n_above))
+            chosen.append((t, buf, at, ks[t] - n_above))
         else:
             left.append(t)
+    bits = run([lambda c=c: lib.ota_select_bits(c[1], c[2], c[3]) for c in chosen], threads) if chosen else []
+    for (t, _, _, _), b in zip(chosen, bits):
+        cuts[t] = _f32_of_bits(b)
     return sorted(left)
 
 
