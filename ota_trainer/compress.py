@@ -7,7 +7,6 @@ Pure tensor functions, no I/O. For a non-negative ``v`` of shape (m, n) we keep 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

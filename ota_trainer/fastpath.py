@@ -88,8 +88,12 @@ class _Maps:
     def addr(self, path: Path, offset: int) -> int:
         return ctypes.addressof(self._get(path)[1]) + offset
 
+    def view(self, path: Path, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of a file (no copy)."""
+        return memoryview(self._get(path)[0])[start:end]
+
     def floats(self, path: Path, start: int, end: int) -> memoryview:
-        return memoryview(self._get(path)[0])[start:end].cast("f")
+        return self.view(path, start, end).cast("f")
 
     def release(self, path: Path, start: int, end: int) -> None:
         """Drop bytes [start, end) from the map (the page cache keeps them)."""
@@ -322,16 +326,16 @@ class _Merge:
                 for t in range(T):
                     self.lib.ota_add_i64(addrs[0][t], addrs[k][t], N_BINS)
             for t, i in enumerate(todo):
-                counts = memoryview(hists[0][t]).cast("q")
-                bins = _nonzero(counts)
-                b = density_bin(bins, [counts[x] for x in bins], totals[t], self.model_params[i]["density"])
+                with memoryview(hists[0][t]) as raw, raw.cast("q") as counts:
+                    bins = _nonzero(counts)
+                    found = [counts[x] for x in bins]
+                b = density_bin(bins, found, totals[t], self.model_params[i]["density"])
                 self.cuts[i] = None if b is None else bin_edge(b)
                 self.reports[i].threshold_log2 = -math.inf if b is None else math.log2(bin_edge(b))
-                kept = totals[t] if b is None else sum(counts[x] for x in bins if x >= b)
+                kept = totals[t] if b is None else sum(c for x, c in zip(bins, found) if x >= b)
                 logger.info("%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (target density %s)",
                             self.experts[i].label, self.reports[i].threshold_log2, kept / max(totals[t], 1), totals[t],
                             self.model_params[i]["density"])
-                counts.release()
         finally:
             del views
             for hs in hists:
@@ -355,7 +359,7 @@ class _Merge:
                 dto = self._out_dtype(name)
                 nbytes = t.numel * DTYPE_SIZES[dto]
                 if t.dtype not in self.kernel_dtypes:  # integer buffers: the base's bytes
-                    writer.write_bytes(name, t.shape, dto, memoryview(self.maps._get(t.file)[0])[t.start:t.end])
+                    writer.write_bytes(name, t.shape, dto, self.maps.view(t.file, t.start, t.end))
                     continue
                 if arena is None or len(arena) < nbytes:
                     if arena is not None:

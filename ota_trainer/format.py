@@ -38,7 +38,6 @@ import math
 import mmap
 import os
 import shutil
-import struct
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
