@@ -8,8 +8,8 @@ from ..aggregate import Curvature
 from ..graft import SaliencyHistogram, Score
 from .. import native as _package
 from . import (
-    DT_CODES, MAX_TIES_EXPERTS, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
-    _arr, _int, _load, _ptr,
+    DT_CODES, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
+    _load,
 )
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
@@ -59,19 +59,21 @@ def _score_arrays(m: int, n: int, scores: list[Score | None]):
         else:
             raise ValueError(f"native kernel: unknown score {s.kind!r}")
     return (
-        _arr(_int, [S_NONE if s is None else _S_MODE[s.kind] for s in scores]),
-        _arr(_ptr, [None if s is None else _addr(s.a) for s in scores]),
-        _arr(_ptr, [None if s is None else _addr(s.b) for s in scores]),
-        _arr(_ptr, [None if s is None else _addr(s.v) for s in scores]),
+        [S_NONE if s is None else _S_MODE[s.kind] for s in scores],
+        [None if s is None else _addr(s.a) for s in scores],
+        [None if s is None else _addr(s.b) for s in scores],
+        [None if s is None else _addr(s.v) for s in scores],
     )
 
 
-def _tensor_arrays(w0: torch.Tensor, experts: list[torch.Tensor]):
+def _check_tensors(w0: torch.Tensor, experts: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """The experts' (address, dtype code) for the raw kernels, after checking every tensor is a
+    contiguous CPU tensor of ``w0``'s (m, n) shape."""
     m, n = w0.shape
     _check(w0, m * n, "base tensor")
     for e in experts:
         _check(e, m * n, "expert tensor")
-    return _arr(_ptr, [e.data_ptr() for e in experts]), _arr(_int, [_DT[e.dtype] for e in experts])
+    return [(e.data_ptr(), _DT[e.dtype]) for e in experts]
 
 
 class SaliencyCounter:
@@ -92,15 +94,14 @@ class SaliencyCounter:
         """Count one tensor: ``w0`` and ``experts`` are (m, n) contiguous tensors in their stored
         dtypes; experts whose score is None are skipped."""
         m, n = w0.shape
-        _tensor_arrays(w0, experts)
+        eptrs = _check_tensors(w0, experts)
         smode, sa, sb, sv = _score_arrays(m, n, scores)
         hists = []
         for k in range(len(_package.workers(m, m * n, _threads()))):
             own = self.hists if k == 0 else (
                 self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists]))
             hists.append([h.data_ptr() for h in own])
-        _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
-                                   list(smode), list(sa), list(sb), list(sv), hists, _threads())
+        _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, hists, _threads())
         for h, s in zip(self.targets, scores):
             if s is not None:
                 h.total += m * n
@@ -132,7 +133,7 @@ def ota_merge(
     Returns (merged tensor in ``out_dtype``, entries kept per expert, whether every merged value
     is finite)."""
     m, n = w0.shape
-    _tensor_arrays(w0, experts)
+    eptrs = _check_tensors(w0, experts)
     smode, sa, sb, sv = _score_arrays(m, n, scores)
     full = [c for c in curvatures if c.v is not None]
     if len({c.sqrt for c in full}) > 1:
@@ -149,8 +150,7 @@ def ota_merge(
         raise ValueError(f"native kernel: out is {out.dtype}, expected {out_dtype}")
     _check(out, m * n, "output")
     kept, finite = _package.raw_ota_merge(
-        w0.data_ptr(), _DT[w0.dtype], m, n, [(e.data_ptr(), _DT[e.dtype]) for e in experts], list(smode), list(sa),
-        list(sb), list(sv), list(cuts),
+        w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, list(cuts),
         [W_RANK1 if c.pa is not None else W_FULL if c.v is not None else W_UNIFORM for c in curvatures],
         [_addr(c.pa) for c in curvatures], [_addr(c.pb) for c in curvatures], [_addr(c.v) for c in curvatures],
         any(c.sqrt for c in full), [c.div for c in curvatures], list(coefs), epsilon, out.data_ptr(), _DT[out_dtype],
@@ -165,9 +165,8 @@ def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: lis
     :func:`ota_trainer.aggregate.magnitude_cut` (``-inf`` keeps all, ``inf`` none): the
     ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select."""
     numel = w0.numel()
-    _tensor_arrays(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
-    return _package.raw_magnitude_cuts(w0.data_ptr(), _DT[w0.dtype], numel, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
-                                       list(densities), _threads())
+    eptrs = _check_tensors(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
+    return _package.raw_magnitude_cuts(w0.data_ptr(), _DT[w0.dtype], numel, eptrs, list(densities), _threads())
 
 
 @torch.no_grad()
@@ -178,13 +177,11 @@ def ties_merge(
     """TIES of one tensor (exactly :func:`ota_trainer.aggregate.ties_merge` with these ``cuts``).
 
     Returns (merged tensor in ``out_dtype``, of ``w0``'s shape, and whether it is finite)."""
-    if len(experts) > MAX_TIES_EXPERTS:
-        raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
     shape, numel = w0.shape, w0.numel()
-    _tensor_arrays(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
+    eptrs = _check_tensors(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
     if out is None:
         out = torch.empty(shape, dtype=out_dtype)
     _check(out, numel, "output")
-    finite = _package.raw_ties_merge(w0.data_ptr(), _DT[w0.dtype], numel, [(e.data_ptr(), _DT[e.dtype]) for e in experts],
-                                     list(cuts), list(coefs), lam, out.data_ptr(), _DT[out_dtype], _threads())
+    finite = _package.raw_ties_merge(w0.data_ptr(), _DT[w0.dtype], numel, eptrs, list(cuts), list(coefs), lam,
+                                     out.data_ptr(), _DT[out_dtype], _threads())
     return out, finite
