@@ -6,7 +6,6 @@ from disk when asked for. Both single-file (``model.safetensors``) and sharded
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ import torch
 
 from .errors import FormatError
 from .format import DTYPES, map_tensor, read_tensor
-from .layout import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range, read_safetensors_layout, weight_files
+from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
+    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, disk_order, folder_tensors, prefetch_range, read_config,
+)
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
 
@@ -61,30 +62,12 @@ class ModelFolder:
         self.label = label or str(self.path)
         if not self.path.is_dir():
             raise FormatError(f"{self.label}: model folder {self.path} does not exist", path=str(self.path))
-        self.config: dict[str, Any] = self._read_config()
-        self.tensors: dict[str, TensorInfo] = {}
-        self._data_start: dict[str, int] = {}
-        for file in weight_files(self.path, self.label):
-            header, self._data_start[file] = read_safetensors_layout(self.path / file)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in self.tensors:
-                    raise FormatError(f"{self.path / file}: tensor {name!r} appears in two weight files", path=str(self.path / file))
-                dtype = DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise FormatError(f"{self.path / file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}", path=str(self.path / file))
-                self.tensors[name] = TensorInfo(name, tuple(info["shape"]), dtype, file, int(info["data_offsets"][0]))
+        self.config: dict[str, Any] = read_config(self.path)
+        self._spans = folder_tensors(self.path, self.label)
+        self.tensors: dict[str, TensorInfo] = {
+            name: TensorInfo(name, t.shape, DTYPES[t.dtype], t.file, t.offset) for name, t in self._spans.items()
+        }
         self._open: dict[str, Any] = {}
-
-    def _read_config(self) -> dict[str, Any]:
-        p = self.path / CONFIG_NAME
-        if not p.is_file():
-            return {}
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FormatError(f"{p}: invalid config.json ({e})", path=str(p)) from e
 
     @property
     def files(self) -> list[Path]:
@@ -97,8 +80,7 @@ class ModelFolder:
 
     def names(self) -> list[str]:
         """Tensor names in on-disk order (file, then offset): reading in this order is sequential."""
-        files = {f: i for i, f in enumerate(dict.fromkeys(t.file for t in self.tensors.values()))}
-        return sorted(self.tensors, key=lambda n: (files[self.tensors[n].file], self.tensors[n].offset))
+        return disk_order(self._spans)
 
     def _handle(self, file: str):
         fh = self._open.get(file)
@@ -114,14 +96,14 @@ class ModelFolder:
         """Read one tensor from disk (its stored dtype) into fresh memory (safe to edit in place)."""
         info = self.tensors[name]
         fh = self._handle(info.file)
-        start = self._data_start[info.file] + info.offset
+        start = self._spans[name].start
         return read_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
 
     def view(self, name: str) -> torch.Tensor:
         """One tensor as a READ-ONLY memory map of its bytes (no copy; never write into it)."""
         info = self.tensors[name]
         fh = self._handle(info.file)
-        start = self._data_start[info.file] + info.offset
+        start = self._spans[name].start
         return map_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
 
     def prefetch(self, name: str) -> None:
@@ -134,7 +116,7 @@ class ModelFolder:
             fh = self._handle(info.file)
         except FormatError:
             return  # only a hint: get() reports the problem
-        prefetch_range(fh, self._data_start[info.file] + info.offset, info.nbytes)
+        prefetch_range(fh, self._spans[name].start, info.nbytes)
 
     def close(self) -> None:
         for fh in self._open.values():

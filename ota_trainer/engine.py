@@ -39,11 +39,11 @@ from .aggregate import (
     ties_merge,
 )
 from .checkpoint import ModelFolder
-from .compress import matrix_shape
 from .config import MergeRecipe
 from .errors import IncompatibleModelsError, MissingMomentsError, NumericalError
 from .format import MOMENTS_DIR, MomentsReader, all_finite, has_moments, load_moments
 from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
+from .layout import matrix_view
 from .report import (  # noqa: F401 - RECIPE_FILE, REPORT_FILE, CARD_FILE: part of this module's API
     CARD_FILE, RECIPE_FILE, REPORT_FILE, ExpertReport, MergeReport, Resolver, copy_side_files, finish, local_resolver as _local_resolver,
 )
@@ -166,9 +166,6 @@ def _check_finite(folder: ModelFolder, name: str) -> None:
         raise NumericalError(f"{folder.label}: tensor {name!r} holds NaN or Inf", tensor=name, model=folder.label)
 
 
-def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (m, n) view a tensor is processed as: rank-one factors index its rows and columns."""
-    return matrix_shape(shape) if len(shape) >= 2 else (math.prod(shape), 1)
 
 
 def _row_blocks(m: int, n: int) -> list[slice]:
@@ -230,7 +227,7 @@ class _Engine:
 
     def _raw(self, folder: ModelFolder, name: str) -> torch.Tensor:
         """One tensor as stored, in its (m, n) view: a read-only map of the file (the engine only reads it)."""
-        return folder.view(name).reshape(_matrix(self.template.tensors[name].shape))
+        return folder.view(name).reshape(matrix_view(self.template.tensors[name].shape))
 
     def _moment(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
         """Expert i's second moment of ``name``: rank-one factors ``(a, b)`` of its (m, n) view, the
@@ -241,7 +238,7 @@ class _Engine:
         ab = mom.rank1(name)
         if ab is not None:
             return ab
-        return mom[name].reshape(_matrix(self.template.tensors[name].shape)).contiguous()
+        return mom[name].reshape(matrix_view(self.template.tensors[name].shape)).contiguous()
 
     def _score(self, moment) -> Score | None:
         """FFG saliency of an expert's edits of one tensor, or None when FFG keeps it whole (no moments)."""

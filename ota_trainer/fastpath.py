@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import logging
 import math
 import mmap
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,8 @@ from . import __version__, native, readahead
 from .config import MergeRecipe, parse_size
 from .errors import OutputExistsError
 from .layout import (
-    COL_SUFFIX, CONFIG_NAME, DTYPE_SIZES, ROW_SUFFIX, check_moments_entries, matrix_shape, moments_path, moments_scale,
-    parse_moments_metadata, read_safetensors_layout, row_total, weight_files,
+    COL_SUFFIX, DTYPE_SIZES, ROW_SUFFIX, check_moments_entries, disk_order, folder_tensors, matrix_view, moments_path,
+    moments_scale, parse_moments_metadata, read_config, read_safetensors_layout, row_total,
 )
 from .report import ExpertReport, MergeReport, copy_side_files, finish, local_resolver
 from .thresholds import N_BINS, bin_edge, density_bin
@@ -48,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["merge", "Decline"]
 
 _KERNEL_DTYPES = ("F32", "BF16", "F16")
+_DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # a recipe's dtype -> safetensors code
 
 
 class Decline(Exception):
@@ -55,20 +54,6 @@ class Decline(Exception):
 
 
 # -- inputs -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Tensor:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-    offset: int  # offset inside the data section (the on-disk order)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
 class _Maps:
     """Whole files mapped once, privately (their pages are the page cache's; nothing is written),
     with addresses for the kernels and a way to drop pages once used (resident memory then
@@ -119,28 +104,17 @@ class _Maps:
 
 
 class _Folder:
-    """A model folder's tensors as the engine's ModelFolder sees them (file order)."""
+    """A model folder's tensors as the engine's ModelFolder sees them (:mod:`.layout`)."""
 
     def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
-        self.tensors: dict[str, _Tensor] = {}
-        self.files = [path / f for f in weight_files(path, label)]
-        for f in self.files:
-            header, start = read_safetensors_layout(f)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in self.tensors or info.get("dtype") not in DTYPE_SIZES:
-                    raise Decline(f"{f}: tensor {name!r} twice, or of an unknown dtype")
-                b, e = (int(x) for x in info["data_offsets"])
-                self.tensors[name] = _Tensor(f, info["dtype"], tuple(int(d) for d in info["shape"]), start + b, start + e, b)
-        files = {f: i for i, f in enumerate(dict.fromkeys(t.file for t in self.tensors.values()))}
-        self.names = sorted(self.tensors, key=lambda n: (files[self.tensors[n].file], self.tensors[n].offset))
-        config = path / CONFIG_NAME
-        try:
-            self.config = json.loads(config.read_text()) if config.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise Decline(f"{config}: {e}") from e
+        self.tensors = folder_tensors(path, label)
+        self.names = disk_order(self.tensors)
+        self.files = [path / f for f in dict.fromkeys(t.file for t in self.tensors.values())]
+        self.config = read_config(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / self.tensors[name].file
 
 
 class _Moments:
@@ -241,7 +215,7 @@ class _Merge:
             raise Decline("no native kernels")
         self.lib = native.library()
         self.kernel_dtypes = set(_KERNEL_DTYPES) if self.lib.ota_native_has_f16() else {"F32", "BF16"}
-        if recipe.dtype and {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[recipe.dtype] not in self.kernel_dtypes:
+        if recipe.dtype and _DTYPE_CODES[recipe.dtype] not in self.kernel_dtypes:
             raise Decline(f"output dtype {recipe.dtype}")
         self.base = _Folder(resolver(recipe.base_model), recipe.base_model)
         self.experts = [_Folder(resolver(m.model), m.model) for m in recipe.models]
@@ -359,7 +333,7 @@ class _Merge:
                 dto = self._out_dtype(name)
                 nbytes = t.numel * DTYPE_SIZES[dto]
                 if t.dtype not in self.kernel_dtypes:  # integer buffers: the base's bytes
-                    writer.write_bytes(name, t.shape, dto, self.maps.view(t.file, t.start, t.end))
+                    writer.write_bytes(name, t.shape, dto, self.maps.view(self.base.file(name), t.start, t.end))
                     continue
                 if arena is None or len(arena) < nbytes:
                     if arena is not None:
@@ -414,12 +388,11 @@ class _Merge:
     # helpers ----------------------------------------------------------------------------------------
     def _tensor(self, name: str, folders: list[_Folder]):
         for f in [self.base] + folders:  # bytes the read-ahead is about to read: wait for it, do not fault them in
-            u = f.tensors[name]
-            readahead.wait(u.file, u.end)
+            readahead.wait(f.file(name), f.tensors[name].end)
         t = self.base.tensors[name]
-        m, n = matrix_shape(t.shape) if len(t.shape) >= 2 else (t.numel, 1)
-        w0 = (self.maps.addr(t.file, t.start), native.DT_CODES[t.dtype])
-        experts = [(self.maps.addr(f.tensors[name].file, f.tensors[name].start), native.DT_CODES[f.tensors[name].dtype])
+        m, n = matrix_view(t.shape)
+        w0 = (self.maps.addr(self.base.file(name), t.start), native.DT_CODES[t.dtype])
+        experts = [(self.maps.addr(f.file(name), f.tensors[name].start), native.DT_CODES[f.tensors[name].dtype])
                    for f in folders]
         return w0, m, n, experts
 
@@ -429,12 +402,12 @@ class _Merge:
     def _release(self, name: str, folders: list[_Folder]) -> None:
         for f in folders:
             t = f.tensors[name]
-            self.maps.release(t.file, t.start, t.end)
+            self.maps.release(f.file(name), t.start, t.end)
 
     def _out_dtype(self, name: str) -> str:
         dt = self.base.tensors[name].dtype
         if self.recipe.dtype and dt in self.kernel_dtypes:
-            return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[self.recipe.dtype]
+            return _DTYPE_CODES[self.recipe.dtype]
         return dt
 
     def _progress(self, names: list[str], desc: str):

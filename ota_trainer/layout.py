@@ -8,6 +8,7 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,69 @@ def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], in
             path=str(path),
         )
     return header, 8 + n
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor of a model folder lives: its weight file (name inside the folder),
+    safetensors dtype code, shape, and byte range; ``offset`` is its start inside the file's
+    data section (the on-disk order)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def folder_tensors(path: Path, label: str) -> dict[str, TensorSpan]:
+    """Every tensor of a model folder's weight files, file by file in header order.
+
+    Raises:
+        FormatError: naming the file: no weights, a corrupt header, a tensor in two files, or
+            a dtype safetensors readers here do not know.
+    """
+    out: dict[str, TensorSpan] = {}
+    for file in weight_files(path, label):
+        header, start = read_safetensors_layout(path / file)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in out:
+                raise FormatError(f"{path / file}: tensor {name!r} appears in two weight files", path=str(path / file))
+            if info.get("dtype") not in DTYPE_SIZES:
+                raise FormatError(f"{path / file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}", path=str(path / file))
+            b, e = (int(x) for x in info["data_offsets"])
+            out[name] = TensorSpan(file, info["dtype"], tuple(int(d) for d in info["shape"]), start + b, start + e, b)
+    return out
+
+
+def disk_order(tensors: dict[str, TensorSpan]) -> list[str]:
+    """Tensor names in on-disk order (file, then offset): reading in this order is sequential."""
+    files = {f: i for i, f in enumerate(dict.fromkeys(t.file for t in tensors.values()))}
+    return sorted(tensors, key=lambda n: (files[tensors[n].file], tensors[n].offset))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's parsed config.json (empty when absent; FormatError when invalid)."""
+    p = path / CONFIG_NAME
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{p}: invalid config.json ({e})", path=str(p)) from e
+
+
+def matrix_view(shape) -> tuple[int, int]:
+    """The (m, n) view a tensor is merged as: :func:`matrix_shape` for >= 2 dimensions, a
+    column of all its entries otherwise."""
+    return matrix_shape(shape) if len(shape) >= 2 else (math.prod(shape), 1)
 
 
 def weight_files(path: Path, label: str) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fastpath, native
-from .layout import matrix_shape, moments_path, weight_files
+from .layout import matrix_view, moments_path, weight_files
 from .thresholds import N_BINS
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool,
     totals = [0] * T
     for name in names:
         t = bf.tensors[name]
-        m, n = matrix_shape(t.shape) if len(t.shape) >= 2 else (t.numel, 1)
-        w0.append(maps.addr(t.file, t.start))
+        m, n = matrix_view(t.shape)
+        w0.append(maps.addr(bf.file(name), t.start))
         dt0.append(native.DT_CODES[t.dtype])
         ms.append(m)
         ns.append(n)
@@ -90,7 +90,7 @@ def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool,
             et = ef.tensors.get(name)
             if et is None or et.dtype not in floats or et.shape != t.shape:
                 raise fastpath.Decline(f"{ef.label}: {name!r} differs from the base")
-            e_ptr.append(maps.addr(et.file, et.start))
+            e_ptr.append(maps.addr(ef.file(name), et.start))
             e_dt.append(native.DT_CODES[et.dtype])
             if mom is None:
                 mode, a, b, v = native.S_MAGNITUDE, None, None, None
