@@ -10,10 +10,14 @@ fused pass per expert entry instead of a dozen tensor-wide ones, on several thre
 Control with ``OTA_TRAINER_NATIVE``: unset or ``auto`` uses the kernels when they build and
 falls back to PyTorch (with one warning) when they do not; ``0`` never uses them; ``1``
 requires them (an error if they cannot be built). The cache folder is
-``$OTA_TRAINER_CACHE/kernels`` (default ``~/.cache/ota_trainer/kernels``).
+``$OTA_TRAINER_CACHE/kernels`` (default ``~/.cache/ota_trainer/kernels``), created owner-only.
+A library there is loaded only from a folder nobody else can write to, only if it is a file of
+ours and only if its bytes match the sha256 its build recorded beside it: otherwise the kernels
+are refused (the PyTorch path is used, with one warning saying how to fix it), never rebuilt over.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import struct
@@ -22,7 +26,9 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +49,11 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 MIN_PARALLEL = 1 << 16
 
 _VERSION = 8  # ota_native_version() of kernels.c
+# in the library's cache key: libraries built before checksums were recorded get another name (not refused)
+_CACHE_FORMAT = b"sha256-v1"
+_POSIX = hasattr(os, "geteuid")  # owners and mode bits to check
+# cache files are opened for reading without following links (nor blocking on a planted FIFO)
+_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 DT_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype -> the kernels' code
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
@@ -100,25 +111,154 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
-def _build(cc: str) -> Path:
-    """Compile ``kernels.c`` into the cache (once per source, compiler and CPU); returns the library."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + cc.encode() + " ".join(CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"ota_kernels-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # compile beside it, rename: concurrent builds are safe
-    os.close(fd)
+def _make_private(path: Path) -> None:
+    """Create the folder owner-only (0o700 whatever the umask); one that exists is left as it is
+    (:func:`_check_folders` judges it)."""
     try:
-        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
-        os.replace(tmp, out)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+
+
+def _ours(st: os.stat_result) -> bool:
+    return not _POSIX or st.st_uid in (os.geteuid(), 0)
+
+
+def _check_folders(folder: Path) -> None:
+    """Refuse a cache others can write to (they could plant a library there for us to load): the
+    kernels folder must be a real folder (not a link) of ours (or root's) that only its owner can
+    write; so must the folder holding it (the cache root), unless that is sticky like ``/tmp``."""
+    if not _POSIX:
+        return
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+        raise OSError(f"refusing the kernel cache {folder}: it is {what}; remove it (it is recreated) "
+                      "or set OTA_TRAINER_CACHE to a folder of your own")
+    root = folder.parent  # followed if a link: the folder it names is judged
+    for path, st, fix in ((folder, st, f"chmod 700 {folder}"), (root, os.stat(root), f"chmod go-w {root}")):
+        if not _ours(st):
+            raise OSError(f"refusing the kernel cache {path}: it belongs to another user (uid {st.st_uid}); "
+                          "set OTA_TRAINER_CACHE to a folder of your own")
+        if st.st_mode & 0o022 and not (path != folder and st.st_mode & stat.S_ISVTX):
+            raise OSError(f"refusing the kernel cache {path}: other users can write to it; run `{fix}` "
+                          "(or set OTA_TRAINER_CACHE to a folder of your own)")
+
+
+def _open_private(path: Path) -> int:
+    """Open a cache file for reading if it is a regular file of ours that others cannot write (a
+    link is not followed); returns the descriptor."""
+    def check(st: os.stat_result) -> None:
+        problem = ("is a symbolic link" if stat.S_ISLNK(st.st_mode)
+                   else "is not a regular file" if not stat.S_ISREG(st.st_mode)
+                   else f"belongs to another user (uid {st.st_uid})" if not _ours(st)
+                   else "is writable by other users" if _POSIX and st.st_mode & 0o022 else None)
+        if problem:
+            raise OSError(f"refusing the kernel library file {path}: it {problem}; delete it (it is rebuilt)")
+
+    check(os.lstat(path))
+    fd = os.open(path, _READ)
+    try:
+        check(os.fstat(fd))  # the file opened, not the name looked at
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sidecar(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (beside it, then renamed), owner-only."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent)  # 0o600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Serialise builds into one folder (one per rank of a launch): each writes the checksum and
+    then the library, so two at once could pair one's checksum with the other's library."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unserialised (compilers give the same bytes for the same input)
+        yield
+        return
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(cc: str) -> Path:
+    """Compile ``kernels.c`` into the cache (once per source, compiler and CPU); returns the library.
+
+    The cache folders are created owner-only and checked (:func:`_check_folders`); the library
+    is compiled beside its final name and renamed into place (concurrent builds are safe) after
+    its sha256 is written to ``<name>.sha256``, which :func:`_open_verified` checks before
+    loading it. A library in place is never rebuilt over: if it is not ours, it is refused."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + cc.encode() + " ".join(CFLAGS).encode() + _cpu_signature().encode()
+                         + _CACHE_FORMAT).hexdigest()[:16]
+    folder = _cache_dir()
+    out = folder / f"ota_kernels-{key}.so"
+    folder.parent.parent.mkdir(parents=True, exist_ok=True)  # e.g. ~/.cache: an ordinary folder
+    _make_private(folder.parent)
+    _make_private(folder)
+    _check_folders(folder)
+    if os.path.lexists(out):
+        return out
+    with _build_lock(folder):
+        if os.path.lexists(out):  # built while we waited
+            return out
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # compile beside it, rename
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+            os.chmod(tmp, 0o700)  # the linker made it with the umask's bits
+            _write_private(_sidecar(out), hashlib.sha256(Path(tmp).read_bytes()).hexdigest().encode())
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return out
+
+
+def _open_verified(path: Path) -> ctypes.CDLL:
+    """Load the library only if it is a file of ours whose bytes hash to the sha256 its build
+    recorded (a missing record counts as a mismatch). The bytes hashed are the bytes loaded: one
+    descriptor is hashed and then loaded through ``/proc/self/fd`` (the path elsewhere)."""
+    fd = _open_private(path)
+    try:
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        try:
+            sfd = _open_private(_sidecar(path))
+        except FileNotFoundError:
+            raise OSError(f"refusing the kernel library {path}: it has no checksum {_sidecar(path).name} "
+                          "(not built by ota_trainer?); delete it (it is rebuilt)") from None
+        with os.fdopen(sfd, "rb") as f:
+            want = f.read(256).strip().decode("ascii", "replace")
+        if h.hexdigest() != want:
+            raise OSError(f"refusing the kernel library {path}: its sha256 does not match the one its build recorded "
+                          f"in {_sidecar(path).name} (changed since?); delete both (they are rebuilt)")
+        proc = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(proc if sys.platform.startswith("linux") and os.path.exists(proc) else str(path))
+    finally:
+        os.close(fd)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -163,7 +303,7 @@ def _load() -> ctypes.CDLL | None:
         try:
             if cc is None:
                 raise OSError("no C compiler (set CC, or install gcc or clang)")
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = _open_verified(_build(cc))
             _declare(lib)
             if lib.ota_native_version() != _VERSION:
                 raise OSError("stale kernel library in the cache")
