@@ -3,12 +3,15 @@ transformers and ModelCard: no mocks, every call goes over HTTP to 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -285,3 +288,230 @@ def test_datasets_and_cli(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
     assert (tmp_path / "hub" / "repos" / "datasets" / "me" / "ds" / "repo.json").is_file()
+
+
+# -- request bodies: access checks before the body, size caps -------------------------------------------------------
+# Raw HTTP over a socket: these tests control exactly which bytes are sent (headers only, a few body bytes...).
+
+_TIMEOUT = 5.0  # every answer below must arrive well within this, without the declared body being sent
+
+
+def _connect(hub) -> socket.socket:
+    u = urlsplit(hub.url)
+    return socket.create_connection((u.hostname, u.port), timeout=_TIMEOUT)
+
+
+def _head(method: str, path: str, hub, **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {urlsplit(hub.url).netloc}",
+             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _response(sock: socket.socket, method: str = "POST") -> tuple[int, http.client.HTTPMessage, dict]:
+    resp = http.client.HTTPResponse(sock, method=method)
+    resp.begin()
+    body = resp.read()
+    return resp.status, resp.headers, json.loads(body) if body else {}
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """The server sent its end of the connection (EOF), with no further bytes."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _raw_status_line(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.local_hub(token="secret")
+def test_unauthorized_huge_uploads_are_refused_before_their_body_is_read(local_hub):
+    """A 50 GB commit or LFS upload without the token is answered at once: only the headers and
+    100 bytes are ever sent, so the answer cannot have waited for (or read) the body."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(REPO, private=True)
+    head = HfApi().model_info(REPO).sha
+    huge = str(50 * 10**9)
+    cases = [
+        ("POST", f"/api/models/{REPO}/commit/main", {}, 401),  # no token, private repo
+        ("POST", f"/api/models/{REPO}/commit/main", {"Authorization": "Bearer wrong"}, 401),
+        ("POST", "/api/models/me/not-there/commit/main", {}, 401),  # writes need the token, repo or not
+        ("POST", f"/api/models/{REPO}/preupload/main", {}, 401),
+        ("POST", "/api/repos/create", {}, 401),
+        ("POST", f"/{REPO}.git/info/lfs/objects/batch", {}, 401),
+        ("PUT", f"/_lfs/{'0' * 64}?size={huge}&sig=forged", {}, 403),  # LFS URLs authorize themselves
+        ("POST", f"/api/models/{REPO}/commit/no-such-branch", {"Authorization": "Bearer secret"}, 404),
+    ]
+    for method, path, auth, status in cases:
+        with _connect(local_hub) as sock:
+            sock.sendall(_head(method, path, local_hub, Content_Length=huge, **auth) + b'{"key": "header", ' * 5)
+            got, headers, body = _response(sock, method)  # within _TIMEOUT, or socket.timeout fails the test
+            assert got == status, (path, got, body)
+            # the body stays unread: the connection cannot carry another request
+            assert headers["Connection"] == "close" and _closed_by_server(sock), path
+    assert HfApi().model_info(REPO).sha == head
+
+
+@pytest.mark.local_hub(token="secret")
+def test_expect_100_continue_is_sent_only_to_authorized_requests(local_hub):
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(REPO)
+    with _connect(local_hub) as sock:  # unauthorized: the final answer comes instead of "100 Continue"
+        sock.sendall(_head("POST", f"/api/models/{REPO}/commit/main", local_hub, Content_Length="1000000",
+                           Expect="100-continue"))
+        assert _raw_status_line(sock).startswith(b"HTTP/1.1 401 ")
+    body = json.dumps({"files": [{"path": "a.txt", "sample": "", "size": 1}]}).encode()
+    with _connect(local_hub) as sock:  # authorized: invited to send the body, then served
+        sock.sendall(_head("POST", f"/api/models/{REPO}/preupload/main", local_hub, Content_Length=str(len(body)),
+                           Expect="100-continue", Authorization="Bearer secret", Content_Type="application/json"))
+        assert _raw_status_line(sock) == b"HTTP/1.1 100 Continue"
+        sock.sendall(body)
+        status, _, data = _response(sock)
+        assert status == 200 and data["files"][0]["uploadMode"] == "regular"
+
+
+@pytest.mark.local_hub(token="secret")
+def test_small_unread_bodies_are_discarded_and_the_connection_reused(local_hub):
+    conn = http.client.HTTPConnection(urlsplit(local_hub.url).netloc, timeout=_TIMEOUT)
+    try:
+        conn.request("POST", "/api/repos/create", body=json.dumps({"name": "x"}), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 401 and resp.getheader("Connection") is None
+        resp.read()
+        sock = conn.sock
+        conn.request("GET", "/api/whoami-v2", headers={"Authorization": "Bearer secret"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["name"] == "local-user"
+        assert conn.sock is sock  # same connection: the refused body was drained, not left in the stream
+    finally:
+        conn.close()
+
+
+@pytest.mark.local_hub(token="secret")
+def test_a_real_client_sending_a_big_unauthorized_body_reads_the_401(local_hub):
+    """The server answers before reading, then keeps discarding input while the client is still
+    sending: the client finishes its upload and reads the 401 (no connection reset)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_session
+
+    HfApi().create_repo(REPO)
+    resp = get_session().post(f"{local_hub.url}/api/models/{REPO}/commit/main", content=b"\0" * (48 * 1024 * 1024),
+                              headers={"authorization": "Bearer wrong"})
+    assert resp.status_code == 401 and "Invalid credentials" in resp.json()["error"]
+
+
+@pytest.mark.local_hub(max_json_size=4096, max_commit_size=64 * 1024)
+def test_bodies_over_the_caps_get_413_without_being_read(local_hub):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    api.create_repo(REPO)
+    with _connect(local_hub) as sock:  # declared over the cap: answered from the headers
+        sock.sendall(_head("POST", "/api/repos/create", local_hub, Content_Length="4097") + b"{")
+        status, headers, body = _response(sock)
+        assert status == 413 and "4096 bytes" in body["error"] and headers["Connection"] == "close"
+    with _connect(local_hub) as sock:  # chunked: refused as soon as the cap is passed, the rest never sent
+        sock.sendall(_head("POST", f"/api/models/{REPO}/commit/main", local_hub, Transfer_Encoding="chunked"))
+        for _ in range(5):
+            sock.sendall(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")  # 5 x 16 KiB > 64 KiB, no final chunk
+        status, headers, body = _response(sock)
+        assert status == 413 and headers["Connection"] == "close" and _closed_by_server(sock)
+    # the real client: a regular-mode commit over the cap fails clearly, smaller ones go through
+    with pytest.raises(HfHubHTTPError) as e:
+        api.upload_file(path_or_fileobj=os.urandom(100_000), path_in_repo="big.dat", repo_id=REPO)
+    assert e.value.response.status_code == 413 and "--lfs" in str(e.value)
+    api.upload_file(path_or_fileobj=os.urandom(30_000), path_in_repo="small.dat", repo_id=REPO)
+    assert "small.dat" in api.list_repo_files(REPO) and "big.dat" not in api.list_repo_files(REPO)
+
+
+def test_missing_or_invalid_body_framing(local_hub):
+    cases = [
+        ({}, 411),  # a route that needs a body, without Content-Length or chunked
+        ({"Content_Length": "abc"}, 400),
+        ({"Content_Length": "-1"}, 400),
+        ({"Content_Length": "5, 6"}, 400),
+        ({"Transfer_Encoding": "gzip"}, 400),
+    ]
+    for headers, status in cases:
+        with _connect(local_hub) as sock:
+            sock.sendall(_head("POST", "/api/repos/create", local_hub, **headers))
+            got, resp_headers, body = _response(sock)
+            assert got == status, (headers, got, body)
+            if status == 400:  # the body cannot be delimited: the connection ends
+                assert resp_headers["Connection"] == "close" and _closed_by_server(sock)
+    with _connect(local_hub) as sock:  # an optional body may be absent: a branch from main
+        sock.sendall(_head("POST", "/api/repos/create", local_hub, Content_Length="14") + b'{"name": "r1"}')
+        assert _response(sock)[0] == 200
+        sock.sendall(_head("POST", "/api/models/local-user/r1/branch/dev", local_hub))
+        assert _response(sock)[0] == 200
+
+
+@pytest.mark.local_hub(token="secret", lfs=True, max_lfs_size=1024 * 1024)
+def test_lfs_uploads_are_held_to_the_signed_size_and_the_cap(local_hub):
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(REPO)
+    conn = http.client.HTTPConnection(urlsplit(local_hub.url).netloc, timeout=_TIMEOUT)
+
+    def batch(*objects):
+        conn.request("POST", f"/{REPO}.git/info/lfs/objects/batch", headers={"Authorization": "Bearer secret"},
+                     body=json.dumps({"operation": "upload", "objects": [{"oid": o, "size": s} for o, s in objects]}))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())["objects"]
+
+    data = os.urandom(512 * 1024)
+    oid = hashlib.sha256(data).hexdigest()
+    ok, too_big = batch((oid, len(data)), ("f" * 64, 2 * 1024 * 1024))
+    assert too_big["error"]["code"] == 413 and "actions" not in too_big
+    path = urlsplit(ok["actions"]["upload"]["href"])
+    path = f"{path.path}?{path.query}"
+    with _connect(local_hub) as sock:  # a Content-Length that is not the signed size: refused unread
+        sock.sendall(_head("PUT", path, local_hub, Content_Length=str(10**10)) + data[:100])
+        status, headers, _ = _response(sock, "PUT")
+        assert status == 400 and headers["Connection"] == "close"
+    with _connect(local_hub) as sock:  # chunked past the signed size: refused there
+        sock.sendall(_head("PUT", path, local_hub, Transfer_Encoding="chunked"))
+        for piece in (data, data):
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        assert _response(sock, "PUT")[0] == 413
+    conn.request("PUT", path, body=data)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b"{}"
+    assert batch((oid, len(data)))[0].get("actions") is None  # stored
+    conn.close()
+
+
+@pytest.mark.local_hub(token="secret", lfs=True)
+def test_client_round_trip_with_token_lfs_and_private_repo(local_hub, tmp_path):
+    """create_repo / upload_folder (regular and LFS files) / snapshot_download through the
+    access checks that now come before every body."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+    api.create_repo(REPO, private=True)
+    folder = _make_folder(tmp_path / "up")
+    (folder / "weights.bin").write_bytes(os.urandom(11 * 1024 * 1024))  # >= 10 MB: LFS
+    api.upload_folder(repo_id=REPO, folder_path=folder, commit_message="upload")
+    assert any(p.startswith("/_lfs/") for m, p in local_hub.requests if m == "PUT")
+    got = snapshot_download(REPO)
+    for f in ("config.json", "sub/data.txt", "sub/deeper/x.bin", "weights.bin"):
+        assert open(os.path.join(got, f), "rb").read() == (folder / f).read_bytes(), f
+
+
+def test_body_caps_must_be_positive(tmp_path):
+    from ota_trainer.errors import ConfigError
+    from ota_trainer.testing.local_hub import LocalHub
+
+    with pytest.raises(ConfigError, match="max_commit_size"):
+        LocalHub(tmp_path, max_commit_size=0)

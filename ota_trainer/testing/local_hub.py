@@ -37,6 +37,8 @@ Auth: with ``token=None`` every request is allowed (private repos included). Wit
 writes need ``authorization: Bearer <token>``, private repos are invisible without it
 (401 ``RepoNotFound``, which the client raises as ``RepositoryNotFoundError``), and a wrong
 token is refused everywhere, as on the Hub. LFS upload URLs carry their own signature.
+These checks come before a request body is read, and bodies are capped (``max_json_size``,
+``max_commit_size``, ``max_lfs_size``: 413 beyond).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ import logging
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -69,7 +72,21 @@ REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 DEFAULT_BRANCH = "main"
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores files from 10 MB in LFS
+# Request body caps (LocalHub arguments; a larger body is answered 413 without being read).
+MAX_JSON_SIZE = 8 * 1024 * 1024  # JSON API bodies: preupload/LFS batches are <= 256 files, ~250 KB
+MAX_COMMIT_SIZE = 256 * 1024 * 1024  # a regular-mode NDJSON commit (base64 content: ~190 MB of files)
+MAX_LFS_SIZE = 5 * 1024 ** 3  # one LFS object (the demo's SmolLM2 checkpoints are 540 MB)
 _CHUNK = 1024 * 1024
+# An unread request body of up to this many bytes (a request answered without its body:
+# auth error, injected fault...) is read and discarded so the connection stays usable;
+# a larger or unknown-length one ends the connection (answered with "Connection: close").
+_DRAIN_LIMIT = 1024 * 1024
+# Closing a socket with unread input makes TCP send a reset, which can destroy the response
+# before the client reads it (RFC 9112, 9.6). So a connection closed with its request body
+# unread is half-closed after the response and its input discarded until the client closes,
+# the declared body has arrived, nothing came for _LINGER_IDLE s, or _LINGER_SECONDS passed.
+_LINGER_SECONDS = 10.0
+_LINGER_IDLE = 2.0
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT = re.compile(rb'"content"\s*:\s*"')
@@ -368,8 +385,16 @@ def _parse_ndjson(body: bytes) -> list[dict]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """One HTTP/1.1 connection (keep-alive). Every response has a Content-Length and every
-    request body is read or drained, so the connection can be reused."""
+    """One HTTP/1.1 connection (keep-alive). Every response has a Content-Length.
+
+    Request bodies: a route checks access first (token, repo, write permission, LFS URL
+    signature) and only then reads its body, through :meth:`_read_body` / :meth:`_iter_body`,
+    which refuse a body over the route's cap with 413 before reading it (or, for chunked
+    bodies, as soon as the cap is passed). ``Expect: 100-continue`` is answered only when the
+    body is actually wanted. A body left unread is discarded after the response if it is
+    small (the connection is reused); otherwise the response says ``Connection: close`` and
+    the connection is closed gracefully (see ``_LINGER_SECONDS``).
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "LocalHub/1"
@@ -382,18 +407,55 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (BaseHTTPRequestHandler's signature)
         logger.debug("%s %s", self.address_string(), format % args)
 
+    def parse_request(self) -> bool:
+        # per-request state (set before the base class may answer an error or call handle_expect_100)
+        self._body_state = "none"  # none | unread | partial | done | bad | gone
+        self._length: int | None = None  # declared Content-Length (None: chunked or no body)
+        self._chunked = False
+        self._consumed = 0  # body bytes read so far (Content-Length bodies)
+        self._expect_pending = False  # "Expect: 100-continue" not answered yet
+        self._force_close = False
+        self._connection_header_sent = False
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        # Do not invite the body before the route has checked access: "100 Continue" is sent
+        # by _read_body; a request answered without it ends the connection.
+        self._expect_pending = True
+        return True
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection":
+            self._connection_header_sent = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        # last moment to decide whether this connection can serve another request
+        state = getattr(self, "_body_state", None)
+        if state is not None and not self._connection_header_sent and (self.close_connection or not self._reusable()):
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+    def _reusable(self) -> bool:
+        """Whether the connection can take another request once this response is sent."""
+        if self._force_close:
+            return False
+        if self._body_state in ("none", "done"):
+            return True
+        return (self._body_state == "unread" and not self._expect_pending and self._length is not None
+                and self._length - self._consumed <= _DRAIN_LIMIT)
+
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch()
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def _dispatch(self) -> None:
-        self._body_read = False
-        self._body_cache: bytes | None = None
         split = urlsplit(self.path)
         raw_path, self.query = split.path, parse_qs(split.query)
         self.hub._log_request(self.command, unquote(raw_path))
         try:
+            self._parse_framing()
             fault = self.hub._take_fault(self.command, unquote(raw_path), download=False)
             if fault is not None:
                 raise _HTTPError(fault.status, f"injected fault: HTTP {fault.status} (LocalHub.inject_faults)")
@@ -406,36 +468,112 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise _HTTPError(404, f"LocalHub does not serve {self.command} {raw_path}")
         except _HTTPError as e:
-            self._drain()
+            if e.status == 413:
+                self._force_close = True  # a body refused for its size is not drained, however small
             self._send_json(e.status, {"error": e.message, **e.extra}, headers={
                 **({"X-Error-Code": e.code} if e.code else {}),
                 "X-Error-Message": e.message.encode("ascii", "replace").decode().replace("\n", " "),
                 **e.headers,
             })
         except (ConnectionError, TimeoutError):
+            self._body_state = "gone"
             self.close_connection = True
+            return
         except Exception as e:  # a server bug: answer 500 (the client shows it) and keep serving
             logger.exception("LocalHub: %s %s failed", self.command, self.path)
-            self._drain()
             self.close_connection = True  # headers may already be out: do not reuse the connection
             self._send_json(500, {"error": f"LocalHub internal error: {type(e).__name__}: {e}"})
-        else:
-            self._drain()
+        self._finish_body()
 
-    def _iter_body(self, chunk: int = _CHUNK) -> Iterator[bytes]:
-        """The request body in chunks (Content-Length or chunked transfer encoding)."""
-        self._body_read = True
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+    # -- request bodies ---------------------------------------------------------------
+    def _parse_framing(self) -> None:
+        """Read how the body is delimited (RFC 9112, 6.3) from the headers; read nothing.
+
+        Raises:
+            _HTTPError: 400 for a Content-Length or Transfer-Encoding the server cannot
+                delimit a body with (the connection is then closed).
+        """
+        te = [c.strip().lower() for v in self.headers.get_all("Transfer-Encoding", []) for c in v.split(",")]
+        te = [c for c in te if c]
+        lengths = [v.strip() for h in self.headers.get_all("Content-Length", []) for v in h.split(",")]
+        if te:
+            if te[-1] != "chunked":
+                self._body_state = "bad"
+                raise _HTTPError(400, f"unsupported Transfer-Encoding {', '.join(te)!r}: send Content-Length "
+                                      "or chunked")
+            self._chunked, self._body_state = True, "unread"
+            self._force_close = bool(lengths)  # both: chunked wins, and the connection must not be reused
+        elif lengths:
+            if len(set(lengths)) != 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0]):
+                self._body_state = "bad"
+                raise _HTTPError(400, f"invalid Content-Length {', '.join(lengths)!r}")
+            self._length = int(lengths[0])
+            self._body_state = "unread" if self._length else "none"
+        if self._body_state == "none":
+            self._expect_pending = False  # nothing to invite
+
+    def _start_body(self, limit: int, what: str) -> bool:
+        """Checks before reading a body of at most ``limit`` bytes; ``False``: there is none.
+
+        Raises:
+            _HTTPError: 411 without Content-Length or chunked encoding; 413 when the declared
+                length is over ``limit`` (nothing is read).
+        """
+        if self._body_state == "none":
+            return False
+        if self._body_state != "unread":
+            raise RuntimeError(f"LocalHub: request body read twice ({self._body_state})")
+        if self._length is not None and self._length > limit:
+            raise _HTTPError(413, f"{what} of {self._length} bytes is over LocalHub's limit of {limit} bytes")
+        if self._expect_pending:  # the client waits for this before sending the body
+            self._expect_pending = False
+            self.wfile.write(f"{self.protocol_version} 100 Continue\r\n\r\n".encode())
+        self._body_state = "partial"
+        return True
+
+    def _iter_body(self, limit: int, what: str = "request body", *, required: bool = True,
+                   chunk: int = _CHUNK) -> Iterator[bytes]:
+        """The request body in pieces, never more than ``limit`` bytes in total.
+
+        Raises:
+            _HTTPError: 411 (``required`` and no body framing), 413 (over ``limit``), 400
+                (malformed chunked encoding).
+            ConnectionError: the client closed the connection mid-body.
+        """
+        if not self._start_body(limit, what):
+            if required and self._length is None and not self._chunked:
+                raise _HTTPError(411, f"{what} required: send it with a Content-Length (or chunked)")
+            return
+        if self._chunked:
+            total = 0
             while True:
-                size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(1026)
+                if not line:
+                    raise ConnectionError("client closed the connection mid-body")
+                size = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size):
+                    raise _HTTPError(400, "malformed chunked request body")
+                size = int(size, 16)
                 if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                    for _ in range(100):  # trailers, up to the empty line
+                        line = self.rfile.readline(8192)
+                        if line in (b"\r\n", b"\n"):
+                            break
+                        if not line:
+                            raise ConnectionError("client closed the connection mid-body")
+                    else:
+                        raise _HTTPError(400, "too many trailer fields in chunked request body")
+                    self._body_state = "done"
                     return
+                total += size
+                if total > limit:
+                    raise _HTTPError(413, f"{what} is over LocalHub's limit of {limit} bytes")
                 yield from self._read_exact(size, chunk)
-                self.rfile.readline(16)
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    raise _HTTPError(400, "malformed chunked request body")
         else:
-            yield from self._read_exact(int(self.headers.get("Content-Length") or 0), chunk)
+            yield from self._read_exact(self._length, chunk)
+            self._body_state = "done"
 
     def _read_exact(self, n: int, chunk: int) -> Iterator[bytes]:
         while n > 0:
@@ -443,23 +581,22 @@ class _Handler(BaseHTTPRequestHandler):
             if not data:
                 raise ConnectionError("client closed the connection mid-body")
             n -= len(data)
+            if not self._chunked:
+                self._consumed += len(data)
             yield data
 
-    def _body(self) -> bytes:
-        if self._body_cache is None:
-            length = self.headers.get("Content-Length")
-            if length is not None and "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
-                self._body_read = True
-                self._body_cache = b"".join(self._read_exact(int(length), int(length) or 1))
-            else:
-                buf = bytearray()
-                for data in self._iter_body():
-                    buf += data
-                self._body_cache = bytes(buf)
-        return self._body_cache
+    def _read_body(self, limit: int, what: str = "request body", *, required: bool = True) -> bytes:
+        """The whole request body (at most ``limit`` bytes; see :meth:`_iter_body`)."""
+        if self._body_state == "unread" and not self._chunked:  # one read, no copy
+            return b"".join(self._iter_body(limit, what, required=required, chunk=max(1, self._length or 0)))
+        buf = bytearray()
+        for data in self._iter_body(limit, what, required=required):
+            buf += data
+        return bytes(buf)
 
-    def _json(self) -> dict:
-        body = self._body()
+    def _json(self, *, required: bool = True) -> dict:
+        """The request body as a JSON object (``{}`` when empty), at most ``hub.max_json_size`` bytes."""
+        body = self._read_body(self.hub.max_json_size, "JSON request body", required=required)
         try:
             data = json.loads(body) if body.strip() else {}
         except ValueError as e:
@@ -468,13 +605,46 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(400, "request body must be a JSON object")
         return data
 
-    def _drain(self) -> None:
-        if not self._body_read:
+    def _finish_body(self) -> None:
+        """After the response: make the connection ready for the next request, or close it."""
+        if self._body_state in ("none", "done", "gone"):
+            return
+        if not self.close_connection and self._reusable():  # small unread body: discard it
             try:
-                for _ in self._iter_body():
+                for _ in self._read_exact(self._length - self._consumed, _CHUNK):
                     pass
-            except (ConnectionError, TimeoutError, ValueError):
+                self._body_state = "done"
+                return
+            except (OSError, ValueError):
                 self.close_connection = True
+                return
+        self.close_connection = True
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then discard input for a bounded time before the socket is closed, so
+        the client can finish sending and read the response (RFC 9112, 9.6)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        left = self._length - self._consumed if self._length is not None else None
+        deadline = time.monotonic() + _LINGER_SECONDS
+        try:
+            while left is None or left > 0:
+                wait = min(_LINGER_IDLE, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                self.connection.settimeout(wait)
+                data = self.rfile.read1(_CHUNK if left is None else min(_CHUNK, left))
+                if not data:
+                    break
+                if left is not None:
+                    left -= len(data)
+        except (OSError, ValueError):
+            pass
+        self._body_state = "gone"
 
     def _send_json(self, status: int, data: Any, *, headers: dict[str, str] | None = None,
                    content_type: str = "application/json") -> None:
@@ -543,8 +713,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes: repos ----------------------------------------------------------------
     def create_repo(self) -> None:
-        data = self._json()
         self._require_write()
+        data = self._json()
         rtype = data.get("type") or "model"
         if rtype not in URL_PREFIXES:
             raise _HTTPError(400, f"unsupported repo type {rtype!r}; LocalHub serves {sorted(URL_PREFIXES)}")
@@ -561,8 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"url": url, "name": repo.id, "id": self.hub._store.meta(repo)["_id"]})
 
     def delete_repo(self) -> None:
-        data = self._json()
         self._require_write()
+        data = self._json()
         repo = _Repo(data.get("type") or "model", data.get("organization") or self.hub.user, data.get("name") or "")
         valid = repo.type in URL_PREFIXES and _valid_name(repo.namespace) and _valid_name(repo.name)
         if not valid or not self.hub._store.delete(repo):
@@ -570,8 +740,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def repo_settings(self, t: str, ns: str, name: str) -> None:
-        data = self._json()
         repo = self._repo(t, ns, name, write=True)
+        data = self._json()
         if "visibility" in data:
             self.hub._store.update_meta(repo, private=data["visibility"] == "private")
         elif "private" in data:
@@ -656,8 +826,8 @@ class _Handler(BaseHTTPRequestHandler):
                                "authors": [{"user": a} for a in c["authors"]]} for c in commits])
 
     def branch(self, t: str, ns: str, name: str, branch: str) -> None:
-        data = self._json() if self.command == "POST" else {}
         repo = self._repo(t, ns, name, write=True)
+        data = self._json(required=False) if self.command == "POST" else {}  # no body: from main
         store = self.hub._store
         with store.lock:
             exists = branch in store.refs(repo)["branches"]
@@ -672,8 +842,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def tag(self, t: str, ns: str, name: str, rev: str) -> None:
-        data = self._json() if self.command == "POST" else {}
         repo = self._repo(t, ns, name, write=True)
+        data = self._json() if self.command == "POST" else {}
         store = self.hub._store
         with store.lock:
             if self.command == "DELETE":  # DELETE .../tag/{tag}
@@ -748,15 +918,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, self._entries(repo, commit, path or "", recursive=recursive, expand=expand))
 
     def paths_info(self, t: str, ns: str, name: str, rev: str) -> None:
-        body = self._body()
         repo = self._repo(t, ns, name)
+        commit = self.hub._store.commit(repo, self._sha(repo, rev))
         if self.headers.get("Content-Type", "").startswith("application/json"):
-            data = json.loads(body or b"{}")
+            data = self._json()
             paths, expand = data.get("paths", []), bool(data.get("expand"))
         else:
-            form = parse_qs(body.decode())
+            body = self._read_body(self.hub.max_json_size, "paths-info request body")
+            form = parse_qs(body.decode(errors="replace"))
             paths, expand = form.get("paths", []), form.get("expand", ["False"])[0].lower() in ("1", "true")
-        commit = self.hub._store.commit(repo, self._sha(repo, rev))
         out = []
         for p in [paths] if isinstance(paths, str) else paths:
             p = p.strip("/")
@@ -822,9 +992,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes: uploads --------------------------------------------------------------
     def preupload(self, t: str, ns: str, name: str, rev: str) -> None:
-        data = self._json()
         repo = self._repo(t, ns, name, write=True)
         branch = self._branch(repo, rev)
+        data = self._json()
         sha = self.hub._store.refs(repo)["branches"][branch]
         tree = self.hub._store.commit(repo, sha)["tree"]
         files = []
@@ -842,11 +1012,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"files": files, "commitOid": sha})
 
     def commit(self, t: str, ns: str, name: str, rev: str) -> None:
-        body = self._body()
         repo = self._repo(t, ns, name, write=True)
+        self._branch(repo, rev)  # checked again under the lock, once the payload is parsed
         store = self.hub._store
+        hint = "" if self.hub.lfs else " (start the hub with lfs=True / --lfs so large files go through Git LFS)"
+        body = self._read_body(self.hub.max_commit_size, f"commit payload{hint}")
         items = _parse_ndjson(body)
-        self._body_cache = body = None  # the decoded contents are all we keep
+        del body  # the decoded contents are all we keep
         header, ops = {}, []
         for item in items:
             key, value = item.get("key"), item.get("value") or {}
@@ -887,8 +1059,8 @@ class _Handler(BaseHTTPRequestHandler):
                               "pullRequestUrl": pr_url, "success": True})
 
     def lfs_batch(self, t: str | None, ns: str, name: str) -> None:
-        data = self._json()
         repo = self._repo(t, ns, name, write=True)
+        data = self._json()
         if data.get("operation", "upload") != "upload":
             raise _HTTPError(400, "LocalHub's LFS endpoint only accepts uploads; download with /resolve")
         objects = []
@@ -897,6 +1069,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not _SHA256.fullmatch(oid) or not isinstance(size, int) or size < 0:
                 error = {"code": 422, "message": "invalid oid or size"}
                 objects.append({"oid": oid, "size": size if isinstance(size, int) else 0, "error": error})
+                continue
+            if size > self.hub.max_lfs_size:
+                error = {"code": 413, "message": f"{size} bytes is over LocalHub's LFS object limit of "
+                                                 f"{self.hub.max_lfs_size} bytes (LocalHub(max_lfs_size=...))"}
+                objects.append({"oid": oid, "size": size, "error": error})
                 continue
             out = {"oid": oid, "size": size, "authenticated": True}
             if not self.hub._store.has_blob(oid, size):
@@ -913,12 +1090,16 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(size) if size.isdigit() else -1
         if not hmac.compare_digest(self.query.get("sig", [""])[0], self.hub._sign(oid, size)):
             raise _HTTPError(403, "invalid or missing LFS upload signature (ask the batch endpoint for an upload URL)")
+        if size > self.hub.max_lfs_size:  # signed before the limit was lowered
+            raise _HTTPError(413, f"LFS object of {size} bytes is over LocalHub's limit of {self.hub.max_lfs_size} bytes")
+        if self._length is not None and self._length != size:
+            raise _HTTPError(400, f"Content-Length {self._length} is not the size of the LFS object ({size} bytes)")
         store = self.hub._store
         tmp = store.tmp_file()
         h, n = hashlib.sha256(), 0
         try:
             with open(tmp, "wb") as f:
-                for data in self._iter_body():
+                for data in self._iter_body(size, "LFS upload"):
                     h.update(data)
                     f.write(data)
                     n += len(data)
@@ -933,8 +1114,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def lfs_verify(self, t: str | None, ns: str, name: str) -> None:
-        data = self._json()
         self._repo(t, ns, name, write=True)
+        data = self._json()
         if not self.hub._store.has_blob(str(data.get("oid")), data.get("size", -1)):
             raise _HTTPError(404, f"LFS object {data.get('oid')} ({data.get('size')} bytes) is not stored")
         self._send_json(200, {})
@@ -984,6 +1165,17 @@ class LocalHub:
             ``HF_HUB_DISABLE_XET=1``). ``False``: every file is committed "regular".
         lfs_min_size: size from which files go to LFS in ``lfs`` mode (the Hub's 10 MB).
         user: the account name whoami reports; repos created without a namespace go there.
+        max_json_size: largest JSON API request body (preupload, LFS batch, create repo,
+            validate-yaml...), in bytes. Default 8 MiB.
+        max_commit_size: largest NDJSON commit payload, in bytes. In regular mode file
+            contents travel base64 inside it (4/3 of their size); default 256 MiB, i.e. about
+            190 MiB of files per commit (the tests push commits of under 0.5 MB). Larger uploads belong in ``lfs`` mode.
+        max_lfs_size: largest LFS object, in bytes (the batch endpoint refuses larger ones).
+            Default 5 GiB. LFS uploads stream to disk, so this bounds disk use, not memory.
+
+    Request bodies are read only after the access checks (so an unauthorized request is
+    refused without its body being read) and a body over its cap is answered 413 without
+    being read.
 
     Attributes:
         requests: ``(method, unquoted path)`` of every request received, in order.
@@ -995,7 +1187,14 @@ class LocalHub:
     """
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
-                 lfs: bool = False, lfs_min_size: int = LFS_MIN_SIZE, user: str = "local-user"):
+                 lfs: bool = False, lfs_min_size: int = LFS_MIN_SIZE, user: str = "local-user",
+                 max_json_size: int = MAX_JSON_SIZE, max_commit_size: int = MAX_COMMIT_SIZE,
+                 max_lfs_size: int = MAX_LFS_SIZE):
+        for arg, value in (("max_json_size", max_json_size), ("max_commit_size", max_commit_size),
+                           ("max_lfs_size", max_lfs_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"LocalHub: {arg}={value!r} must be a positive number of bytes")
+        self.max_json_size, self.max_commit_size, self.max_lfs_size = max_json_size, max_commit_size, max_lfs_size
         self.root = Path(root)
         self.host, self.port = host, port
         self.token = token
@@ -1049,8 +1248,9 @@ class LocalHub:
         """Make the next ``times`` matching requests fail.
 
         Args:
-            status: answer this HTTP status (e.g. 503) instead of serving the request; the
-                request body is drained and the connection stays usable.
+            status: answer this HTTP status (e.g. 503) instead of serving the request; a
+                request body up to 1 MiB is discarded and the connection stays usable, a
+                larger one is not read and the connection is closed after the answer.
             drop_after_bytes: for file downloads (``GET .../resolve/...``): send the headers and
                 this many bytes of the body, then close the connection (the client sees a
                 truncated transfer and resumes with ``Range``).
@@ -1114,11 +1314,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="store binary and large files with Git LFS (clients need HF_HUB_DISABLE_XET=1)")
     p.add_argument("--lfs-min-size", type=int, default=LFS_MIN_SIZE, help="LFS threshold in bytes (default: 10 MB)")
     p.add_argument("--user", default="local-user", help="account name reported by whoami")
+    p.add_argument("--max-json-size", type=int, default=MAX_JSON_SIZE,
+                   help="largest JSON request body in bytes (default: 8 MiB)")
+    p.add_argument("--max-commit-size", type=int, default=MAX_COMMIT_SIZE,
+                   help="largest commit payload in bytes (default: 256 MiB; regular-mode files travel inside it)")
+    p.add_argument("--max-lfs-size", type=int, default=MAX_LFS_SIZE,
+                   help="largest LFS object in bytes (default: 5 GiB)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
-    hub = LocalHub(args.root, args.host, args.port, args.token, lfs=args.lfs, lfs_min_size=args.lfs_min_size,
-                   user=args.user).start()
+    try:
+        hub = LocalHub(args.root, args.host, args.port, args.token, lfs=args.lfs, lfs_min_size=args.lfs_min_size,
+                       user=args.user, max_json_size=args.max_json_size, max_commit_size=args.max_commit_size,
+                       max_lfs_size=args.max_lfs_size)
+    except ConfigError as e:
+        p.error(str(e))
+    hub.start()
     print(hub.url, flush=True)  # the banner: scripts read the URL from the first line
     env = f"HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1" + (" HF_TOKEN=<token>" if args.token else "")
     logger.info("clients: %s (Ctrl-C stops)", env)
