@@ -16,8 +16,9 @@ import torch
 
 from .errors import FormatError
 from .format import DTYPES, map_tensor, read_tensor
+from .inputs import ModelLayout, open_model
 from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
-    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, disk_order, folder_tensors, prefetch_range, read_config,
+    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range,
 )
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
@@ -45,25 +46,26 @@ class TensorInfo:
 
 
 class ModelFolder:
-    """A model checkpoint folder opened lazily.
+    """A model checkpoint folder opened lazily, through its validated :class:`~ota_trainer.inputs.ModelLayout`.
 
     Attributes:
-        path: the folder.
+        path: the folder (symlinks resolved).
         label: how errors name this model (a repo id or the folder path).
+        layout: the validated layout (tensor spans, files, config, side files).
         tensors: name -> :class:`TensorInfo`, in file order.
         config: the parsed ``config.json`` (empty dict when absent).
 
     Raises:
-        FormatError: no safetensors weights, or a corrupt/truncated file (names the file).
+        FormatError: no safetensors weights, a corrupt/truncated file, a file outside the
+            folder (names the file).
     """
 
-    def __init__(self, path: str | os.PathLike, *, label: str | None = None):
-        self.path = Path(path)
-        self.label = label or str(self.path)
-        if not self.path.is_dir():
-            raise FormatError(f"{self.label}: model folder {self.path} does not exist", path=str(self.path))
-        self.config: dict[str, Any] = read_config(self.path)
-        self._spans = folder_tensors(self.path, self.label)
+    def __init__(self, path: str | os.PathLike | ModelLayout, *, label: str | None = None):
+        self.layout = path if isinstance(path, ModelLayout) else open_model(path, label)
+        self.path = self.layout.path
+        self.label = self.layout.label
+        self.config: dict[str, Any] = self.layout.config
+        self._spans = self.layout.tensors
         self.tensors: dict[str, TensorInfo] = {
             name: TensorInfo(name, t.shape, DTYPES[t.dtype], t.file, t.offset) for name, t in self._spans.items()
         }
@@ -71,8 +73,8 @@ class ModelFolder:
 
     @property
     def files(self) -> list[Path]:
-        """The weight files, in tensor order."""
-        return [self.path / f for f in dict.fromkeys(t.file for t in self.tensors.values())]
+        """The weight files (real paths), in tensor order."""
+        return self.layout.weight_paths
 
     @property
     def architectures(self) -> list[str]:
@@ -80,12 +82,12 @@ class ModelFolder:
 
     def names(self) -> list[str]:
         """Tensor names in on-disk order (file, then offset): reading in this order is sequential."""
-        return disk_order(self._spans)
+        return list(self.layout.names)
 
     def _handle(self, file: str):
         fh = self._open.get(file)
         if fh is None:
-            path = self.path / file
+            path = self.layout.files[file]
             try:
                 fh = self._open[file] = open(path, "rb")
             except OSError as e:
@@ -97,14 +99,14 @@ class ModelFolder:
         info = self.tensors[name]
         fh = self._handle(info.file)
         start = self._spans[name].start
-        return read_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
+        return read_tensor(fh, self.layout.files[info.file], start, start + info.nbytes, info.dtype, info.shape)
 
     def view(self, name: str) -> torch.Tensor:
         """One tensor as a READ-ONLY memory map of its bytes (no copy; never write into it)."""
         info = self.tensors[name]
         fh = self._handle(info.file)
         start = self._spans[name].start
-        return map_tensor(fh, self.path / info.file, start, start + info.nbytes, info.dtype, info.shape)
+        return map_tensor(fh, self.layout.files[info.file], start, start + info.nbytes, info.dtype, info.shape)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s bytes into the page cache (no memory of ours

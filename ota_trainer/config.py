@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .methods import MergeMethod, get_method
 
 __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
@@ -36,6 +36,7 @@ DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
 
 
@@ -45,18 +46,20 @@ def parse_size(size: int | str) -> int:
     Raises:
         ConfigError: the string is not a size.
     """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
     if isinstance(size, int):
         if size <= 0:
             raise ConfigError(f"shard size must be positive, got {size}")
         return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(size)[:64].upper())
     if not m:
-        raise ConfigError(f"cannot read {size!r} as a size; write e.g. '5GB' or '500MB'")
+        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
     unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
     base = 1024 if (m.group(3) or "").startswith("I") else 1000
     n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
     if n <= 0:
-        raise ConfigError(f"shard size must be positive, got {size!r}")
+        raise ConfigError(f"shard size must be positive, got {brief(size)}")
     return n
 
 
@@ -96,27 +99,39 @@ class MergeRecipe:
     shard_size: str | int = "5GB"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise ConfigError(f"'method' must be a method name, got {brief(self.method)}")
         m = self.spec
+        if not isinstance(self.models, (list, tuple)):
+            raise ConfigError(f"'models' must be a list of experts, got {brief(self.models)}")
         object.__setattr__(self, "models", tuple(e if isinstance(e, ModelEntry) else ModelEntry(**e) for e in self.models))
         if not self.models:
             raise ConfigError("a recipe needs at least one model under 'models'")
+        if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
+            raise ConfigError(f"'base_model' must be a folder or repo id, got {brief(self.base_model)}")
         if m.needs_base and not self.base_model:
             raise ConfigError(f"method {m.name!r} needs 'base_model' (the model the experts were fine-tuned from)")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
+            raise ConfigError(f"dtype {brief(self.dtype)} is not one of {list(DTYPE_NAMES)}")
+        if not isinstance(self.allow_missing_moments, bool):
+            raise ConfigError(f"options.allow_missing_moments must be true or false, got {brief(self.allow_missing_moments)}")
         parse_size(self.shard_size)
         object.__setattr__(self, "parameters", self._coerce(self.parameters, "parameters", per_model=False))
         models = []
         for i, e in enumerate(self.models):
             if not isinstance(e.model, str) or not e.model:
                 raise ConfigError(f"models[{i}]: 'model' must be a folder or repo id")
-            models.append(ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({e.model})", per_model=True)))
+            models.append(ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({brief(e.model)})", per_model=True)))
         object.__setattr__(self, "models", tuple(models))
-        levels = [("parameters", self.parameters)] + [(f"models[{i}] ({e.model})", e.parameters) for i, e in enumerate(self.models)]
+        levels = [("parameters", self.parameters)] + [(f"models[{i}] ({brief(e.model)})", e.parameters) for i, e in enumerate(self.models)]
         for where, params in levels:
             rules = [k for k in FFG_RULES if params.get(k) is not None]
             if len(rules) > 1 and m.name == "ota":
                 raise ConfigError(f"{where}: set one FFG rule of {list(FFG_RULES)}, not {rules}")
+        if m.check_recipe is not None:
+            problem = m.check_recipe([self.model_parameters(i) for i in range(len(self.models))])
+            if problem:
+                raise ConfigError(f"method {m.name!r}: {problem}")
 
     @property
     def spec(self) -> MergeMethod:
@@ -127,10 +142,10 @@ class MergeRecipe:
             raise ConfigError(f"{where}: parameters must be a mapping, got {type(params).__name__}")
         out = {}
         for key, value in params.items():
-            p = self.spec.param(key)
+            p = self.spec.param(key) if isinstance(key, str) else None
             if p is None:
                 known = [q.name for q in self.spec.params if q.per_model or not per_model]
-                raise ConfigError(f"{where}: unknown parameter {key!r} for method {self.method!r}; known: {known}")
+                raise ConfigError(f"{where}: unknown parameter {brief(key)} for method {self.method!r}; known: {known}")
             if per_model and not p.per_model:
                 raise ConfigError(f"{where}: {key!r} is method-wide; set it under the top-level 'parameters'")
             out[key] = p.coerce(value, where)
@@ -177,27 +192,38 @@ class MergeRecipe:
     def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":
         if not isinstance(data, dict):
             raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - _TOP_KEYS
+        unknown = [k for k in data if k not in _TOP_KEYS]
         if unknown:
-            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
+            raise ConfigError(f"unknown recipe keys {brief(unknown)}; known: {sorted(_TOP_KEYS)}")
         method = data.get("method") or data.get("merge_method")
         if not method:
             raise ConfigError("a recipe needs 'method' (e.g. method: ota)")
         options = data.get("options") or {}
-        if not isinstance(options, dict) or set(options) - _OPTION_KEYS:
-            raise ConfigError(f"unknown recipe options {sorted(set(options) - _OPTION_KEYS)}; known: {sorted(_OPTION_KEYS)}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"'options' must be a mapping, got {brief(options)}")
+        if [k for k in options if k not in _OPTION_KEYS]:
+            raise ConfigError(f"unknown recipe options {brief([k for k in options if k not in _OPTION_KEYS])}; "
+                              f"known: {sorted(_OPTION_KEYS)}")
+        raw_models = data.get("models") or []
+        if not isinstance(raw_models, list):
+            raise ConfigError(f"'models' must be a list of experts, got {brief(raw_models)}")
         models = []
-        for i, e in enumerate(data.get("models") or []):
+        for i, e in enumerate(raw_models):
             if isinstance(e, str):
                 e = {"model": e}
-            if not isinstance(e, dict) or "model" not in e or set(e) - {"model", "parameters"}:
-                raise ConfigError(f"models[{i}] must be a mapping with 'model' and optional 'parameters', got {e!r}")
+            if not isinstance(e, dict) or "model" not in e or [k for k in e if k not in ("model", "parameters")]:
+                raise ConfigError(f"models[{i}] must be a mapping with 'model' and optional 'parameters', got {brief(e)}")
+            if not isinstance(e.get("parameters") or {}, dict):
+                raise ConfigError(f"models[{i}]: parameters must be a mapping, got {brief(e['parameters'])}")
             models.append(ModelEntry(e["model"], dict(e.get("parameters") or {})))
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"'parameters' must be a mapping, got {brief(params)}")
         return cls(
             method=method,
             models=tuple(models),
             base_model=data.get("base_model"),
-            parameters=dict(data.get("parameters") or {}),
+            parameters=dict(params),
             dtype=data.get("dtype"),
             allow_missing_moments=bool(options.get("allow_missing_moments", False)),
             shard_size=options.get("shard_size", "5GB"),
@@ -212,11 +238,16 @@ class MergeRecipe:
         """
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            with open(path, "rb") as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
         except OSError as e:
-            raise ConfigError(f"cannot read recipe {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MB: not a merge recipe")
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
+            raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e
         try:
             return cls.from_dict(data)
         except ConfigError as e:

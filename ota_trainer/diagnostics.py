@@ -61,9 +61,10 @@ from . import __version__
 from .checkpoint import ModelFolder
 from .compress import matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import ConfigError
-from .format import MomentsReader, has_moments, load_moments
+from .format import MomentsReader
 from .graft import SaliencyHistogram, Threshold, keep_mask, saliency
-from .engine import _local_resolver, check_compatible, check_moments
+from .inputs import check_compatible, check_moments, open_moments
+from .report import local_resolver as _local_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -356,19 +357,19 @@ class _Inspector:
         self.density, self.topk, self.quiet = density, topk, quiet
         self.base = ModelFolder(resolver(base), label=base)
         self.experts = [ModelFolder(resolver(e), label=e) for e in experts]
-        check_compatible(self.base, self.experts)
+        check_compatible(self.base.layout, [e.layout for e in self.experts])
         self.names = [n for n in self.base.names() if self.base.tensors[n].dtype.is_floating_point]
         self.moments: list[MomentsReader | None] = []
         self.missing: list[int] = []
         for e in self.experts:
-            if not has_moments(e.path):
+            layout = open_moments(e.layout)
+            if layout is None:
                 logger.warning("%s: no second moments; FFG and curvature diagnostics are skipped for it", e.label)
                 self.moments.append(None)
                 self.missing.append(0)
                 continue
-            m = load_moments(e.path, bias_correction=bias_correction)
-            m.model = e.label
-            check_moments(e, m, [], allow_missing=True)  # names and shapes must match the weights
+            check_moments(e.layout, layout, [], allow_missing=True)  # names and shapes must match the weights
+            m = MomentsReader(layout, bias_correction=bias_correction, model=e.label)
             missing = [n for n in self.names if n not in m]
             if missing:
                 logger.warning("%s: no moments for %d tensor(s) (e.g. %s); FFG keeps those whole, as the merge engine does",

@@ -40,14 +40,15 @@ from .aggregate import (
 )
 from .checkpoint import ModelFolder
 from .config import MergeRecipe
-from .errors import IncompatibleModelsError, MissingMomentsError, NumericalError
-from .format import MOMENTS_DIR, MomentsReader, all_finite, has_moments, load_moments
+from .errors import NumericalError
+from .format import MomentsReader, all_finite
 from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
+from .inputs import MergeInputs, check_compatible, check_moments, open_inputs  # noqa: F401 - check_*: part of this module's API
 from .layout import matrix_view
 from .report import (  # noqa: F401 - RECIPE_FILE, REPORT_FILE, CARD_FILE: part of this module's API
     CARD_FILE, RECIPE_FILE, REPORT_FILE, ExpertReport, MergeReport, Resolver, copy_side_files, finish, local_resolver as _local_resolver,
 )
-from .write import AtomicOutputDir, StreamingSafetensorsWriter, parse_size
+from .write import OutputDir, StreamingSafetensorsWriter, output_for, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -67,98 +68,6 @@ def _as_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> Merg
     if isinstance(recipe, dict):
         return MergeRecipe.from_dict(recipe)
     return MergeRecipe.from_yaml(recipe)
-
-
-# -- checks -------------------------------------------------------------------------------------
-def check_compatible(template: ModelFolder, experts: Sequence[ModelFolder]) -> None:
-    """Experts must have the template's architecture, tensor names and shapes.
-
-    Raises:
-        IncompatibleModelsError: naming the model and the first offending tensors.
-    """
-    arch = template.architectures
-    for e in experts:
-        if arch and e.architectures and e.architectures != arch:
-            raise IncompatibleModelsError(
-                f"{e.label}: architecture {e.architectures} differs from the base's {arch}", model=e.label
-            )
-        missing = [n for n in template.tensors if n not in e.tensors]
-        if missing:
-            raise IncompatibleModelsError(
-                f"{e.label}: lacks {len(missing)} tensor(s) the base has, e.g. {missing[:3]}", tensor=missing[0], model=e.label
-            )
-        extra = [n for n in e.tensors if n not in template.tensors]
-        if extra:
-            raise IncompatibleModelsError(
-                f"{e.label}: has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]} "
-                "(was it saved with untied or extra weights?)",
-                tensor=extra[0],
-                model=e.label,
-            )
-        for n, info in template.tensors.items():
-            shape = e.tensors[n].shape
-            if shape != info.shape:
-                hint = ""
-                if len(shape) == 2 and shape[1:] == info.shape[1:] and ("embed" in n or "lm_head" in n):
-                    hint = (
-                        f" (the vocabulary was resized: {shape[0]} vs {info.shape[0]} rows; merge experts that "
-                        "share the base's tokenizer, or resize the base's embeddings the same way first)"
-                    )
-                raise IncompatibleModelsError(
-                    f"{e.label}: tensor {n!r} has shape {tuple(shape)}, the base has {tuple(info.shape)}{hint}",
-                    tensor=n,
-                    model=e.label,
-                )
-
-
-def _open_moments(folder: ModelFolder, *, bias_correction: bool, allow_missing: bool) -> MomentsReader | None:
-    if not has_moments(folder.path):
-        if allow_missing:
-            logger.warning("%s: no second moments; uniform curvature is used for all its parameters", folder.label)
-            return None
-        raise MissingMomentsError(
-            f"{folder.label}: no second moments ({MOMENTS_DIR}/moments.safetensors). Train the expert with "
-            "ota_trainer.OTACallback to produce them, pass --allow-missing-moments to use uniform weights, "
-            "or use a method that needs none (linear, task_arithmetic, ties, dare)",
-            model=folder.label,
-        )
-    moments = load_moments(folder.path, bias_correction=bias_correction)
-    moments.model = folder.label
-    return moments
-
-
-def check_moments(folder: ModelFolder, moments: MomentsReader, names: Sequence[str], *, allow_missing: bool) -> None:
-    """Moments must be for this model (names and shapes) and cover every merged tensor.
-
-    Raises:
-        IncompatibleModelsError: moments name a tensor the model lacks, or shapes differ.
-        MissingMomentsError: a merged tensor has no moments and ``allow_missing`` is false.
-    """
-    for n, shape in moments.shapes.items():
-        if n not in folder.tensors:
-            raise IncompatibleModelsError(
-                f"{moments.path}: moments for {n!r}, which {folder.label} does not have: "
-                "these moments were written for a different model",
-                tensor=n,
-                model=folder.label,
-            )
-        if tuple(shape) != folder.tensors[n].shape:
-            raise IncompatibleModelsError(
-                f"{moments.path}: moments for {n!r} have shape {tuple(shape)}, the weights {folder.tensors[n].shape}: "
-                "these moments were written for a different model",
-                tensor=n,
-                model=folder.label,
-            )
-    missing = [n for n in names if n not in moments]
-    if missing:
-        if not allow_missing:
-            raise MissingMomentsError(
-                f"{moments.path}: no second moments for {len(missing)} tensor(s) of {folder.label}, e.g. {missing[:3]} "
-                "(frozen during training?); pass --allow-missing-moments to use uniform curvature for them",
-                tensor=missing[0],
-                model=folder.label,
-            )
-        logger.warning("%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there", folder.label, len(missing), missing[:3])
 
 
 def _check_finite(folder: ModelFolder, name: str) -> None:
@@ -185,28 +94,23 @@ def _curvatures(moments: list, power: float, normalise: str) -> list[Curvature]:
 
 # -- engine -------------------------------------------------------------------------------------
 class _Engine:
-    def __init__(self, recipe: MergeRecipe, resolver: Resolver, quiet: bool):
+    def __init__(self, recipe: MergeRecipe, inputs: MergeInputs, resolver: Resolver, quiet: bool):
         self.recipe = recipe
         self.resolver = resolver
         self.method = recipe.spec
         self.quiet = quiet
         self.params = recipe.method_parameters()
         self.model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
-        self.experts = [ModelFolder(resolver(e.model), label=e.model) for e in recipe.models]
-        self.base = ModelFolder(resolver(recipe.base_model), label=recipe.base_model) if recipe.base_model else None
+        self.experts = [ModelFolder(e) for e in inputs.experts]
+        self.base = ModelFolder(inputs.base) if inputs.base else None
         self.template = self.base or self.experts[0]
-        check_compatible(self.template, self.experts if self.base else self.experts[1:])
         self.names = self.template.names()
-        self.float_names = [n for n in self.names if self.template.tensors[n].dtype.is_floating_point]
+        self.float_names = list(inputs.float_names)
         self.grafting = recipe.grafting()
-        self.moments: list[MomentsReader | None] = [None] * len(self.experts)
-        if self.method.needs_moments:
-            for i, e in enumerate(self.experts):
-                self.moments[i] = _open_moments(
-                    e, bias_correction=self.params["bias_correction"], allow_missing=recipe.allow_missing_moments
-                )
-                if self.moments[i] is not None:
-                    check_moments(e, self.moments[i], self.float_names, allow_missing=recipe.allow_missing_moments)
+        self.moments: list[MomentsReader | None] = [
+            None if m is None else MomentsReader(m, bias_correction=self.params["bias_correction"], model=e.label)
+            for m, e in zip(inputs.moments, inputs.experts)
+        ]
         self.reports = [
             ExpertReport(e.model, p.get("density") if self.grafting else None, None, saliency_share=p.get("saliency_share") if self.grafting else None,
                          grafted=self.grafting)
@@ -481,7 +385,7 @@ class _Engine:
         except BaseException:
             writer.abort()
             raise
-        files += copy_side_files(self.template.path, self.template.config, tmp, self.recipe.dtype)
+        files += copy_side_files(self.template.layout, tmp, self.recipe.dtype)
         return files
 
 
@@ -494,6 +398,8 @@ def merge(
     quiet: bool = False,
     resolver: Resolver | None = None,
     fast_path: bool = True,
+    output: OutputDir | None = None,
+    inputs: MergeInputs | None = None,
 ) -> MergeReport:
     """Merge experts as the recipe says and write a Hugging Face model folder to ``out_dir``.
 
@@ -506,6 +412,10 @@ def merge(
             folder). The Hub layer passes one that downloads repo ids.
         fast_path: try :mod:`ota_trainer.fastpath` first (the same merge without PyTorch, for
             the recipes it covers); False: always this engine.
+        output: the :class:`~ota_trainer.write.OutputDir`, when the caller has made it already
+            (the CLI does, before anything else); it is then the caller's to release.
+        inputs: the recipe's inputs as :func:`~ota_trainer.inputs.open_inputs` opened them, when
+            the caller has already.
 
     Returns:
         A :class:`MergeReport` (achieved FFG density per expert and per tensor, files, time),
@@ -513,7 +423,9 @@ def merge(
 
     Raises:
         ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError,
-        OutputExistsError: nothing is left at ``out_dir`` when any is raised.
+        OutputExistsError, OutputError: nothing is left at ``out_dir`` when any is raised. An
+        ``out_dir`` that is, contains or lies inside an input or the Hugging Face cache is
+        refused before anything is read, even with ``overwrite``.
 
     Example:
         >>> report = merge({"method": "ota", "base_model": "base", "models": ["math", "code"],
@@ -523,13 +435,18 @@ def merge(
     """
     start = time.perf_counter()
     recipe = _as_recipe(recipe)
+    resolver = resolver or _local_resolver
+    if output is None:  # checks and locks out_dir before any input is read
+        with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver) as output:
+            return merge(recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs)
+    if inputs is None:
+        inputs = open_inputs(recipe, resolver)
     if fast_path:  # the native kernels without PyTorch, where they cover the recipe (same bytes)
-        report = fastpath.merge(recipe, out_dir, overwrite=overwrite, quiet=quiet, resolver=resolver)
+        report = fastpath.merge(recipe, out_dir, quiet=quiet, resolver=resolver, output=output, inputs=inputs)
         if report is not None:
             return report
-    out = AtomicOutputDir(out_dir, overwrite=overwrite)  # refuses a non-empty out_dir before any work
-    engine = _Engine(recipe, resolver or _local_resolver, quiet)
-    with out as tmp:
+    engine = _Engine(recipe, inputs, resolver, quiet)
+    with output.stage() as tmp:
         gc_was_on = gc.isenabled()
         gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
         try:
@@ -537,5 +454,5 @@ def merge(
         finally:
             if gc_was_on:
                 gc.enable()
-        report = finish(tmp, recipe, out.dest, engine.reports, engine.tensor_density, files, engine.resolver, start)
+        report = finish(tmp, recipe, output.dest, engine.reports, engine.tensor_density, files, engine.resolver, start)
     return report

@@ -32,14 +32,11 @@ from typing import Any
 
 from . import __version__, native, readahead
 from .config import MergeRecipe, parse_size
-from .errors import OutputExistsError
-from .layout import (
-    COL_SUFFIX, DTYPE_SIZES, ROW_SUFFIX, check_moments_entries, disk_order, folder_tensors, matrix_view, moments_path,
-    moments_scale, parse_moments_metadata, read_config, read_safetensors_layout, row_total,
-)
+from .inputs import MergeInputs, ModelLayout, MomentsLayout, open_inputs
+from .layout import COL_SUFFIX, DTYPE_SIZES, ROW_SUFFIX, matrix_view, row_total
 from .report import ExpertReport, MergeReport, copy_side_files, finish, local_resolver
 from .thresholds import N_BINS, bin_edge, density_bin
-from .write import AtomicOutputDir, StreamingSafetensorsWriter
+from .write import OutputDir, StreamingSafetensorsWriter, output_for
 
 logger = logging.getLogger(__name__)
 
@@ -103,41 +100,15 @@ class _Maps:
             mm.close()
 
 
-class _Folder:
-    """A model folder's tensors as the engine's ModelFolder sees them (:mod:`.layout`)."""
-
-    def __init__(self, path: Path, label: str):
-        self.path, self.label = path, label
-        self.tensors = folder_tensors(path, label)
-        self.names = disk_order(self.tensors)
-        self.files = [path / f for f in dict.fromkeys(t.file for t in self.tensors.values())]
-        self.config = read_config(path)
-
-    def file(self, name: str) -> Path:
-        return self.path / self.tensors[name].file
-
-
 class _Moments:
-    """One expert's moments file: where each parameter's stored tensors are."""
+    """One expert's moments file as validated (:class:`~ota_trainer.inputs.MomentsLayout`), with
+    the scale its values are read with."""
 
-    def __init__(self, folder: Path, bias_correction: bool):
-        self.path = moments_path(folder)
-        if not self.path.is_file():
-            raise Decline(f"{folder}: no moments")
-        header, self.start = read_safetensors_layout(self.path)
-        meta = parse_moments_metadata(self.path, header)
-        self.shapes = {n: tuple(int(d) for d in p["shape"]) for n, p in meta["parameters"].items()}
-        self.stored = {n: p["stored"] for n, p in meta["parameters"].items()}
-        check_moments_entries(self.path, header, self.shapes, self.stored)
-        self.header = header
-        self.scale = moments_scale(meta, bias_correction)
-
-    def span(self, key: str) -> tuple[int, int]:
-        info = self.header[key]
-        if info.get("dtype") != "F32":
-            raise Decline(f"{self.path}: {key!r} is stored as {info.get('dtype')}")
-        b, e = info["data_offsets"]
-        return self.start + b, self.start + e
+    def __init__(self, layout: MomentsLayout, bias_correction: bool):
+        self.path = layout.path
+        self.stored = layout.stored
+        self.span = layout.span  # validated: float32, in bounds, of the listed shapes
+        self.scale = layout.scale(bias_correction)
 
 
 class _Factors:
@@ -150,9 +121,7 @@ class _Factors:
         s32 = native.float32(mom.scale)
         if mom.stored[name] == "rank1":
             (r0, r1), (c0, c1) = mom.span(name + ROW_SUFFIX), mom.span(name + COL_SUFFIX)
-            r, c = maps.floats(mom.path, r0, r1), maps.floats(mom.path, c0, c1)
-            if len(r) != m or len(c) != n:
-                raise Decline(f"{mom.path}: factors of {name!r} do not fit")
+            r = maps.floats(mom.path, r0, r1)
             total = row_total(r)
             self.a64, self.b64 = (ctypes.c_double * m)(), (ctypes.c_double * n)()
             self.pa, self.pb = (ctypes.c_float * m)(), (ctypes.c_float * n)()
@@ -204,10 +173,10 @@ def _threads() -> int:
 
 
 class _Merge:
-    def __init__(self, recipe: MergeRecipe, resolver: Callable[[str], Path], quiet: bool):
+    def __init__(self, recipe: MergeRecipe, inputs: MergeInputs, quiet: bool):
         self.recipe, self.quiet = recipe, quiet
         self.method = recipe.method
-        if self.method not in ("ota", "ties") or not recipe.base_model:
+        if self.method not in ("ota", "ties") or inputs.base is None:
             raise Decline(f"method {self.method!r}")
         self.params = recipe.method_parameters()
         self.model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
@@ -217,15 +186,14 @@ class _Merge:
         self.kernel_dtypes = set(_KERNEL_DTYPES) if self.lib.ota_native_has_f16() else {"F32", "BF16"}
         if recipe.dtype and _DTYPE_CODES[recipe.dtype] not in self.kernel_dtypes:
             raise Decline(f"output dtype {recipe.dtype}")
-        self.base = _Folder(resolver(recipe.base_model), recipe.base_model)
-        self.experts = [_Folder(resolver(m.model), m.model) for m in recipe.models]
-        self._check_compatible()
+        self.base, self.experts = inputs.base, inputs.experts  # opened and checked (ota_trainer.inputs)
+        self._check_dtypes(inputs.float_names)
         self.grafting = recipe.grafting()
         self.threads = _threads()
         self.maps = _Maps()
         self.moments: list[_Moments] = []
         if self.method == "ota":
-            self._check_ota()
+            self._check_ota(inputs)
         elif len(self.experts) > native.MAX_TIES_EXPERTS:
             raise Decline("too many experts for the TIES kernel")
         self.reports = [
@@ -236,34 +204,23 @@ class _Merge:
         self.cuts: list[float | None] = [None] * len(self.experts)  # FFG: None keeps every edit
         self.tensor_density: dict[str, list[float]] = {}
 
-    def _check_compatible(self) -> None:
-        arch = self.base.config.get("architectures")
-        for e in self.experts:
-            if arch and e.config.get("architectures") and e.config["architectures"] != arch:
-                raise Decline(f"{e.label}: another architecture")
-            if e.tensors.keys() != self.base.tensors.keys() or any(
-                    e.tensors[n].shape != t.shape for n, t in self.base.tensors.items()):
-                raise Decline(f"{e.label}: other tensors or shapes than the base")
-        for name, t in self.base.tensors.items():
-            if t.dtype.startswith(("F", "BF")) and t.dtype not in self.kernel_dtypes:
-                raise Decline(f"{name!r} is {t.dtype}")
-            if t.dtype in self.kernel_dtypes and any(e.tensors[name].dtype not in self.kernel_dtypes for e in self.experts):
-                raise Decline(f"{name!r}: an expert stores it in a dtype the kernels do not read")
-        self.float_names = [n for n in self.base.names if self.base.tensors[n].dtype in self.kernel_dtypes]
+    def _check_dtypes(self, float_names: list[str]) -> None:
+        """Every floating tensor of every model in a dtype the kernels read."""
+        for name in float_names:
+            if any(f.tensors[name].dtype not in self.kernel_dtypes for f in [self.base] + self.experts):
+                raise Decline(f"{name!r}: a dtype the kernels do not read")
+        self.float_names = float_names
 
-    def _check_ota(self) -> None:
+    def _check_ota(self, inputs: MergeInputs) -> None:
         p = self.params
         if p["power"] not in (0.5, 1.0) or p["normalise"] != "none" or p["per_tensor"]:
             raise Decline("power, normalise or per-tensor density the kernels' fast path does not cover")
         if any(mp.get("saliency_share") is not None for mp in self.model_params):
             raise Decline("saliency_share")
-        for e in self.experts:
-            mom = _Moments(e.path, p["bias_correction"])
-            if any(n not in e.tensors or e.tensors[n].shape != s for n, s in mom.shapes.items()):
-                raise Decline(f"{mom.path}: moments of another model")
-            if any(n not in mom.stored for n in self.float_names):
-                raise Decline(f"{mom.path}: moments missing for some tensors")
-            self.moments.append(mom)
+        for layout in inputs.moments:
+            if layout is None or any(n not in layout.stored for n in self.float_names):
+                raise Decline("moments missing for some tensors")
+            self.moments.append(_Moments(layout, p["bias_correction"]))
         self.sqrt_p = p["power"] == 0.5
 
     # pass 1: FFG thresholds -----------------------------------------------------------------------
@@ -318,7 +275,7 @@ class _Merge:
 
     # pass 2 -----------------------------------------------------------------------------------------
     def run(self, tmp: Path) -> list[str]:
-        readahead.start([f.files + ([m.path] if m else []) for f, m in
+        readahead.start([f.weight_paths + ([m.path] if m else []) for f, m in
                          zip([self.base] + self.experts, [None] + (self.moments or [None] * len(self.experts)))],
                         touch=True)
         self.thresholds()
@@ -355,8 +312,11 @@ class _Merge:
         finally:
             arena_view = None
             if arena is not None:
-                arena.close()
-        return files + copy_side_files(self.base.path, self.base.config, tmp, self.recipe.dtype)
+                try:
+                    arena.close()
+                except BufferError:  # a view of it is still held by an exception's frames: freed with them
+                    pass
+        return files + copy_side_files(self.base, tmp, self.recipe.dtype)
 
     def _ota(self, name: str, out: int, dto: int) -> None:
         w0, m, n, experts = self._tensor(name, self.experts)
@@ -386,7 +346,7 @@ class _Merge:
             raise Decline(f"{name!r}: the merge is not finite (the engine finds the input responsible)")
 
     # helpers ----------------------------------------------------------------------------------------
-    def _tensor(self, name: str, folders: list[_Folder]):
+    def _tensor(self, name: str, folders: list[ModelLayout]):
         for f in [self.base] + folders:  # bytes the read-ahead is about to read: wait for it, do not fault them in
             readahead.wait(f.file(name), f.tensors[name].end)
         t = self.base.tensors[name]
@@ -399,7 +359,7 @@ class _Merge:
     def _factors(self, i: int, name: str, m: int, n: int) -> _Factors:
         return _Factors(self.maps, self.moments[i], name, m, n, self.sqrt_p, self.lib)
 
-    def _release(self, name: str, folders: list[_Folder]) -> None:
+    def _release(self, name: str, folders: list[ModelLayout]) -> None:
         for f in folders:
             t = f.tensors[name]
             self.maps.release(f.file(name), t.start, t.end)
@@ -435,24 +395,31 @@ def _nonzero(counts: memoryview) -> list[int]:
 
 
 def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = False, quiet: bool = False,
-          resolver: Callable[[str], Path] | None = None) -> MergeReport | None:
+          resolver: Callable[[str], Path] | None = None, output: OutputDir | None = None,
+          inputs: MergeInputs | None = None) -> MergeReport | None:
     """Merge as :func:`ota_trainer.merge` does, without PyTorch, when the recipe is one the fast
     path covers; None when it is not (nothing is written then). Raises what the engine raises
-    for the output folder (:class:`~ota_trainer.errors.OutputExistsError`) before any work."""
+    for the output folder and for bad inputs (both open and check them the same way,
+    :mod:`ota_trainer.inputs`) before any work. ``output`` and ``inputs``: as in
+    :func:`ota_trainer.engine.merge`."""
     start = time.perf_counter()
-    resolver = resolver or local_resolver
-    out = AtomicOutputDir(out_dir, overwrite=overwrite)
     if os.environ.get("OTA_TRAINER_FAST_PATH", "1").strip().lower() in ("0", "false", "no", "off"):
+        if output is None:  # what a merge would refuse is refused here too
+            output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver).release()
         return None
+    resolver = resolver or local_resolver
+    if output is None:
+        with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver) as output:
+            return merge(recipe, out_dir, quiet=quiet, resolver=resolver, output=output, inputs=inputs)
+    if inputs is None:
+        inputs = open_inputs(recipe, resolver)
     try:
-        job = _Merge(recipe, resolver, quiet)
-    except OutputExistsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the engine reads the inputs itself and reports problems properly
+        job = _Merge(recipe, inputs, quiet)
+    except Decline as e:
         logger.info("merging with the PyTorch engine (the native fast path does not cover this: %s)", e)
         return None
     try:
-        with out as tmp:
+        with output.stage() as tmp:
             gc_was_on = gc.isenabled()
             gc.disable()
             try:
@@ -460,7 +427,7 @@ def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = 
             finally:
                 if gc_was_on:
                     gc.enable()
-            report = finish(tmp, recipe, out.dest, job.reports, job.tensor_density, files, resolver, start)
+            report = finish(tmp, recipe, output.dest, job.reports, job.tensor_density, files, resolver, start)
     except Decline as e:
         logger.info("merging with the PyTorch engine (the native fast path stopped: %s)", e)
         return None

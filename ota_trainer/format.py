@@ -42,17 +42,20 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
 from .errors import FormatError, NumericalError
+if TYPE_CHECKING:
+    from .inputs import MomentsLayout
 from .layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
-    check_moments_entries, moments_scale, parse_moments_metadata, prefetch_range, read_safetensors_layout, row_total, safetensors_header,
+    check_moments_entries, moments_scale, parse_moments_metadata, prefetch_range, read_safetensors_layout,
+    remove_dead_leftovers, row_total, safetensors_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,10 +144,18 @@ def save_moments(
         ConfigError: unknown compression.
         NumericalError: a moment holds NaN, Inf or negative values.
 
+    The file appears at once (written to ``moments.safetensors.tmp-<PID>``, then renamed over
+    the target). Tensor bytes are spooled to an anonymous temporary file in the same folder
+    (unlinked at creation on Linux), so a killed writer leaves at most the ``.tmp-<PID>``
+    file; such leftovers (and ``.spool-<PID>`` files of older versions) whose process is no
+    longer alive are removed by the next save in that folder.
+
     Example:
         >>> save_moments("out/expert", {"w": torch.rand(4, 3)}, metadata={"step": 10, "beta2": 0.999})
         PosixPath('out/expert/ota/moments.safetensors')
     """
+    import tempfile
+
     from .errors import ConfigError
 
     if compression not in COMPRESSIONS:
@@ -152,13 +163,15 @@ def save_moments(
     params: dict[str, dict[str, Any]] = {}
     path = moments_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+    remove_dead_leftovers(path, ("tmp", "spool"))  # what killed writers left
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    spool = path.with_name(path.name + f".spool-{os.getpid()}")
     entries: list[tuple[str, list[int], torch.dtype, int, int]] = []
     try:
         # Tensor bytes are spooled to disk as they come, so memory holds one tensor at a time
         # (full moments of an 8B model are 32 GB); the header is written in front at the end.
-        with open(spool, "wb") as data:
+        # The spool is anonymous (nothing to leave behind if the process is killed).
+        with tempfile.TemporaryFile(dir=path.parent) as data:
 
             def put(key: str, t: torch.Tensor) -> None:
                 t = t.detach().to("cpu", torch.float32).contiguous()
@@ -195,32 +208,31 @@ def save_moments(
                 else:
                     put(name, v)
                     params[name] = {"shape": list(v.shape), "stored": "full"}
-        meta: dict[str, Any] = {
-            "optimizer": None,
-            "beta2": None,
-            "step": None,
-            "base_model": None,
-            "base_model_revision": None,
-            "source_revision": None,
-            "bias_corrected": False,
-        }
-        meta.update(dict(metadata or {}))
-        meta.update(
-            format=FORMAT_NAME,
-            format_version=FORMAT_VERSION,
-            compression=compression,
-            dtype="float32",
-            parameters=params,
-            library_version=__version__,
-        )
-        with open(tmp, "wb") as f:
-            f.write(safetensors_header(entries, {METADATA_KEY: json.dumps(meta, sort_keys=True)}))
-            with open(spool, "rb") as data:
+            meta: dict[str, Any] = {
+                "optimizer": None,
+                "beta2": None,
+                "step": None,
+                "base_model": None,
+                "base_model_revision": None,
+                "source_revision": None,
+                "bias_corrected": False,
+            }
+            meta.update(dict(metadata or {}))
+            meta.update(
+                format=FORMAT_NAME,
+                format_version=FORMAT_VERSION,
+                compression=compression,
+                dtype="float32",
+                parameters=params,
+                library_version=__version__,
+            )
+            with open(tmp, "wb") as f:
+                f.write(safetensors_header(entries, {METADATA_KEY: json.dumps(meta, sort_keys=True)}))
+                data.seek(0)
                 shutil.copyfileobj(data, f, 16 * 2**20)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        spool.unlink(missing_ok=True)
     return path
 
 
@@ -300,27 +312,23 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         shapes: parameter name -> shape.
     """
 
-    def __init__(self, path: str | os.PathLike, *, bias_correction: bool = False, model: str | None = None):
-        self.path = Path(path)
-        self.model = model
-        header, self._data_start = read_safetensors_layout(self.path)
-        self._header = header
-        self.metadata = parse_moments_metadata(self.path, header)
-        self.shapes: dict[str, tuple[int, ...]] = {
-            n: tuple(int(d) for d in p["shape"]) for n, p in self.metadata["parameters"].items()
-        }
-        self._stored = {n: p["stored"] for n, p in self.metadata["parameters"].items()}
-        check_moments_entries(self.path, header, self.shapes, self._stored)
-        self.scale = moments_scale(self.metadata, bias_correction)
+    def __init__(self, path: str | os.PathLike | MomentsLayout, *, bias_correction: bool = False, model: str | None = None):
+        from .inputs import MomentsLayout, open_moments_file
+
+        layout = path if isinstance(path, MomentsLayout) else open_moments_file(path, model)
+        self.layout = layout
+        self.path = layout.path
+        self.model = model or (layout.label if isinstance(path, MomentsLayout) else None)
+        self._header, self._data_start = layout.header, layout.data_start
+        self.metadata = layout.metadata
+        self.shapes: dict[str, tuple[int, ...]] = dict(layout.shapes)
+        self._stored = dict(layout.stored)
+        self.scale = layout.scale(bias_correction)
         self._fh = open(self.path, "rb")
 
     def _get(self, key: str) -> torch.Tensor:
-        info = self._header[key]
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise self._fail(f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        return read_tensor(self._fh, self.path, self._data_start + begin, self._data_start + end, dtype, info["shape"])
+        start, end = self.layout.span(key)  # validated: float32, in bounds
+        return read_tensor(self._fh, self.path, start, end, torch.float32, self._header[key]["shape"])
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading ``name``'s stored tensors into the page cache (a hint)."""
@@ -423,9 +431,13 @@ def load_moments(folder: str | os.PathLike, *, bias_correction: bool = False) ->
         >>> moments["model.layers.0.mlp.up_proj.weight"].shape
         torch.Size([128, 64])
     """
+    from .layout import confined_file, real_folder
+
     p = Path(folder)
-    path = p if p.is_file() else moments_path(p)
-    if not path.is_file():
+    path = p if p.is_file() else (confined_file(real_folder(p, str(p)), f"{MOMENTS_DIR}/{MOMENTS_FILE}", str(p))
+                                  if p.is_dir() else None)
+    if path is None:
+        path = moments_path(p)
         raise FormatError(
             f"{p}: no second moments found (expected {MOMENTS_DIR}/{MOMENTS_FILE}); train the expert "
             "with ota_trainer.OTACallback, or use a method that needs no moments "

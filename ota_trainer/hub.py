@@ -11,7 +11,6 @@ used for every download and recorded in the merged model's card.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES
+from .layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, read_config
 from .errors import HubError, IncompatibleModelsError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,8 @@ __all__ = [
 ]
 
 # what a merge downloads of each model: config, weights (single file or shards + index), side files
-WEIGHT_PATTERNS = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model-*.safetensors", SAFE_WEIGHTS_INDEX_NAME, *SIDE_FILES)
+WEIGHT_PATTERNS = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model-*.safetensors", SAFE_WEIGHTS_INDEX_NAME, *SIDE_FILES,
+                   "trainer_state.json")  # the training step the weights are at: checked against the moments'
 MOMENT_PATTERNS = ("ota/moments.safetensors",)
 # Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
 EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]
@@ -195,14 +195,13 @@ class HubResolver:
         """The model's ``config.json`` (downloads only that file)."""
         ref = self.ref(text)
         if ref.is_local:
-            p = ref.local / "config.json"
-            return json.loads(p.read_text()) if p.is_file() else {}
+            return read_config(ref.local, text)  # validated and confined as every input file is
         from huggingface_hub import hf_hub_download
 
         sha = self.sha(text)
         path = self._retry(ref, "config.json", lambda: hf_hub_download(
             ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token))
-        return json.loads(Path(path).read_text())
+        return read_config(Path(path).parent, text)
 
     def patterns(self) -> list[str]:
         return list(WEIGHT_PATTERNS) + (list(MOMENT_PATTERNS) if self.need_moments else [])
@@ -329,12 +328,15 @@ def push_expert(
     Example:
         >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     """
-    from .checkpoint import ModelFolder
-    from .engine import _open_moments, check_moments
+    from .format import MomentsReader
+    from .inputs import check_moments, missing_moments_error, open_model, open_moments
 
-    model = ModelFolder(folder)
-    moments = _open_moments(model, bias_correction=False, allow_missing=False)
-    check_moments(model, moments, list(moments.shapes), allow_missing=False)
+    model = open_model(folder)
+    layout = open_moments(model)
+    if layout is None:
+        raise missing_moments_error(model)
+    check_moments(model, layout, list(layout.shapes), allow_missing=False)
+    moments = MomentsReader(layout, model=model.label)
     for name in moments:
         moments[name]  # reads and checks every tensor (finite, non-negative)
     base_model = base_model or moments.metadata.get("base_model")

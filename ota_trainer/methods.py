@@ -35,6 +35,21 @@ def _finite(x: Any) -> str | None:
     return None if math.isfinite(x) else "must be finite"
 
 
+def _epsilon(x: Any) -> str | None:
+    # epsilon is added to float32 curvatures and multiplies float32 edits: beyond ~1e30 the sums overflow
+    return None if 0 <= x <= 1e30 else "must be in [0, 1e30] (larger values overflow float32 sums)"
+
+
+def _power(x: Any) -> str | None:
+    return None if 0 <= x <= 2 else "must be in [0, 2] (0: uniform weights, 0.5: the paper's, 1: Fisher's)"
+
+
+def _weights_sum(params: list[dict[str, Any]]) -> str | None:
+    """Linear averaging divides by the sum of the per-expert weights: it must not be zero."""
+    total = sum(p["weight"] for p in params)
+    return None if abs(total) > 1e-12 else f"the experts' weights sum to {total:g}; linear averaging divides by that sum"
+
+
 SCORES = ("fisher", "magnitude")  # FFG saliency scores
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class Param:
     optional: bool = False  # None is an accepted value
 
     def coerce(self, value: Any, where: str) -> Any:
-        from .errors import ConfigError
+        from .errors import ConfigError, brief
 
         if value is None and self.optional:
             return None
@@ -69,16 +84,16 @@ class Param:
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                     raise TypeError
                 value = int(value)
-            else:
-                value = str(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {self.name}={value!r} is not a {self.kind.__name__}") from None
+            elif not isinstance(value, str):
+                raise TypeError
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: {self.name}={brief(value)} is not a {self.kind.__name__}") from None
         if self.choices and value not in self.choices:
-            raise ConfigError(f"{where}: {self.name}={value!r}; choose one of {list(self.choices)}")
+            raise ConfigError(f"{where}: {self.name}={brief(value)}; choose one of {list(self.choices)}")
         if self.check is not None:
             problem = self.check(value)
             if problem:
-                raise ConfigError(f"{where}: {self.name}={value!r} {problem}")
+                raise ConfigError(f"{where}: {self.name}={brief(value)} {problem}")
         return value
 
 
@@ -91,6 +106,8 @@ class MergeMethod:
     needs_moments: bool
     params: tuple[Param, ...]
     description: str
+    # a check over every expert's resolved parameters: the problem, or None
+    check_recipe: Callable[[list[dict[str, Any]]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -99,7 +116,7 @@ class MergeMethod:
 _WEIGHT = Param("weight", float, 1.0, "per-model scale of its contribution", per_model=True, check=_finite)
 _POS_WEIGHT = Param("weight", float, 1.0, "per-model scale of its curvature weights (> 0)", per_model=True, check=_positive)
 _LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector", check=_finite)
-_EPS = Param("epsilon", float, 1e-26, "added to curvature weights so no division is by zero", check=_non_negative)
+_EPS = Param("epsilon", float, 1e-26, "added to curvature weights so no division is by zero", check=_epsilon)
 _BIAS = Param("bias_correction", bool, True, "divide v by 1 - beta2**step (Adam's bias correction) per expert")
 
 METHODS: dict[str, MergeMethod] = {
@@ -119,7 +136,7 @@ METHODS: dict[str, MergeMethod] = {
                 Param("saliency_share", float, None, "keep the fewest top edits holding this share of the expert's total saliency sum(v*d^2); excludes density/threshold", per_model=True, check=_in_unit, optional=True),
                 Param("per_tensor", bool, False, "apply density per tensor instead of globally (ablation)"),
                 Param("score", str, "fisher", "FFG saliency: fisher = v*d^2, magnitude = d^2 (ablation)", choices=SCORES),
-                Param("power", float, 0.5, "p in P_t = v_t**p", check=_finite),
+                Param("power", float, 0.5, "p in P_t = v_t**p", check=_power),
                 _EPS,
                 Param("normalise", str, "none", "per-tensor normalisation of P_t", choices=("none", "mean")),
                 _BIAS,
@@ -152,6 +169,7 @@ METHODS: dict[str, MergeMethod] = {
             needs_moments=False,
             description="sum_t c_t w_t / sum_t c_t",
             params=(_WEIGHT,),
+            check_recipe=_weights_sum,
         ),
         MergeMethod(
             "ties",
@@ -186,9 +204,9 @@ def get_method(name: str) -> MergeMethod:
     Raises:
         ConfigError: unknown method (the message lists the known ones).
     """
-    from .errors import ConfigError
+    from .errors import ConfigError, brief
 
     try:
         return METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}") from None
+        raise ConfigError(f"unknown merge method {brief(name)}; choose one of {sorted(METHODS)}") from None

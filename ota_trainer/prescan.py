@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fastpath, native
+from .inputs import FLOAT_DTYPES, MergeInputs, ModelLayout, MomentsLayout, open_model, open_moments
 from .layout import matrix_view, moments_path, weight_files
 from .thresholds import N_BINS
 
@@ -63,17 +64,20 @@ def _signature(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
-def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool, maps: fastpath._Maps, keep: list):
+def _prepare(base: ModelLayout, experts: list[ModelLayout], moments: list[MomentsLayout | None], score: str,
+             bias_correction: bool, maps: fastpath._Maps, keep: list):
     """The kernel's arguments for the first pass over every float tensor of the base, in file
-    order, read and prepared as the fast path reads them (so as the engine does)."""
+    order, read and prepared as the fast path reads them (so as the engine does), from inputs
+    opened and checked by :mod:`ota_trainer.inputs`."""
     lib = native.library()
     floats = {"F32", "BF16", "F16"} if lib.ota_native_has_f16() else {"F32", "BF16"}
-    bf = fastpath._Folder(base, str(base))
-    efs = [fastpath._Folder(e, str(e)) for e in experts]
-    moments = [None if score == "magnitude" else fastpath._Moments(e, bias_correction) for e in experts]
-    odd = [n for n, t in bf.tensors.items() if t.dtype not in floats and t.dtype.startswith(("F", "BF"))]
+    bf, efs = base, experts
+    if score != "magnitude" and any(m is None for m in moments):
+        raise fastpath.Decline("an expert without moments")
+    moments = [None if score == "magnitude" else fastpath._Moments(m, bias_correction) for m in moments]
+    odd = [n for n, t in bf.tensors.items() if t.dtype not in floats and t.dtype in FLOAT_DTYPES]
     if odd:
-        raise fastpath.Decline(f"{base}: {odd[0]!r} is {bf.tensors[odd[0]].dtype}, which the kernels do not read")
+        raise fastpath.Decline(f"{bf.label}: {odd[0]!r} is {bf.tensors[odd[0]].dtype}, which the kernels do not read")
     names = [n for n in bf.names if bf.tensors[n].dtype in floats]
     T = len(experts)  # noqa: N806
     w0, dt0, ms, ns = [], [], [], []
@@ -87,9 +91,9 @@ def _prepare(base: Path, experts: list[Path], score: str, bias_correction: bool,
         ms.append(m)
         ns.append(n)
         for k, (ef, mom) in enumerate(zip(efs, moments)):
-            et = ef.tensors.get(name)
-            if et is None or et.dtype not in floats or et.shape != t.shape:
-                raise fastpath.Decline(f"{ef.label}: {name!r} differs from the base")
+            et = ef.tensors[name]  # checked: same names and shapes as the base, a float dtype
+            if et.dtype not in floats:
+                raise fastpath.Decline(f"{ef.label}: {name!r} is {et.dtype}, which the kernels do not read")
             e_ptr.append(maps.addr(ef.file(name), et.start))
             e_dt.append(native.DT_CODES[et.dtype])
             if mom is None:
@@ -135,7 +139,7 @@ def _count(scan: Scan, args: tuple, totals: list[int], maps: fastpath._Maps, kee
 
 
 def _key(base: Path, experts: list[Path], score: str, bias_correction: bool) -> tuple:
-    paths = [base] + experts
+    paths = [Path(os.path.realpath(p)) for p in [base] + experts]
     inputs = []
     for p in paths:
         inputs += [p / f for f in weight_files(p, str(p))]
@@ -144,10 +148,12 @@ def _key(base: Path, experts: list[Path], score: str, bias_correction: bool) -> 
     return (str(base.resolve()), tuple(str(e.resolve()) for e in experts), score, bool(bias_correction), _signature(inputs))
 
 
-def start(recipe) -> Scan | None:
+def start(recipe, inputs: MergeInputs | None = None) -> Scan | None:
     """Start the first pass of a recipe (a path or a :class:`~ota_trainer.config.MergeRecipe`)
     on a thread, when it has one and its models are local folders; None otherwise (and on any
-    problem: the engine reports it)."""
+    problem: the engine reports it). ``inputs``: the recipe's inputs, opened and checked already
+    (:func:`ota_trainer.inputs.open_inputs`); without them the local folders are opened here,
+    through the same checks."""
     try:
         from .config import MergeRecipe
 
@@ -156,16 +162,24 @@ def start(recipe) -> Scan | None:
         todo = recipe.global_threshold_experts()
         if not todo or not recipe.base_model or not native.available():
             return None
-        base = Path(recipe.base_model).expanduser()
-        experts = [Path(recipe.models[i].model).expanduser() for i in todo]
-        if not base.is_dir() or not all(e.is_dir() for e in experts):
-            return None
+        if inputs is None:
+            base_dir = Path(recipe.base_model).expanduser()
+            expert_dirs = [Path(recipe.models[i].model).expanduser() for i in todo]
+            if not base_dir.is_dir() or not all(e.is_dir() for e in expert_dirs):
+                return None
+            base = open_model(base_dir)
+            experts = [open_model(e) for e in expert_dirs]
+            moments = [open_moments(e) for e in experts]
+        else:
+            base = inputs.base
+            experts = [inputs.experts[i] for i in todo]
+            moments = [inputs.moments[i] for i in todo]
         p = recipe.method_parameters()
         score, bias = p["score"], p["bias_correction"]
-        scan = Scan(_key(base, experts, score, bias))
+        scan = Scan(_key(base.path, [e.path for e in experts], score, bias))
         maps, keep = fastpath._Maps(), []
         try:  # here, before PyTorch loads: a thread would wait for the GIL behind the import
-            args, totals = _prepare(base, experts, score, bias, maps, keep)
+            args, totals = _prepare(base, experts, moments, score, bias, maps, keep)
         except BaseException:
             keep.clear()
             maps.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import stat
 import sys
 import threading
 from collections.abc import Sequence
@@ -52,11 +53,15 @@ def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = 
     for files in groups:
         spans = []
         for f in files:
-            try:
-                fd = os.open(f, os.O_RDONLY)
+            try:  # non-blocking, regular files only: a FIFO named like a weight file must not stall the merge
+                fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
             except OSError:
                 continue
-            spans.append([fd, 0, os.fstat(fd).st_size, os.path.realpath(f)])
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                continue
+            spans.append([fd, 0, st.st_size, os.path.realpath(f)])
         streams.append(spans)
     try:
         active = True

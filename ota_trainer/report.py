@@ -15,8 +15,8 @@ from typing import Any
 from . import __version__
 from .config import MergeRecipe
 from .errors import FormatError
-from .layout import SIDE_FILES
-from .write import render_model_card
+from .inputs import ModelLayout
+from .write import output_errors, render_model_card
 
 __all__ = ["ExpertReport", "MergeReport", "RECIPE_FILE", "REPORT_FILE", "CARD_FILE", "copy_side_files", "finish", "local_resolver"]
 
@@ -74,21 +74,22 @@ def local_resolver(ref: str) -> Path:
     return p
 
 
-def copy_side_files(src: Path, config: dict[str, Any], tmp: Path, dtype: str | None) -> list[str]:
-    """config.json (with the output dtype) and the base's tokenizer/generation files into ``tmp``."""
+def copy_side_files(model: ModelLayout, tmp: Path, dtype: str | None) -> list[str]:
+    """config.json (with the output dtype) and the model's tokenizer/generation files (as
+    validated and confined when it was opened) into ``tmp``."""
     files = []
-    config = dict(config)
-    if config:
-        if dtype:
-            for key in ("torch_dtype", "dtype"):
-                if key in config:
-                    config[key] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files.append("config.json")
-    for f in SIDE_FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, tmp / f)
-            files.append(f)
+    config = dict(model.config)
+    with output_errors(tmp):
+        if model.has_config:
+            if dtype:
+                for key in ("torch_dtype", "dtype"):
+                    if key in config:
+                        config[key] = dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files.append("config.json")
+        for name, real in model.side.items():
+            shutil.copyfile(real, tmp / name)
+            files.append(name)
     return files
 
 
@@ -103,11 +104,12 @@ def finish(tmp: Path, recipe: MergeRecipe, dest: Path, experts: list[ExpertRepor
         tensor_density=tensor_density,
         files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
     )
-    (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
     sha = getattr(resolver, "sha", None)
     refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
     report.sources = {r: (sha(r) if sha else None) for r in refs}
-    (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), report.sources))
-    report.seconds = time.perf_counter() - start
-    (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    with output_errors(tmp):
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), report.sources))
+        report.seconds = time.perf_counter() - start
+        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return report

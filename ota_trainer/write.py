@@ -6,27 +6,33 @@ shard's safetensors header first and then appends tensor bytes as they are produ
 stays at one tensor, whatever the shard size.
 
 The whole output is written into a temporary folder beside the destination and renamed into
-place only when complete (:class:`AtomicOutputDir`), so a failed merge leaves nothing behind.
+place only when complete (:class:`OutputDir`), so a failed merge leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import mmap
 import os
+import re
 import shutil
+import stat
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import parse_size
-from .errors import OutputExistsError
-from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, safetensors_header
+from .errors import OutputError, OutputExistsError
+from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, process_gone, safetensors_header
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "AtomicOutputDir"]
+__all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "OutputDir", "output_for", "protected_paths", "rename_noreplace"]
 
 def _uint8():
     import torch  # only callers holding torch tensors get here
@@ -160,8 +166,12 @@ class _OutputFile:
             self._release()
 
     def abort(self) -> None:
+        """Close after an error, dropping what is not written yet (never raises: the first error matters)."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass
             self._fh = None
         elif self._fd >= 0:
             for k in (0, 1):
@@ -178,7 +188,10 @@ class _OutputFile:
         for v in self._views:
             v.release()
         for b in self._bufs:
-            b.close()
+            try:
+                b.close()
+            except BufferError:  # a slice still referenced by an exception's frames: freed with it
+                pass
 
 
 class StreamingSafetensorsWriter:
@@ -222,8 +235,9 @@ class StreamingSafetensorsWriter:
                 n *= d
             entries.append((name, list(shape), dtype, offset, offset + n))
             offset += n
-        self._fh = _OutputFile(self.folder / shard.file)
-        self._fh.write(memoryview(safetensors_header(entries, self.metadata)))
+        with output_errors(self.folder / shard.file):
+            self._fh = _OutputFile(self.folder / shard.file)
+            self._fh.write(memoryview(safetensors_header(entries, self.metadata)))
         self._shard = i
 
     def write(self, name: str, tensor) -> None:
@@ -250,13 +264,15 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"writer expected {want!r} {wshape} {wdtype}, got {name!r} {shape} {dtype}")
         if i != self._shard:
             self._open_shard(i)
-        self._fh.write(data)
+        with output_errors(self._fh.path):
+            self._fh.write(data)
         self._pos += 1
 
     def close(self) -> list[str]:
         """Finish the last shard and write the index; returns the files written."""
         if self._fh is not None:
-            self._fh.close()
+            with output_errors(self._fh.path):
+                self._fh.close()
             self._fh = None
         if self._pos != len(self._order):
             missing = [e[0] for _, e in self._order[self._pos : self._pos + 3]]
@@ -267,52 +283,292 @@ class StreamingSafetensorsWriter:
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
                 "weight_map": {name: s.file for s in self.shards for name, _, _ in s.entries},
             }
-            (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            with output_errors(self.folder / SAFE_WEIGHTS_INDEX_NAME):
+                (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(SAFE_WEIGHTS_INDEX_NAME)
         return files
 
     def abort(self) -> None:
+        """Stop writing after an error: close the open file without flushing (never raises)."""
         if self._fh is not None:
-            self._fh.close()
+            self._fh.abort()
             self._fh = None
 
 
-class AtomicOutputDir:
-    """Context manager: a temporary folder beside ``dest`` that replaces ``dest`` on success.
+@contextlib.contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` (a full disk, a read-only folder...) as an OutputError naming it."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"cannot write {path}: {e.strerror or e}", path=str(path)) from e
 
-    On an exception the temporary folder is removed and ``dest`` is untouched.
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What tells whether a folder entry changed: device, inode, type and modification time
+    (a folder's changes whenever an entry is added to or removed from it); None when absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), st.st_mtime_ns
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree or a single entry, never following a symlink."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically where the kernel can
+    (``renameat2(RENAME_NOREPLACE)``). Raises FileExistsError when ``dst`` exists."""
+    fn = _renameat2()
+    if fn is not None:
+        import ctypes
+
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: a file system without the flag
+            raise OSError(err, os.strerror(err), str(src))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def protected_paths(refs: list[str], extra: list[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """What an output folder may neither be, contain, nor lie inside: the local folders among
+    ``refs`` (model references of a recipe), ``extra`` paths (the recipe file), and the Hugging
+    Face cache (``cache_dir``, ``$HF_HUB_CACHE``, ``$HF_HOME``, ~/.cache/huggingface), where
+    models given as repo ids live. Symlinks resolved."""
+    out = []
+    for ref in refs:
+        if isinstance(ref, str) and ref and Path(ref).expanduser().exists():
+            out.append(Path(ref).expanduser())
+    out += [Path(p) for p in extra]
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    out += [Path(p) for p in (cache_dir, env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"), home) if p]
+    return [Path(os.path.realpath(p)) for p in dict.fromkeys(out)]
+
+
+class OutputDir:
+    """The merge's output folder: checked and locked before any input is read, written atomically.
+
+    On construction: ``dest`` is refused when it is, contains or lies inside a protected path
+    (an input, the HF cache; symlinks resolved), even with ``overwrite``; when it is a file,
+    or a non-empty folder without ``overwrite``; when its parent is a file or cannot be written.
+    An exclusive lock (``.NAME.lock`` beside ``dest``, ``flock``) keeps other merges out until
+    :meth:`release`, and what killed merges into ``dest`` left (``.NAME.tmp-PID``, ``.NAME.old-PID``
+    of dead processes) is cleaned up, restoring a previous output that a killed replacement had
+    moved aside.
+
+    :meth:`stage` yields a temporary folder beside ``dest``; on success it replaces ``dest``
+    atomically (``renameat2(RENAME_NOREPLACE)``), unless ``dest`` changed meanwhile (created,
+    filled, replaced): then the finished merge is kept beside it as ``NAME.merged-TIME`` and
+    :class:`~ota_trainer.errors.OutputError` says where. On failure the temporary folder is removed.
 
     Raises:
-        OutputExistsError: ``dest`` exists and is not empty, and ``overwrite`` is false.
+        OutputExistsError: ``dest`` is a file, or not empty without ``overwrite``.
+        OutputError: ``dest`` overlaps an input or the HF cache, its parent is a file or
+            read-only, another merge holds the lock.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False):
-        self.dest = Path(dest).absolute()
+    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False, protect: list[Path] = ()):
+        self.dest = Path(os.path.abspath(Path(dest).expanduser()))
         self.overwrite = overwrite
-        if self.dest.exists() and not self.dest.is_dir():
-            raise OutputExistsError(f"output {self.dest} exists and is a file; choose another --out")
-        if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
-            raise OutputExistsError(f"output folder {self.dest} exists and is not empty; pass --overwrite to replace it")
         self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
+        self._lock_path = self.dest.parent / f".{self.dest.name}.lock"
+        self._lock_fd = -1
+        self._created: list[Path] = []
+        real = Path(os.path.realpath(self.dest))
+        for p in protect:
+            if real == p or p in real.parents or real in p.parents:
+                how = "is" if real == p else "lies inside" if p in real.parents else "contains"
+                raise OutputError(
+                    f"output {self.dest} {how} {p}, an input of this merge or the Hugging Face cache; choose an --out "
+                    "elsewhere (refused even with --overwrite: replacing it would destroy the input)", path=str(self.dest))
+        self._make_parent()
+        self._lock()
+        try:
+            self._clean_leftovers()
+            if self.dest.exists() and not self.dest.is_dir():
+                raise OutputExistsError(f"output {self.dest} exists and is a file; choose another --out")
+            if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
+                raise OutputExistsError(f"output folder {self.dest} exists and is not empty; pass --overwrite to replace it")
+            self._identity = _identity(self.dest)
+        except BaseException:
+            self.release(failed=True)
+            raise
 
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
-        return self.tmp
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _make_parent(self) -> None:
+        missing = []
+        p = self.dest.parent
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise OutputError(f"cannot create output {self.dest}: {p} is a file, not a folder", path=str(self.dest))
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as e:
+                raise OutputError(f"cannot create output folder {d}: {e.strerror or e}", path=str(d)) from e
+            self._created.append(d)
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        while True:
+            try:
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write output {self.dest}: {e.strerror or e} ({self._lock_path})",
+                                  path=str(self.dest)) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OutputError(f"another merge is writing {self.dest} (it holds {self._lock_path}); wait for it "
+                                      "to finish or choose another --out", path=str(self.dest)) from e
+                raise OutputError(f"cannot lock output {self.dest}: {e.strerror or e}", path=str(self.dest)) from e
+            # the merge that held it unlinks the file when done: make sure ours is the one at the path
+            try:
+                st, now = os.fstat(fd), os.lstat(self._lock_path)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    self._lock_fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _clean_leftovers(self) -> None:
+        """Remove what merges into ``dest`` that died left beside it (this process holds the lock,
+        so no live merge into ``dest`` is writing them)."""
+        pattern = re.compile(rf"\.{re.escape(self.dest.name)}\.(tmp|old)-(\d+)")
+        for entry in sorted(self.dest.parent.iterdir()):
+            m = pattern.fullmatch(entry.name)
+            if m is None or not process_gone(int(m.group(2))):
+                continue
+            try:
+                if m.group(1) == "old" and not os.path.lexists(self.dest):
+                    os.rename(entry, self.dest)  # killed between moving the old output aside and the new one in
+                    logger.warning("restored %s, which a killed merge had moved to %s", self.dest, entry.name)
+                else:
+                    _remove(entry)
+                    logger.info("removed %s, left by a merge into %s that did not finish", entry, self.dest)
+            except OSError as e:
+                logger.warning("could not remove %s, left by a merge that did not finish: %s", entry, e)
+
+    # -- the output -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[Path]:
+        """A fresh temporary folder for the output; moved to ``dest`` when the block succeeds."""
+        if os.path.lexists(self.tmp):
+            _remove(self.tmp)
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot write output {self.dest}: {e.strerror or e} ({self.tmp})", path=str(self.dest)) from e
+        try:
+            yield self.tmp
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        self._commit()
+
+    def _commit(self) -> None:
+        now = _identity(self.dest)
+        if now != self._identity:
+            self._keep("changed while the merge ran (created, filled or replaced by someone else)")
+        old = None
+        if now is not None:
+            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
+            os.rename(self.dest, old)
+            if _identity(old) != now:  # replaced between the check and the rename
+                self._restore(old)
+                self._keep("changed while the merge ran")
+        try:
+            rename_noreplace(self.tmp, self.dest)
+        except FileExistsError:
+            if old is not None:
+                self._restore(old)
+            self._keep("appeared while the merge ran")
+        except OSError as e:
+            if old is not None:
+                self._restore(old)
+            self._keep(f"could not be written ({e.strerror or e})")
+        if old is not None:
+            try:
+                _remove(old)
+            except OSError as e:
+                logger.warning("could not remove the replaced output %s: %s", old, e)
+
+    def _restore(self, old: Path) -> None:
+        try:
+            rename_noreplace(old, self.dest)
+        except OSError:
+            logger.warning("the previous content of %s is at %s", self.dest, old)
+
+    def _keep(self, why: str) -> None:
+        """Keep the finished merge beside ``dest`` under a name of its own, and raise."""
+        kept = self.dest.parent / f"{self.dest.name}.merged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            rename_noreplace(self.tmp, kept)
+        except OSError:
+            kept = self.tmp
+        raise OutputError(f"output {self.dest} {why}; the finished merge was kept at {kept} (move it where you want it)",
+                          path=str(self.dest), kept=str(kept))
+
+    def release(self, *, failed: bool = False) -> None:
+        """Give up the lock (and, after a failure, the empty parent folders this made)."""
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        if failed or not self.dest.exists():
+            for d in reversed(self._created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        self._created = []
+
+    def __enter__(self) -> "OutputDir":
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
-            os.replace(self.dest, old)
-        os.replace(self.tmp, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self.release(failed=exc_type is not None)
 
 
 def _is_repo_id(ref: str) -> bool:
@@ -360,3 +616,12 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
     lines.append("Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
     lines.append("")
     return "\n".join(lines)
+
+
+def output_for(recipe, out_dir: str | os.PathLike, *, overwrite: bool = False, resolver=None,
+               extra: list[str | os.PathLike] = ()) -> OutputDir:
+    """The :class:`OutputDir` of a merge of ``recipe`` (a :class:`~ota_trainer.config.MergeRecipe`):
+    its local models, ``extra`` paths (the recipe file) and the Hugging Face cache protected."""
+    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    return OutputDir(out_dir, overwrite=overwrite,
+                     protect=protected_paths(refs, list(extra), getattr(resolver, "cache_dir", None)))

@@ -106,12 +106,17 @@ def test_recipes_it_does_not_cover_are_declined_leaving_nothing(tiny_models, tmp
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_missing_moments_are_declined_then_explained_by_the_engine(bf16_models, tmp_path):
+def test_bad_inputs_get_the_same_error_from_both_paths(bf16_models, tmp_path):
+    """Inputs are opened and checked once, for every backend (ota_trainer.inputs): missing moments
+    are the same MissingMomentsError through the fast path as through the engine."""
+    from ota_trainer.errors import MissingMomentsError
+
     recipe = _recipe(bf16_models, "ota", {"density": 0.4})  # e3 has no moments
-    assert fastpath.merge(recipe, tmp_path / "out", quiet=True) is None
-    with pytest.raises(Exception, match="no second moments"):
-        engine.merge(recipe, tmp_path / "out", quiet=True)
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(MissingMomentsError, match="no second moments"):
+        fastpath.merge(recipe, tmp_path / "out", quiet=True)
+    with pytest.raises(MissingMomentsError, match="no second moments"):
+        engine.merge(recipe, tmp_path / "out", quiet=True, fast_path=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_non_finite_input_is_declined_then_named_by_the_engine(tiny_models, tmp_path):

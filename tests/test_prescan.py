@@ -15,6 +15,7 @@ from ota_trainer.cli.merge import main as cli_main
 from ota_trainer.config import MergeRecipe
 from ota_trainer.engine import REPORT_FILE, _Engine, _local_resolver
 from ota_trainer.graft import SaliencyHistogram
+from ota_trainer.inputs import open_inputs
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -43,7 +44,7 @@ def test_histograms_are_the_engines_own(tiny_models, name):
     scan = prescan.start(recipe)
     assert scan is not None and scan.wait(), scan and scan.error
     prescan._scans.remove(scan)
-    engine = _Engine(recipe, _local_resolver, quiet=True)
+    engine = _Engine(recipe, open_inputs(recipe, _local_resolver), _local_resolver, quiet=True)
     experts = recipe.global_threshold_experts()
     hists = {i: SaliencyHistogram() for i in experts}
     engine._count_saliencies(experts, hists, [engine.experts[i] for i in experts])

@@ -84,12 +84,15 @@ def make_parser() -> argparse.ArgumentParser:
 def _kv(text: str, flag: str) -> tuple[str, Any]:
     import yaml
 
-    from ..errors import ConfigError
+    from ..errors import ConfigError, brief
 
     if "=" not in text:
-        raise ConfigError(f"{flag} {text!r}: expected KEY=VALUE")
+        raise ConfigError(f"{flag} {brief(text)}: expected KEY=VALUE")
     key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+    try:
+        return key.strip().replace("-", "_"), yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{flag} {brief(text)}: the value is not plain YAML ({brief(str(e))})") from None
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -199,19 +202,21 @@ def _numel(shape) -> int:
     return n
 
 
-def _merge(recipe, args, resolver, argv):
+def _merge(recipe, args, resolver, output, argv):
     """The merge, with PyTorch loaded only if the native fast path does not cover the recipe;
     then FFG's first pass (or a read-ahead) runs on local inputs while PyTorch loads."""
     from .. import fastpath, prescan, readahead
+    from ..inputs import open_inputs
 
-    report = fastpath.merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver)
+    inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
+    report = fastpath.merge(recipe, args.out, quiet=args.quiet, resolver=resolver, output=output, inputs=inputs)
     if report is not None:
         return report
-    if prescan.start(recipe) is None:  # it reads the inputs itself
+    if prescan.start(recipe, inputs) is None:  # it reads the inputs itself
         readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
     from ..engine import merge
 
-    return merge(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resolver=resolver, fast_path=False)
+    return merge(recipe, args.out, quiet=args.quiet, resolver=resolver, fast_path=False, output=output, inputs=inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipe_from_args(args)
         from ..hub import HubResolver, check_architectures, publish_folder
+        from ..write import output_for
 
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:
             print(describe_plan(recipe, resolver))
             return 0
-        # configs only: an incompatible expert fails before any weights are downloaded
-        check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-        report = _merge(recipe, args, resolver, argv)
+        # --out is checked (never an input, the HF cache or a file) and locked before anything is read
+        with output_for(recipe, args.out, overwrite=args.overwrite, resolver=resolver,
+                        extra=[args.recipe] if args.recipe else []) as output:
+            # configs only: an incompatible expert fails before any weights are downloaded
+            check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
+            report = _merge(recipe, args, resolver, output, argv)
         if args.push_to_hub:
             sha = publish_folder(report.out_dir, args.push_to_hub, private=args.private,
                                  commit_message=f"Merge with ota_trainer ({report.method})")

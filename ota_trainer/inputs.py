@@ -1,0 +1,465 @@
+"""The merge's inputs, opened and validated once, before any backend touches their bytes.
+
+Every file a merge reads comes from a user or from a stranger's Hub repo, so each is hostile
+until checked here: a model folder's weight files, index, ``config.json``, tokenizer and other
+side files, ``trainer_state.json`` and its moments file. :func:`open_model` and
+:func:`open_moments` confine every file to its folder (:func:`~ota_trainer.layout.confined_file`),
+validate every safetensors header completely (:func:`~ota_trainer.layout.read_safetensors_layout`)
+and the moments metadata (:func:`~ota_trainer.layout.parse_moments_metadata`); the ``check_*``
+functions compare models with each other. The PyTorch engine, the native fast path, the early
+first pass and the diagnostics all read through the :class:`ModelLayout` and
+:class:`MomentsLayout` built here, so one set of checks protects every backend.
+
+Standard library only (no PyTorch).
+"""
+from __future__ import annotations
+
+import array
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
+from .layout import (
+    COL_SUFFIX, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
+    folder_tensors, matrix_shape, moments_scale, parse_moments_metadata, read_config, read_json_file,
+    read_safetensors_layout, real_folder, side_files, weight_files,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelLayout", "MomentsLayout", "open_model", "open_moments", "open_moments_file", "check_compatible",
+    "check_moments", "check_moments_belong", "check_distinct", "check_moments_scales", "FLOAT_DTYPES", "MergeInputs",
+    "open_inputs",
+]
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TRAINER_STATE_NAME = "trainer_state.json"
+# Moments written before their weights (OTACallback): weights older than the capture by more
+# than this are from an earlier run (a margin for file systems with coarse timestamps).
+MTIME_SLACK_S = 2.0
+# Experts whose typical second moment differs by more than this factor get a warning.
+SCALE_WARN_RATIO = 100.0
+
+
+@dataclass
+class ModelLayout:
+    """A model folder as validated: where each tensor's bytes are, and the files beside them.
+
+    Attributes:
+        path: the folder, symlinks resolved; every file below lies inside it (or is a blob of
+            the Hugging Face cache it is a snapshot of).
+        label: how messages name the model (repo id or the folder as given).
+        tensors: name -> :class:`~ota_trainer.layout.TensorSpan` (validated offsets).
+        names: tensor names in on-disk order.
+        files: weight file name -> real path.
+        config: ``config.json`` (empty when absent; ``has_config`` tells).
+        side: side files (tokenizer, generation config, ...) -> real path.
+        trainer_steps: ``(global_step, best_global_step)`` of ``trainer_state.json``, when the
+            folder has one (the second None when it names no best checkpoint).
+    """
+
+    path: Path
+    label: str
+    tensors: dict[str, TensorSpan]
+    names: list[str]
+    files: dict[str, Path]
+    config: dict[str, Any]
+    has_config: bool
+    side: dict[str, Path] = field(default_factory=dict)
+    trainer_steps: tuple[int, int | None] | None = None
+
+    def file(self, name: str) -> Path:
+        """The real path of the weight file holding tensor ``name``."""
+        return self.files[self.tensors[name].file]
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    @property
+    def weight_paths(self) -> list[Path]:
+        return list(self.files.values())
+
+
+def open_model(path: str | os.PathLike, label: str | None = None) -> ModelLayout:
+    """Open a model folder: headers of every weight file, config, side files, trainer state.
+
+    Raises:
+        FormatError: naming the folder or file: no such folder, no weights, a corrupt header,
+            a file outside the folder, an invalid config or index.
+    """
+    label = label or str(path)
+    root = real_folder(path, label)
+    tensors = folder_tensors(root, label)
+    files = {f: confined_file(root, f, label) for f in weight_files(root, label)}
+    config_path = confined_file(root, "config.json", label)
+    config = read_config(root, label) if config_path is not None else {}
+    return ModelLayout(root, label, tensors, disk_order(tensors), files, config, config_path is not None,
+                       side_files(root, label), _trainer_steps(root, label))
+
+
+def _trainer_steps(root: Path, label: str) -> tuple[int, int | None] | None:
+    real = confined_file(root, TRAINER_STATE_NAME, label)
+    if real is None:
+        return None
+    state = read_json_file(real, TRAINER_STATE_NAME)
+    steps = [state.get(k) if isinstance(state, dict) else None for k in ("global_step", "best_global_step")]
+    for key, step in zip(("global_step", "best_global_step"), steps):
+        if (step is not None or key == "global_step") and not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise FormatError(f"{real}: {TRAINER_STATE_NAME} has no valid {key} ({brief(step)})", path=str(real))
+    return steps[0], steps[1]
+
+
+@dataclass
+class MomentsLayout:
+    """A moments file as validated (format v1, :mod:`ota_trainer.format`).
+
+    Attributes:
+        path: the file (real path).
+        label: the model it belongs to, as messages name it.
+        header: the validated safetensors header (every listed tensor present, float32, of
+            the shape the metadata gives; no other tensor).
+        data_start: where the data section begins.
+        metadata: the validated ``ota_moments`` metadata.
+        shapes: parameter name -> shape. ``stored``: parameter name -> "rank1" | "full".
+    """
+
+    path: Path
+    label: str
+    header: dict[str, Any]
+    data_start: int
+    metadata: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    stored: dict[str, str]
+
+    def span(self, key: str) -> tuple[int, int]:
+        """Absolute byte range of the stored tensor ``key`` (``NAME``, ``NAME::row`` or ``NAME::col``)."""
+        b, e = self.header[key]["data_offsets"]
+        return self.data_start + b, self.data_start + e
+
+    def scale(self, bias_correction: bool) -> float:
+        """What the stored values are multiplied by when read (Adam's bias correction, or 1)."""
+        return moments_scale(self.metadata, bias_correction)
+
+
+def open_moments_file(path: str | os.PathLike, label: str | None = None) -> MomentsLayout:
+    """Open and validate one moments file (header, metadata, listed tensors).
+
+    Raises:
+        FormatError: naming the file.
+    """
+    path = Path(path)
+    header, start = read_safetensors_layout(path)
+    meta = parse_moments_metadata(path, header)
+    shapes = {n: tuple(p["shape"]) for n, p in meta["parameters"].items()}
+    stored = {n: p["stored"] for n, p in meta["parameters"].items()}
+    check_moments_entries(path, header, shapes, stored)
+    return MomentsLayout(path, label or str(path), header, start, meta, shapes, stored)
+
+
+def open_moments(model: ModelLayout) -> MomentsLayout | None:
+    """The moments file of a model folder (confined to it), validated; None when it has none."""
+    real = confined_file(model.path, f"{MOMENTS_DIR}/{MOMENTS_FILE}", model.label)
+    return None if real is None else open_moments_file(real, model.label)
+
+
+def missing_moments_error(model: ModelLayout) -> MissingMomentsError:
+    return MissingMomentsError(
+        f"{model.label}: no second moments ({MOMENTS_DIR}/{MOMENTS_FILE}). Train the expert with "
+        "ota_trainer.OTACallback to produce them, pass --allow-missing-moments to use uniform weights, "
+        "or use a method that needs none (linear, task_arithmetic, ties, dare)",
+        model=model.label,
+    )
+
+
+# -- checks across models ---------------------------------------------------------------------------
+def check_compatible(template: ModelLayout, experts: Sequence[ModelLayout]) -> None:
+    """Experts must have the template's architecture, tensor names and shapes, and a floating
+    dtype wherever the template has one (the bytes of an integer tensor are not an edit of a
+    float one); integer tensors, which the merge copies from the template, must match its dtype.
+
+    Raises:
+        IncompatibleModelsError: naming the model and the first offending tensors.
+    """
+    arch = template.architectures
+    for e in experts:
+        if arch and e.architectures and e.architectures != arch:
+            raise IncompatibleModelsError(
+                f"{e.label}: architecture {brief(e.architectures)} differs from the base's {brief(arch)}", model=e.label
+            )
+        missing = [n for n in template.tensors if n not in e.tensors]
+        if missing:
+            raise IncompatibleModelsError(
+                f"{e.label}: lacks {len(missing)} tensor(s) the base has, e.g. {brief(missing[:3])}",
+                tensor=missing[0], model=e.label,
+            )
+        extra = [n for n in e.tensors if n not in template.tensors]
+        if extra:
+            raise IncompatibleModelsError(
+                f"{e.label}: has {len(extra)} tensor(s) the base lacks, e.g. {brief(extra[:3])} "
+                "(was it saved with untied or extra weights?)",
+                tensor=extra[0], model=e.label,
+            )
+        for n, info in template.tensors.items():
+            got = e.tensors[n]
+            if got.shape != info.shape:
+                hint = ""
+                if len(got.shape) == 2 and got.shape[1:] == info.shape[1:] and ("embed" in n or "lm_head" in n):
+                    hint = (
+                        f" (the vocabulary was resized: {got.shape[0]} vs {info.shape[0]} rows; merge experts that "
+                        "share the base's tokenizer, or resize the base's embeddings the same way first)"
+                    )
+                raise IncompatibleModelsError(
+                    f"{e.label}: tensor {brief(n)} has shape {got.shape}, the base has {info.shape}{hint}",
+                    tensor=n, model=e.label,
+                )
+            if (info.dtype in FLOAT_DTYPES) != (got.dtype in FLOAT_DTYPES) or (
+                    info.dtype not in FLOAT_DTYPES and got.dtype != info.dtype):
+                raise IncompatibleModelsError(
+                    f"{e.label}: tensor {brief(n)} is {got.dtype}, the base's is {info.dtype}: "
+                    "a merge needs floating weights in both (or the same integer type)",
+                    tensor=n, model=e.label,
+                )
+
+
+def check_moments(model: ModelLayout, moments: MomentsLayout, names: Sequence[str], *, allow_missing: bool) -> None:
+    """Moments must be for this model (names and shapes) and cover every merged tensor.
+
+    Raises:
+        IncompatibleModelsError: moments name a tensor the model lacks, or shapes differ.
+        MissingMomentsError: a merged tensor has no moments and ``allow_missing`` is false.
+    """
+    for n, shape in moments.shapes.items():
+        if n not in model.tensors:
+            raise IncompatibleModelsError(
+                f"{moments.path}: moments for {brief(n)}, which {model.label} does not have: "
+                "these moments were written for a different model",
+                tensor=n, model=model.label,
+            )
+        if tuple(shape) != model.tensors[n].shape:
+            raise IncompatibleModelsError(
+                f"{moments.path}: moments for {brief(n)} have shape {tuple(shape)}, the weights {model.tensors[n].shape}: "
+                "these moments were written for a different model",
+                tensor=n, model=model.label,
+            )
+    missing = [n for n in names if n not in moments.stored]
+    if missing:
+        if not allow_missing:
+            raise MissingMomentsError(
+                f"{moments.path}: no second moments for {len(missing)} tensor(s) of {model.label}, e.g. {brief(missing[:3])} "
+                "(frozen during training?); pass --allow-missing-moments to use uniform curvature for them",
+                tensor=missing[0], model=model.label,
+            )
+        logger.warning("%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there", model.label, len(missing),
+                       brief(missing[:3]))
+
+
+def check_moments_belong(model: ModelLayout, moments: MomentsLayout) -> None:
+    """The moments belong to these weights, as far as the files can tell: the training step the
+    moments were captured at equals ``trainer_state.json``'s (when the folder has one), and
+    moments that OTACallback wrote before their weights (``written_before_weights``) are not
+    newer than every weight file (which happens when a run was killed after the capture and
+    before the save, in a folder holding an earlier run's weights).
+
+    Raises:
+        IncompatibleModelsError: naming the expert, both steps or both times, and the fix.
+    """
+    meta = moments.metadata
+    step = meta.get("global_step")
+    if model.trainer_steps is not None and step is not None:
+        current, best = model.trainer_steps
+        # load_best_model_at_end: the folder holds the best checkpoint's weights and moments
+        if step != current and not (meta.get("load_best_model_at_end") and step == best):
+            raise IncompatibleModelsError(
+                f"{model.label}: its moments were captured at training step {step}, its trainer_state.json is at step "
+                f"{current}: the moments belong to other weights (a run killed between capture and save, or files "
+                "copied from different checkpoints); capture the moments again with the weights they belong to",
+                model=model.label,
+            )
+    captured = meta.get("captured_at")
+    if meta.get("written_before_weights") and captured is not None:
+        newest = max((os.stat(p).st_mtime for p in model.weight_paths), default=None)
+        if newest is not None and newest < captured - MTIME_SLACK_S:
+            raise IncompatibleModelsError(
+                f"{model.label}: its moments were captured after its weights were last written "
+                f"({captured - newest:.0f} s later), but OTACallback writes moments before the weights they belong to: "
+                "these weights are from an earlier run (was training killed before save_model?); save the trained "
+                "weights again, or capture the moments again",
+                model=model.label,
+            )
+
+
+def check_distinct(refs: Sequence[str], folders: Sequence[Path]) -> None:
+    """The same expert may not be listed twice (it would count double, silently).
+
+    Raises:
+        ConfigError: naming both entries and the fix.
+    """
+    seen: dict[Path, str] = {}
+    for ref, folder in zip(refs, folders):
+        if folder in seen:
+            raise ConfigError(
+                f"expert {brief(ref)} is listed twice (also as {brief(seen[folder])}, the same folder {folder}); "
+                "list it once and give it `weight: 2` to count it double"
+            )
+        seen[folder] = ref
+
+
+# -- what the moments say about themselves: all zero, and their scale --------------------------------
+def _floats(path: Path, start: int, end: int) -> array.array:
+    a = array.array("f")
+    with open(path, "rb") as f:
+        f.seek(start)
+        a.frombytes(f.read(end - start))
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def moments_level(moments: MomentsLayout, bias_correction: bool) -> tuple[bool, dict[str, float]]:
+    """Whether the file holds any non-zero moment, and each parameter's mean second moment (as
+    the merge reads it, bias correction applied) where that is cheap to know: from the row sums
+    of rank-one entries (``sum(r) = sum(v)``) and from 1-D entries (a fraction of a percent of
+    the weights). Entries stored whole with 2+ dimensions are read only when every cheap entry
+    is zero (to tell an all-zero file for sure). NaN, Inf and negative values are left to the
+    merge, which names the tensor."""
+    scale = moments.scale(bias_correction)
+    means: dict[str, float] = {}
+    nonzero = False
+    big = []
+    for name, shape in moments.shapes.items():
+        numel = math.prod(shape)
+        if moments.stored[name] == "rank1":
+            values = _floats(moments.path, *moments.span(name + ROW_SUFFIX))
+        elif len(shape) < 2:
+            values = _floats(moments.path, *moments.span(name))
+        else:
+            big.append(name)
+            continue
+        total = math.fsum(values)
+        if not math.isfinite(total) or any(x < 0 for x in values):
+            continue
+        nonzero = nonzero or total > 0
+        if numel:
+            means[name] = total * scale / numel
+    for name in big if not nonzero else ():
+        start, end = moments.span(name)
+        for off in range(start, end, 1 << 24):
+            if any(_floats(moments.path, off, min(end, off + (1 << 24)))):
+                nonzero = True
+                break
+        if nonzero:
+            break
+    return nonzero, means
+
+
+def check_moments_scales(labels: Sequence[str], levels: Sequence[tuple[bool, dict[str, float]]]) -> None:
+    """All-zero moments are an error; experts whose moments differ in scale by orders of
+    magnitude get a warning (their edits would count for little or for everything in OTA's
+    curvature-weighted average).
+
+    Raises:
+        NumericalError: an expert's moments are all zero.
+    """
+    for label, (nonzero, _) in zip(labels, levels):
+        if not nonzero:
+            raise NumericalError(
+                f"{label}: its second moments are all zero (an optimizer that never stepped, or a broken capture): "
+                "OTA would give its edits no weight. Capture them again, or merge with a method that needs no "
+                "moments (linear, task_arithmetic, ties, dare)",
+                model=label,
+            )
+    known = [(label, means) for label, (_, means) in zip(labels, levels) if means]
+    if len(known) < 2:
+        return
+    ref_label, ref = max(known, key=lambda x: len(x[1]))
+    offsets = []  # per expert: median over shared tensors of log2(its mean / the reference's)
+    for label, means in known:
+        diffs = sorted(math.log2(v / ref[n]) for n, v in means.items() if v > 0 and ref.get(n, 0) > 0)
+        if diffs:
+            offsets.append((diffs[len(diffs) // 2], label))
+    if len(offsets) < 2:
+        return
+    (lo, lo_label), (hi, hi_label) = min(offsets), max(offsets)
+    ratio = 2.0 ** (hi - lo)
+    if ratio > SCALE_WARN_RATIO:
+        logger.warning(
+            "the experts' second moments differ in scale by %.3gx (%s's are %.3gx %s's, the median over the tensors "
+            "they share): OTA weighs each entry by its curvature, so %s's edits count for little wherever both edit. "
+            "Different learning rates, batch sizes, max_grad_norm or loss scales do this; `normalise: mean` "
+            "(--normalise mean) rescales each expert's curvature per tensor",
+            ratio, hi_label, ratio, lo_label, lo_label,
+        )
+
+
+# -- a merge's inputs, all together --------------------------------------------------------------------
+@dataclass
+class MergeInputs:
+    """Everything a merge reads, opened and checked (:func:`open_inputs`).
+
+    Attributes:
+        base: the base model (None for methods without one).
+        experts: the experts, in recipe order.
+        moments: each expert's moments (None where the method needs none, or none were found
+            and missing moments are allowed).
+        float_names: the template's floating tensors in on-disk order (the ones merged;
+            others are copied from the template).
+    """
+
+    base: ModelLayout | None
+    experts: list[ModelLayout]
+    moments: list[MomentsLayout | None]
+    float_names: list[str]
+
+    @property
+    def template(self) -> ModelLayout:
+        """The model whose names, shapes, config and side files the output takes."""
+        return self.base or self.experts[0]
+
+
+def open_inputs(recipe, resolver) -> MergeInputs:
+    """Open and check every input of a recipe (a :class:`~ota_trainer.config.MergeRecipe`):
+    ``resolver`` turns each model reference into a local folder (downloading repo ids).
+
+    Runs every check that needs no tensor data, in one place for every backend: each folder's
+    files confined and their headers validated, the template's ``config.json`` present, no
+    expert listed twice, names/shapes/dtypes agreeing, moments present, valid, for these weights
+    (names, shapes, training step, capture time), not all zero, and of comparable scale.
+
+    Raises:
+        FormatError, ConfigError, IncompatibleModelsError, MissingMomentsError, NumericalError.
+    """
+    experts = [open_model(resolver(m.model), m.model) for m in recipe.models]
+    base = open_model(resolver(recipe.base_model), recipe.base_model) if recipe.base_model else None
+    template = base or experts[0]
+    if not template.has_config:
+        raise FormatError(
+            f"{template.label}: no config.json in {template.path}; the merged model takes its config from "
+            f"{'the base' if base else 'the first expert'} and would not load without one",
+            path=str(template.path),
+        )
+    check_distinct([m.model for m in recipe.models], [e.path for e in experts])
+    check_compatible(template, experts if base else experts[1:])
+    float_names = [n for n in template.names if template.tensors[n].dtype in FLOAT_DTYPES]
+    moments: list[MomentsLayout | None] = [None] * len(experts)
+    if recipe.spec.needs_moments:
+        bias = recipe.method_parameters().get("bias_correction", True)
+        for i, e in enumerate(experts):
+            moments[i] = open_moments(e)
+            if moments[i] is None:
+                if not recipe.allow_missing_moments:
+                    raise missing_moments_error(e)
+                logger.warning("%s: no second moments; uniform curvature is used for all its parameters", e.label)
+                continue
+            check_moments(e, moments[i], float_names, allow_missing=recipe.allow_missing_moments)
+            check_moments_belong(e, moments[i])
+        found = [(e.label, m) for e, m in zip(experts, moments) if m is not None]
+        check_moments_scales([label for label, _ in found], [moments_level(m, bias) for _, m in found])
+    return MergeInputs(base, experts, moments, float_names)
