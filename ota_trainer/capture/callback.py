@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
 from ..format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
+from ..layout import remove_dead_leftovers
 from .core import BIAS_CORRECTION, save_optimizer_moments
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
@@ -21,9 +23,31 @@ __all__ = ["OTACallback", "MERGE_READY_TAG", "align_moments_to_weights", "check_
 
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
+STAGING_DIR = "_ota-staging"
+"""Where a checkpoint's moments wait until the Trainer has saved the checkpoint:
+``output_dir/_ota-staging/.checkpoint-N/ota/moments.safetensors``. Not named ``checkpoint-*``
+(``get_last_checkpoint``, ``sort_checkpoints``/``rotate_checkpoints`` never see it); the leading
+``_`` is in the ignore patterns of ``Trainer.push_to_hub`` and ``Trainer._push_from_checkpoint``
+(``"_*"``), and the hidden step folder in those of ``ota_trainer.hub.push_expert`` (``"**/.*"``),
+so a staging folder left by a killed run is never uploaded by them."""
+
 
 def _checkpoint_dir(args: Any, state: Any) -> Path:
     return Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+
+
+def _staging_root(args: Any) -> Path:
+    return Path(args.output_dir) / STAGING_DIR
+
+
+def _staging_dir(args: Any, state: Any) -> Path:
+    return _staging_root(args) / f".{_CHECKPOINT_PREFIX}-{state.global_step}"
+
+
+def _remove_staging(args: Any) -> None:
+    root = _staging_root(args)
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _is_writer(args: Any) -> bool:
@@ -40,9 +64,13 @@ def _is_writer(args: Any) -> bool:
 
 
 def _copy_moments(src_folder: Path, dst_folder: Path) -> None:
-    """Copy ``src/ota/moments.safetensors`` to ``dst/ota/`` atomically (tmp file + rename)."""
+    """Copy ``src/ota/moments.safetensors`` to ``dst/ota/`` atomically (tmp file + rename).
+
+    Temporary files of earlier copies (or saves) into ``dst/ota/`` whose process died are removed first.
+    """
     src, dst = moments_path(src_folder), moments_path(dst_folder)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(dst)
     tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
     try:
         shutil.copyfile(src, tmp)
@@ -148,19 +176,31 @@ class OTACallback(TrainerCallback):
     into the same Hub commit as the weights:
 
     1. ``on_step_end`` / ``on_epoch_end`` with ``control.should_save`` set (the Trainer is
-       about to save ``checkpoint-N``): moments go to ``output_dir/checkpoint-N/ota/``
-       BEFORE the Trainer writes the weights there. With ``hub_strategy="checkpoint"`` or
-       ``"all_checkpoints"`` the checkpoint folder is uploaded afterwards, ``ota/`` included.
+       about to save ``checkpoint-N``): the optimizer state is read BEFORE the Trainer
+       writes the weights, and the moments are staged in
+       ``output_dir/_ota-staging/.checkpoint-N/ota/`` (:data:`STAGING_DIR`), a place the
+       Trainer's checkpoint discovery (``get_last_checkpoint``, checkpoint rotation) and its
+       uploads of ``output_dir`` (ignore pattern ``"_*"``) never look at. So a run killed
+       before the Trainer has saved ``checkpoint-N`` leaves no half-made ``checkpoint-N/``
+       and resumes from the previous checkpoint.
     2. ``on_push_begin`` (``Trainer._push_from_checkpoint``, called after the checkpoint is
        saved and immediately before the Trainer copies the checkpoint's weights into
-       ``output_dir`` and uploads ``output_dir`` in one ``upload_folder`` commit): the
-       checkpoint's moments are copied to ``output_dir/ota/``, so that commit holds the
-       weights and moments of step ``N``. (Copying here, not earlier, keeps ``output_dir``
+       ``output_dir`` and uploads ``output_dir`` in one ``upload_folder`` commit): the staged
+       moments are moved into ``checkpoint-N/ota/`` (``os.replace``, atomic) and copied to
+       ``output_dir/ota/``, so that commit holds the weights and moments of step ``N``; with
+       ``hub_strategy="checkpoint"`` or ``"all_checkpoints"`` the checkpoint folder, uploaded
+       next, holds them too. (Copying into ``output_dir`` here, not earlier, keeps it
        untouched while a previous upload may still be reading it: the Trainer skips a push
        while one is in progress unless ``hub_always_push``.)
-    3. ``on_save``: if the checkpoint has no moments yet (``save_strategy="best"``, where
-       the save decision comes after evaluation), they are captured now; the checkpoint's
+    3. ``on_save`` (after ``checkpoint-N`` is saved; first when there is no push): the staged
+       moments are moved into ``checkpoint-N/ota/`` if still staged; if the step was not
+       captured yet (``save_strategy="best"``, where the save decision comes after
+       evaluation), it is captured now (staged, then moved at once); the checkpoint's
        weights and moments are then checked to line up.
+    4. ``on_train_end``: moments of the final optimizer state go to ``output_dir/ota/``
+       (with ``load_best_model_at_end``, the best checkpoint's moments are copied instead).
+       ``trainer.save_model()`` / ``trainer.push_to_hub()`` after ``train()`` then save and
+       upload ``output_dir`` with the weights in one commit.
 
     Names: moments are keyed by the names the weights are saved under. Tied weights have one
     optimizer state; it is stored under the one name ``save_pretrained`` keeps, or under
@@ -168,18 +208,28 @@ class OTACallback(TrainerCallback):
     clones). Before each upload (``on_push_begin``) and in ``on_save`` the checkpoint's
     moments are aligned with the names actually saved (rewritten if they differ, and the
     choice is kept for later captures).
-    4. ``on_train_end``: moments of the final optimizer state go to ``output_dir/ota/``
-       (with ``load_best_model_at_end``, the best checkpoint's moments are copied instead).
-       ``trainer.save_model()`` / ``trainer.push_to_hub()`` after ``train()`` then save and
-       upload ``output_dir`` with the weights in one commit.
 
-    ``on_train_begin`` removes a stale ``output_dir/ota/moments.safetensors`` left by an
-    earlier run (it would be pushed next to this run's weights) and adds the
+    Which weights the moments belong to (metadata, for the merger's checks): ``global_step``
+    (the Trainer step whose optimizer state was read, i.e. of the weights they belong to),
+    ``captured_at`` (``time.time()`` when that state was read; the final capture of a step
+    already captured for its checkpoint reuses that time, so both files are identical),
+    ``written_before_weights`` (``true`` when the state was read before the Trainer wrote
+    those weights: cases 1 and 4; ``false`` for the captures of case 2/3 made after the
+    checkpoint was saved, whose weight files are older by design), and
+    ``load_best_model_at_end`` (the run's setting: the moments of the best checkpoint may end
+    up in ``output_dir`` beside a final ``trainer_state.json`` whose ``global_step`` is the
+    last step and whose ``best_global_step`` is theirs). Rewrites (tied-name alignment,
+    ``convert_moments``) and copies keep these keys.
+
+    ``on_train_begin`` removes a stale ``output_dir/ota/moments.safetensors`` and the staging
+    folder left by an earlier run (writer rank only), and adds the
     ``ota-merge-ready`` and ``ota-moments-v1`` (format version) tags to the model
     (``model.add_model_tags``), which ``Trainer.push_to_hub`` writes into the model card's
     ``tags`` (the Trainer rebuilds the card after the callbacks run, so a tag is the card
     metadata that survives; :func:`~ota_trainer.hub.push_expert` also sets
-    ``ota_moments_format_version``).
+    ``ota_moments_format_version``). Moments an earlier run left in a ``checkpoint-N/``
+    this run is about to overwrite are removed before the Trainer writes the new weights
+    there (they would sit beside them until this run's moments are moved in).
 
     Never losing training: a failed capture at a checkpoint is raised in ``on_save``,
     after the checkpoint is on disk (resume from it). A failed capture at the end saves the
@@ -238,6 +288,8 @@ class OTACallback(TrainerCallback):
         self._tied: dict[str, str] = {}
         self._tied_aliases: bool | None = None  # learned from the first saved checkpoint
         self._captured_steps: set[int] = set()
+        self._captured_at: dict[int, tuple[float, bool]] = {}  # step -> (captured_at, written_before_weights)
+        self._start_step = 0  # global_step at on_train_begin (the resumed checkpoint's step)
         self._pending_error: CaptureError | None = None
 
     # -- helpers --------------------------------------------------------------------------
@@ -250,7 +302,9 @@ class OTACallback(TrainerCallback):
             return (str(name) if name else None), self.base_model_revision
         return str(name), self.base_model_revision or getattr(config, "_commit_hash", None)
 
-    def _metadata(self, args: Any, state: Any, model: Any) -> dict[str, Any]:
+    def _metadata(
+        self, args: Any, state: Any, model: Any, *, captured_at: float, written_before_weights: bool
+    ) -> dict[str, Any]:
         base_model, base_revision = self._resolve_base_model(model)
         return {
             "optimizer": str(getattr(args.optim, "value", args.optim)),
@@ -258,6 +312,9 @@ class OTACallback(TrainerCallback):
             "base_model_revision": base_revision,
             "global_step": int(state.global_step),
             "epoch": state.epoch,
+            "captured_at": captured_at,
+            "written_before_weights": written_before_weights,
+            "load_best_model_at_end": bool(getattr(args, "load_best_model_at_end", False)),
             "training": {
                 "learning_rate": args.learning_rate,
                 "weight_decay": args.weight_decay,
@@ -270,13 +327,26 @@ class OTACallback(TrainerCallback):
             },
         }
 
-    def _capture(self, folder: Path, args: Any, state: Any, model: Any, optimizer: Any) -> Path | None:
+    def _capture(
+        self,
+        folder: Path,
+        args: Any,
+        state: Any,
+        model: Any,
+        optimizer: Any,
+        *,
+        written_before_weights: bool,
+        captured_at: float | None = None,
+    ) -> Path | None:
+        captured_at = time.time() if captured_at is None else captured_at
         path = save_optimizer_moments(
             folder,
             model,
             optimizer,
             compression=self.compression,
-            metadata=self._metadata(args, state, model),
+            metadata=self._metadata(
+                args, state, model, captured_at=captured_at, written_before_weights=written_before_weights
+            ),
             write=_is_writer(args),
             tied_aliases=self._tied_aliases,
             bias_correction=self.bias_correction,
@@ -285,17 +355,67 @@ class OTACallback(TrainerCallback):
             logger.info("OTA: second moments of step %d written to %s", state.global_step, path)
         return path
 
-    def _capture_checkpoint(self, args: Any, state: Any, model: Any, optimizer: Any) -> None:
+    def _capture_checkpoint(self, args: Any, state: Any, model: Any, optimizer: Any, *, saved: bool) -> None:
+        """Capture step N into the staging folder (once per step; collective under ZeRO/FSDP2).
+
+        ``saved``: the Trainer has already written ``checkpoint-N`` (``save_strategy="best"``):
+        the moments are written after their weights (the caller moves them in right away).
+        """
         step = int(state.global_step)
         if step in self._captured_steps:
             return
         self._captured_steps.add(step)
+        captured_at, before = time.time(), not saved
+        self._captured_at[step] = (captured_at, before)
         try:
-            self._capture(_checkpoint_dir(args, state), args, state, model, optimizer)
+            self._capture(
+                _staging_dir(args, state), args, state, model, optimizer, written_before_weights=before,
+                captured_at=captured_at,
+            )
         except CaptureError as e:
             # Raised in on_save, once the Trainer has written the checkpoint itself.
             logger.error("OTA: capturing second moments for checkpoint-%d failed: %s", step, e)
             self._pending_error = e
+
+    @staticmethod
+    def _publish(args: Any, state: Any) -> bool:
+        """Move the staged moments of step N into ``checkpoint-N/ota/`` once the Trainer has saved it."""
+        staged, ckpt = moments_path(_staging_dir(args, state)), _checkpoint_dir(args, state)
+        if not staged.is_file() or not ckpt.is_dir():
+            return False
+        dst = moments_path(ckpt)
+        dst.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(staged, dst)
+        except FileNotFoundError:  # moved by another writer of the same folder (save_on_each_node)
+            return False
+        for empty in (staged.parent, staged.parent.parent, _staging_root(args)):
+            try:
+                empty.rmdir()
+            except OSError:  # not empty (another step staged) or already gone
+                break
+        logger.debug("OTA: moments of step %d moved into %s", state.global_step, dst)
+        return True
+
+    def _drop_stale_checkpoint_moments(self, args: Any, state: Any) -> None:
+        """Before the Trainer (maybe) saves ``checkpoint-N``: moments already there come from an
+        earlier run (this run has not saved step N yet); the new weights must not sit beside them."""
+        step = int(state.global_step)
+        if step <= self._start_step or step in self._captured_steps or not _is_writer(args):
+            return
+        stale = moments_path(_checkpoint_dir(args, state))
+        if stale.is_file():
+            logger.warning("OTA: removing %s left by an earlier run (the Trainer is about to overwrite checkpoint-%d)", stale, step)
+            stale.unlink(missing_ok=True)
+
+    def _before_save(self, args: Any, state: Any, control: Any, model: Any, optimizer: Any) -> None:
+        """``on_step_end`` / ``on_epoch_end``: the Trainer saves ``checkpoint-N`` next if ``should_save``
+        (or, with ``save_strategy="best"``, after evaluating if the metric improved)."""
+        best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
+        if control.should_save or (best and control.should_evaluate):
+            self._drop_stale_checkpoint_moments(args, state)
+        if self.save_on_checkpoint and control.should_save:
+            self._capture_checkpoint(args, state, model, optimizer, saved=False)
 
     # -- events ---------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -325,34 +445,41 @@ class OTACallback(TrainerCallback):
         if _is_writer(args) and stale.is_file():
             logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
             stale.unlink()
+        if _is_writer(args) and _staging_root(args).exists():
+            logger.warning("OTA: removing %s left by an interrupted run", _staging_root(args))
+            _remove_staging(args)
+        self._start_step = int(state.global_step)
         self._captured_steps.clear()
+        self._captured_at.clear()
         self._pending_error = None
         self._training = True
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Before the Trainer saves ``checkpoint-N``: write its moments there first."""
+        """Before the Trainer saves ``checkpoint-N``: read its moments and stage them."""
         if not self._verified:
             info = inspect_optimizer(optimizer)  # raises CaptureError when the state has no second moment
             self._verified = info.verified
-        if self.save_on_checkpoint and control.should_save:
-            self._capture_checkpoint(args, state, model, optimizer)
+        self._before_save(args, state, control, model, optimizer)
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Same as ``on_step_end`` for ``save_strategy="epoch"`` (the save decision is made here)."""
-        if self.save_on_checkpoint and control.should_save:
-            self._capture_checkpoint(args, state, model, optimizer)
+        self._before_save(args, state, control, model, optimizer)
         return control
 
     def on_push_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Just before a mid-training upload of ``output_dir``: put the checkpoint's moments there."""
+        """Just before a mid-training upload (``checkpoint-N`` is saved): move its moments in, copy them to ``output_dir``."""
         if not self._training or not self.save_on_checkpoint:
             return control
+        step = int(state.global_step)
+        if step not in self._captured_steps and self._engine == "local":
+            self._capture_checkpoint(args, state, model, optimizer, saved=True)  # save_strategy="best"
+        if not _is_writer(args):
+            return control
+        self._publish(args, state)
         ckpt = _checkpoint_dir(args, state)
-        if not has_moments(ckpt) and self._engine == "local" and int(state.global_step) not in self._captured_steps:
-            self._capture_checkpoint(args, state, model, optimizer)  # save_strategy="best": decided after on_step_end
-        if has_moments(ckpt):
+        if step in self._captured_steps and has_moments(ckpt):
             self._align(ckpt)
             _copy_moments(ckpt, Path(args.output_dir))
         return control
@@ -363,9 +490,11 @@ class OTACallback(TrainerCallback):
             self._tied_aliases = saved_aliases
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """After ``checkpoint-N`` is saved: capture if still missing, raise a pending error, check names."""
+        """After ``checkpoint-N`` is saved: move staged moments in (capture if still missing), raise a pending error, check names."""
         if self.save_on_checkpoint:
-            self._capture_checkpoint(args, state, model, optimizer)
+            self._capture_checkpoint(args, state, model, optimizer, saved=True)
+            if _is_writer(args):
+                self._publish(args, state)
         if self._pending_error is not None:
             err, self._pending_error = self._pending_error, None
             raise CaptureError(
@@ -387,6 +516,8 @@ class OTACallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         """Write the final moments to ``output_dir/ota/`` (before ``save_model`` / ``push_to_hub``)."""
         self._training = False
+        if _is_writer(args):
+            _remove_staging(args)  # moments of a step whose save another callback cancelled
         out = Path(args.output_dir)
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and has_moments(best):
@@ -394,8 +525,13 @@ class OTACallback(TrainerCallback):
                 _copy_moments(Path(best), out)
                 logger.info("OTA: best checkpoint %s loaded at end; its moments copied to %s", best, out)
             return control
+        # The optimizer state of the last step was already captured for its checkpoint: that
+        # capture's time and flag are reused, so output_dir/ota/ gets the same bytes as
+        # checkpoint-N/ota/ (an upload of output_dir started at that checkpoint may still be
+        # reading the file this replaces).
+        captured_at, before = self._captured_at.get(int(state.global_step), (None, True))
         try:
-            self._capture(out, args, state, model, optimizer)
+            self._capture(out, args, state, model, optimizer, written_before_weights=before, captured_at=captured_at)
         except CaptureError as e:
             saved = self._save_model_after_failure(args, model, processing_class)
             where = f"the trained model was saved to {out}" if saved else (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,8 @@ def save_optimizer_moments(
             for matrices: ``"full"`` then stores those as ``rank1`` (recorded as
             ``requested_compression``/``compression_note``).
         metadata: extra metadata (``optimizer``, ``base_model``, ``base_model_revision``, ...).
+            ``captured_at`` (``time.time()`` when this call started, before the optimizer
+            state is read) is added unless given.
         write: whether this process writes; default rank 0 (or the only process).
         tied_aliases: also store a tied parameter's moments under its other names (its
             weights are saved under each of them). Default: as the engine's Trainer save
@@ -195,6 +198,7 @@ def save_optimizer_moments(
         >>> save_optimizer_moments("out", model, trainer.optimizer, metadata={"base_model": "org/base"})
         PosixPath('out/ota/moments.safetensors')
     """
+    captured_at = time.time()
     if compression not in COMPRESSIONS:
         raise ConfigError(f"unknown moments compression {compression!r}; choose one of {COMPRESSIONS}")
     if bias_correction not in BIAS_CORRECTION:
@@ -227,6 +231,7 @@ def save_optimizer_moments(
     meta = capture_metadata(
         info, engine, params, frozen, without_state, compression=compression, stored_compression=stored, extra=metadata
     )
+    meta.setdefault("captured_at", captured_at)
     if tied_aliases is None:
         tied_aliases = saves_tied_aliases(params)
     names = [n for p in params if p.name not in set(without_state) for n in (p.name, *(p.aliases if tied_aliases else ()))]
