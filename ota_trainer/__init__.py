@@ -25,6 +25,7 @@ __all__ = [
     "MissingMomentsError",
     "NumericalError",
     "OutputExistsError",
+    "OutputError",
 ]
 
 
@@ -37,7 +38,7 @@ _LAZY = {
     "OTACallback": "capture", "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
     "push_expert": "hub", "publish_folder": "hub",
     **dict.fromkeys(("ConfigError", "FormatError", "IncompatibleModelsError", "MissingMomentsError",
-                     "NumericalError", "OTAError", "OutputExistsError"), "errors"),
+                     "NumericalError", "OTAError", "OutputExistsError", "OutputError"), "errors"),
 }
 
 

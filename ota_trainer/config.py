@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import yaml
 from .errors import ConfigError, brief
 from .methods import MergeMethod, get_method
 
-__all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
+__all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY", "read_yaml"]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_FFG_DENSITY = 0.4
@@ -61,6 +62,29 @@ def parse_size(size: int | str) -> int:
     if n <= 0:
         raise ConfigError(f"shard size must be positive, got {brief(size)}")
     return n
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe file parsed with ``yaml.safe_load``: a regular file (a FIFO must not hang us) of at
+    most :data:`MAX_RECIPE_BYTES`, UTF-8.
+
+    Raises:
+        ConfigError: naming the file: unreadable, too large, not YAML.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"recipe {path} is not a regular file")
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MB: not a merge recipe")
+    try:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
+        raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e
 
 
 @dataclass(frozen=True)
@@ -237,17 +261,7 @@ class MergeRecipe:
             ConfigError: the file is missing, not YAML, or not a valid recipe (names the file).
         """
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_RECIPE_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
-        if len(raw) > MAX_RECIPE_BYTES:
-            raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MB: not a merge recipe")
-        try:
-            data = yaml.safe_load(raw.decode("utf-8"))
-        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
-            raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e
+        data = read_yaml(path)
         try:
             return cls.from_dict(data)
         except ConfigError as e:

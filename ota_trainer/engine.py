@@ -40,7 +40,7 @@ from .aggregate import (
 )
 from .checkpoint import ModelFolder
 from .config import MergeRecipe
-from .errors import NumericalError
+from .errors import NumericalError, brief
 from .format import MomentsReader, all_finite
 from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
 from .inputs import MergeInputs, check_compatible, check_moments, open_inputs  # noqa: F401 - check_*: part of this module's API
@@ -349,10 +349,19 @@ class _Engine:
         """The merge of ``name`` is not finite: find the input responsible and raise."""
         for folder in ([self.base] if self.base else []) + self.experts:
             _check_finite(folder, name)
-        for m in self.moments:
+        largest = []  # every input is finite: which of them is large enough to overflow float32 arithmetic
+        for folder in ([self.base] if self.base else []) + self.experts:
+            largest.append((float(folder.get(name).abs().max()) if self.template.tensors[name].numel else 0.0,
+                            f"{folder.label}'s weights"))
+        for m, e in zip(self.moments, self.experts):
             if m is not None and name in m:
-                m[name]  # raises NumericalError naming the file for NaN/Inf/negative moments
-        raise NumericalError(f"merged tensor {name!r} is not finite although its inputs are; check the method's parameters", tensor=name)
+                v = m[name]  # raises NumericalError naming the file for NaN/Inf/negative moments
+                largest.append((float(v.max()) if v.numel() else 0.0, f"{e.label}'s moments (x{m.scale:.3g} bias correction)"))
+        value, who = max(largest)
+        raise NumericalError(
+            f"merged tensor {brief(name)} overflows float32 although every input is finite: the largest input value is "
+            f"{value:.3g} ({who}); no trained model has values near float32's limit (3.4e38), so that input is damaged "
+            f"(or the method's parameters, {brief(self.params)}, scale it past the limit)", tensor=name)
 
     def out_dtype(self, name: str) -> torch.dtype:
         info = self.template.tensors[name]

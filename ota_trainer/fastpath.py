@@ -120,7 +120,7 @@ class _Factors:
         self.keep: list[Any] = []
         s32 = native.float32(mom.scale)
         if mom.stored[name] == "rank1":
-            (r0, r1), (c0, c1) = mom.span(name + ROW_SUFFIX), mom.span(name + COL_SUFFIX)
+            (r0, r1), c0 = mom.span(name + ROW_SUFFIX), mom.span(name + COL_SUFFIX)[0]  # validated: m and n floats
             r = maps.floats(mom.path, r0, r1)
             total = row_total(r)
             self.a64, self.b64 = (ctypes.c_double * m)(), (ctypes.c_double * n)()

@@ -26,8 +26,8 @@ from typing import Any
 
 from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
 from .layout import (
-    COL_SUFFIX, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
-    folder_tensors, matrix_shape, moments_scale, parse_moments_metadata, read_config, read_json_file,
+    MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
+    folder_tensors, moments_scale, parse_moments_metadata, read_config, read_json_file,
     read_safetensors_layout, real_folder, side_files, weight_files,
 )
 
@@ -349,14 +349,17 @@ def moments_level(moments: MomentsLayout, bias_correction: bool) -> tuple[bool, 
         nonzero = nonzero or total > 0
         if numel:
             means[name] = total * scale / numel
-    for name in big if not nonzero else ():
-        start, end = moments.span(name)
-        for off in range(start, end, 1 << 24):
-            if any(_floats(moments.path, off, min(end, off + (1 << 24)))):
-                nonzero = True
-                break
-        if nonzero:
-            break
+    if not nonzero and big:  # every cheap entry is zero: are the whole ones too? (bytes: +0.0 is all zero bits)
+        with open(moments.path, "rb") as f:
+            for name in big:
+                start, end = moments.span(name)
+                f.seek(start)
+                while start < end and not nonzero:
+                    chunk = f.read(min(end - start, 1 << 24))
+                    start += len(chunk)
+                    nonzero = bool(chunk.strip(b"\0")) or not chunk
+                if nonzero:
+                    break
     return nonzero, means
 
 

@@ -206,9 +206,9 @@ def local_models_in_args(argv: Sequence[str]) -> list[Path]:
                 refs.append(value)
                 continue
             try:
-                import yaml  # light, and already a dependency
+                from .config import read_yaml  # light: bounded, regular files only
 
-                recipe = yaml.safe_load(Path(value).read_text())
+                recipe = read_yaml(Path(value))
                 refs.append(str(recipe.get("base_model") or ""))
                 for m in recipe.get("models") or []:
                     refs.append(str(m.get("model") if isinstance(m, dict) else m))

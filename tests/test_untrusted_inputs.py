@@ -162,6 +162,23 @@ def test_a_second_merge_into_the_same_out_is_refused_while_one_runs(trio, tmp_pa
     assert (out / "model.safetensors").is_file() and leftovers(tmp_path) == ["out"]
 
 
+def test_two_merges_started_together_into_one_new_out(trio, tmp_path):
+    """Was: both printed "merged ... into" and one output was lost. Now exactly one writes --out."""
+    out = tmp_path / "out"
+    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "merge_from_hub.py"), "--quiet",
+            "--base", str(trio["base"]), "--out", str(out)]
+    procs = [subprocess.Popen(args + ["--expert", str(trio[e])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.getcwd())) for e in ("e3", "e4")]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _, _ in results) == [0, 2], results
+    winner = next(i for i, (rc, _, _) in enumerate(results) if rc == 0)
+    loser_err = next(err for rc, _, err in results if rc == 2)
+    assert "another merge is writing" in loser_err or "not empty" in loser_err, loser_err
+    recipe = json.loads((out / "ota_merge_report.json").read_text())["recipe"]
+    assert recipe["models"][0]["model"] == str(trio[("e3", "e4")[winner]])  # the output is the winner's, whole
+    assert leftovers(tmp_path) == ["out"]
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_an_out_that_changes_during_the_merge_is_kept_and_the_merge_kept_beside_it(trio, tmp_path, fast):
     out = tmp_path / "out"
@@ -382,6 +399,19 @@ def test_a_full_disk(trio, tmp_path, direct):
     assert len(err) == 1 and "No space left on device" in err[0] and "BufferError" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_write_error_in_the_writer_thread(trio, tmp_path, direct):
+    """A file-size limit (SIGXFSZ ignored: writes fail with EFBIG) hits the direct-I/O writer's
+    background thread where the file system allows O_DIRECT, else the buffered writes."""
+    cli = (f"trap '' XFSZ; ulimit -f 64; OTA_TRAINER_DIRECT_IO={direct} {sys.executable} scripts/merge_from_hub.py --quiet "
+           f"--base {trio['base']} --expert {trio['e3']} --out {tmp_path}/out")
+    r = subprocess.run(["sh", "-c", cli], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "File too large" in err[0] and "BufferError" not in r.stderr, r.stderr
+    assert leftovers(tmp_path) == []
+
+
 @needs_unshare
 def test_a_read_only_out(trio, tmp_path):
     ro = tmp_path / "ro"
@@ -437,11 +467,7 @@ def test_the_same_expert_twice(trio, tmp_path):
 
 
 def test_all_zero_moments(trio, tmp_path):
-    def zero(h, data):
-        start = min(v["data_offsets"][0] for k, v in h.items() if k != "__metadata__")
-        return bytes(len(data))  # every stored value 0.0
-
-    edit_header(trio["e3"] / MOMENTS, zero)
+    edit_header(trio["e3"] / MOMENTS, lambda h, data: bytes(len(data)))  # every stored value 0.0
     _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", NumericalError, "all zero")
 
 
@@ -519,6 +545,17 @@ def test_moments_newer_than_weights_they_were_written_before(trio, tmp_path):
     _both_paths(_recipe(trio, ("e3",)), tmp_path / "out", IncompatibleModelsError, "earlier run")
     os.utime(trio["e3"] / "model.safetensors")  # saved after the capture, as OTACallback's flow does
     merge(_recipe(trio, ("e3",)), tmp_path / "out", quiet=True)
+
+
+def test_finite_inputs_that_overflow_name_the_input_not_the_engine(trio, tmp_path):
+    from safetensors.torch import save_file
+
+    for e in ("e3", "e4"):
+        w = load_file(str(trio[e] / "model.safetensors"))
+        w[NORM].fill_(3e38)  # finite, but no trained model's
+        save_file(w, str(trio[e] / "model.safetensors"), metadata={"format": "pt"})
+    e = _both_paths(_recipe(trio, ("e3", "e4"), method="task_arithmetic"), tmp_path / "out", NumericalError, "overflows float32")
+    assert "3e+38" in str(e) and "weights" in str(e) and e.tensor == NORM
 
 
 # -- a merge that passes every check is still right -----------------------------------------------------------

@@ -364,6 +364,8 @@ def float32(x: float) -> float:
 def workers(rows: int, numel: int, threads: int) -> list[tuple[int, int]]:
     """Contiguous ranges of ``rows`` rows (or elements: ``rows = numel``), one per thread; one
     range for small tensors (a hand-off to threads costs more than it saves)."""
+    if rows <= 0:  # an empty tensor: nothing to do
+        return []
     k = max(1, min(threads, rows, numel // MIN_PARALLEL if numel >= 2 * MIN_PARALLEL else 1))
     step = -(-rows // k)
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
