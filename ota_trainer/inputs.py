@@ -313,14 +313,23 @@ def check_distinct(refs: Sequence[str], folders: Sequence[Path]) -> None:
 
 
 # -- what the moments say about themselves: all zero, and their scale --------------------------------
-def _floats(path: Path, start: int, end: int) -> array.array:
-    a = array.array("f")
-    with open(path, "rb") as f:
-        f.seek(start)
-        a.frombytes(f.read(end - start))
+def _sum_non_negative(f, start: int, end: int) -> float | None:
+    """The sum of the float32 values at ``[start, end)`` of an open file, or None when one of them
+    is negative or NaN (the merge then names the tensor). Sign bits are read from the raw bytes
+    (little-endian: the top bit of every fourth byte), a C-speed test."""
+    f.seek(start)
+    raw = f.read(end - start)
+    if raw[3::4].translate(None, _LOW_BYTES):  # a sign bit set: negative (or -0.0, -NaN)
+        return None
+    values = array.array("f")
+    values.frombytes(raw)
     if sys.byteorder != "little":
-        a.byteswap()
-    return a
+        values.byteswap()
+    total = sum(values)
+    return total if math.isfinite(total) else None
+
+
+_LOW_BYTES = bytes(range(128))
 
 
 def moments_level(moments: MomentsLayout, bias_correction: bool) -> tuple[bool, dict[str, float]]:
@@ -334,30 +343,30 @@ def moments_level(moments: MomentsLayout, bias_correction: bool) -> tuple[bool, 
     means: dict[str, float] = {}
     nonzero = False
     big = []
-    for name, shape in moments.shapes.items():
-        numel = math.prod(shape)
-        if moments.stored[name] == "rank1":
-            values = _floats(moments.path, *moments.span(name + ROW_SUFFIX))
-        elif len(shape) < 2:
-            values = _floats(moments.path, *moments.span(name))
-        else:
-            big.append(name)
-            continue
-        total = math.fsum(values)
-        if not math.isfinite(total) or any(x < 0 for x in values):
-            continue
-        nonzero = nonzero or total > 0
-        if numel:
-            means[name] = total * scale / numel
-    if not nonzero and big:  # every cheap entry is zero: are the whole ones too? (bytes: +0.0 is all zero bits)
+    with open(moments.path, "rb") as f:
+        for name, shape in moments.shapes.items():
+            if moments.stored[name] == "rank1":
+                total = _sum_non_negative(f, *moments.span(name + ROW_SUFFIX))
+            elif len(shape) < 2:
+                total = _sum_non_negative(f, *moments.span(name))
+            else:
+                big.append(name)
+                continue
+            if total is None:
+                continue
+            nonzero = nonzero or total > 0
+            if math.prod(shape):
+                means[name] = total * scale / math.prod(shape)
+    if not nonzero and big:  # every cheap entry is zero (a rare, damaged file): are the whole ones too?
         with open(moments.path, "rb") as f:
             for name in big:
                 start, end = moments.span(name)
                 f.seek(start)
                 while start < end and not nonzero:
-                    chunk = f.read(min(end - start, 1 << 24))
-                    start += len(chunk)
-                    nonzero = bool(chunk.strip(b"\0")) or not chunk
+                    values = array.array("f")
+                    values.frombytes(f.read(min(end - start, 1 << 22)))
+                    start += 4 * len(values)
+                    nonzero = any(values) or not values  # (-0.0 is zero; NaN is not, and the merge names it)
                 if nonzero:
                     break
     return nonzero, means

@@ -466,9 +466,22 @@ def test_the_same_expert_twice(trio, tmp_path):
         merge(_recipe(trio, ("e3", str(tmp_path / "alias"))), tmp_path / "out", quiet=True)
 
 
-def test_all_zero_moments(trio, tmp_path):
-    edit_header(trio["e3"] / MOMENTS, lambda h, data: bytes(len(data)))  # every stored value 0.0
-    _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", NumericalError, "all zero")
+@pytest.mark.parametrize("compression", ["rank1", "full"])
+def test_all_zero_moments(trio, tmp_path, compression):
+    from ota_trainer.testing.tiny import make_tiny_expert
+
+    make_tiny_expert(trio["base"], tmp_path / "e5", seed=5, moments=compression)
+    edit_header(tmp_path / "e5" / MOMENTS, lambda h, data: bytes(len(data)))  # every stored value 0.0
+    _both_paths(_recipe(trio, ("e4", str(tmp_path / "e5"))), tmp_path / "out", NumericalError, "all zero")
+    # one non-zero entry stored whole (read only in this case) makes it a real, if odd, moments file
+    def one(h, data):
+        key = next(k for k, v in h.items() if k != "__metadata__" and len(v["shape"]) == 2 and "::" not in k) \
+            if compression == "full" else next(k for k in h if k.endswith("::row"))
+        b = h[key]["data_offsets"][0]
+        return data[:b] + b"\x00\x00\x80\x3f" + data[b + 4:]  # 1.0
+
+    edit_header(tmp_path / "e5" / MOMENTS, one)
+    merge(_recipe(trio, ("e4", str(tmp_path / "e5"))), tmp_path / "out", quiet=True)
 
 
 def test_a_base_without_config_json(trio, tmp_path):
