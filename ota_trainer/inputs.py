@@ -26,9 +26,9 @@ from typing import Any
 
 from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
 from .layout import (
-    MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
-    folder_tensors, moments_scale, parse_moments_metadata, read_config, read_json_file,
-    read_safetensors_layout, real_folder, side_files, weight_files,
+    CONFIG_NAME, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
+    folder_tensors, load_config, moments_scale, parse_moments_metadata, read_json_file, read_safetensors_layout,
+    real_folder, side_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,9 @@ def open_model(path: str | os.PathLike, label: str | None = None) -> ModelLayout
     """
     label = label or str(path)
     root = real_folder(path, label)
-    tensors = folder_tensors(root, label)
-    files = {f: confined_file(root, f, label) for f in weight_files(root, label)}
-    config_path = confined_file(root, "config.json", label)
-    config = read_config(root, label) if config_path is not None else {}
+    tensors, files = folder_tensors(root, label)
+    config_path = confined_file(root, CONFIG_NAME, label)
+    config = load_config(config_path) if config_path is not None else {}
     return ModelLayout(root, label, tensors, disk_order(tensors), files, config, config_path is not None,
                        side_files(root, label), _trainer_steps(root, label))
 

@@ -360,9 +360,10 @@ class TensorSpan:
         return math.prod(self.shape)
 
 
-def folder_tensors(path: Path, label: str) -> dict[str, TensorSpan]:
+def folder_tensors(path: Path, label: str) -> tuple[dict[str, TensorSpan], dict[str, Path]]:
     """Every tensor of a model folder's weight files, file by file in header order, each file
-    validated by :func:`read_safetensors_layout` and confined to the folder (:func:`confined_file`).
+    validated by :func:`read_safetensors_layout` and confined to the folder (:func:`confined_file`);
+    and the weight files (name inside the folder -> real path).
 
     Raises:
         FormatError: naming the file: no weights, a corrupt header, a tensor in two files, an
@@ -385,7 +386,7 @@ def folder_tensors(path: Path, label: str) -> dict[str, TensorSpan]:
     if weight_map is not None and len(weight_map) != len(out):
         lost = next(n for n in weight_map if n not in out)
         raise _fail(path / SAFE_WEIGHTS_INDEX_NAME, f"lists tensor {brief(lost)}, which no weight file holds")
-    return out
+    return out, files
 
 
 def disk_order(tensors: dict[str, TensorSpan]) -> list[str]:
@@ -485,16 +486,19 @@ def read_json_file(path: Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) ->
 def read_config(path: Path, label: str | None = None) -> dict[str, Any]:
     """A model folder's parsed config.json (empty when absent; FormatError when invalid, not a
     JSON object, or outside the folder)."""
-    root = real_folder(path, label or str(path))
-    real = confined_file(root, CONFIG_NAME, label or str(path))
-    if real is None:
-        return {}
+    real = confined_file(real_folder(path, label or str(path)), CONFIG_NAME, label or str(path))
+    return {} if real is None else load_config(real)
+
+
+def load_config(real: Path) -> dict[str, Any]:
+    """A config.json file (confined already), parsed and checked: a JSON object whose
+    ``architectures``, when present, is a list of names."""
     config = read_json_file(real, "config.json")
     if not isinstance(config, dict):
-        raise _fail(path / CONFIG_NAME, f"config.json must hold a JSON object, got {type(config).__name__}")
+        raise _fail(real, f"config.json must hold a JSON object, got {type(config).__name__}")
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-        raise _fail(path / CONFIG_NAME, f"'architectures' must be a list of names, got {brief(arch)}")
+        raise _fail(real, f"'architectures' must be a list of names, got {brief(arch)}")
     return config
 
 
@@ -537,15 +541,15 @@ def _weight_files(path: Path, label: str) -> tuple[dict[str, Path], dict[str, st
     raise FormatError(f"{label}: no safetensors weights in {path}{hint}", path=str(path))
 
 
-def weight_files(path: Path, label: str) -> list[str]:
-    """The safetensors weight files of a model folder (names inside it), in index order, each
-    confined to the folder (:func:`confined_file`).
+def weight_files(path: Path, label: str) -> dict[str, Path]:
+    """The safetensors weight files of a model folder (name inside it -> real path), in index
+    order, each confined to the folder (:func:`confined_file`).
 
     Raises:
         FormatError: a bad index, a listed file missing or outside the folder, or no
             safetensors weights at all.
     """
-    return list(_weight_files(path, label)[0])
+    return _weight_files(path, label)[0]
 
 
 # -- what killed writers leave ----------------------------------------------------------------------

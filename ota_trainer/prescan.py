@@ -142,7 +142,7 @@ def _key(base: Path, experts: list[Path], score: str, bias_correction: bool) -> 
     paths = [Path(os.path.realpath(p)) for p in [base] + experts]
     inputs = []
     for p in paths:
-        inputs += [p / f for f in weight_files(p, str(p))]
+        inputs += list(weight_files(p, str(p)).values())
     if score != "magnitude":
         inputs += [moments_path(e) for e in experts]
     return (str(base.resolve()), tuple(str(e.resolve()) for e in experts), score, bool(bias_correction), _signature(inputs))
