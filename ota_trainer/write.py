@@ -412,8 +412,8 @@ class OutputDir:
                     f"output {self.dest} {how} {p}, an input of this merge or the Hugging Face cache; choose an --out "
                     "elsewhere (refused even with --overwrite: replacing it would destroy the input)", path=str(self.dest))
         self._make_parent()
-        self._lock()
         try:
+            self._lock()
             self._clean_leftovers()
             if self.dest.exists() and not self.dest.is_dir():
                 raise OutputExistsError(f"output {self.dest} exists and is a file; choose another --out")
@@ -511,7 +511,10 @@ class OutputDir:
         old = None
         if now is not None:
             old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
-            os.rename(self.dest, old)
+            try:
+                os.rename(self.dest, old)
+            except OSError as e:
+                self._keep(f"could not be replaced ({e.strerror or e})")
             if _identity(old) != now:  # replaced between the check and the rename
                 self._restore(old)
                 self._keep("changed while the merge ran")

@@ -363,6 +363,13 @@ def test_a_yaml_tag_in_a_param_flag(trio, tmp_path):
     assert "--param" in line
 
 
+def test_a_failed_merge_removes_the_parent_folders_it_made(trio, tmp_path):
+    (trio["e3"] / "config.json").write_text("[1]")
+    with pytest.raises(FormatError):
+        merge(_recipe(trio, ("e3",)), tmp_path / "new" / "deeper" / "out", quiet=True)
+    assert not (tmp_path / "new").exists()
+
+
 def test_out_whose_parent_is_a_file(trio, tmp_path):
     (tmp_path / "file").write_text("x")
     line = _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "file" / "out")])
