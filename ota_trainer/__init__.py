@@ -1,7 +1,7 @@
 """ota_trainer: curvature-aware model merging (OTA + Fast Fisher Grafting) from Adam's second moments.
 
-Pipeline: capture (OTACallback) -> compress -> format (moments files) -> hub -> graft (FFG)
--> aggregate (OTA and baselines) -> write.
+Pipeline: capture (OTACallback) -> moments (format, rank-one) -> hub -> merger (recipe, inputs,
+runner, methods) on backends (native kernels, PyTorch) -> io (writer, output folder).
 """
 __version__ = "0.1.0"
 
@@ -33,8 +33,9 @@ __all__ = [
 # ota_trainer` and its light modules (config, readahead, prescan, native's loader) do not load
 # PyTorch: the merge CLI starts its disk reads and its first pass before PyTorch has loaded.
 _LAZY = {
-    "MergeRecipe": "config", "ModelEntry": "config", "METHODS": "methods",
-    "load_moments": "format", "save_moments": "format", "merge": "engine", "MergeReport": "engine",
+    "MergeRecipe": "merger.recipe", "ModelEntry": "merger.recipe", "METHODS": "merger.methods",
+    "load_moments": "moments.format", "save_moments": "moments.format", "merge": "merger.engine",
+    "MergeReport": "merger.report",
     "OTACallback": "capture", "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
     "push_expert": "hub", "publish_folder": "hub",
     **dict.fromkeys(("ConfigError", "FormatError", "IncompatibleModelsError", "MissingMomentsError",

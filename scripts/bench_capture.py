@@ -94,7 +94,7 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
     import torch
 
     from ota_trainer.capture import save_optimizer_moments
-    from ota_trainer.format import MOMENTS_DIR, MOMENTS_FILE
+    from ota_trainer.moments.format import MOMENTS_DIR, MOMENTS_FILE
 
     model = build(name, seed)
     n_params = sum(p.numel() for p in model.parameters())

@@ -189,7 +189,7 @@ def build_checkpoints(root: Path, shape: Shape, shard_bytes: int, log) -> Path:
     """Base + experts + rank-one moments under ``root/<shape.key>``; reused when complete."""
     import torch
 
-    from ota_trainer.format import save_moments
+    from ota_trainer.moments.format import save_moments
 
     folder = root / shape.key
     if (folder / READY).is_file():
@@ -609,7 +609,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from ota_trainer.write import parse_size
+    from ota_trainer.io.write import parse_size
 
     def log(msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

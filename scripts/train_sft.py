@@ -75,7 +75,7 @@ def load_training_data(spec: dict[str, Any]):
     from ota_trainer.errors import ConfigError
 
     if "builtin" in spec:
-        from ota_trainer.demo.tasks import TASKS, build_dataset
+        from ota_demo.tasks import TASKS, build_dataset
 
         if spec["builtin"] not in TASKS:
             raise ConfigError(f"unknown builtin dataset {spec['builtin']!r}; known: {sorted(TASKS)}")

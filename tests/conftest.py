@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+# the demo's task code lives beside the scripts that use it (scripts/ota_demo), not in the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -385,7 +385,7 @@ def reshape(draw) -> Mutation:
         import torch
         from safetensors.torch import load_file, save_file
 
-        from ota_trainer.format import load_moments, save_moments
+        from ota_trainer.moments.format import load_moments, save_moments
 
         if any(_target(case, m, f) is None for m in MODELS for f in (WEIGHTS, MOMENTS) if (m, f) != ("base", MOMENTS)):
             return  # a file an earlier change replaced (a link, a FIFO...)

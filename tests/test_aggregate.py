@@ -1,7 +1,7 @@
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.aggregate import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge, topk_mask
+from ota_trainer.backends.torch.ops import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge, topk_mask
 
 
 def test_ota_with_equal_curvature_is_the_plain_average_of_task_vectors():
@@ -77,7 +77,7 @@ def test_dare_is_unbiased_and_deterministic():
 
 
 def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
-    from ota_trainer.aggregate import ota_weights, ota_weights_rank1
+    from ota_trainer.backends.torch.ops import ota_weights, ota_weights_rank1
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(5, generator=g), torch.rand(6, generator=g)
@@ -88,7 +88,7 @@ def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
 
 
 def test_ota_accumulator_with_factors_matches_the_full_moment():
-    from ota_trainer.aggregate import Curvature, OTAAccumulator
+    from ota_trainer.backends.torch.ops import Curvature, OTAAccumulator
 
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(4, 3, generator=g)
@@ -102,7 +102,7 @@ def test_ota_accumulator_with_factors_matches_the_full_moment():
 
 
 def test_curvature_normalises_by_the_whole_tensors_mean_in_every_row_block():
-    from ota_trainer.aggregate import Curvature
+    from ota_trainer.backends.torch.ops import Curvature
 
     g = torch.Generator().manual_seed(4)
     a, b = torch.rand(10, generator=g), torch.rand(7, generator=g)
@@ -116,7 +116,7 @@ def test_curvature_normalises_by_the_whole_tensors_mean_in_every_row_block():
 
 
 def test_kth_largest_abs_equals_kthvalue_with_ties_zeros_and_extremes():
-    from ota_trainer.aggregate import kth_largest_abs
+    from ota_trainer.backends.torch.ops import kth_largest_abs
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(10_000, generator=g) * torch.exp(torch.randn(10_000, generator=g) * 20)

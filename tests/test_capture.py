@@ -28,9 +28,9 @@ from ota_trainer.capture import (
     save_optimizer_moments,
 )
 from ota_trainer.capture.tensors import bnb_blockwise_blocksize
-from ota_trainer.compress import rank1_factors
+from ota_trainer.moments.compress import rank1_factors
 from ota_trainer.errors import CaptureError, ConfigError, OTAError
-from ota_trainer.format import load_moments, moments_path
+from ota_trainer.moments.format import load_moments, moments_path
 
 # ----------------------------------------------------------------------------------------
 # helpers

@@ -36,7 +36,7 @@ from dist_scripts._common import tiny_dataset, tiny_model
 from ota_trainer.capture import OTACallback, align_moments_to_weights, check_moments_cover_weights, save_optimizer_moments
 from ota_trainer.capture.callback import STAGING_DIR, _copy_moments
 from ota_trainer.errors import NumericalError
-from ota_trainer.format import convert_moments, load_moments, moments_path, save_moments
+from ota_trainer.moments.format import convert_moments, load_moments, moments_path, save_moments
 
 TESTS = Path(__file__).resolve().parent
 
@@ -47,9 +47,9 @@ TESTS = Path(__file__).resolve().parent
 
 def pairing_problems(folder) -> list[str]:
     """What the merger says of a folder's moments and weights belonging together
-    (:func:`ota_trainer.inputs.check_moments_belong`): [] or its error message."""
+    (:func:`ota_trainer.merger.inputs.check_moments_belong`): [] or its error message."""
     from ota_trainer.errors import IncompatibleModelsError
-    from ota_trainer.inputs import check_moments_belong, open_model, open_moments
+    from ota_trainer.merger.inputs import check_moments_belong, open_model, open_moments
 
     model = open_model(folder)
     try:
@@ -324,7 +324,7 @@ def test_a_failed_or_killed_save_leaves_nothing(tmp_path):
     proc = run_script(
         """
         import os, sys, torch
-        from ota_trainer.format import save_moments
+        from ota_trainer.moments.format import save_moments
 
         class Stream(dict):
             def items(self):

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 
 from ota_trainer.capture import check_moments_cover_weights
-from ota_trainer.compress import rank1_factors
-from ota_trainer.format import load_moments, moments_path
+from ota_trainer.moments.compress import rank1_factors
+from ota_trainer.moments.format import load_moments, moments_path
 
 pytestmark = pytest.mark.distributed
 

@@ -1,7 +1,7 @@
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
+from ota_trainer.moments.compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
 
 
 def test_row_and_column_sums_are_preserved_and_non_negative():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ota_trainer.demo.tasks import TASKS, build_dataset, eval_prompts, score, synthetic_facts
+from ota_demo.tasks import TASKS, build_dataset, eval_prompts, score, synthetic_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 

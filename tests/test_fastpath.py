@@ -1,4 +1,4 @@
-"""The merge without PyTorch (ota_trainer.fastpath) writes exactly what the engine writes."""
+"""The merge without PyTorch (ota_trainer.merger.fastpath) writes exactly what the engine writes."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ota_trainer import engine, fastpath, native
-from ota_trainer.config import MergeRecipe
-from ota_trainer.engine import REPORT_FILE
+from ota_trainer.backends import native
+from ota_trainer.merger import engine, fastpath
+from ota_trainer.merger.recipe import MergeRecipe
+from ota_trainer.merger.engine import REPORT_FILE
 from ota_trainer.errors import NumericalError, OutputExistsError
-from ota_trainer.thresholds import density_bin
+from ota_trainer.merger.thresholds import density_bin
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -107,7 +108,7 @@ def test_recipes_it_does_not_cover_are_declined_leaving_nothing(tiny_models, tmp
 
 
 def test_bad_inputs_get_the_same_error_from_both_paths(bf16_models, tmp_path):
-    """Inputs are opened and checked once, for every backend (ota_trainer.inputs): missing moments
+    """Inputs are opened and checked once, for every backend (ota_trainer.merger.inputs): missing moments
     are the same MissingMomentsError through the fast path as through the engine."""
     from ota_trainer.errors import MissingMomentsError
 

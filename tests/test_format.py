@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from ota_trainer import FormatError, NumericalError, load_moments, save_moments
-from ota_trainer.format import FORMAT_VERSION, METADATA_KEY, moments_path
+from ota_trainer.moments.format import FORMAT_VERSION, METADATA_KEY, moments_path
 
 
 def _moments():
@@ -155,7 +155,7 @@ def test_negative_values_in_a_file_are_refused_on_read(tmp_path):
 
 
 def test_rank1_factors_are_stored_exactly_and_convert_round_trips(tmp_path):
-    from ota_trainer.format import Rank1Factors, convert_moments
+    from ota_trainer.moments.format import Rank1Factors, convert_moments
 
     r, c = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 4.0, 1.0])  # both sum to sum(v) = 6
     save_moments(tmp_path / "a", {"w": Rank1Factors(r, c, (3, 2, 2)), "b": torch.ones(3)}, metadata={"step": 3, "beta2": 0.9})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.graft import SaliencyHistogram, Score, Threshold, graft, keep_mask, per_tensor_threshold, saliency
+from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score, Threshold, graft, keep_mask, per_tensor_threshold, saliency
 
 
 def test_saliency_matches_direct_formula():
@@ -137,7 +137,7 @@ def test_saliency_from_rank_one_factors_equals_the_full_moment():
 
 
 def test_histogram_bins_split_each_octave_finely_and_hold_zeros_apart():
-    from ota_trainer.graft import _bin_index
+    from ota_trainer.backends.torch.ffg import _bin_index
 
     s = torch.tensor([0.0, -0.0, 2.0**-447, 1.0, 1.0 + 2**-10, 1.0 + 2**-11, 2.0, 2.0**384], dtype=torch.float64)
     idx = _bin_index(s).tolist()
@@ -149,7 +149,7 @@ def test_histogram_bins_split_each_octave_finely_and_hold_zeros_apart():
 
 
 def test_one_comparison_mask_agrees_with_the_histogram_bins_at_their_edges():
-    from ota_trainer.graft import N_BINS, _bin_index, bin_edge
+    from ota_trainer.backends.torch.ffg import N_BINS, _bin_index, bin_edge
 
     g = torch.Generator().manual_seed(4)
     bins = torch.randint(1, 2046 * 1024, (300,), generator=g).tolist() + [1, 1023 * 1024, 1023 * 1024 + 1, N_BINS // 2]

@@ -8,10 +8,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ota_trainer import readahead, write
-from ota_trainer.checkpoint import ModelFolder
+from ota_trainer.io import readahead, write
+from ota_trainer.io.checkpoint import ModelFolder
 from ota_trainer.errors import FormatError
-from ota_trainer.write import StreamingSafetensorsWriter
+from ota_trainer.io.write import StreamingSafetensorsWriter
 
 
 def _tensors():

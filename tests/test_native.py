@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ota_trainer import merge, native
-from ota_trainer.aggregate import Curvature, OTAAccumulator
-from ota_trainer.graft import SaliencyHistogram, Score, Threshold, keep_mask
-from ota_trainer.engine import REPORT_FILE
+from ota_trainer import merge
+from ota_trainer.backends import native
+from ota_trainer.backends.torch.ops import Curvature, OTAAccumulator
+from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score, Threshold, keep_mask
+from ota_trainer.merger.engine import REPORT_FILE
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -183,7 +184,7 @@ def test_native_and_torch_engines_write_the_same_merge(models, name, request, tm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ties_cuts_and_merge_are_bit_identical_to_the_torch_path(dtype, threads, monkeypatch):
-    from ota_trainer.aggregate import magnitude_cut, ties_merge
+    from ota_trainer.backends.torch.ops import magnitude_cut, ties_merge
 
     monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
     old = torch.get_num_threads()
@@ -221,7 +222,7 @@ def test_native_and_torch_ties_write_the_same_merge(models, request, tmp_path, m
 def test_ties_cuts_of_large_tensors_are_exact_whichever_way_they_are_found(dtype, case, monkeypatch):
     """Tensors of >= BRACKET_MIN entries: one pass over the bracket a sample found, or (when the
     sample misleads, or too much falls in the bracket) the two full passes; the cut is exact."""
-    from ota_trainer.aggregate import magnitude_cut
+    from ota_trainer.backends.torch.ops import magnitude_cut
 
     g = torch.Generator().manual_seed(7)
     m, n = 700, 1000  # 700k entries > BRACKET_MIN

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from ota_trainer import native
+from ota_trainer.backends import native
 
 pytestmark = pytest.mark.skipif(os.name != "posix" or native._compiler() is None, reason="needs POSIX and a C compiler")
 
 PROBE = """
 import json
-from ota_trainer import native
+from ota_trainer.backends import native
 try:
     ok = native.available()
 except native.NativeUnavailable as e:

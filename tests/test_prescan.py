@@ -1,4 +1,4 @@
-"""FFG's early first pass (ota_trainer.prescan): no PyTorch, and exactly the engine's histograms."""
+"""FFG's early first pass (ota_trainer.merger.prescan): no PyTorch, and exactly the engine's histograms."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ota_trainer import merge, native, prescan
+from ota_trainer import merge
+from ota_trainer.backends import native
+from ota_trainer.merger import prescan
 from ota_trainer.cli.merge import main as cli_main
-from ota_trainer.config import MergeRecipe
-from ota_trainer.engine import REPORT_FILE, _Engine, _local_resolver
-from ota_trainer.graft import SaliencyHistogram
-from ota_trainer.inputs import open_inputs
+from ota_trainer.merger.recipe import MergeRecipe
+from ota_trainer.merger.engine import REPORT_FILE, _Engine, _local_resolver
+from ota_trainer.backends.torch.ffg import SaliencyHistogram
+from ota_trainer.merger.inputs import open_inputs
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -33,7 +35,7 @@ def _recipe(m, params, experts=("e1", "e2", "e3")):
 
 
 def test_light_modules_load_no_pytorch():
-    code = ("import sys; from ota_trainer import prescan, readahead, config, layout, native; import ota_trainer.cli.merge; "
+    code = ("import sys; from ota_trainer.merger import prescan, recipe, inputs; from ota_trainer.io import readahead, layout; from ota_trainer.backends import native; import ota_trainer.cli.merge; "
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:3]")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
 
@@ -54,7 +56,7 @@ def test_histograms_are_the_engines_own(tiny_models, name):
 
 
 def test_cli_merge_takes_the_scan_and_writes_the_same_merge(tiny_models, tmp_path, monkeypatch):
-    # normalise: mean is not the fast path's (ota_trainer.fastpath): the CLI loads PyTorch and the
+    # normalise: mean is not the fast path's (ota_trainer.merger.fastpath): the CLI loads PyTorch and the
     # engine, and FFG's first pass runs meanwhile
     recipe = _recipe(tiny_models, {"density": 0.4, "normalise": "mean"})
     path = tmp_path / "recipe.yaml"

@@ -66,7 +66,7 @@ def tiny_model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ota_trainer.demo.tasks import build_dataset
+    from ota_demo.tasks import build_dataset
     from ota_trainer.testing.tiny import make_tiny_base
 
     path = make_tiny_base(tmp_path_factory.mktemp("sft_cfg") / "tiny", seed=0)

@@ -19,7 +19,7 @@ from ota_trainer import merge
 from ota_trainer.errors import (
     ConfigError, FormatError, IncompatibleModelsError, NumericalError, OTAError, OutputError, OutputExistsError,
 )
-from ota_trainer.write import OutputDir
+from ota_trainer.io.write import OutputDir
 
 from untrusted import copy_model, edit_header, leftovers, read_raw, run_cli, write_raw
 

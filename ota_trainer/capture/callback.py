@@ -11,8 +11,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
-from ..layout import remove_dead_leftovers
+from ..moments.format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
+from ..io.layout import remove_dead_leftovers
 from .core import BIAS_CORRECTION, save_optimizer_moments
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
@@ -85,7 +85,7 @@ def check_moments_cover_weights(folder: str | os.PathLike, frozen: list[str] | t
     Every floating weight in the saved safetensors that is not frozen must have moments, and
     the moments must name only saved weights (the merger rejects any other name).
     """
-    from ..checkpoint import ModelFolder
+    from ..io.checkpoint import ModelFolder
 
     weights = ModelFolder(folder)
     moments = load_moments(folder)
@@ -117,8 +117,8 @@ def align_moments_to_weights(folder: str | os.PathLike, tied: dict[str, str]) ->
         Whether the saved weights hold tied aliases (``None`` when nothing is tied or there
         are no safetensors weights to compare with).
     """
-    from ..checkpoint import ModelFolder
-    from ..format import save_moments
+    from ..io.checkpoint import ModelFolder
+    from ..moments.format import save_moments
 
     if not tied:
         return None
@@ -162,7 +162,7 @@ class OTACallback(TrainerCallback):
     optimizer's ``exp_avg_sq`` (``v_t`` in the paper, a diagonal-Fisher proxy) is read for
     every trainable parameter, keyed by the parameter's saved weight name, compressed to
     rank-one row/column sums (``r = v.sum(1)``, ``c = v.sum(0)``) or kept whole, and written
-    to ``<folder>/ota/moments.safetensors`` (format v1, :mod:`ota_trainer.format`).
+    to ``<folder>/ota/moments.safetensors`` (format v1, :mod:`ota_trainer.moments.format`).
 
     Works with ``transformers.Trainer`` and TRL's ``SFTTrainer``; never changes the
     ``TrainingArguments``. Optimizers: Adam/AdamW (``adamw_torch``, ``adamw_torch_fused``,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CaptureError, ConfigError, OTAError
-from ..format import COMPRESSIONS, Rank1Factors, bias_correction_factor, save_moments
+from ..moments.format import COMPRESSIONS, Rank1Factors, bias_correction_factor, save_moments
 from .names import NamedParameter, named_trainable_parameters
 from .sources import (
     CapturedMoment,

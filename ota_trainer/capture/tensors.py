@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compress import matrix_shape, rank1_factors
+from ..moments.compress import matrix_shape, rank1_factors
 
 __all__ = [
     "adafactor_rank1_factors",

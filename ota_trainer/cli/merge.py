@@ -6,7 +6,7 @@ Examples::
     python scripts/merge_from_hub.py --base base/ --expert math/ --expert code/ \\
         --method ota --density 0.4 --out merged/
 
-    # a YAML recipe (mergekit-like shape, see ota_trainer.config)
+    # a YAML recipe (mergekit-like shape, see ota_trainer.merger.recipe)
     python scripts/merge_from_hub.py --recipe recipe.yaml --out merged/
 
     # any method parameter: --param key=value (repeatable); per-expert: --expert-param 1:density=0.3
@@ -39,7 +39,7 @@ _PARAM_FLAGS = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from ..methods import METHODS
+    from ..merger.methods import METHODS
 
     p = argparse.ArgumentParser(
         prog="merge_from_hub.py",
@@ -97,7 +97,7 @@ def _kv(text: str, flag: str) -> tuple[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace):
     """Build the :class:`MergeRecipe` the flags describe (recipe file first, flags on top)."""
-    from ..config import MergeRecipe
+    from ..merger.recipe import MergeRecipe
     from ..errors import ConfigError
 
     if args.recipe:
@@ -182,7 +182,7 @@ def _largest_tensor(recipe, resolver):
     ref = resolver.ref(ref_text)
     try:
         if ref.is_local:
-            from ..checkpoint import ModelFolder
+            from ..io.checkpoint import ModelFolder
 
             infos = [(t.name, t.numel) for t in ModelFolder(ref.local).tensors.values()]
         else:
@@ -205,8 +205,9 @@ def _numel(shape) -> int:
 def _merge(recipe, args, resolver, output, argv):
     """The merge, with PyTorch loaded only if the native fast path does not cover the recipe;
     then FFG's first pass (or a read-ahead) runs on local inputs while PyTorch loads."""
-    from .. import fastpath, prescan, readahead
-    from ..inputs import open_inputs
+    from ..merger import fastpath, prescan
+    from ..io import readahead
+    from ..merger.inputs import open_inputs
 
     inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
     report = fastpath.merge(recipe, args.out, quiet=args.quiet, resolver=resolver, output=output, inputs=inputs)
@@ -214,7 +215,7 @@ def _merge(recipe, args, resolver, output, argv):
         return report
     if prescan.start(recipe, inputs) is None:  # it reads the inputs itself
         readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
-    from ..engine import merge
+    from ..merger.engine import merge
 
     return merge(recipe, args.out, quiet=args.quiet, resolver=resolver, fast_path=False, output=output, inputs=inputs)
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipe_from_args(args)
         from ..hub import HubResolver, check_architectures, publish_folder
-        from ..write import output_for
+        from ..io.write import output_for
 
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:

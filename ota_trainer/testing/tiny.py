@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import save_moments
+from ..moments.format import save_moments
 
 __all__ = ["tiny_llama_config", "make_tiny_base", "make_tiny_expert"]
 

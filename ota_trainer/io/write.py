@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import parse_size
-from .errors import OutputError, OutputExistsError
+from ..merger.recipe import parse_size
+from ..errors import OutputError, OutputExistsError
 from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, process_gone, safetensors_header
 
 logger = logging.getLogger(__name__)
@@ -588,8 +588,8 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
     """
     import yaml
 
-    from . import __version__
-    from .methods import get_method
+    from .. import __version__
+    from ..merger.methods import get_method
 
     recipe = report["recipe"]
     method = get_method(report["method"])
@@ -623,7 +623,7 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
 
 def output_for(recipe, out_dir: str | os.PathLike, *, overwrite: bool = False, resolver=None,
                extra: list[str | os.PathLike] = ()) -> OutputDir:
-    """The :class:`OutputDir` of a merge of ``recipe`` (a :class:`~ota_trainer.config.MergeRecipe`):
+    """The :class:`OutputDir` of a merge of ``recipe`` (a :class:`~ota_trainer.merger.recipe.MergeRecipe`):
     its local models, ``extra`` paths (the recipe file) and the Hugging Face cache protected."""
     refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
     return OutputDir(out_dir, overwrite=overwrite,

@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
-from .errors import FormatError, NumericalError
+from ..errors import FormatError, NumericalError
 if TYPE_CHECKING:
-    from .inputs import MomentsLayout
-from .layout import (  # noqa: F401 - part of this module's API
+    from ..merger.inputs import MomentsLayout
+from ..io.layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
     check_moments_entries, moments_scale, parse_moments_metadata, prefetch_range, read_safetensors_layout,
@@ -156,7 +156,7 @@ def save_moments(
     """
     import tempfile
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if compression not in COMPRESSIONS:
         raise ConfigError(f"unknown moments compression {compression!r}; choose one of {COMPRESSIONS}")
@@ -313,7 +313,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike | MomentsLayout, *, bias_correction: bool = False, model: str | None = None):
-        from .inputs import MomentsLayout, open_moments_file
+        from ..merger.inputs import MomentsLayout, open_moments_file
 
         layout = path if isinstance(path, MomentsLayout) else open_moments_file(path, model)
         self.layout = layout
@@ -370,7 +370,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         """``(a, b)`` with ``v_hat = outer(a, b)`` (viewed as a matrix) for a rank-one entry, else None.
 
         ``a = r / sum(r)`` (float32, shape ``(m,)``; zeros when ``v == 0``; the sum is
-        :func:`~ota_trainer.layout.row_total`, the same in every reader) and ``b = c`` with
+        :func:`~ota_trainer.io.layout.row_total`, the same in every reader) and ``b = c`` with
         the bias-correction scale applied (shape ``(n,)``). Element-wise functions of ``v_hat``
         that factor, such as ``v_hat**p = outer(a**p, b**p)`` or ``log2(v_hat) = log2(a_i) +
         log2(b_j)``, then cost O(m + n) plus one broadcast pass instead of a reconstruction.
@@ -431,7 +431,7 @@ def load_moments(folder: str | os.PathLike, *, bias_correction: bool = False) ->
         >>> moments["model.layers.0.mlp.up_proj.weight"].shape
         torch.Size([128, 64])
     """
-    from .layout import confined_file, real_folder
+    from ..io.layout import confined_file, real_folder
 
     p = Path(folder)
     path = p if p.is_file() else (confined_file(real_folder(p, str(p)), f"{MOMENTS_DIR}/{MOMENTS_FILE}", str(p))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import matrix_shape  # noqa: F401 - part of this module's API
+from ..io.layout import matrix_shape  # noqa: F401 - part of this module's API
 
 __all__ = ["matrix_shape", "is_factorable", "rank1_factors", "rank1_reconstruct"]
 

@@ -30,13 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__, native, readahead
-from .config import MergeRecipe, parse_size
+from .. import __version__
+from ..backends import native
+from ..io import readahead
+from .recipe import MergeRecipe, parse_size
 from .inputs import MergeInputs, ModelLayout, MomentsLayout, open_inputs
-from .layout import COL_SUFFIX, DTYPE_SIZES, ROW_SUFFIX, matrix_view, row_total
+from ..io.layout import COL_SUFFIX, DTYPE_SIZES, ROW_SUFFIX, matrix_view, row_total
 from .report import ExpertReport, MergeReport, copy_side_files, finish, local_resolver
 from .thresholds import N_BINS, bin_edge, density_bin
-from .write import OutputDir, StreamingSafetensorsWriter, output_for
+from ..io.write import OutputDir, StreamingSafetensorsWriter, output_for
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class _Maps:
 
 
 class _Moments:
-    """One expert's moments file as validated (:class:`~ota_trainer.inputs.MomentsLayout`), with
+    """One expert's moments file as validated (:class:`~ota_trainer.merger.inputs.MomentsLayout`), with
     the scale its values are read with."""
 
     def __init__(self, layout: MomentsLayout, bias_correction: bool):
@@ -186,7 +188,7 @@ class _Merge:
         self.kernel_dtypes = set(_KERNEL_DTYPES) if self.lib.ota_native_has_f16() else {"F32", "BF16"}
         if recipe.dtype and _DTYPE_CODES[recipe.dtype] not in self.kernel_dtypes:
             raise Decline(f"output dtype {recipe.dtype}")
-        self.base, self.experts = inputs.base, inputs.experts  # opened and checked (ota_trainer.inputs)
+        self.base, self.experts = inputs.base, inputs.experts  # opened and checked (ota_trainer.merger.inputs)
         self._check_dtypes(inputs.float_names)
         self.grafting = recipe.grafting()
         self.threads = _threads()
@@ -400,8 +402,8 @@ def merge(recipe: MergeRecipe, out_dir: str | os.PathLike, *, overwrite: bool = 
     """Merge as :func:`ota_trainer.merge` does, without PyTorch, when the recipe is one the fast
     path covers; None when it is not (nothing is written then). Raises what the engine raises
     for the output folder and for bad inputs (both open and check them the same way,
-    :mod:`ota_trainer.inputs`) before any work. ``output`` and ``inputs``: as in
-    :func:`ota_trainer.engine.merge`."""
+    :mod:`ota_trainer.merger.inputs`) before any work. ``output`` and ``inputs``: as in
+    :func:`ota_trainer.merger.engine.merge`."""
     start = time.perf_counter()
     if os.environ.get("OTA_TRAINER_FAST_PATH", "1").strip().lower() in ("0", "false", "no", "off"):
         if output is None:  # what a merge would refuse is refused here too

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError
-from .format import DTYPES, map_tensor, read_tensor
-from .inputs import ModelLayout, open_model
+from ..errors import FormatError
+from ..moments.format import DTYPES, map_tensor, read_tensor
+from ..merger.inputs import ModelLayout, open_model
 from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
     CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range,
 )
@@ -46,7 +46,7 @@ class TensorInfo:
 
 
 class ModelFolder:
-    """A model checkpoint folder opened lazily, through its validated :class:`~ota_trainer.inputs.ModelLayout`.
+    """A model checkpoint folder opened lazily, through its validated :class:`~ota_trainer.merger.inputs.ModelLayout`.
 
     Attributes:
         path: the folder (symlinks resolved).

@@ -27,9 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fastpath, native
+from . import fastpath
+from ..backends import native
 from .inputs import FLOAT_DTYPES, MergeInputs, ModelLayout, MomentsLayout, open_model, open_moments
-from .layout import matrix_view, moments_path, weight_files
+from ..io.layout import matrix_view, moments_path, weight_files
 from .thresholds import N_BINS
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _prepare(base: ModelLayout, experts: list[ModelLayout], moments: list[Moment
              bias_correction: bool, maps: fastpath._Maps, keep: list):
     """The kernel's arguments for the first pass over every float tensor of the base, in file
     order, read and prepared as the fast path reads them (so as the engine does), from inputs
-    opened and checked by :mod:`ota_trainer.inputs`."""
+    opened and checked by :mod:`ota_trainer.merger.inputs`."""
     lib = native.library()
     floats = {"F32", "BF16", "F16"} if lib.ota_native_has_f16() else {"F32", "BF16"}
     bf, efs = base, experts
@@ -149,13 +150,13 @@ def _key(base: Path, experts: list[Path], score: str, bias_correction: bool) -> 
 
 
 def start(recipe, inputs: MergeInputs | None = None) -> Scan | None:
-    """Start the first pass of a recipe (a path or a :class:`~ota_trainer.config.MergeRecipe`)
+    """Start the first pass of a recipe (a path or a :class:`~ota_trainer.merger.recipe.MergeRecipe`)
     on a thread, when it has one and its models are local folders; None otherwise (and on any
     problem: the engine reports it). ``inputs``: the recipe's inputs, opened and checked already
-    (:func:`ota_trainer.inputs.open_inputs`); without them the local folders are opened here,
+    (:func:`ota_trainer.merger.inputs.open_inputs`); without them the local folders are opened here,
     through the same checks."""
     try:
-        from .config import MergeRecipe
+        from .recipe import MergeRecipe
 
         if not isinstance(recipe, MergeRecipe):
             recipe = MergeRecipe.from_yaml(recipe)

@@ -3,9 +3,9 @@
 Every file a merge reads comes from a user or from a stranger's Hub repo, so each is hostile
 until checked here: a model folder's weight files, index, ``config.json``, tokenizer and other
 side files, ``trainer_state.json`` and its moments file. :func:`open_model` and
-:func:`open_moments` confine every file to its folder (:func:`~ota_trainer.layout.confined_file`),
-validate every safetensors header completely (:func:`~ota_trainer.layout.read_safetensors_layout`)
-and the moments metadata (:func:`~ota_trainer.layout.parse_moments_metadata`); the ``check_*``
+:func:`open_moments` confine every file to its folder (:func:`~ota_trainer.io.layout.confined_file`),
+validate every safetensors header completely (:func:`~ota_trainer.io.layout.read_safetensors_layout`)
+and the moments metadata (:func:`~ota_trainer.io.layout.parse_moments_metadata`); the ``check_*``
 functions compare models with each other. The PyTorch engine, the native fast path, the early
 first pass and the diagnostics all read through the :class:`ModelLayout` and
 :class:`MomentsLayout` built here, so one set of checks protects every backend.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
-from .layout import (
+from ..errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
+from ..io.layout import (
     CONFIG_NAME, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
     folder_tensors, load_config, moments_scale, parse_moments_metadata, read_json_file, read_safetensors_layout,
     real_folder, side_files,
@@ -56,7 +56,7 @@ class ModelLayout:
         path: the folder, symlinks resolved; every file below lies inside it (or is a blob of
             the Hugging Face cache it is a snapshot of).
         label: how messages name the model (repo id or the folder as given).
-        tensors: name -> :class:`~ota_trainer.layout.TensorSpan` (validated offsets).
+        tensors: name -> :class:`~ota_trainer.io.layout.TensorSpan` (validated offsets).
         names: tensor names in on-disk order.
         files: weight file name -> real path.
         config: ``config.json`` (empty when absent; ``has_config`` tells).
@@ -118,7 +118,7 @@ def _trainer_steps(root: Path, label: str) -> tuple[int, int | None] | None:
 
 @dataclass
 class MomentsLayout:
-    """A moments file as validated (format v1, :mod:`ota_trainer.format`).
+    """A moments file as validated (format v1, :mod:`ota_trainer.moments.format`).
 
     Attributes:
         path: the file (real path).
@@ -436,7 +436,7 @@ class MergeInputs:
 
 
 def open_inputs(recipe, resolver) -> MergeInputs:
-    """Open and check every input of a recipe (a :class:`~ota_trainer.config.MergeRecipe`):
+    """Open and check every input of a recipe (a :class:`~ota_trainer.merger.recipe.MergeRecipe`):
     ``resolver`` turns each model reference into a local folder (downloading repo ids).
 
     Runs every check that needs no tensor data, in one place for every backend: each folder's

@@ -57,14 +57,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import ModelFolder
-from .compress import matrix_shape, rank1_factors, rank1_reconstruct
-from .errors import ConfigError
-from .format import MomentsReader
-from .graft import SaliencyHistogram, Threshold, keep_mask, saliency
-from .inputs import check_compatible, check_moments, open_moments
-from .report import local_resolver as _local_resolver
+from .. import __version__
+from ..io.checkpoint import ModelFolder
+from ..moments.compress import matrix_shape, rank1_factors, rank1_reconstruct
+from ..errors import ConfigError
+from ..moments.format import MomentsReader
+from ..backends.torch.ffg import SaliencyHistogram, Threshold, keep_mask, saliency
+from ..merger.inputs import check_compatible, check_moments, open_moments
+from ..merger.report import local_resolver as _local_resolver
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a merge leaves beside the weights: the report, the recipe, the model card and the
 base's config/tokenizer files. No PyTorch: both the engine and the native fast path
-(:mod:`ota_trainer.fastpath`) finish their output folders here."""
+(:mod:`ota_trainer.merger.fastpath`) finish their output folders here."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import MergeRecipe
-from .errors import FormatError
+from .. import __version__
+from .recipe import MergeRecipe
+from ..errors import FormatError
 from .inputs import ModelLayout
-from .write import output_errors, render_model_card
+from ..io.write import output_errors, render_model_card
 
 __all__ = ["ExpertReport", "MergeReport", "RECIPE_FILE", "REPORT_FILE", "CARD_FILE", "copy_side_files", "finish", "local_resolver"]
 

@@ -1,7 +1,7 @@
 """Where things are in checkpoint folders and safetensors files: headers, weight files, the
 moments file's names and constants. Standard library only (no PyTorch), so the merge CLI can
-plan its reads and its first pass while PyTorch loads; :mod:`ota_trainer.format` and
-:mod:`ota_trainer.checkpoint` build on it."""
+plan its reads and its first pass while PyTorch loads; :mod:`ota_trainer.moments.format` and
+:mod:`ota_trainer.io.checkpoint` build on it."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import FormatError, brief
+from .. import __version__
+from ..errors import FormatError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def dtype_code(dtype) -> str:
     """The safetensors code ("BF16") of a code or a torch dtype."""
     if isinstance(dtype, str):
         return dtype
-    from .format import DTYPE_CODES  # a torch dtype: PyTorch is loaded already
+    from ..moments.format import DTYPE_CODES  # a torch dtype: PyTorch is loaded already
 
     return DTYPE_CODES[dtype]
 

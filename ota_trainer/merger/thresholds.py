@@ -1,5 +1,5 @@
 """FFG's global threshold from a saliency histogram: pure functions of the bin counts (no
-PyTorch), used by :class:`ota_trainer.graft.SaliencyHistogram` and the native fast path alike,
+PyTorch), used by :class:`ota_trainer.backends.torch.ffg.SaliencyHistogram` and the native fast path alike,
 so both pick the same bin.
 
 Bins are ``bits(s) >> 42`` of the float64 saliency ``s`` (1024 bins per octave; bin 0 holds

@@ -2,7 +2,7 @@
 
 Each method says whether it needs a base model and second moments, which parameters it
 takes (global, and which of them may be set per model), and cites its paper. The math is
-in :mod:`ota_trainer.aggregate` (and :mod:`ota_trainer.graft` for FFG).
+in :mod:`ota_trainer.backends.torch.ops` (and :mod:`ota_trainer.backends.torch.ffg` for FFG).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Param:
     optional: bool = False  # None is an accepted value
 
     def coerce(self, value: Any, where: str) -> Any:
-        from .errors import ConfigError, brief
+        from ...errors import ConfigError, brief
 
         if value is None and self.optional:
             return None
@@ -204,7 +204,7 @@ def get_method(name: str) -> MergeMethod:
     Raises:
         ConfigError: unknown method (the message lists the known ones).
     """
-    from .errors import ConfigError, brief
+    from ...errors import ConfigError, brief
 
     try:
         return METHODS[name]

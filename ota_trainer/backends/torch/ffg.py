@@ -12,7 +12,7 @@ they are computed in float64, as ``((d * d) * v)`` (rank-one ``v = outer(a, b)``
 ``((d * d) * a_i) * b_j``) from float32 ``d`` and ``v``: for any finite float32 inputs the
 result lies in [2**-596, 2**384], far inside float64's range, so nothing underflows, and the
 fixed order of the multiplications makes the score the same bits wherever it is computed
-(here or in the native kernel, :mod:`ota_trainer.native`).
+(here or in the native kernel, :mod:`ota_trainer.backends.native`).
 
 A *global* threshold for a target density (fraction of an expert's entries kept, over all its
 parameters) is found with a streaming histogram (:class:`SaliencyHistogram`) of the scores'
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods import SCORES
-from .thresholds import BIN_SHIFT, N_BINS, bin_edge, density_bin
+from ...merger.methods import SCORES
+from ...merger.thresholds import BIN_SHIFT, N_BINS, bin_edge, density_bin
 
 __all__ = [
     "SCORES",

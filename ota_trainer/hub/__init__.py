@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, read_config
-from .errors import HubError, IncompatibleModelsError
+from ..io.layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, read_config
+from ..errors import HubError, IncompatibleModelsError
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def mark_merge_ready(readme: str | os.PathLike, *, base_model: str | None = None
     ``ota-moments-v1`` tags, ``ota_moments_format_version`` and, when known, ``base_model``."""
     from huggingface_hub import ModelCard
 
-    from .format import FORMAT_VERSION, FORMAT_VERSION_TAG
+    from ..moments.format import FORMAT_VERSION, FORMAT_VERSION_TAG
 
     path = Path(readme)
     card = ModelCard(path.read_text()) if path.is_file() else ModelCard("---\n---\n\n# Expert\n\nTrained with ota_trainer's OTACallback.\n")
@@ -328,8 +328,8 @@ def push_expert(
     Example:
         >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     """
-    from .format import MomentsReader
-    from .inputs import check_moments, missing_moments_error, open_model, open_moments
+    from ..moments.format import MomentsReader
+    from ..merger.inputs import check_moments, missing_moments_error, open_model, open_moments
 
     model = open_model(folder)
     layout = open_moments(model)

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from . import fastpath, native, prescan, readahead
-from .aggregate import (
+from .. import __version__
+from . import fastpath, prescan
+from ..backends import native
+from ..io import readahead
+from ..backends.torch.ops import (
     Curvature,
     OTAAccumulator,
     dare_merge,
@@ -38,17 +40,17 @@ from .aggregate import (
     task_arithmetic_merge,
     ties_merge,
 )
-from .checkpoint import ModelFolder
-from .config import MergeRecipe
-from .errors import NumericalError, brief
-from .format import MomentsReader, all_finite
-from .graft import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
+from ..io.checkpoint import ModelFolder
+from .recipe import MergeRecipe
+from ..errors import NumericalError, brief
+from ..moments.format import MomentsReader, all_finite
+from ..backends.torch.ffg import SaliencyHistogram, Score, Threshold, keep_mask, per_tensor_threshold
 from .inputs import MergeInputs, check_compatible, check_moments, open_inputs  # noqa: F401 - check_*: part of this module's API
-from .layout import matrix_view
+from ..io.layout import matrix_view
 from .report import (  # noqa: F401 - RECIPE_FILE, REPORT_FILE, CARD_FILE: part of this module's API
     CARD_FILE, RECIPE_FILE, REPORT_FILE, ExpertReport, MergeReport, Resolver, copy_side_files, finish, local_resolver as _local_resolver,
 )
-from .write import OutputDir, StreamingSafetensorsWriter, output_for, parse_size
+from ..io.write import OutputDir, StreamingSafetensorsWriter, output_for, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -419,11 +421,11 @@ def merge(
         quiet: no progress bars.
         resolver: turns a model reference into a local folder (default: the reference is a
             folder). The Hub layer passes one that downloads repo ids.
-        fast_path: try :mod:`ota_trainer.fastpath` first (the same merge without PyTorch, for
+        fast_path: try :mod:`ota_trainer.merger.fastpath` first (the same merge without PyTorch, for
             the recipes it covers); False: always this engine.
-        output: the :class:`~ota_trainer.write.OutputDir`, when the caller has made it already
+        output: the :class:`~ota_trainer.io.write.OutputDir`, when the caller has made it already
             (the CLI does, before anything else); it is then the caller's to release.
-        inputs: the recipe's inputs as :func:`~ota_trainer.inputs.open_inputs` opened them, when
+        inputs: the recipe's inputs as :func:`~ota_trainer.merger.inputs.open_inputs` opened them, when
             the caller has already.
 
     Returns:

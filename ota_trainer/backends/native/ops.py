@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..aggregate import Curvature
-from ..graft import SaliencyHistogram, Score
+from ..torch.ops import Curvature
+from ..torch.ffg import SaliencyHistogram, Score
 from .. import native as _package
-from . import (
-    DT_CODES, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM,
-    _load,
-)
+from . import DT_CODES, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM, _load
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
 
@@ -77,7 +74,7 @@ def _check_tensors(w0: torch.Tensor, experts: list[torch.Tensor]) -> list[tuple[
 
 
 class SaliencyCounter:
-    """Counts saliencies into one :class:`ota_trainer.graft.SaliencyHistogram` per expert,
+    """Counts saliencies into one :class:`ota_trainer.backends.torch.ffg.SaliencyHistogram` per expert,
     tensor after tensor, on several threads.
 
     Each extra thread counts into private bins of its own, allocated once and added into the
@@ -162,7 +159,7 @@ def ota_merge(
 @torch.no_grad()
 def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: list[float]) -> list[float]:
     """Each task vector's TIES trim threshold over the whole tensor, exactly
-    :func:`ota_trainer.aggregate.magnitude_cut` (``-inf`` keeps all, ``inf`` none): the
+    :func:`ota_trainer.backends.torch.ops.magnitude_cut` (``-inf`` keeps all, ``inf`` none): the
     ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select."""
     numel = w0.numel()
     eptrs = _check_tensors(w0.reshape(1, -1), [e.reshape(1, -1) for e in experts])
@@ -174,7 +171,7 @@ def ties_merge(
     w0: torch.Tensor, experts: list[torch.Tensor], cuts: list[float], coefs: list[float], lam: float,
     *, out_dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """TIES of one tensor (exactly :func:`ota_trainer.aggregate.ties_merge` with these ``cuts``).
+    """TIES of one tensor (exactly :func:`ota_trainer.backends.torch.ops.ties_merge` with these ``cuts``).
 
     Returns (merged tensor in ``out_dtype``, of ``w0``'s shape, and whether it is finite)."""
     shape, numel = w0.shape, w0.numel()

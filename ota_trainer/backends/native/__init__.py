@@ -352,7 +352,7 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-# -- the kernels on raw addresses (no PyTorch): .ops adapts tensors, ota_trainer.fastpath maps files --
+# -- the kernels on raw addresses (no PyTorch): .ops adapts tensors, ota_trainer.merger.fastpath maps files --
 def float32(x: float) -> float:
     """``x`` rounded to the nearest float32 (as a Python float)."""
     try:
@@ -423,7 +423,7 @@ def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, i
                        threads: int) -> list[float]:
     """Each task vector's TIES trim threshold over the whole tensor (``-inf`` keeps all, ``inf``
     none): the ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select
-    (:func:`ota_trainer.aggregate.magnitude_cut`, exactly)."""
+    (:func:`ota_trainer.backends.torch.ops.magnitude_cut`, exactly)."""
     lib = library()
     T = len(experts)
     eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])

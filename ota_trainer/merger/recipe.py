@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, brief
+from ..errors import ConfigError, brief
 from .methods import MergeMethod, get_method
 
 __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY", "read_yaml"]
@@ -100,7 +100,7 @@ class MergeRecipe:
     """A validated merge recipe.
 
     Args:
-        method: one of :data:`ota_trainer.methods.METHODS`.
+        method: one of :data:`ota_trainer.merger.methods.METHODS`.
         models: the experts.
         base_model: the base the experts were fine-tuned from (required by methods with a base).
         parameters: method-wide parameters and per-model defaults.

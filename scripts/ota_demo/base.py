@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import FormatError
+from ota_trainer.errors import FormatError
 
 logger = logging.getLogger(__name__)
 

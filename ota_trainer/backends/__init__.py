@@ -1,0 +1,1 @@
+"""Backends that compute a merge: native kernels on raw addresses (:mod:`.native`) and PyTorch (:mod:`.torch`)."""
