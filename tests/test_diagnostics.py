@@ -153,7 +153,7 @@ def test_pure_functions():
 
 
 def test_batched_histogram_equals_engine_histogram(monkeypatch):
-    from ota_trainer.diagnostics import _BatchedHistogram
+    from ota_trainer.diagnostics.measures import _BatchedHistogram
     from ota_trainer.backends.torch.ffg import SaliencyHistogram
 
     monkeypatch.setattr(_BatchedHistogram, "_BATCH", 100)
