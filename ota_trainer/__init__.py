@@ -34,7 +34,7 @@ __all__ = [
 # PyTorch: the merge CLI starts its disk reads and its first pass before PyTorch has loaded.
 _LAZY = {
     "MergeRecipe": "merger.recipe", "ModelEntry": "merger.recipe", "METHODS": "merger.methods",
-    "load_moments": "moments.format", "save_moments": "moments.format", "merge": "merger.engine",
+    "load_moments": "moments.format", "save_moments": "moments.format", "merge": "merger",
     "MergeReport": "merger.report",
     "OTACallback": "capture", "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
     "push_expert": "hub", "publish_folder": "hub",

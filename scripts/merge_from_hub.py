@@ -16,7 +16,7 @@ from ota_trainer.io import readahead  # noqa: E402 - light: no PyTorch
 
 # First thing: the disk starts reading the local inputs the command line names (in the order the
 # merge reads them) while the interpreter parses the recipe. PyTorch is imported only if the
-# native fast path does not cover the recipe (ota_trainer.merger.fastpath).
+# native kernels do not cover the recipe (ota_trainer.merger.runner).
 readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(sys.argv[1:])], touch=True)
 
 from ota_trainer.cli.merge import main  # noqa: E402

@@ -1,7 +1,13 @@
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.backends.torch.ops import dare_merge, fisher_merge, linear_merge, ota_merge, task_arithmetic_merge, ties_merge, topk_mask
+from ota_trainer.backends.torch.ops import topk_mask
+from ota_trainer.merger.methods.dare import dare_merge
+from ota_trainer.merger.methods.fisher import fisher_merge
+from ota_trainer.merger.methods.linear import linear_merge
+from ota_trainer.merger.methods.ota import ota_merge
+from ota_trainer.merger.methods.task_arithmetic import task_arithmetic_merge
+from ota_trainer.merger.methods.ties import ties_merge
 
 
 def test_ota_with_equal_curvature_is_the_plain_average_of_task_vectors():
@@ -77,7 +83,7 @@ def test_dare_is_unbiased_and_deterministic():
 
 
 def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
-    from ota_trainer.backends.torch.ops import ota_weights, ota_weights_rank1
+    from ota_trainer.merger.methods.ota import ota_weights, ota_weights_rank1
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(5, generator=g), torch.rand(6, generator=g)

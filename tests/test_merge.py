@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import reference as ref
 from ota_trainer import merge
-from ota_trainer.merger.engine import REPORT_FILE
+from ota_trainer.merger.report import REPORT_FILE
 
 
 def _merged(out):

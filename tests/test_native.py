@@ -12,7 +12,7 @@ from ota_trainer import merge
 from ota_trainer.backends import native
 from ota_trainer.backends.torch.ops import Curvature, OTAAccumulator
 from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score, Threshold, keep_mask
-from ota_trainer.merger.engine import REPORT_FILE
+from ota_trainer.merger.report import REPORT_FILE
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -184,7 +184,8 @@ def test_native_and_torch_engines_write_the_same_merge(models, name, request, tm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ties_cuts_and_merge_are_bit_identical_to_the_torch_path(dtype, threads, monkeypatch):
-    from ota_trainer.backends.torch.ops import magnitude_cut, ties_merge
+    from ota_trainer.backends.torch.ops import magnitude_cut
+    from ota_trainer.merger.methods.ties import ties_merge
 
     monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
     old = torch.get_num_threads()

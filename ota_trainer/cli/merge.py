@@ -23,19 +23,39 @@ from typing import Any
 
 __all__ = ["make_parser", "recipe_from_args", "main"]
 
-# flag -> recipe parameter name; only set when given
-_PARAM_FLAGS = {
-    "density": "density",
-    "threshold": "threshold",
-    "saliency_share": "saliency_share",
-    "score": "score",
-    "power": "power",
-    "epsilon": "epsilon",
-    "normalise": "normalise",
-    "lam": "lambda",
-    "drop_rate": "drop_rate",
-    "seed": "seed",
-}
+_PARAM_DEST = "param__"  # argparse dest prefix of the flags generated from the methods' parameters
+
+
+def _add_method_flags(group) -> None:
+    """One flag per parameter any method declares (:func:`ota_trainer.merger.methods.cli_params`):
+    ``--NAME`` (``--no-NAME`` for a boolean that defaults to true), typed and checked by the
+    method when the recipe is built; per-expert-only parameters are set with --expert-param."""
+    from ..merger.methods import cli_params
+
+    for name, (p, users) in cli_params().items():
+        if name == "weight":
+            continue  # per expert: --expert-param I:weight=W
+        by_help: dict[str, list[str]] = {}
+        for m in users:
+            by_help.setdefault(_param_of(m, name).help, []).append(m)
+        text = "; ".join(f"{', '.join(ms)}: {h}" for h, ms in by_help.items())
+        flag = "--" + name.replace("_", "-")
+        if p.kind is bool:
+            if p.default:
+                group.add_argument("--no-" + name.replace("_", "-"), dest=_PARAM_DEST + name, action="store_false",
+                                   default=None, help=f"{name}=false ({text})")
+            else:
+                group.add_argument(flag, dest=_PARAM_DEST + name, action="store_true", default=None, help=text)
+        else:
+            default = f" (default {p.default})" if p.default is not None else ""
+            group.add_argument(flag, dest=_PARAM_DEST + name, type=p.kind, choices=p.choices, default=None,
+                               metavar=None if p.choices else name.upper(), help=text + default)
+
+
+def _param_of(method: str, name: str):
+    from ..merger.methods import METHODS
+
+    return METHODS[method].param(name)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -53,18 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     src.add_argument("--expert", action="append", default=[], help="expert folder (repeat for each expert)")
     src.add_argument("--method", choices=sorted(METHODS), help="merge method (default: ota)")
     par = p.add_argument_group("method parameters (override the recipe's top-level parameters)")
-    par.add_argument("--density", type=float, help="ota: fraction of each expert's edits FFG keeps (global); ties: per tensor")
-    par.add_argument("--threshold", type=float, help="ota: absolute FFG saliency threshold instead of a density")
-    par.add_argument("--saliency-share", type=float, help="ota: keep the top edits holding this share of each expert's total saliency")
-    par.add_argument("--per-tensor", action="store_true", default=None, help="ota: apply the density per tensor (ablation)")
-    par.add_argument("--score", choices=["fisher", "magnitude"], help="ota: FFG saliency (magnitude = ablation)")
-    par.add_argument("--no-graft", dest="graft", action="store_false", default=None, help="ota: skip FFG (OTA aggregation only)")
-    par.add_argument("--power", type=float, help="ota: p in P = v**p (default 0.5)")
-    par.add_argument("--epsilon", type=float, help="ota/fisher: epsilon added to curvature weights")
-    par.add_argument("--normalise", choices=["none", "mean"], help="ota: per-tensor normalisation of v**p")
-    par.add_argument("--lambda", dest="lam", type=float, help="task_arithmetic/ties/dare: task-vector scale")
-    par.add_argument("--drop-rate", type=float, help="dare: drop probability")
-    par.add_argument("--seed", type=int, help="dare: random seed")
+    _add_method_flags(par)
     par.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any method parameter")
     par.add_argument("--expert-param", action="append", default=[], metavar="I:KEY=VALUE", help="parameter of expert I (0-based)")
     out = p.add_argument_group("output")
@@ -111,13 +120,9 @@ def recipe_from_args(args: argparse.Namespace):
     if args.recipe and args.method:
         data["method"] = args.method
     params = dict(data.get("parameters") or {})
-    for flag, key in _PARAM_FLAGS.items():
-        if getattr(args, flag) is not None:
-            params[key] = getattr(args, flag)
-    if args.per_tensor:
-        params["per_tensor"] = True
-    if args.graft is not None:
-        params["graft"] = args.graft
+    for dest, value in vars(args).items():
+        if dest.startswith(_PARAM_DEST) and value is not None:
+            params[dest[len(_PARAM_DEST):]] = value
     for text in args.param:
         k, v = _kv(text, "--param")
         params[k] = v
@@ -202,22 +207,14 @@ def _numel(shape) -> int:
     return n
 
 
-def _merge(recipe, args, resolver, output, argv):
-    """The merge, with PyTorch loaded only if the native fast path does not cover the recipe;
-    then FFG's first pass (or a read-ahead) runs on local inputs while PyTorch loads."""
-    from ..merger import fastpath, prescan
-    from ..io import readahead
+def _merge(recipe, args, resolver, output):
+    """The merge through the one runner: the native kernels when they cover the recipe (no
+    PyTorch), else PyTorch, loaded only then (FFG's first pass counted meanwhile)."""
+    from ..merger import merge
     from ..merger.inputs import open_inputs
 
     inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
-    report = fastpath.merge(recipe, args.out, quiet=args.quiet, resolver=resolver, output=output, inputs=inputs)
-    if report is not None:
-        return report
-    if prescan.start(recipe, inputs) is None:  # it reads the inputs itself
-        readahead.start([readahead.model_files(m) for m in readahead.local_models_in_args(argv or sys.argv[1:])], touch=True)
-    from ..merger.engine import merge
-
-    return merge(recipe, args.out, quiet=args.quiet, resolver=resolver, fast_path=False, output=output, inputs=inputs)
+    return merge(recipe, args.out, quiet=args.quiet, resolver=resolver, output=output, inputs=inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                         extra=[args.recipe] if args.recipe else []) as output:
             # configs only: an incompatible expert fails before any weights are downloaded
             check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-            report = _merge(recipe, args, resolver, output, argv)
+            report = _merge(recipe, args, resolver, output)
         if args.push_to_hub:
             sha = publish_folder(report.out_dir, args.push_to_hub, private=args.private,
                                  commit_message=f"Merge with ota_trainer ({report.method})")

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from ..moments.format import DTYPES, map_tensor, read_tensor
+from ..moments.format import map_tensor, read_tensor
 from ..merger.inputs import ModelLayout, open_model
 from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
-    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range,
+    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range, torch_dtype,
 )
 
-__all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "DTYPES", "SIDE_FILES", "CONFIG_NAME"]
+__all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "SIDE_FILES", "CONFIG_NAME"]
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -67,7 +67,7 @@ class ModelFolder:
         self.config: dict[str, Any] = self.layout.config
         self._spans = self.layout.tensors
         self.tensors: dict[str, TensorInfo] = {
-            name: TensorInfo(name, t.shape, DTYPES[t.dtype], t.file, t.offset) for name, t in self._spans.items()
+            name: TensorInfo(name, t.shape, torch_dtype(t.dtype), t.file, t.offset) for name, t in self._spans.items()
         }
         self._open: dict[str, Any] = {}
 

@@ -20,8 +20,37 @@ from ..errors import FormatError, brief
 
 logger = logging.getLogger(__name__)
 
-# bytes per element of each safetensors dtype code
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class DType:
+    """One tensor dtype, as every part of the merger names it: the safetensors ``code``, bytes
+    per element, the PyTorch and recipe ``name``, and the native kernels' code (``kernel``, None
+    when they do not read it)."""
+
+    code: str
+    size: int
+    name: str
+    floating: bool
+    kernel: int | None = None
+
+
+# The one dtype table; everything else below is derived from it.
+DTYPES: dict[str, DType] = {d.code: d for d in (
+    DType("F64", 8, "float64", True),
+    DType("F32", 4, "float32", True, kernel=0),
+    DType("BF16", 2, "bfloat16", True, kernel=1),
+    DType("F16", 2, "float16", True, kernel=2),
+    DType("I64", 8, "int64", False),
+    DType("I32", 4, "int32", False),
+    DType("I16", 2, "int16", False),
+    DType("I8", 1, "int8", False),
+    DType("U8", 1, "uint8", False),
+    DType("BOOL", 1, "bool", False),
+)}
+DTYPE_SIZES = {c: d.size for c, d in DTYPES.items()}  # bytes per element of each safetensors code
+FLOAT_DTYPES = tuple(c for c, d in DTYPES.items() if d.floating)  # the tensors a merge merges
+OUTPUT_DTYPES = ("F32", "F16", "BF16")  # what a recipe's ``dtype`` may ask for
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -60,12 +89,20 @@ MANAGED_KEYS = ("format", "format_version", "compression", "dtype", "parameters"
 
 
 def dtype_code(dtype) -> str:
-    """The safetensors code ("BF16") of a code or a torch dtype."""
+    """The safetensors code ("BF16") of a code, a name ("bfloat16") or a torch dtype."""
     if isinstance(dtype, str):
-        return dtype
-    from ..moments.format import DTYPE_CODES  # a torch dtype: PyTorch is loaded already
+        return dtype if dtype in DTYPES else _BY_NAME[dtype]
+    return _BY_NAME[str(dtype).removeprefix("torch.")]  # a torch dtype
 
-    return DTYPE_CODES[dtype]
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors code (imports PyTorch)."""
+    import torch
+
+    return getattr(torch, DTYPES[code].name)
+
+
+_BY_NAME = {d.name: c for c, d in DTYPES.items()}
 
 
 def safetensors_header(entries: list[tuple[str, list[int], Any, int, int]], metadata: dict[str, str]) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
 from ..io.layout import (
-    CONFIG_NAME, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
+    CONFIG_NAME, FLOAT_DTYPES, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, TensorSpan, check_moments_entries, confined_file, disk_order,
     folder_tensors, load_config, moments_scale, parse_moments_metadata, read_json_file, read_safetensors_layout,
     real_folder, side_files,
 )
@@ -39,7 +39,6 @@ __all__ = [
     "open_inputs",
 ]
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 TRAINER_STATE_NAME = "trainer_state.json"
 # Moments written before their weights (OTACallback): weights older than the capture by more
 # than this are from an earlier run (a margin for file systems with coarse timestamps).

@@ -28,11 +28,12 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, brief
+from ..io.layout import DTYPES, OUTPUT_DTYPES
 from .methods import MergeMethod, get_method
 
 __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY", "read_yaml"]
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = tuple(DTYPES[c].name for c in OUTPUT_DTYPES)  # what `dtype:` may be
 DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
@@ -150,7 +151,7 @@ class MergeRecipe:
         levels = [("parameters", self.parameters)] + [(f"models[{i}] ({brief(e.model)})", e.parameters) for i, e in enumerate(self.models)]
         for where, params in levels:
             rules = [k for k in FFG_RULES if params.get(k) is not None]
-            if len(rules) > 1 and m.name == "ota":
+            if len(rules) > 1 and m.grafts:
                 raise ConfigError(f"{where}: set one FFG rule of {list(FFG_RULES)}, not {rules}")
         if m.check_recipe is not None:
             problem = m.check_recipe([self.model_parameters(i) for i in range(len(self.models))])
@@ -183,7 +184,7 @@ class MergeRecipe:
         """Parameters for expert ``i``: defaults <- top-level parameters <- the model's own."""
         out = self.method_parameters()
         out.update(self.models[i].parameters)
-        if self.method != "ota":
+        if not self.spec.grafts:
             return out
         own = [k for k in FFG_RULES if self.models[i].parameters.get(k) is not None]
         if own:  # a model's own FFG rule replaces the top-level one
@@ -195,8 +196,8 @@ class MergeRecipe:
         return out
 
     def grafting(self) -> bool:
-        """Whether FFG prunes the experts' edits (method ``ota`` with ``graft`` on)."""
-        return self.method == "ota" and bool(self.method_parameters().get("graft"))
+        """Whether FFG prunes the experts' edits (a grafting method, ``graft`` on)."""
+        return self.spec.grafts and bool(self.method_parameters().get("graft"))
 
     def global_threshold_experts(self) -> list[int]:
         """The experts whose FFG threshold needs a first pass over all their parameters: a global

@@ -1,6 +1,5 @@
 """What a merge leaves beside the weights: the report, the recipe, the model card and the
-base's config/tokenizer files. No PyTorch: both the engine and the native fast path
-(:mod:`ota_trainer.merger.fastpath`) finish their output folders here."""
+base's config/tokenizer files. No PyTorch: the runner finishes every output folder here."""
 from __future__ import annotations
 
 import json

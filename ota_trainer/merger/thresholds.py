@@ -1,6 +1,6 @@
-"""FFG's global threshold from a saliency histogram: pure functions of the bin counts (no
-PyTorch), used by :class:`ota_trainer.backends.torch.ffg.SaliencyHistogram` and the native fast path alike,
-so both pick the same bin.
+"""FFG's thresholds: the keep rule (:class:`Threshold`) and the global threshold from a saliency
+histogram (:class:`Histogram`, :func:`density_bin`): pure functions of the bin counts (no
+PyTorch), whichever backend counted them, so every backend picks the same bin.
 
 Bins are ``bits(s) >> 42`` of the float64 saliency ``s`` (1024 bins per octave; bin 0 holds
 the zeros), and a histogram threshold keeps exactly the entries whose bin is at least ``b``:
@@ -8,10 +8,12 @@ the zeros), and a histogram threshold keeps exactly the entries whose bin is at 
 """
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["BIN_SHIFT", "N_BINS", "bin_edge", "density_bin"]
+__all__ = ["BIN_SHIFT", "N_BINS", "bin_edge", "density_bin", "Threshold", "KEEP_ALL", "Histogram"]
 
 BIN_SHIFT = 42  # float64 bits >> 42: 11 exponent bits + 10 mantissa bits
 N_BINS = 1 << (63 - BIN_SHIFT)  # 2**21 bins cover every non-negative float64
@@ -53,3 +55,73 @@ def density_bin(bins: Sequence[int], counts: Sequence[int], total: int, density:
         if best_err is None or err < best_err:
             best = lo
     return best
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A keep rule ``M = s >= theta`` (``theta = value``; 0 keeps everything).
+
+    When ``bin`` is set the rule is "histogram bin >= bin" (``value = bin_edge(bin)``), which is
+    what a density-derived global threshold means.
+    """
+
+    value: float
+    bin: int | None = None
+
+    @classmethod
+    def absolute(cls, theta: float) -> "Threshold":
+        """The paper's absolute threshold ``theta`` (e.g. 2.6e-19)."""
+        return cls(max(float(theta), 0.0))
+
+    @classmethod
+    def at_bin(cls, b: int) -> "Threshold":
+        return cls(bin_edge(b), bin=b)
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.value <= 0.0
+
+    @property
+    def log2_value(self) -> float:
+        """``log2(theta)`` (``-inf`` for the keep-everything threshold), as reports give it."""
+        return math.log2(self.value) if self.value > 0 else -math.inf
+
+    @property
+    def theta(self) -> float:
+        return self.value
+
+
+KEEP_ALL = Threshold(0.0)
+
+
+@dataclass
+class Histogram:
+    """One expert's saliency histogram: ``counts`` (int64[N_BINS], any buffer) and how many
+    entries were counted; ``keep`` holds whatever owns the buffer."""
+
+    counts: memoryview
+    total: int
+    keep: object = None
+
+    def nonzero(self) -> tuple[list[int], list[int]]:
+        """The non-empty bins in increasing order and their counts (scanning the buffer as bytes:
+        most of it is empty)."""
+        raw = self.counts.cast("B")
+        bins: list[int] = []
+        step = 1 << 16  # bytes per probe
+        zero = bytes(step)
+        for off in range(0, len(raw), step):
+            chunk = raw[off : off + step]
+            if chunk == zero[: len(chunk)]:
+                continue
+            base = off // 8
+            bins.extend(base + j for j, c in enumerate(chunk.cast("q")) if c)
+        return bins, [self.counts[b] for b in bins]
+
+    def density_threshold(self, density: float) -> tuple[Threshold, int]:
+        """The bin-edge threshold whose kept fraction is nearest ``density``, and the entries it keeps."""
+        bins, counts = self.nonzero()
+        b = density_bin(bins, counts, self.total, density)
+        if b is None:
+            return KEEP_ALL, self.total
+        return Threshold.at_bin(b), sum(c for x, c in zip(bins, counts) if x >= b)

@@ -83,22 +83,6 @@ __all__ = [
     "read_tensor",
 ]
 
-# safetensors dtype codes <-> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-
-
 @dataclass(frozen=True)
 class Rank1Factors:
     """Row sums ``row`` and column sums ``col`` of a second moment of ``shape`` (viewed as a matrix).

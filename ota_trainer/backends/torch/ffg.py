@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ...merger.methods import SCORES
-from ...merger.thresholds import BIN_SHIFT, N_BINS, bin_edge, density_bin
+from ...merger.thresholds import BIN_SHIFT, KEEP_ALL, N_BINS, Threshold, bin_edge, density_bin
 
 __all__ = [
     "SCORES",
@@ -116,41 +116,6 @@ def _bin_centers_log2() -> torch.Tensor:
     return torch.log2(bits.view(torch.float64))
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """A keep rule ``M = s >= theta`` (``theta = value``; 0 keeps everything).
-
-    When ``bin`` is set the rule is "histogram bin >= bin" (``value = bin_edge(bin)``), which is
-    what a density-derived global threshold means.
-    """
-
-    value: float
-    bin: int | None = None
-
-    @classmethod
-    def absolute(cls, theta: float) -> "Threshold":
-        """The paper's absolute threshold ``theta`` (e.g. 2.6e-19)."""
-        return cls(max(float(theta), 0.0))
-
-    @classmethod
-    def at_bin(cls, b: int) -> "Threshold":
-        return cls(bin_edge(b), bin=b)
-
-    @property
-    def keeps_all(self) -> bool:
-        return self.value <= 0.0
-
-    @property
-    def log2_value(self) -> float:
-        """``log2(theta)`` (``-inf`` for the keep-everything threshold), as reports give it."""
-        return math.log2(self.value) if self.value > 0 else -math.inf
-
-    @property
-    def theta(self) -> float:
-        return self.value
-
-
-KEEP_ALL = Threshold(0.0)
 
 
 class SaliencyHistogram:
@@ -244,3 +209,12 @@ def keep_mask(s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
 def graft(base: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``w0 + M * (w_t - w0)``: the expert with its low-saliency edits reverted to the base."""
     return torch.where(mask, expert, base)
+
+
+def share_threshold(hist, share: float) -> tuple[Threshold, int]:
+    """:meth:`SaliencyHistogram.threshold_for_share` of a :class:`~ota_trainer.merger.thresholds.Histogram`
+    (whichever backend counted it), and the entries the threshold keeps."""
+    h = SaliencyHistogram()
+    h.counts, h.total = torch.frombuffer(hist.counts, dtype=torch.int64), hist.total
+    threshold = h.threshold_for_share(share)
+    return threshold, h.kept(threshold)

@@ -1,4 +1,6 @@
-"""Aggregation: combine one tensor across experts (method.md §4 and the baselines).
+"""Tensor helpers the methods' PyTorch math shares (each method's own formula lives in its file,
+:mod:`ota_trainer.merger.methods`): exact magnitude selection (TIES-style trimming), curvature
+weights ``P = v**p`` prepared per tensor, OTA's running sums.
 
 Pure tensor-in / tensor-out functions, no I/O. Inputs are float32; callers cast the result
 back to the output dtype. Notation: ``w0`` base, ``w_t`` expert t, ``d_t = w_t - w0``,
@@ -7,47 +9,17 @@ back to the output dtype. Notation: ``w0`` base, ``w_t`` expert t, ``d_t = w_t -
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
-    "linear_merge",
-    "task_arithmetic_merge",
-    "ties_merge",
-    "dare_merge",
-    "fisher_merge",
-    "ota_merge",
-    "ota_weights",
-    "ota_weights_rank1",
     "OTAAccumulator",
     "Curvature",
     "topk_mask",
     "magnitude_cut",
     "kth_largest_abs",
 ]
-
-
-@torch.no_grad()
-def linear_merge(experts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_t c_t w_t / sum_t c_t`` (plain averaging when every ``c_t = 1``)."""
-    total = float(sum(weights))
-    if total == 0:
-        raise ValueError("linear merge: the model weights sum to zero")
-    out = torch.zeros_like(experts[0], dtype=torch.float32)
-    for w, c in zip(experts, weights):
-        out.add_(w, alpha=c / total)
-    return out
-
-
-@torch.no_grad()
-def task_arithmetic_merge(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], lam: float) -> torch.Tensor:
-    """``w0 + lam * sum_t c_t d_t`` (Ilharco et al., task arithmetic)."""
-    out = base.to(torch.float32).clone()
-    for d, c in zip(deltas, weights):
-        out.add_(d, alpha=lam * c)
-    return out
 
 
 @torch.no_grad()
@@ -98,75 +70,6 @@ def topk_mask(x: torch.Tensor, density: float, cut: float | None = None) -> torc
     if cut == -math.inf:
         return torch.ones_like(x, dtype=torch.bool)
     return x.abs() >= cut
-
-
-@torch.no_grad()
-def ties_merge(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    lam: float,
-    *,
-    cuts: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint mean.
-
-    1. trim: ``d_t' = c_t * d_t * topk(|d_t|, density_t)``
-    2. elect: ``gamma = sign(sum_t d_t')``
-    3. disjoint mean: ``tau = sum_t d_t' [sign(d_t') == gamma] / #{t: sign(d_t') == gamma, d_t' != 0}``
-    4. ``w0 + lam * tau``
-
-    ``cuts``: each task vector's trim threshold computed on its whole tensor (:func:`magnitude_cut`),
-    when ``deltas`` are blocks of it.
-    """
-    cuts = cuts if cuts is not None else [None] * len(deltas)
-    trimmed = torch.stack([d * topk_mask(d, p, k) * c for d, c, p, k in zip(deltas, weights, densities, cuts)])  # (T, ...)
-    elected = torch.sign(trimmed.sum(dim=0))  # (...)
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (T, ...)
-    total = (trimmed * agree).sum(dim=0)
-    count = agree.sum(dim=0).clamp_(min=1)
-    return base.to(torch.float32) + lam * total / count
-
-
-@torch.no_grad()
-def dare_merge(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    drop_rates: Sequence[float],
-    lam: float,
-    generators: Sequence[torch.Generator],
-) -> torch.Tensor:
-    """DARE (Yu et al. 2024): drop each edit with probability ``q_t``, rescale the rest.
-
-    ``w0 + lam * sum_t c_t * d_t * B_t / (1 - q_t)``, ``B_t ~ Bernoulli(1 - q_t)``.
-    """
-    out = base.to(torch.float32).clone()
-    for d, c, q, g in zip(deltas, weights, drop_rates, generators):
-        if q <= 0:
-            out.add_(d, alpha=lam * c)
-            continue
-        keep = torch.rand(d.shape, generator=g) >= q
-        out.add_(d * keep, alpha=lam * c / (1.0 - q))
-    return out
-
-
-@torch.no_grad()
-def fisher_merge(
-    experts: Sequence[torch.Tensor], moments: Sequence[torch.Tensor], weights: Sequence[float], epsilon: float
-) -> torch.Tensor:
-    """Diagonal Fisher merging (Matena & Raffel 2022), no base model.
-
-    ``sum_t c_t (v_t + eps) w_t / sum_t c_t (v_t + eps)``
-    """
-    num = torch.zeros_like(experts[0], dtype=torch.float32)
-    den = torch.zeros_like(experts[0], dtype=torch.float32)
-    for w, v, c in zip(experts, moments, weights):
-        f = (v + epsilon).mul_(c)
-        num.addcmul_(f, w)
-        den.add_(f)
-    return num.div_(den)
 
 
 def _power(x: torch.Tensor, power: float) -> torch.Tensor:
@@ -235,21 +138,6 @@ class Curvature:
         return p.add_(epsilon)
 
 
-@torch.no_grad()
-def ota_weights(v: torch.Tensor, power: float, epsilon: float, normalise: str) -> torch.Tensor:
-    """``P_t + eps`` with ``P_t = v_t ** power``, optionally divided by its mean (``normalise="mean"``)."""
-    m = v.reshape(v.shape[0], -1) if v.dim() >= 1 else v.reshape(1, 1)
-    return Curvature.full(m, power, normalise).weights(slice(None), epsilon).reshape(v.shape)
-
-
-@torch.no_grad()
-def ota_weights_rank1(
-    a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...] | torch.Size, power: float, epsilon: float, normalise: str
-) -> torch.Tensor:
-    """:func:`ota_weights` of a rank-one ``v = outer(a, b)``, from its factors (see :class:`Curvature`)."""
-    return Curvature.rank1(a, b, power, normalise).weights(slice(None), epsilon).reshape(tuple(shape))
-
-
 _SMALLEST_SUBNORMAL = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # 2**-149
 
 
@@ -291,29 +179,3 @@ class OTAAccumulator:
         # = 0 there leaves w0, and everything else is divided exactly as before.
         self.den.clamp_(min=_SMALLEST_SUBNORMAL)
         return torch.addcdiv(self.base.to(torch.float32), self.num, self.den)
-
-
-@torch.no_grad()
-def ota_merge(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    moments: Sequence[torch.Tensor | None],
-    masks: Sequence[torch.Tensor | None],
-    weights: Sequence[float],
-    *,
-    power: float = 0.5,
-    epsilon: float = 1e-26,
-    normalise: str = "none",
-) -> torch.Tensor:
-    """OTA aggregation (method.md §4): curvature-weighted average of task vectors.
-
-    ``W_t = c_t (v_t**p + eps) M_t``;  ``merged = w0 + sum_t W_t d_t / sum_t W_t``,
-    and ``w0`` where ``sum_t W_t == 0`` (every expert's edit was reverted).
-
-    A ``None`` moment means uniform curvature (``P_t = 1``) for that tensor; a ``None`` mask
-    keeps every edit. Equal curvature gives the plain average of the kept task vectors.
-    """
-    acc = OTAAccumulator(base.to(torch.float32), epsilon=epsilon)
-    for d, v, m, c in zip(deltas, moments, masks, weights):
-        acc.add(d, ota_weights(v, power, epsilon, normalise) if v is not None else None, m, c)
-    return acc.result()

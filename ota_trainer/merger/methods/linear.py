@@ -1,0 +1,28 @@
+"""Linear: a weighted average of the experts' weights (Wortsman et al., model soups)."""
+from __future__ import annotations
+
+from .base import WEIGHT, MergeMethod, weights_sum
+
+
+def linear_merge(experts, weights):
+    """``sum_t c_t w_t / sum_t c_t`` (plain averaging when every ``c_t = 1``), float32."""
+    import torch
+
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("linear merge: the model weights sum to zero")
+    out = torch.zeros_like(experts[0], dtype=torch.float32)
+    for w, c in zip(experts, weights):
+        out.add_(w, alpha=c / total)
+    return out
+
+
+def merge_torch(job):
+    return job.blockwise(lambda rows: linear_merge([e[rows] for e in job.experts], job.coefs))
+
+
+METHOD = MergeMethod(
+    "linear", "Linear (weight averaging)", "https://arxiv.org/abs/2203.05482",
+    description="sum_t c_t w_t / sum_t c_t", needs_base=False, needs_moments=False,
+    params=(WEIGHT,), torch=merge_torch, check_recipe=weights_sum, order=40,
+)

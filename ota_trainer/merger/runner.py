@@ -1,0 +1,197 @@
+"""The one merge runner: inputs -> backend -> FFG thresholds -> merge pass -> one writer, one
+report, one atomic output. No PyTorch here: the PyTorch backend is imported only when chosen.
+
+1. The inputs arrive opened and checked (:func:`ota_trainer.merger.inputs.open_inputs`), so
+   every backend reads validated layouts only.
+2. A backend is chosen by what it covers, never by the method's name: the native kernels
+   (:class:`~ota_trainer.backends.native.backend.NativeBackend`) when the method has a native
+   implementation and the kernels read the dtypes and options, else PyTorch
+   (:class:`~ota_trainer.backends.torch.TorchBackend`), which covers every recipe. One log line
+   says which, and why.
+3. A grafting method (FFG) needs each expert's global threshold before the first tensor can be
+   merged: a histogram pass over all the expert's saliencies. The native kernels count it when
+   they read the inputs; when PyTorch does the merge, they count it on a thread while PyTorch
+   loads (the kernels release the GIL).
+4. Tensor by tensor (one parameter name at a time across base and experts), the backend merges
+   into a reused buffer and the streaming writer appends the bytes to the output; integer
+   buffers are copied from the base.
+5. The base's config and tokenizer files, the recipe, the report and the model card complete
+   the output, which replaces ``--out`` atomically (:class:`~ota_trainer.io.write.OutputDir`).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from .. import __version__
+from ..backends.native.backend import NativeBackend
+from ..io.layout import DTYPES, dtype_code
+from ..io.write import OutputDir, StreamingSafetensorsWriter
+from .inputs import MergeInputs
+from .recipe import MergeRecipe, parse_size
+from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish
+from .thresholds import Histogram, Threshold
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run", "choose_backend"]
+
+
+def choose_backend(recipe: MergeRecipe, inputs: MergeInputs, *, fast_path: bool = True) -> tuple[Any, str | None]:
+    """The backend class for this merge and why the native kernels were not chosen (None when they were)."""
+    reason = NativeBackend.covers(recipe, inputs) if fast_path else "fast_path=False"
+    if reason is None:
+        return NativeBackend, None
+    from ..backends.torch import TorchBackend
+
+    return TorchBackend, reason
+
+
+def run(recipe: MergeRecipe, inputs: MergeInputs, output: OutputDir, *, quiet: bool = False, resolver: Resolver,
+        fast_path: bool = True, start: float | None = None) -> MergeReport:
+    """Merge ``inputs`` as ``recipe`` says into ``output`` (see the module docstring).
+
+    Raises:
+        NumericalError, OutputError: a merged tensor is not finite (naming the input responsible),
+            or the output cannot be written; nothing is left at the output then.
+    """
+    start = time.perf_counter() if start is None else start
+    model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
+    grafting = recipe.grafting()
+    reports = [
+        ExpertReport(m.model, p.get("density") if grafting else None, None,
+                     saliency_share=p.get("saliency_share") if grafting else None, grafted=grafting)
+        for m, p in zip(recipe.models, model_params)
+    ]
+    gc_was_on = gc.isenabled()
+    gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
+    backend = None
+    try:
+        backend, thresholds = _start(recipe, inputs, quiet, fast_path)
+        for report, threshold in zip(reports, thresholds):
+            if threshold is not None:
+                report.threshold_log2 = threshold.log2_value
+        backend.set_thresholds(thresholds)
+        with output.stage() as tmp:
+            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet)
+            files += copy_side_files(inputs.template, tmp, recipe.dtype)
+            return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start)
+    finally:
+        if backend is not None:
+            backend.close()
+        if gc_was_on:
+            gc.enable()
+
+
+def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool):
+    """The merge backend, started, and every expert's FFG threshold (None: per tensor, or none)."""
+    cls, reason = choose_backend(recipe, inputs, fast_path=fast_path)
+    if reason is None:
+        logger.info("merging with the native kernels (no PyTorch)")
+    else:
+        logger.info("merging with PyTorch (the native kernels do not cover this: %s)", reason)
+    model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
+    thresholds: list[Threshold | None] = [None] * len(inputs.experts)
+    if recipe.grafting():
+        for i, p in enumerate(model_params):
+            if p.get("threshold") is not None:
+                thresholds[i] = Threshold.absolute(p["threshold"])
+    todo = recipe.global_threshold_experts()
+    counted: list[Histogram] = []
+    if cls is NativeBackend:
+        backend = NativeBackend(recipe, inputs, quiet=quiet)
+        backend.start_reads()
+        if todo:
+            counted = backend.histograms(todo, inputs.float_names)
+    else:
+        counter = thread = None
+        failed: list[BaseException] = []
+        if todo and fast_path and NativeBackend.covers_histograms(recipe, inputs, todo) is None:
+            # the native kernels count FFG's histograms (GIL released) while PyTorch loads
+            counter = NativeBackend(recipe, inputs, quiet=True)
+            counter.start_reads()
+
+            def count() -> None:
+                try:
+                    counted.extend(counter.histograms(todo, inputs.float_names))
+                except BaseException as e:  # noqa: BLE001 - raised in the merge's own thread below
+                    failed.append(e)
+
+            thread = threading.Thread(target=count, name="ota-ffg-pass", daemon=True)
+            thread.start()
+        try:
+            backend = cls(recipe, inputs, quiet=quiet)
+            backend.start_reads()
+        finally:
+            if thread is not None:
+                thread.join()
+                counter.close()
+        if failed:
+            raise failed[0]
+        if counter is not None:
+            logger.info("FFG thresholds: saliencies counted by the native kernels while PyTorch loaded")
+        elif todo:
+            counted = backend.histograms(todo, inputs.float_names)
+    for i, hist in zip(todo, counted):
+        p = model_params[i]
+        share = p.get("saliency_share")
+        if share is not None:
+            from ..backends.torch.ffg import share_threshold  # the saliency-share rule is PyTorch's (never native)
+
+            thresholds[i], kept = share_threshold(hist, share)
+        else:
+            thresholds[i], kept = hist.density_threshold(p["density"])
+        logger.info("%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)", inputs.experts[i].label,
+                    thresholds[i].log2_value, kept / max(hist.total, 1), hist.total,
+                    f"saliency share {share}" if share is not None else f"target density {p['density']}")
+    return backend, thresholds
+
+
+def _merge_pass(recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport],
+                quiet: bool) -> tuple[list[str], dict[str, list[float]]]:
+    """Every tensor merged (or copied) and written, in the template's on-disk order."""
+    template = inputs.template
+    floats = set(inputs.float_names)
+
+    def out_code(name: str) -> str:
+        stored = template.tensors[name].dtype
+        return dtype_code(recipe.dtype) if recipe.dtype and DTYPES[stored].floating else stored
+
+    names = template.names
+    writer = StreamingSafetensorsWriter(tmp, [(n, template.tensors[n].shape, out_code(n)) for n in names],
+                                        max_shard_bytes=parse_size(recipe.shard_size),
+                                        metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": recipe.method})
+    tensor_density: dict[str, list[float]] = {}
+    try:
+        for k, name in enumerate(_progress(names, f"merge ({recipe.method})", quiet)):
+            t = template.tensors[name]
+            if name in floats:
+                data, kept = backend.merge_tensor(name, names[k + 1 : k + 2])
+                if reports[0].grafted and kept is not None:
+                    numel = math.prod(t.shape)
+                    for report, n_kept in zip(reports, kept):
+                        report.kept += n_kept
+                        report.total += numel
+                    tensor_density[name] = [n_kept / max(numel, 1) for n_kept in kept]
+            else:
+                data = backend.raw_bytes(name)  # integer buffers: the base's bytes
+            writer.write_bytes(name, t.shape, out_code(name), data)
+            del data
+            backend.release(name)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return files, tensor_density
+
+
+def _progress(names: list[str], desc: str, quiet: bool):
+    if quiet:
+        return names
+    from tqdm.auto import tqdm
+
+    return tqdm(names, desc=desc, unit="tensor")
