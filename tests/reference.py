@@ -87,3 +87,38 @@ def ties(base, experts, density, lam):
         agree = (torch.sign(stacked) == sign) & (stacked != 0)
         out[n] = base[n] + lam * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
     return out
+
+
+def keep_all(ins):
+    """FFG masks that keep every edit."""
+    return [{n: torch.ones_like(x, dtype=torch.bool) for n, x in ins["base"].items()} for _ in ins["experts"]]
+
+
+def mostly_close(fraction, atol=1e-6, rtol=1e-5):
+    """A tolerance: at most ``fraction`` of all entries may differ (e.g. at an FFG threshold's edge)."""
+    def check(got, want):
+        total = sum(x.numel() for x in want.values())
+        differing = sum(int((~torch.isclose(got[n], want[n], atol=atol, rtol=rtol)).sum()) for n in want)
+        return None if differing <= fraction * total else f"{differing} of {total} entries differ"
+    return check
+
+
+def bernoulli_keep(seed, name, index, shape, q):
+    """The keep mask DARE-style methods draw for expert ``index`` of tensor ``name``: uniform
+    draws from a generator seeded by (seed, crc32(name), index), kept where >= q (the documented
+    stream contract of ota_trainer's random methods)."""
+    import zlib
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % 2**63)
+    return torch.rand(shape, generator=g) >= q
+
+
+def dare(base, experts, q, seed, lam):
+    out = {}
+    for n in base:
+        total = 0.0
+        for t, e in enumerate(experts):
+            keep = bernoulli_keep(seed, n, t, base[n].shape, q)
+            total = total + (e[n] - base[n]) * keep / (1 - q)
+        out[n] = base[n] + lam * total
+    return out

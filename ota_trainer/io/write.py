@@ -607,7 +607,7 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
     lines.append("")
     lines.append(
         f"Merged with [ota_trainer](https://arxiv.org/abs/2509.11167) {__version__} using **{method.pretty_name}** "
-        f"([reference]({method.reference_url})): `{method.description}`."
+        f"([reference]({method.reference_url})): {method.description}."
     )
     lines += ["", "## Sources", "", "| role | model | commit | FFG density kept |", "| --- | --- | --- | --- |"]
     if base:

@@ -60,7 +60,8 @@ def markdown_table() -> str:
     for m in METHODS.values():
         needs = ", ".join(x for x, need in (("base", m.needs_base), ("moments", m.needs_moments)) if need) or "—"
         params = ", ".join(f"`{p.name}`{_default(p)}" for p in m.params)
-        rows.append(f"| [`{m.name}`]({m.reference_url}) | `{m.description}` | {needs} | {params} |")
+        description = m.description.replace("|", "\\|")  # a pipe would end the cell
+        rows.append(f"| [`{m.name}`]({m.reference_url}) | {description} | {needs} | {params} |")
     return "\n".join(rows)
 
 

@@ -54,6 +54,6 @@ def merge_torch(job):
 
 METHOD = MergeMethod(
     "dare", "DARE", "https://arxiv.org/abs/2311.03099",
-    description="drop each edit with probability drop_rate, rescale by 1/(1-drop_rate), add with lambda",
+    description="drop each edit with probability q (drop_rate), rescale by 1/(1-q): w0 + λ Σ c_t d̃_t",
     needs_base=True, needs_moments=False, params=(DROP_RATE, SEED, LAMBDA, WEIGHT), torch=merge_torch, order=60,
 )

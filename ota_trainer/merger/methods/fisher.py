@@ -33,6 +33,6 @@ def merge_torch(job):
 
 METHOD = MergeMethod(
     "fisher", "Fisher merging", "https://arxiv.org/abs/2111.09832",
-    description="sum_t c_t (v_t + epsilon) w_t / sum_t c_t (v_t + epsilon)", needs_base=False, needs_moments=True,
+    description="Σ c_t (v_t + ε) w_t / Σ c_t (v_t + ε)", needs_base=False, needs_moments=True,
     params=(EPSILON, BIAS_CORRECTION, POSITIVE_WEIGHT), torch=merge_torch, order=20,
 )

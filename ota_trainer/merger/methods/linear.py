@@ -23,6 +23,6 @@ def merge_torch(job):
 
 METHOD = MergeMethod(
     "linear", "Linear (weight averaging)", "https://arxiv.org/abs/2203.05482",
-    description="sum_t c_t w_t / sum_t c_t", needs_base=False, needs_moments=False,
+    description="Σ c_t w_t / Σ c_t", needs_base=False, needs_moments=False,
     params=(WEIGHT,), torch=merge_torch, check_recipe=weights_sum, order=40,
 )

@@ -143,7 +143,7 @@ def native_covers(recipe, inputs) -> str | None:
 
 METHOD = MergeMethod(
     "ota", "OTA + Fast Fisher Grafting", "https://arxiv.org/abs/2509.11167",
-    description="w0 + sum_t W_t d_t / sum_t W_t, W_t = c_t (v_t**power + epsilon) M_t, M_t from FFG",
+    description="FFG mask M_t = v_t d_t² >= θ_t; W_t = c_t (v_t^p + ε) M_t; w0 + Σ W_t d_t / Σ W_t (w0 where Σ W_t = 0)",
     needs_base=True, needs_moments=True, params=PARAMS, torch=merge_torch, native=merge_native,
     native_covers=native_covers, grafts=True, order=10,
 )

@@ -26,6 +26,6 @@ def merge_torch(job):
 
 METHOD = MergeMethod(
     "task_arithmetic", "Task arithmetic", "https://arxiv.org/abs/2212.04089",
-    description="w0 + lambda * sum_t c_t d_t", needs_base=True, needs_moments=False,
+    description="w0 + λ Σ c_t d_t", needs_base=True, needs_moments=False,
     params=(LAMBDA, WEIGHT), torch=merge_torch, order=30,
 )

@@ -80,7 +80,7 @@ def native_covers(recipe, inputs) -> str | None:
 
 METHOD = MergeMethod(
     "ties", "TIES", "https://arxiv.org/abs/2306.01708",
-    description="trim to top-density |d_t| per tensor, elect signs, disjoint mean, scale by lambda",
+    description="trim each d_t to its top-density |d| per tensor, elect a sign per entry, mean of the agreeing edits, × λ",
     needs_base=True, needs_moments=False, params=(DENSITY, LAMBDA, WEIGHT), torch=merge_torch, native=merge_native,
     native_covers=native_covers, order=50,
 )

@@ -1,0 +1,26 @@
+"""The shared table of merge-method cases (#14): one row per method (more for options worth
+their own check). Adding a method is its file in ota_trainer/merger/methods/ plus a row here;
+tests/test_methods.py runs every property on every row.
+
+A row: ``(id, method, parameters, reference, tolerance)``. ``reference(ins, params)`` computes
+the expected merge from fully loaded float64 state dicts with the independent code of
+tests/reference.py (``ins``: ``base``, ``experts``, ``vs`` (moments)); ``tolerance``:
+the largest absolute difference allowed (float32 arithmetic against float64), or a callable
+``(got, want) -> problem or None`` for methods whose exact comparison needs more care.
+"""
+from __future__ import annotations
+
+import reference as ref
+
+CASES = [
+    ("ota", "ota", {"graft": False}, lambda ins, p: ref.ota(ins["base"], ins["experts"], ins["vs"], ref.keep_all(ins)), 1e-6),
+    ("ota_density", "ota", {"density": 0.3},
+     lambda ins, p: ref.ota(ins["base"], ins["experts"], ins["vs"], ref.ffg_masks_density(ins["base"], ins["experts"], ins["vs"], 0.3)),
+     ref.mostly_close(0.001)),  # a histogram bin edge: only entries at the boundary may differ
+    ("fisher", "fisher", {}, lambda ins, p: ref.fisher(ins["experts"], ins["vs"]), 1e-5),
+    ("task_arithmetic", "task_arithmetic", {"lambda": 0.7}, lambda ins, p: ref.task_arithmetic(ins["base"], ins["experts"], 0.7), 1e-6),
+    ("linear", "linear", {}, lambda ins, p: ref.linear(ins["experts"]), 1e-6),
+    ("ties", "ties", {"density": 0.3, "lambda": 1.2}, lambda ins, p: ref.ties(ins["base"], ins["experts"], 0.3, 1.2), 1e-6),
+    ("dare", "dare", {"drop_rate": 0.6, "seed": 3, "lambda": 0.9},
+     lambda ins, p: ref.dare(ins["base"], ins["experts"], 0.6, 3, 0.9), 1e-5),
+]
