@@ -48,7 +48,7 @@ MERGE_CLI = REPO / "scripts" / "merge_from_hub.py"
 DENSITY = 0.4
 NOISE_STD = 2e-3  # expert edits; base weights are N(0, 0.02)
 BASE_STD = 0.02
-EXPERTS = ("expert_a", "expert_b")
+EXPERTS = ("expert_a", "expert_b")  # --experts N: expert_a ... (the paper merges 5)
 READY = ".complete"  # marker: a cached checkpoint set finished building
 CHUNK = 16 * 2**20  # bytes per read/write in the copy limit
 TARGET_VS_COPY = 1.2
@@ -192,12 +192,14 @@ def build_checkpoints(root: Path, shape: Shape, shard_bytes: int, log) -> Path:
     from ota_trainer.moments.format import save_moments
 
     folder = root / shape.key
-    if (folder / READY).is_file():
+    missing = [e for e in EXPERTS if not (folder / e / "ota" / "moments.safetensors").is_file()]
+    if (folder / READY).is_file() and not missing:
         log(f"reusing checkpoints {folder}")
         return folder
-    if folder.exists():
+    if folder.exists() and not (folder / READY).is_file():
         shutil.rmtree(folder)
-    log(f"building {shape.key}: {shape.params / 1e6:.1f}M parameters x 3 models -> {folder}")
+    fresh = not folder.exists()
+    log(f"building {shape.key}: {shape.params / 1e6:.1f}M parameters x {len(missing) + fresh} models -> {folder}")
     t0 = time.perf_counter()
 
     def seed_of(name: str, k: int) -> int:
@@ -209,8 +211,12 @@ def build_checkpoints(root: Path, shape: Shape, shard_bytes: int, log) -> Path:
             return torch.ones(s, dtype=torch.bfloat16)
         return torch.randn(s, generator=g).mul_(BASE_STD).to(torch.bfloat16)
 
-    _write_folder(folder / "base", shape, base_tensor, shard_bytes)
+    if fresh:
+        _write_folder(folder / "base", shape, base_tensor, shard_bytes)
     for k, expert in enumerate(EXPERTS, start=1):
+        if expert not in missing:
+            continue
+
         def expert_tensor(name: str, s: tuple[int, ...], k: int = k) -> torch.Tensor:
             g = torch.Generator().manual_seed(seed_of(name, k))
             w = base_tensor(name, s).to(torch.float32)
@@ -591,6 +597,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: heads)")
     p.add_argument("--in-shard-size", default="500MB", help="shard size of the synthetic inputs (default 500MB)")
     p.add_argument("--methods", nargs="+", default=["ota", "ties"], choices=["ota", "ties"], help="our methods to time")
+    p.add_argument("--experts", type=int, default=2, help="experts merged with the base (default 2; the paper merges 5)")
     p.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's TIES")
     p.add_argument("--mergekit-venv", help="venv holding mergekit (default <work>/mergekit-venv, created on first use)")
     p.add_argument("--mergekit-flags", nargs=argparse.REMAINDER, default=None,
@@ -615,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     args.in_shard_bytes = parse_size(args.in_shard_size)
+    global EXPERTS
+    if not 1 <= args.experts <= 26:
+        raise SystemExit("--experts: 1 to 26")
+    EXPERTS = tuple(f"expert_{chr(ord('a') + k)}" for k in range(args.experts))
     bad = [e for e in args.env if "=" not in e]
     if bad:
         make_parser().error(f"--env {bad[0]!r}: expected KEY=VALUE")

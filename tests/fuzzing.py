@@ -38,9 +38,8 @@ from hypothesis import strategies as st
 MODELS = ("base", "e1", "e2")
 WEIGHTS = "model.safetensors"
 MOMENTS = "ota/moments.safetensors"
-METHODS = ("ota", "ota", "ota", "ties", "ties", "linear", "fisher", "task_arithmetic", "dare")
 PARAM_KEYS = ("density", "threshold", "saliency_share", "per_tensor", "score", "graft", "power", "epsilon", "normalise",
-              "bias_correction", "weight", "lambda", "drop_rate", "seed", "bogus")
+              "bias_correction", "weight", "lambda", "drop_rate", "seed", "gamma", "bogus")
 MOMENT_KEYS = ("format", "format_version", "compression", "optimizer", "beta2", "step", "dtype", "bias_corrected",
                "parameters", "global_step", "captured_at", "written_before_weights", "base_model")
 CASE_TIMEOUT_S = 60
@@ -431,14 +430,17 @@ mutations = st.one_of(header_field(), header_entry(), metadata(), raw_bytes(), v
 
 @st.composite
 def recipes(draw) -> dict[str, Any]:
-    method = draw(st.sampled_from(METHODS))
+    from ota_trainer.merger.methods import METHODS
+
+    # every registered method; the ones with native implementations (two backends to agree) weigh more
+    method = draw(st.sampled_from([m for m in METHODS for _ in range(3 if METHODS[m].native else 1)]))
     params: dict[str, Any] = {}
     keys = draw(st.lists(st.sampled_from(PARAM_KEYS), max_size=2, unique=True)) if draw(st.integers(0, 3)) == 0 else []
     for key in keys:  # a quarter of the cases damage the recipe; the others reach the files
         params[key] = draw(st.one_of(json_values, st.sampled_from((0.4, 0.5, 1.0, 0.0, -1.0, 2.0, 1e-9, "mean", "magnitude",
                                                                    True, False, 3))))
     recipe: dict[str, Any] = {"method": method, "models": ["e1", "e2"], "parameters": params}
-    if method not in ("linear", "fisher") or draw(st.booleans()):
+    if METHODS[method].needs_base or draw(st.booleans()):
         recipe["base_model"] = "base"
     if draw(st.booleans()):
         recipe["dtype"] = draw(st.sampled_from(("bfloat16", "float16", "float32")))

@@ -23,7 +23,7 @@ from ota_trainer.merger.inputs import open_inputs
 from ota_trainer.merger.recipe import MergeRecipe
 from ota_trainer.merger.report import REPORT_FILE, local_resolver
 from ota_trainer.merger.runner import choose_backend
-from ota_trainer.merger.thresholds import density_bin
+from ota_trainer.backends.thresholds import density_bin
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
 
@@ -191,7 +191,7 @@ def test_cli_merges_without_loading_pytorch(tiny_models, tmp_path):
 
 
 def test_light_modules_load_no_pytorch():
-    code = ("import sys; from ota_trainer.merger import inputs, recipe, runner, thresholds, methods, report; "
+    code = ("import sys; from ota_trainer.merger import inputs, recipe, runner, methods, report; from ota_trainer.backends import thresholds; "
             "from ota_trainer.io import readahead, layout, write; from ota_trainer.backends import native; "
             "from ota_trainer.backends.native import backend; import ota_trainer.cli.merge; "
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:3]")

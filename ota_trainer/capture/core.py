@@ -22,7 +22,7 @@ from .names import NamedParameter, named_trainable_parameters
 from .sources import (
     CapturedMoment,
     OptimizerInfo,
-    _state_of,
+    state_of,
     detect_engine,
     inspect_optimizer,
     iter_second_moments,
@@ -216,7 +216,7 @@ def save_optimizer_moments(
     if engine == "deepspeed":
         without_state: list[str] = []
     else:
-        without_state = [p.name for p in params if _state_of(info, p.param) is None]
+        without_state = [p.name for p in params if state_of(info, p.param) is None]
     if without_state:
         logger.warning(
             "%d trainable parameter(s) have no optimizer state (never received a gradient), e.g. %s; "

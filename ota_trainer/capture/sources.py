@@ -252,7 +252,7 @@ class CapturedMoment:
     aliases: tuple[str, ...] = ()
 
 
-def _state_of(info: OptimizerInfo, p: torch.nn.Parameter) -> dict | None:
+def state_of(info: OptimizerInfo, p: torch.nn.Parameter) -> dict | None:
     state = info.base.state.get(p) if hasattr(info.base.state, "get") else None
     return state or None
 
@@ -266,7 +266,7 @@ def _check_shape(name: str, v: torch.Tensor, shape: tuple[int, ...], cls: str) -
 
 
 def _read_local(info: OptimizerInfo, np_: NamedParameter) -> CapturedMoment | None:
-    state = _state_of(info, np_.param)
+    state = state_of(info, np_.param)
     if state is None:
         return None
     shape = np_.shape
@@ -287,7 +287,7 @@ def _read_local(info: OptimizerInfo, np_: NamedParameter) -> CapturedMoment | No
 def _read_fsdp2(info: OptimizerInfo, np_: NamedParameter, compression: str) -> CapturedMoment | None:
     from torch.distributed.tensor import DTensor
 
-    state = _state_of(info, np_.param)
+    state = state_of(info, np_.param)
     if state is None:
         return None
     if "exp_avg_sq" not in state:

@@ -35,10 +35,11 @@ def _add_method_flags(group) -> None:
     for name, (p, users) in cli_params().items():
         if name == "weight":
             continue  # per expert: --expert-param I:weight=W
-        by_help: dict[str, list[str]] = {}
+        by_help: dict[tuple[str, Any], list[str]] = {}  # methods sharing one meaning and default
         for m in users:
-            by_help.setdefault(_param_of(m, name).help, []).append(m)
-        text = "; ".join(f"{', '.join(ms)}: {h}" for h, ms in by_help.items())
+            q = _param_of(m, name)
+            by_help.setdefault((q.help, None if q.kind is bool else q.default), []).append(m)
+        text = "; ".join(f"{', '.join(ms)}: {h}" + (f" (default {d})" if d is not None else "") for (h, d), ms in by_help.items())
         flag = "--" + name.replace("_", "-")
         if p.kind is bool:
             if p.default:
@@ -47,9 +48,8 @@ def _add_method_flags(group) -> None:
             else:
                 group.add_argument(flag, dest=_PARAM_DEST + name, action="store_true", default=None, help=text)
         else:
-            default = f" (default {p.default})" if p.default is not None else ""
             group.add_argument(flag, dest=_PARAM_DEST + name, type=p.kind, choices=p.choices, default=None,
-                               metavar=None if p.choices else name.upper(), help=text + default)
+                               metavar=None if p.choices else name.upper(), help=text)
 
 
 def _param_of(method: str, name: str):

@@ -6,7 +6,9 @@ from disk when asked for. Both single-file (``model.safetensors``) and sharded
 """
 from __future__ import annotations
 
+import mmap
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,48 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from ..moments.format import map_tensor, read_tensor
-from ..merger.inputs import ModelLayout, open_model
+from .folders import ModelLayout, open_model
 from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
     CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range, torch_dtype,
 )
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "SIDE_FILES", "CONFIG_NAME"]
+
+def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Read one tensor's bytes ``[start, end)`` of an open file into a fresh tensor.
+
+    Plain reads, not a memory map: the result is private (safe to edit in place) and the
+    process's resident memory holds only the tensors alive, not every page it has touched.
+
+    Raises:
+        FormatError: the file ends early.
+    """
+    buf = torch.empty(end - start, dtype=torch.uint8)
+    fh.seek(start)
+    if end > start and fh.readinto(memoryview(buf.numpy())) != end - start:
+        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
+    return buf.view(dtype).reshape(tuple(shape))
+
+
+def map_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A READ-ONLY tensor over bytes ``[start, end)`` of an open file, memory-mapped: no copy, the
+    page cache's pages are the tensor. The mapping covers just this tensor and is released with
+    it, so resident memory holds only the tensors alive. Never write into the result.
+
+    Raises:
+        FormatError: the file ends early (a mapping past the end would fault when read).
+    """
+    if end > os.fstat(fh.fileno()).st_size:
+        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
+    if end == start:
+        return torch.empty(tuple(shape), dtype=dtype)
+    lo = start - start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fh.fileno(), end - lo, access=mmap.ACCESS_READ, offset=lo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": callers only read it
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start - lo)
+    return flat.view(dtype).reshape(tuple(shape))  # the tensor keeps the mapping alive
+
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import FormatError, brief
+from ..errors import ConfigError, FormatError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -625,3 +625,31 @@ def remove_dead_leftovers(target: Path, kinds: tuple[str, ...] = ("tmp",)) -> No
                 pass
             except OSError as e:
                 logger.debug("could not remove %s: %s", target.parent / name, e)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe file parsed with ``yaml.safe_load``: a regular file (a FIFO must not hang us) of at
+    most :data:`MAX_RECIPE_BYTES`, UTF-8.
+
+    Raises:
+        ConfigError: naming the file: unreadable, too large, not YAML.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"recipe {path} is not a regular file")
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MB: not a merge recipe")
+    import yaml  # light, and a dependency
+
+    try:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
+        raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e

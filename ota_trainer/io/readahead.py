@@ -206,7 +206,7 @@ def local_models_in_args(argv: Sequence[str]) -> list[Path]:
                 refs.append(value)
                 continue
             try:
-                from ..merger.recipe import read_yaml  # light: bounded, regular files only
+                from .layout import read_yaml  # light: bounded, regular files only
 
                 recipe = read_yaml(Path(value))
                 refs.append(str(recipe.get("base_model") or ""))

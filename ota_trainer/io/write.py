@@ -26,13 +26,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..merger.recipe import parse_size
-from ..errors import OutputError, OutputExistsError
+from ..errors import ConfigError, OutputError, OutputExistsError, brief
 from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, process_gone, safetensors_header
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "OutputDir", "output_for", "protected_paths", "rename_noreplace"]
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    Raises:
+        ConfigError: the string is not a size.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"shard size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(size)[:64].upper())
+    if not m:
+        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
+    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
+    base = 1024 if (m.group(3) or "").startswith("I") else 1000
+    n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
+    if n <= 0:
+        raise ConfigError(f"shard size must be positive, got {brief(size)}")
+    return n
+
 
 def _uint8():
     import torch  # only callers holding torch tensors get here
@@ -572,53 +593,6 @@ class OutputDir:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.release(failed=exc_type is not None)
-
-
-def _is_repo_id(ref: str) -> bool:
-    parts = ref.split("@")[0].split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
-
-
-def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *, title: str | None = None) -> str:
-    """The merged model's README.md: Hub model-card YAML front matter and a Markdown body.
-
-    Args:
-        report: :meth:`MergeReport.to_dict` output (method, recipe, experts' achieved density).
-        sources: model reference -> resolved commit sha (``None`` for local folders).
-    """
-    import yaml
-
-    from .. import __version__
-    from ..merger.methods import get_method
-
-    recipe = report["recipe"]
-    method = get_method(report["method"])
-    base = recipe.get("base_model")
-    refs = ([base] if base else []) + [m["model"] for m in recipe["models"]]
-    hub_refs = [r.split("@")[0] for r in refs if _is_repo_id(r)]
-    front: dict[str, Any] = {}
-    if hub_refs:
-        front["base_model"] = list(dict.fromkeys(hub_refs))
-        front["base_model_relation"] = "merge"
-    front["library_name"] = "transformers"
-    front["tags"] = list(dict.fromkeys(["merge", "ota", "ota_trainer", method.name]))
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
-    lines.append(f"# {title or 'Merged model'}")
-    lines.append("")
-    lines.append(
-        f"Merged with [ota_trainer](https://arxiv.org/abs/2509.11167) {__version__} using **{method.pretty_name}** "
-        f"([reference]({method.reference_url})): {method.description}."
-    )
-    lines += ["", "## Sources", "", "| role | model | commit | FFG density kept |", "| --- | --- | --- | --- |"]
-    if base:
-        lines.append(f"| base | `{base}` | `{sources.get(base) or 'local'}` | - |")
-    for m, e in zip(recipe["models"], report["experts"]):
-        dens = f"{e['density']:.4f}" if e.get("grafted") else "-"
-        lines.append(f"| expert | `{m['model']}` | `{sources.get(m['model']) or 'local'}` | {dens} |")
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
-    lines.append("Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
-    lines.append("")
-    return "\n".join(lines)
 
 
 def output_for(recipe, out_dir: str | os.PathLike, *, overwrite: bool = False, resolver=None,

@@ -19,8 +19,6 @@
 from __future__ import annotations
 
 import os
-import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,64 +26,18 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, brief
-from ..io.layout import DTYPES, OUTPUT_DTYPES
+from ..io.layout import DTYPES, OUTPUT_DTYPES, read_yaml
+from ..io.write import parse_size
 from .methods import MergeMethod, get_method
 
-__all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY", "read_yaml"]
+__all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
 
 DTYPE_NAMES = tuple(DTYPES[c].name for c in OUTPUT_DTYPES)  # what `dtype:` may be
 DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
-
-    Raises:
-        ConfigError: the string is not a size.
-    """
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
-    if isinstance(size, int):
-        if size <= 0:
-            raise ConfigError(f"shard size must be positive, got {size}")
-        return size
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(size)[:64].upper())
-    if not m:
-        raise ConfigError(f"cannot read {brief(size)} as a size; write e.g. '5GB' or '500MB'")
-    unit = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
-    base = 1024 if (m.group(3) or "").startswith("I") else 1000
-    n = int(float(m.group(1)) * base ** (unit if m.group(2) else 0))
-    if n <= 0:
-        raise ConfigError(f"shard size must be positive, got {brief(size)}")
-    return n
-
-
-def read_yaml(path: Path) -> Any:
-    """A recipe file parsed with ``yaml.safe_load``: a regular file (a FIFO must not hang us) of at
-    most :data:`MAX_RECIPE_BYTES`, UTF-8.
-
-    Raises:
-        ConfigError: naming the file: unreadable, too large, not YAML.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"recipe {path} is not a regular file")
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from e
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MB: not a merge recipe")
-    try:
-        return yaml.safe_load(raw.decode("utf-8"))
-    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
-        raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from .. import __version__
 from .recipe import MergeRecipe
 from ..errors import FormatError
 from .inputs import ModelLayout
-from ..io.write import output_errors, render_model_card
+from ..io.write import output_errors
+from .methods import get_method
 
 __all__ = ["ExpertReport", "MergeReport", "RECIPE_FILE", "REPORT_FILE", "CARD_FILE", "copy_side_files", "finish", "local_resolver"]
 
@@ -112,3 +113,47 @@ def finish(tmp: Path, recipe: MergeRecipe, dest: Path, experts: list[ExpertRepor
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return report
+
+
+def _is_repo_id(ref: str) -> bool:
+    parts = ref.split("@")[0].split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
+
+
+def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *, title: str | None = None) -> str:
+    """The merged model's README.md: Hub model-card YAML front matter and a Markdown body.
+
+    Args:
+        report: :meth:`MergeReport.to_dict` output (method, recipe, experts' achieved density).
+        sources: model reference -> resolved commit sha (``None`` for local folders).
+    """
+    import yaml
+
+    recipe = report["recipe"]
+    method = get_method(report["method"])
+    base = recipe.get("base_model")
+    refs = ([base] if base else []) + [m["model"] for m in recipe["models"]]
+    hub_refs = [r.split("@")[0] for r in refs if _is_repo_id(r)]
+    front: dict[str, Any] = {}
+    if hub_refs:
+        front["base_model"] = list(dict.fromkeys(hub_refs))
+        front["base_model_relation"] = "merge"
+    front["library_name"] = "transformers"
+    front["tags"] = list(dict.fromkeys(["merge", "ota", "ota_trainer", method.name]))
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines.append(f"# {title or 'Merged model'}")
+    lines.append("")
+    lines.append(
+        f"Merged with [ota_trainer](https://arxiv.org/abs/2509.11167) {__version__} using **{method.pretty_name}** "
+        f"([reference]({method.reference_url})): {method.description}."
+    )
+    lines += ["", "## Sources", "", "| role | model | commit | FFG density kept |", "| --- | --- | --- | --- |"]
+    if base:
+        lines.append(f"| base | `{base}` | `{sources.get(base) or 'local'}` | - |")
+    for m, e in zip(recipe["models"], report["experts"]):
+        dens = f"{e['density']:.4f}" if e.get("grafted") else "-"
+        lines.append(f"| expert | `{m['model']}` | `{sources.get(m['model']) or 'local'}` | {dens} |")
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    lines.append("Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
+    lines.append("")
+    return "\n".join(lines)

@@ -30,11 +30,11 @@ from typing import Any
 from .. import __version__
 from ..backends.native.backend import NativeBackend
 from ..io.layout import DTYPES, dtype_code
-from ..io.write import OutputDir, StreamingSafetensorsWriter
+from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from .inputs import MergeInputs
-from .recipe import MergeRecipe, parse_size
+from .recipe import MergeRecipe
 from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish
-from .thresholds import Histogram, Threshold
+from ..backends.thresholds import Histogram, Threshold
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import mmap
 import os
 import shutil
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,8 @@ from .. import __version__
 from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
 from ..errors import FormatError, NumericalError
 if TYPE_CHECKING:
-    from ..merger.inputs import MomentsLayout
+    from ..io.folders import MomentsLayout
+from ..io.checkpoint import read_tensor
 from ..io.layout import (  # noqa: F401 - part of this module's API
     COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
     METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
@@ -247,42 +246,6 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     return read_safetensors_layout(path)[0]
 
 
-def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Read one tensor's bytes ``[start, end)`` of an open file into a fresh tensor.
-
-    Plain reads, not a memory map: the result is private (safe to edit in place) and the
-    process's resident memory holds only the tensors alive, not every page it has touched.
-
-    Raises:
-        FormatError: the file ends early.
-    """
-    buf = torch.empty(end - start, dtype=torch.uint8)
-    fh.seek(start)
-    if end > start and fh.readinto(memoryview(buf.numpy())) != end - start:
-        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
-    return buf.view(dtype).reshape(tuple(shape))
-
-
-def map_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    """A READ-ONLY tensor over bytes ``[start, end)`` of an open file, memory-mapped: no copy, the
-    page cache's pages are the tensor. The mapping covers just this tensor and is released with
-    it, so resident memory holds only the tensors alive. Never write into the result.
-
-    Raises:
-        FormatError: the file ends early (a mapping past the end would fault when read).
-    """
-    if end > os.fstat(fh.fileno()).st_size:
-        raise FormatError(f"{path}: truncated while reading a tensor; download or copy it again", path=str(path))
-    if end == start:
-        return torch.empty(tuple(shape), dtype=dtype)
-    lo = start - start % mmap.ALLOCATIONGRANULARITY
-    mm = mmap.mmap(fh.fileno(), end - lo, access=mmap.ACCESS_READ, offset=lo)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": callers only read it
-        flat = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start - lo)
-    return flat.view(dtype).reshape(tuple(shape))  # the tensor keeps the mapping alive
-
-
 class MomentsReader(Mapping[str, torch.Tensor]):
     """Lazy read-only mapping ``name -> v_hat`` over one moments file.
 
@@ -297,7 +260,7 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike | MomentsLayout, *, bias_correction: bool = False, model: str | None = None):
-        from ..merger.inputs import MomentsLayout, open_moments_file
+        from ..io.folders import MomentsLayout, open_moments_file
 
         layout = path if isinstance(path, MomentsLayout) else open_moments_file(path, model)
         self.layout = layout

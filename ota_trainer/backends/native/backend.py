@@ -25,7 +25,7 @@ from typing import Any
 from ...errors import NumericalError, brief
 from ...io import readahead
 from ...io.layout import COL_SUFFIX, DTYPE_SIZES, DTYPES, ROW_SUFFIX, dtype_code, matrix_view, row_total
-from ...merger.thresholds import N_BINS, Histogram
+from ..thresholds import N_BINS, Histogram
 from . import (
     S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, available, float32, library,
     raw_saliency_hist, why_unavailable,

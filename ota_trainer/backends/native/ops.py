@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from ...io.layout import DTYPES, torch_dtype
 from ..torch.ops import Curvature
 from ..torch.ffg import SaliencyHistogram, Score
 from .. import native as _package
-from . import DT_CODES, S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM, _load
+from . import S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM, available, library
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
 
-_DT = {torch.float32: DT_CODES["F32"], torch.bfloat16: DT_CODES["BF16"], torch.float16: DT_CODES["F16"]}
+_DT = {torch_dtype(c): d.kernel for c, d in DTYPES.items() if d.kernel is not None}  # torch dtype -> kernel code
 
 
 def supports(*dtypes: torch.dtype) -> bool:
     """Whether the kernels read/write every one of these dtypes."""
-    lib = _load()
-    if lib is None:
+    if not available():
         return False
-    ok = set(_DT) if lib.ota_native_has_f16() else {torch.float32, torch.bfloat16}
+    ok = set(_DT) if library().ota_native_has_f16() else {torch.float32, torch.bfloat16}
     return all(d in ok for d in dtypes)
 
 

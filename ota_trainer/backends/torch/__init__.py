@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ...errors import NumericalError, brief
 from ...io.checkpoint import ModelFolder
 from ...io.layout import matrix_view
-from ...merger.thresholds import Histogram, Threshold
+from ..thresholds import Histogram, Threshold
 from ...moments.format import MomentsReader, all_finite
 from .. import native
 from .ffg import SaliencyHistogram, Score

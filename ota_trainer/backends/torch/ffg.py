@@ -30,8 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...merger.methods import SCORES
-from ...merger.thresholds import BIN_SHIFT, KEEP_ALL, N_BINS, Threshold, bin_edge, density_bin
+from ..thresholds import BIN_SHIFT, KEEP_ALL, N_BINS, SCORES, Threshold, bin_edge, density_bin
 
 __all__ = [
     "SCORES",

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...backends.thresholds import SCORES
+
 __all__ = ["Param", "MergeMethod", "SCORES", "WEIGHT", "POSITIVE_WEIGHT", "LAMBDA", "EPSILON", "BIAS_CORRECTION",
            "in_unit", "drop_rate", "positive", "non_negative", "finite", "weights_sum"]
 
-SCORES = ("fisher", "magnitude")  # FFG saliency scores
 
 
 # -- range checks: the problem with a value, or None ---------------------------------------------------

@@ -1,6 +1,7 @@
-"""FFG's thresholds: the keep rule (:class:`Threshold`) and the global threshold from a saliency
-histogram (:class:`Histogram`, :func:`density_bin`): pure functions of the bin counts (no
-PyTorch), whichever backend counted them, so every backend picks the same bin.
+"""FFG's saliency bins and thresholds, the contract between the runner and the backends: the
+keep rule (:class:`Threshold`) and the global threshold from a saliency histogram
+(:class:`Histogram`, :func:`density_bin`): pure functions of the bin counts (no PyTorch),
+whichever backend counted them, so every backend picks the same bin.
 
 Bins are ``bits(s) >> 42`` of the float64 saliency ``s`` (1024 bins per octave; bin 0 holds
 the zeros), and a histogram threshold keeps exactly the entries whose bin is at least ``b``:
@@ -13,7 +14,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BIN_SHIFT", "N_BINS", "bin_edge", "density_bin", "Threshold", "KEEP_ALL", "Histogram"]
+__all__ = ["SCORES", "BIN_SHIFT", "N_BINS", "bin_edge", "density_bin", "Threshold", "KEEP_ALL", "Histogram"]
+
+SCORES = ("fisher", "magnitude")  # FFG saliency scores: v * d^2, or d^2 (the paper's ablation)
 
 BIN_SHIFT = 42  # float64 bits >> 42: 11 exponent bits + 10 mantissa bits
 N_BINS = 1 << (63 - BIN_SHIFT)  # 2**21 bins cover every non-negative float64
