@@ -23,4 +23,12 @@ CASES = [
     ("ties", "ties", {"density": 0.3, "lambda": 1.2}, lambda ins, p: ref.ties(ins["base"], ins["experts"], 0.3, 1.2), 1e-6),
     ("dare", "dare", {"drop_rate": 0.6, "seed": 3, "lambda": 0.9},
      lambda ins, p: ref.dare(ins["base"], ins["experts"], 0.6, 3, 0.9), 1e-5),
+    ("dare_ties", "dare_ties", {"density": 0.4, "seed": 7, "lambda": 1.1},
+     lambda ins, p: ref.dare_ties(ins["base"], ins["experts"], 0.4, 7, 1.1), 1e-5),
+    ("dare_linear", "dare_linear", {"density": 0.6, "seed": 2, "lambda": 1.3},
+     lambda ins, p: ref.dare_linear(ins["base"], ins["experts"], 0.6, 2, 1.3), 1e-5),
+    ("breadcrumbs", "breadcrumbs", {"density": 0.3, "gamma": 0.05, "lambda": 0.8},
+     lambda ins, p: ref.breadcrumbs(ins["base"], ins["experts"], 0.3, 0.05, 0.8), 1e-6),
+    ("della", "della", {"density": 0.6, "epsilon": 0.2, "seed": 5, "lambda": 1.2},
+     lambda ins, p: ref.della(ins["base"], ins["experts"], 0.6, 0.2, 5, 1.2), 1e-5),
 ]

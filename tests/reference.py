@@ -122,3 +122,69 @@ def dare(base, experts, q, seed, lam):
             total = total + (e[n] - base[n]) * keep / (1 - q)
         out[n] = base[n] + lam * total
     return out
+
+
+def dare_ties(base, experts, density, seed, lam):
+    """DARE keep mask (dare's stream, kept where u >= 1 - density), rescale by 1/density, then TIES."""
+    out = {}
+    for n in base:
+        dropped = [(e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density for t, e in enumerate(experts)]
+        stacked = torch.stack(dropped)
+        agree = (torch.sign(stacked) == torch.sign(stacked.sum(0))) & (stacked != 0)
+        out[n] = base[n] + lam * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out
+
+
+def dare_linear(base, experts, density, seed, lam):
+    """DARE keep mask and 1/density rescaling, then the task vectors' average (unit weights)."""
+    out = {}
+    for n in base:
+        dropped = [(e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density for t, e in enumerate(experts)]
+        out[n] = base[n] + lam * sum(dropped) / len(experts)
+    return out
+
+
+def breadcrumbs(base, experts, density, gamma, lam):
+    """Per tensor: k_out = round(gamma N) largest |d| dropped (capped at N - k_in), the next
+    k_in = round(density N) kept; ties at an edge go with the larger magnitudes (a value threshold
+    from the descending sort)."""
+    out = {}
+    for n in base:
+        total = torch.zeros_like(base[n])
+        for e in experts:
+            d = e[n] - base[n]
+            a = d.abs().reshape(-1)
+            size = a.numel()
+            k_in = round(density * size)
+            k_out = min(round(gamma * size), size - k_in)
+            s = torch.sort(a, descending=True).values
+            hi = s[k_out - 1] if k_out > 0 else float("inf")
+            lo = s[k_out + k_in - 1] if k_in > 0 else float("inf")
+            total = total + d * ((d.abs() >= lo) & (d.abs() < hi))
+        out[n] = base[n] + lam * total
+    return out
+
+
+def della(base, experts, density, epsilon, seed, lam):
+    """MAGPRUNE per row (rows of the (shape[0], rest) view; a single column or a 1-D tensor is one
+    row): rank r = #entries of the row with smaller |d|, drop probability
+    p = (1 - density) + epsilon (1 - 2 r / (n - 1)), kept where u >= p (dare's stream), rescaled by
+    1/(1 - p); then TIES's election and mean."""
+    out = {}
+    for n in base:
+        pruned = []
+        for t, e in enumerate(experts):
+            d = e[n] - base[n]
+            rows = d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(1, -1)
+            if rows.shape[1] == 1:
+                rows = rows.reshape(1, -1)
+            a = rows.abs()
+            width = a.shape[1]
+            rank = (a[:, None, :] < a[:, :, None]).sum(-1).to(torch.float64)  # [row, i]: #j with a_j < a_i
+            rho = rank / (width - 1) if width > 1 else torch.full_like(a, 0.5)
+            p = ((1 - density) + epsilon * (1 - 2 * rho)).reshape(d.shape)
+            pruned.append(d * bernoulli_keep(seed, n, t, d.shape, p) / (1 - p))
+        stacked = torch.stack(pruned)
+        agree = (torch.sign(stacked) == torch.sign(stacked.sum(0))) & (stacked != 0)
+        out[n] = base[n] + lam * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out

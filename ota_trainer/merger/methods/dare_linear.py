@@ -1,0 +1,49 @@
+"""Linear DARE (Yu et al. 2024; mergekit's ``dare_linear``): drop each task vector's edits at
+random, rescale the kept ones, and add their weighted average to the base.
+
+``density`` is the probability of keeping an edit (``1 - drop_rate`` of :mod:`.dare`), drawn
+from dare's stream, kept edits rescaled by ``1 / density`` (see :mod:`.dare_ties`). The sum of
+the task vectors is normalised by the sum of the weights (mergekit's ``normalize: true``): with
+unit weights this is ``dare`` with ``lambda / T``.
+"""
+from __future__ import annotations
+
+from .base import LAMBDA, WEIGHT, MergeMethod, weights_sum
+from .dare import SEED
+from .dare_ties import DENSITY, dare_keeps, dare_rescale
+
+
+def dare_linear_merge(base, deltas, keeps, weights, densities, lam: float):
+    """``w0 + lam * sum_t c_t d_t B_t / density_t / sum_t c_t`` of float32 tensors (or row
+    blocks, with the matching blocks of the keep masks ``B_t``)."""
+    import torch
+
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError("dare_linear merge: the model weights sum to zero")
+    out = base.to(torch.float32).clone()
+    for d, k, p, c in zip(deltas, keeps, densities, weights):
+        out.add_(dare_rescale(d, k, p), alpha=lam * c / total)
+    return out
+
+
+def merge_torch(job):
+    import torch
+
+    densities = [p["density"] for p in job.model_params]
+    keeps = dare_keeps(job, densities)  # drawn on the whole tensor; the arithmetic is per entry
+
+    def block(rows):
+        w0 = job.w0[rows].float()
+        return dare_linear_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], [k if k is None else k[rows] for k in keeps],
+                                 job.coefs, densities, job.params["lambda"])
+
+    return job.blockwise(block)
+
+
+METHOD = MergeMethod(
+    "dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+    description="keep each edit with probability density (B_t), rescale by 1/density: d̃_t = d_t B_t / density; w0 + λ Σ c_t d̃_t / Σ c_t",
+    needs_base=True, needs_moments=False, params=(DENSITY, SEED, LAMBDA, WEIGHT), torch=merge_torch,
+    check_recipe=weights_sum, order=62,
+)
