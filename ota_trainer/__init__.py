@@ -3,6 +3,7 @@
 Pipeline: capture (OTACallback) -> moments (format, rank-one) -> hub -> merger (recipe, inputs,
 runner, methods) on backends (native kernels, PyTorch) -> io (writer, output folder).
 """
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -33,13 +34,30 @@ __all__ = [
 # ota_trainer` and its light modules (config, readahead, prescan, native's loader) do not load
 # PyTorch: the merge CLI starts its disk reads and its first pass before PyTorch has loaded.
 _LAZY = {
-    "MergeRecipe": "merger.recipe", "ModelEntry": "merger.recipe", "METHODS": "merger.methods",
-    "load_moments": "moments.format", "save_moments": "moments.format", "merge": "merger",
+    "MergeRecipe": "merger.recipe",
+    "ModelEntry": "merger.recipe",
+    "METHODS": "merger.methods",
+    "load_moments": "moments.format",
+    "save_moments": "moments.format",
+    "merge": "merger",
     "MergeReport": "merger.report",
-    "OTACallback": "capture", "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
-    "push_expert": "hub", "publish_folder": "hub",
-    **dict.fromkeys(("ConfigError", "FormatError", "IncompatibleModelsError", "MissingMomentsError",
-                     "NumericalError", "OTAError", "OutputExistsError", "OutputError"), "errors"),
+    "OTACallback": "capture",
+    "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
+    "push_expert": "hub",
+    "publish_folder": "hub",
+    **dict.fromkeys(
+        (
+            "ConfigError",
+            "FormatError",
+            "IncompatibleModelsError",
+            "MissingMomentsError",
+            "NumericalError",
+            "OTAError",
+            "OutputExistsError",
+            "OutputError",
+        ),
+        "errors",
+    ),
 }
 
 

@@ -4,6 +4,7 @@ Every error derives from :class:`OTAError` and from the builtin that fits it, so
 catch either. Each carries the offending file, repo or tensor as attributes and says how to
 fix the problem in its message.
 """
+
 from __future__ import annotations
 
 import reprlib

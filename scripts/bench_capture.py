@@ -26,6 +26,7 @@ Figures only: this is not a test.
 Nothing is downloaded: the models are built from configs with random weights (the shapes are
 what matters for time, memory and size).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,30 @@ sys.path.insert(0, str(REPO))
 
 # Llama shapes of the SmolLM2 family (config.json of HuggingFaceTB/SmolLM2-*), tied embeddings.
 MODELS = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152),
-    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5, vocab_size=49152),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),  # a seconds-long check that the script runs
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
+    "smollm2-360m": dict(
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=49152,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),  # a seconds-long check that the script runs
 }
 DEFAULT_MODELS = ("smollm2-135m", "smollm2-360m")
 TARGET_RANK1_SHARE = 0.005
@@ -85,8 +104,12 @@ def build(name: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=2048, tie_word_embeddings=True,
-                      head_dim=MODELS[name]["hidden_size"] // MODELS[name]["num_attention_heads"])
+    cfg = LlamaConfig(
+        **MODELS[name],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        head_dim=MODELS[name]["hidden_size"] // MODELS[name]["num_attention_heads"],
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -117,8 +140,12 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
         log(f"[{name}] step {i}: {t2 - t0:.2f}s (optimizer.step {t2 - t1:.2f}s), loss {loss.item():.3f}")
     del loss
     row = {
-        "model": name, "params": n_params, "batch": f"{batch}x{seq}", "steps": steps,
-        "step_s": statistics.median(step_s), "optimizer_step_s": statistics.median(opt_s),
+        "model": name,
+        "params": n_params,
+        "batch": f"{batch}x{seq}",
+        "steps": steps,
+        "step_s": statistics.median(step_s),
+        "optimizer_step_s": statistics.median(opt_s),
         "train_rss_mb": _rss_mb(),
     }
 
@@ -133,8 +160,9 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
         before = _rss_mb()
         hwm_before = _status_kb("VmHWM") / 1024
         t0 = time.perf_counter()
-        path = save_optimizer_moments(out, model, opt, compression=compression,
-                                      metadata={"base_model": f"bench/{name}"})
+        path = save_optimizer_moments(
+            out, model, opt, compression=compression, metadata={"base_model": f"bench/{name}"}
+        )
         wall = time.perf_counter() - t0
         peak = _status_kb("VmHWM") / 1024
         assert path == out / MOMENTS_DIR / MOMENTS_FILE, path
@@ -148,8 +176,10 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
             "vs_fp32_weights": size / row["weights_fp32_bytes"],
             "vs_bf16_weights": size / row["weights_bf16_bytes"],
         }
-        log(f"[{name}] {compression}: {wall:.2f}s, +{row[compression]['extra_peak_mb']:.0f} MB peak, "
-            f"{size / 2**20:.2f} MB ({row[compression]['vs_fp32_weights']:.3%} of fp32 weights)")
+        log(
+            f"[{name}] {compression}: {wall:.2f}s, +{row[compression]['extra_peak_mb']:.0f} MB peak, "
+            f"{size / 2**20:.2f} MB ({row[compression]['vs_fp32_weights']:.3%} of fp32 weights)"
+        )
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -176,8 +206,10 @@ def verdicts(rows: list[dict]) -> list[str]:
     for r in rows:
         share = r["rank1"]["vs_fp32_weights"]
         ok = "PASS" if share <= TARGET_RANK1_SHARE else "FAIL"
-        out.append(f"- {r['model']}: rank-one moments {share:.3%} of the fp32 weights "
-                   f"({r['rank1']['vs_bf16_weights']:.3%} of bf16) vs target <= {TARGET_RANK1_SHARE:.1%}: {ok}")
+        out.append(
+            f"- {r['model']}: rank-one moments {share:.3%} of the fp32 weights "
+            f"({r['rank1']['vs_bf16_weights']:.3%} of bf16) vs target <= {TARGET_RANK1_SHARE:.1%}: {ok}"
+        )
     return out
 
 
@@ -203,11 +235,16 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name in args.models:
-            rows.append(bench_model(name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp),
-                                    seed=args.seed, log=log))
+            rows.append(
+                bench_model(
+                    name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp), seed=args.seed, log=log
+                )
+            )
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"bench_capture: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
-          f"load average {load} at the end\n")
+    print(
+        f"bench_capture: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {load} at the end\n"
+    )
     print(table(rows))
     print()
     print("\n".join(verdicts(rows)))

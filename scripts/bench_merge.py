@@ -30,6 +30,7 @@ Checkpoints are cached under ``--work`` (default ``bench_out/``, gitignored), ke
 and reused. The page cache is dropped before every measurement when that works (root);
 otherwise every input is read once before every measurement (warm cache). The table says which.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,7 +149,8 @@ def _write_folder(folder: Path, shape: Shape, make, shard_bytes: int) -> None:
         size += n
     shapes = dict(shape.tensors())
     files = (
-        ["model.safetensors"] if len(shards) == 1
+        ["model.safetensors"]
+        if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     weight_map = {}
@@ -223,8 +225,12 @@ def build_checkpoints(root: Path, shape: Shape, shard_bytes: int, log) -> Path:
             return w.add_(torch.randn(s, generator=g).mul_(NOISE_STD)).to(torch.bfloat16)
 
         _write_folder(folder / expert, shape, expert_tensor, shard_bytes)
-        save_moments(folder / expert, _RankOneMoments(shape, seed=k), compression="rank1",
-                     metadata={"optimizer": "synthetic", "beta2": 0.999, "step": 1000})
+        save_moments(
+            folder / expert,
+            _RankOneMoments(shape, seed=k),
+            compression="rank1",
+            metadata={"optimizer": "synthetic", "beta2": 0.999, "step": 1000},
+        )
     (folder / READY).write_text(json.dumps({"shape": asdict(shape), "params": shape.params}) + "\n")
     log(f"built in {time.perf_counter() - t0:.0f}s")
     return folder
@@ -330,8 +336,14 @@ def measure(cmd: list[str], *, log_file: Path, env: dict | None = None) -> tuple
     result = log_file.with_suffix(".rusage.json")
     result.unlink(missing_ok=True)
     with open(log_file, "w") as out:
-        subprocess.run([sys.executable, "-S", "-E", "-c", LAUNCHER, str(result), *cmd],
-                       stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "-S", "-E", "-c", LAUNCHER, str(result), *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            check=True,
+        )
     r = json.loads(result.read_text())
     return r["wall"], r["cpu"], r["maxrss_kb"] / 1024, r["anon_kb"] / 1024, r["code"]
 
@@ -404,21 +416,36 @@ def ensure_mergekit(venv: Path, log) -> tuple[Path | None, str]:
             # a bare `pip install torch` would pull a CUDA build: install this venv's CPU build first
             # (its exact local version, e.g. 2.13.0+cpu), else the same release
             pip = [str(py), "-m", "pip", "install", "-q"]
-            r = subprocess.run(pip + [f"torch=={_torch_version(local=True)}"], capture_output=True, text=True,
-                               timeout=MERGEKIT_INSTALL_TIMEOUT, check=False)
+            r = subprocess.run(
+                pip + [f"torch=={_torch_version(local=True)}"],
+                capture_output=True,
+                text=True,
+                timeout=MERGEKIT_INSTALL_TIMEOUT,
+                check=False,
+            )
             if r.returncode != 0:
-                subprocess.run(pip + [f"torch=={_torch_version()}"], check=True, capture_output=True, text=True,
-                               timeout=MERGEKIT_INSTALL_TIMEOUT)
-            subprocess.run(pip + ["mergekit"],
-                           check=True, capture_output=True, text=True, timeout=MERGEKIT_INSTALL_TIMEOUT)
+                subprocess.run(
+                    pip + [f"torch=={_torch_version()}"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=MERGEKIT_INSTALL_TIMEOUT,
+                )
+            subprocess.run(
+                pip + ["mergekit"], check=True, capture_output=True, text=True, timeout=MERGEKIT_INSTALL_TIMEOUT
+            )
         except subprocess.CalledProcessError as e:
             return None, f"installing mergekit failed: {(e.stderr or '').strip().splitlines()[-1:] or e}"
         except subprocess.TimeoutExpired:
             return None, "installing mergekit timed out"
         if not exe.is_file():
             return None, f"mergekit installed but {exe} is missing"
-    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return exe, r.stdout.strip() or "unknown version"
 
 
@@ -456,8 +483,13 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
         if MERGE_CLI.is_file():
             cmd = [py, str(MERGE_CLI), "--recipe", str(recipe), "--out", str(out), "--overwrite", "--quiet"]
         else:
-            cmd = [py, "-c", "import sys, ota_trainer; ota_trainer.merge(sys.argv[1], sys.argv[2], overwrite=True, quiet=True)",
-                   str(recipe), str(out)]
+            cmd = [
+                py,
+                "-c",
+                "import sys, ota_trainer; ota_trainer.merge(sys.argv[1], sys.argv[2], overwrite=True, quiet=True)",
+                str(recipe),
+                str(out),
+            ]
         contenders.append((f"ours: {method}", cmd, input_files(ckpt, moments=method == "ota"), out, ""))
     if args.mergekit:
         cfg = logs / "mergekit_ties.yml"
@@ -485,7 +517,8 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             else:
                 os.sync()
                 warm(files)
-            log_file = logs / f"{name.replace(': ', '_').replace(' ', '_').replace('(', '').replace(')', '').replace('+', '_')}.{rep}.log"
+            slug = name.replace(": ", "_").replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
+            log_file = logs / f"{slug}.{rep}.log"
             load = os.getloadavg()[0]
             wall, cpu, rss, anon, code = measure(cmd, log_file=log_file, env=env)
             t = time.perf_counter()
@@ -497,8 +530,10 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
                 break
             results.append((wall, sync, cpu, rss, anon))
             run.load.append(round(load, 2))
-            log(f"[{label}] {name}: {wall:.1f}s wall (+{sync:.1f}s sync), {cpu:.1f}s cpu, peak RSS {rss:.0f} MB, "
-                f"anon {anon:.0f} MB (load average {load:.1f} at start)")
+            log(
+                f"[{label}] {name}: {wall:.1f}s wall (+{sync:.1f}s sync), {cpu:.1f}s cpu, peak RSS {rss:.0f} MB, "
+                f"anon {anon:.0f} MB (load average {load:.1f} at start)"
+            )
         if results and run.error is None:
             best = min(results)  # best wall of the repeats (least disturbed by other work), with that run's figures
             run.wall_s, run.sync_s, run.cpu_s, run.peak_rss_mb, run.peak_anon_mb = best
@@ -516,9 +551,15 @@ def engine_state() -> str:
     for f in sorted((REPO / "ota_trainer").rglob("*.py")):
         digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     git = ["git", "-C", str(REPO)]
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(git + ["status", "--porcelain", "--", "ota_trainer"], capture_output=True, text=True, check=False).stdout
-    return f"{head or 'no git'}{' + uncommitted edits' if dirty.strip() else ''}, sources sha256 {digest.hexdigest()[:12]}"
+    head = subprocess.run(
+        git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        git + ["status", "--porcelain", "--", "ota_trainer"], capture_output=True, text=True, check=False
+    ).stdout
+    return (
+        f"{head or 'no git'}{' + uncommitted edits' if dirty.strip() else ''}, sources sha256 {digest.hexdigest()[:12]}"
+    )
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
@@ -533,22 +574,32 @@ def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
     """The Markdown table and the verdicts."""
     by = {(r.model, r.contender): r for r in runs}
     lines = [
-        ("| contender | model | wall s | +sync s | cpu s | peak RSS MB | peak anon MB | load avg | wall vs copy limit "
-         "| wall vs mergekit TIES | cpu vs mergekit TIES |"),
+        (
+            "| contender | model | wall s | +sync s | cpu s | peak RSS MB | peak anon MB | load avg "
+            "| wall vs copy limit | wall vs mergekit TIES | cpu vs mergekit TIES |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts: dict[str, dict] = {}
     for label in labels:
         mk = by.get((label, "mergekit: ties"))
         for r in [r for r in runs if r.model == label]:
-            copy = by.get((label, "copy limit (weights+moments)" if r.contender == "ours: ota" else "copy limit (weights)"))
+            copy = by.get(
+                (label, "copy limit (weights+moments)" if r.contender == "ours: ota" else "copy limit (weights)")
+            )
             vs_copy = r.wall_s / copy.wall_s if r.wall_s and copy and copy.wall_s else None
             vs_mk = r.wall_s / mk.wall_s if r.wall_s and mk and mk.wall_s else None
             cpu_vs_mk = r.cpu_s / mk.cpu_s if r.cpu_s and mk and mk.cpu_s else None
             show_copy = r.contender.startswith(("ours", "mergekit"))
             cells = [
-                r.contender, f"{label} ({r.params / 1e6:.0f}M)", _fmt(r.wall_s), _fmt(r.sync_s), _fmt(r.cpu_s),
-                _fmt(r.peak_rss_mb, ".0f"), _fmt(r.peak_anon_mb, ".0f"), "/".join(f"{x:.1f}" for x in r.load) or "n/a",
+                r.contender,
+                f"{label} ({r.params / 1e6:.0f}M)",
+                _fmt(r.wall_s),
+                _fmt(r.sync_s),
+                _fmt(r.cpu_s),
+                _fmt(r.peak_rss_mb, ".0f"),
+                _fmt(r.peak_anon_mb, ".0f"),
+                "/".join(f"{x:.1f}" for x in r.load) or "n/a",
                 (_fmt(vs_copy, ".2f") + "x") if show_copy and vs_copy else "",
                 (_fmt(vs_mk, ".2f") + "x") if r.contender.startswith("ours") and vs_mk else "",
                 (_fmt(cpu_vs_mk, ".2f") + "x") if r.contender.startswith("ours") and cpu_vs_mk else "",
@@ -558,21 +609,34 @@ def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
             lines.append("| " + " | ".join(cells) + " |")
             if r.contender.startswith("ours"):
                 verdicts.setdefault(r.contender, {})[label] = {
-                    "vs_copy": vs_copy, "vs_copy_ok": None if vs_copy is None else vs_copy <= TARGET_VS_COPY,
-                    "vs_mergekit": vs_mk, "vs_mergekit_ok": None if vs_mk is None else vs_mk <= TARGET_VS_MERGEKIT,
+                    "vs_copy": vs_copy,
+                    "vs_copy_ok": None if vs_copy is None else vs_copy <= TARGET_VS_COPY,
+                    "vs_mergekit": vs_mk,
+                    "vs_mergekit_ok": None if vs_mk is None else vs_mk <= TARGET_VS_MERGEKIT,
                     "cpu_vs_mergekit": cpu_vs_mk,
                 }
     lines.append("")
     lines.append("| target | " + " | ".join(f"{c} ({label})" for c in verdicts for label in labels) + " |")
     lines.append("|---|" + "---|" * sum(len(labels) for _ in verdicts))
-    row1 = [f"{_verdict(verdicts[c][label]['vs_copy_ok'])} {_fmt(verdicts[c][label]['vs_copy'], '.2f')}x" for c in verdicts for label in labels]
-    row2 = [f"{_verdict(verdicts[c][label]['vs_mergekit_ok'])} {_fmt(verdicts[c][label]['vs_mergekit'], '.2f')}x" for c in verdicts for label in labels]
+    row1 = [
+        f"{_verdict(verdicts[c][label]['vs_copy_ok'])} {_fmt(verdicts[c][label]['vs_copy'], '.2f')}x"
+        for c in verdicts
+        for label in labels
+    ]
+    row2 = [
+        f"{_verdict(verdicts[c][label]['vs_mergekit_ok'])} {_fmt(verdicts[c][label]['vs_mergekit'], '.2f')}x"
+        for c in verdicts
+        for label in labels
+    ]
     lines.append(f"| wall <= {TARGET_VS_COPY}x copy limit | " + " | ".join(row1) + " |")
     lines.append(f"| wall <= {TARGET_VS_MERGEKIT}x mergekit TIES | " + " | ".join(row2) + " |")
     growth: dict[str, dict] = {}
     if len(labels) == 2:
         lines.append("")
-        lines.append(f"| contender | peak RSS {labels[0]} MB | peak RSS {labels[1]} MB | growth when depth doubles | < {TARGET_RSS_GROWTH:.0%} |")
+        lines.append(
+            f"| contender | peak RSS {labels[0]} MB | peak RSS {labels[1]} MB | growth when depth doubles "
+            f"| < {TARGET_RSS_GROWTH:.0%} |"
+        )
         lines.append("|---|---:|---:|---:|---|")
         for c in dict.fromkeys(r.contender for r in runs):
             a, b = by.get((labels[0], c)), by.get((labels[1], c))
@@ -580,16 +644,27 @@ def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
             ok = None if g is None else g < TARGET_RSS_GROWTH
             growth[c] = {"growth": g, "ok": ok}
             verdict = _verdict(ok) if c.startswith("ours") else "(info)"
-            lines.append(f"| {c} | {_fmt(a.peak_rss_mb if a else None, '.0f')} | {_fmt(b.peak_rss_mb if b else None, '.0f')} | "
-                         f"{'n/a' if g is None else f'{g:+.1%}'} | {verdict} |")
+            lines.append(
+                f"| {c} | {_fmt(a.peak_rss_mb if a else None, '.0f')} | {_fmt(b.peak_rss_mb if b else None, '.0f')} | "
+                f"{'n/a' if g is None else f'{g:+.1%}'} | {verdict} |"
+            )
     return "\n".join(lines), {"ratios": verdicts, "rss_growth": growth}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", type=float, default=None, help="target parameter count of the base model (default 0.5e9; 5e7 with --small)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--params",
+        type=float,
+        default=None,
+        help="target parameter count of the base model (default 0.5e9; 5e7 with --small)",
+    )
     p.add_argument("--small", action="store_true", help="quick sanity run: ~50M parameters, width 512")
-    p.add_argument("--depth-multiplier", type=int, default=2, help="also run a variant with this many times the layers (1: skip)")
+    p.add_argument(
+        "--depth-multiplier", type=int, default=2, help="also run a variant with this many times the layers (1: skip)"
+    )
     p.add_argument("--hidden", type=int, help="hidden size (default 1024; 512 with --small)")
     p.add_argument("--intermediate", type=int, help="MLP size (default 2816; 1408 with --small)")
     p.add_argument("--vocab", type=int, default=32000)
@@ -597,19 +672,41 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, help="key/value heads (default: heads)")
     p.add_argument("--in-shard-size", default="500MB", help="shard size of the synthetic inputs (default 500MB)")
     p.add_argument("--methods", nargs="+", default=["ota", "ties"], choices=["ota", "ties"], help="our methods to time")
-    p.add_argument("--experts", type=int, default=2, help="experts merged with the base (default 2; the paper merges 5)")
+    p.add_argument(
+        "--experts", type=int, default=2, help="experts merged with the base (default 2; the paper merges 5)"
+    )
     p.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's TIES")
     p.add_argument("--mergekit-venv", help="venv holding mergekit (default <work>/mergekit-venv, created on first use)")
-    p.add_argument("--mergekit-flags", nargs=argparse.REMAINDER, default=None,
-                   help=f"flags for mergekit-yaml after CONFIG OUT; must come last (default: {' '.join(MERGEKIT_FLAGS)}: "
-                        "its defaults on CPU, no tokenizer to copy, no progress bars as for ours)")
-    p.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
-                   help="page cache before each run: cold (drop it; needs root), warm (read inputs first); auto: cold if possible")
-    p.add_argument("--repeat", type=int, default=1, help="runs per contender; the best wall time is reported, for every contender alike")
-    p.add_argument("--work", default=str(REPO / "bench_out"), help="cache of checkpoints, outputs and logs (default bench_out/)")
+    p.add_argument(
+        "--mergekit-flags",
+        nargs=argparse.REMAINDER,
+        default=None,
+        help=f"flags for mergekit-yaml after CONFIG OUT; must come last (default: {' '.join(MERGEKIT_FLAGS)}: "
+        "its defaults on CPU, no tokenizer to copy, no progress bars as for ours)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=["auto", "cold", "warm"],
+        default="auto",
+        help="page cache before each run: cold (drop it; needs root), warm (read inputs first); auto: cold if possible",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per contender; the best wall time is reported, for every contender alike",
+    )
+    p.add_argument(
+        "--work", default=str(REPO / "bench_out"), help="cache of checkpoints, outputs and logs (default bench_out/)"
+    )
     p.add_argument("--keep-outputs", action="store_true", help="keep merged outputs under <work>/outputs")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for every contender alike (e.g. MALLOC_MMAP_THRESHOLD_=...); repeatable")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for every contender alike (e.g. MALLOC_MMAP_THRESHOLD_=...); repeatable",
+    )
     p.add_argument("--json", help="also write every figure to this JSON file")
     return p
 
@@ -636,8 +733,13 @@ def main(argv: list[str] | None = None) -> int:
     params = args.params or (5e7 if small else 5e8)
     hidden = args.hidden or (512 if small else 1024)
     heads = args.heads or hidden // 64
-    width = {"hidden": hidden, "intermediate": args.intermediate or (1408 if small else 2816), "vocab": args.vocab,
-             "heads": heads, "kv_heads": args.kv_heads or heads}
+    width = {
+        "hidden": hidden,
+        "intermediate": args.intermediate or (1408 if small else 2816),
+        "vocab": args.vocab,
+        "heads": heads,
+        "kv_heads": args.kv_heads or heads,
+    }
     shape = shape_for(params, **width)
     shapes = [(f"{shape.layers} layers", shape)]
     if args.depth_multiplier > 1:
@@ -683,28 +785,42 @@ def main(argv: list[str] | None = None) -> int:
         log(engine_note[2:])
     cpu = os.cpu_count()
     header = [
-        (f"# bench_merge: {', '.join(f'{l} = {s.params / 1e6:.1f}M params' for l, s in shapes)} "
-         f"(hidden {shape.hidden}, MLP {shape.intermediate}, vocab {shape.vocab}, bf16, base + {len(EXPERTS)} experts)"),
+        (
+            f"# bench_merge: {', '.join(f'{label} = {s.params / 1e6:.1f}M params' for label, s in shapes)} "
+            f"(hidden {shape.hidden}, MLP {shape.intermediate}, vocab {shape.vocab}, bf16, "
+            f"base + {len(EXPERTS)} experts)"
+        ),
         "",
-        (f"- page cache: {cache} before every run "
-         f"({'dropped with sync + drop_caches' if cache == 'cold' else 'inputs read once first'}); "
-         f"wall = process start to exit (best of {args.repeat} run(s) per contender); "
-         "+sync = os.sync() right after (flushing the output), not in the ratios"),
-        "- peak RSS = the child's ru_maxrss (includes file pages it mapped); peak anon = polled RssAnon (heap), a lower bound",
-        (f"- machine: {cpu} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}; ours via "
-         f"{'scripts/merge_from_hub.py' if MERGE_CLI.is_file() else 'ota_trainer.merge'}; "
-         f"mergekit {mergekit_info if mergekit or not args.mergekit else 'n/a: ' + mergekit_info}"),
-        (f"- load avg = 1-minute load average when each run started ({cpu} CPUs; other work on the machine inflates wall times)"
-         + (f"; environment for every contender: {args.env}" if args.env else "")),
+        (
+            f"- page cache: {cache} before every run "
+            f"({'dropped with sync + drop_caches' if cache == 'cold' else 'inputs read once first'}); "
+            f"wall = process start to exit (best of {args.repeat} run(s) per contender); "
+            "+sync = os.sync() right after (flushing the output), not in the ratios"
+        ),
+        "- peak RSS = the child's ru_maxrss (includes file pages it mapped); "
+        "peak anon = polled RssAnon (heap), a lower bound",
+        (
+            f"- machine: {cpu} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}; ours via "
+            f"{'scripts/merge_from_hub.py' if MERGE_CLI.is_file() else 'ota_trainer.merge'}; "
+            f"mergekit {mergekit_info if mergekit or not args.mergekit else 'n/a: ' + mergekit_info}"
+        ),
+        (
+            f"- load avg = 1-minute load average when each run started "
+            f"({cpu} CPUs; other work on the machine inflates wall times)"
+            + (f"; environment for every contender: {args.env}" if args.env else "")
+        ),
         engine_note,
-        f"- density {DENSITY} for ota (global FFG, rank-one moments), ties and mergekit ties (normalize: true, weight 1)",
+        f"- density {DENSITY} for ota (global FFG, rank-one moments), ties and mergekit ties "
+        "(normalize: true, weight 1)",
         "",
     ]
-    commands = [f"- {r.contender}: `{r.command}`" for r in runs if r.model == labels[0] and not r.contender.startswith("copy")]
+    commands = [
+        f"- {r.contender}: `{r.command}`" for r in runs if r.model == labels[0] and not r.contender.startswith("copy")
+    ]
     print("\n".join(header) + table + "\n\nCommands (first size):\n" + "\n".join(commands))
     if args.json:
         data = {
-            "shapes": {l: {**asdict(s), "params": s.params} for l, s in shapes},
+            "shapes": {label: {**asdict(s), "params": s.params} for label, s in shapes},
             "cache": cache,
             "mergekit": mergekit_info,
             "engine": {"before": engine_before, "after": engine_after},

@@ -18,6 +18,7 @@ Stages (all offline):
    and written as Markdown, JSON and a PNG bar chart;
 6. the best merge is published to the loopback Hub with its model card.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,14 @@ def settings(args) -> dict:
         return {"steps": 2, "n_eval": 4, "methods": SMOKE_METHODS, "batch": 4, "n_train": 64, "cross": True}
     if args.quick:
         return {"steps": 8, "n_eval": 12, "methods": QUICK_METHODS, "batch": 8, "n_train": 256, "cross": False}
-    return {"steps": args.steps, "n_eval": args.n_eval, "methods": tuple(METHODS), "batch": 8, "n_train": 2000, "cross": True}
+    return {
+        "steps": args.steps,
+        "n_eval": args.n_eval,
+        "methods": tuple(METHODS),
+        "batch": 8,
+        "n_train": 2000,
+        "cross": True,
+    }
 
 
 def prepare_base(args, out: Path) -> Path:
@@ -134,13 +142,20 @@ def main() -> int:
     hub.start()
     env = dict(os.environ)
     env.update(
-        HF_ENDPOINT=hub.url, HF_HOME=str(out / "hf_home"), HF_TOKEN=token, HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(out / "hf_home"),
+        HF_TOKEN=token,
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
     )
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the demo talks to its own loopback Hub
         env.pop(key, None)
         os.environ.pop(key, None)
-    os.environ.update({k: env[k] for k in ("HF_ENDPOINT", "HF_HOME", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")})
+    os.environ.update(
+        {k: env[k] for k in ("HF_ENDPOINT", "HF_HOME", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_DISABLE_TELEMETRY")}
+    )
     try:
         return _pipeline(args, cfg, out, env, stage, t0, hub)
     finally:
@@ -151,10 +166,10 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from ota_trainer.moments.format import convert_moments, has_moments
     from huggingface_hub import HfApi
 
     from ota_trainer.hub import publish_folder, push_expert
+    from ota_trainer.moments.format import convert_moments, has_moments
 
     with stage("base model"):
         base = prepare_base(args, Path(args.out))
@@ -169,16 +184,44 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
             repo = f"{NS}/expert-{task}"
             stamp = folder / "ota_demo_stamp.json"
             want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
-            cached = not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
+            cached = (
+                not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
+            )
             if not cached:
                 shutil.rmtree(folder, ignore_errors=True)
                 t = time.perf_counter()
-                run([sys.executable, str(ROOT / "scripts" / "train_sft.py"), "--config", str(ROOT / "sft_configs" / f"smollm2_cpu_{task}.yaml"),
-                     "--model", str(base), "--sft.output_dir", str(folder), "--sft.max_steps", str(cfg["steps"]),
-                     "--sft.warmup_steps", str(max(1, cfg["steps"] // 10)), "--sft.per_device_train_batch_size", str(cfg["batch"]),
-                     "--dataset.n", str(cfg["n_train"]), "--sft.push_to_hub", "true", "--sft.hub_model_id", repo,
-                     "--sft.logging_steps", "5", "--ota.compression", "full", "--ota.base_model", base_repo],
-                    env, out / "logs" / f"train_{task}.log")
+                run(
+                    [
+                        sys.executable,
+                        str(ROOT / "scripts" / "train_sft.py"),
+                        "--config",
+                        str(ROOT / "sft_configs" / f"smollm2_cpu_{task}.yaml"),
+                        "--model",
+                        str(base),
+                        "--sft.output_dir",
+                        str(folder),
+                        "--sft.max_steps",
+                        str(cfg["steps"]),
+                        "--sft.warmup_steps",
+                        str(max(1, cfg["steps"] // 10)),
+                        "--sft.per_device_train_batch_size",
+                        str(cfg["batch"]),
+                        "--dataset.n",
+                        str(cfg["n_train"]),
+                        "--sft.push_to_hub",
+                        "true",
+                        "--sft.hub_model_id",
+                        repo,
+                        "--sft.logging_steps",
+                        "5",
+                        "--ota.compression",
+                        "full",
+                        "--ota.base_model",
+                        base_repo,
+                    ],
+                    env,
+                    out / "logs" / f"train_{task}.log",
+                )
                 stamp.write_text(json.dumps(want))
                 print(f"      {task}: trained in {time.perf_counter() - t:.0f}s -> {repo}")
             else:
@@ -198,7 +241,16 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
         for label in cfg["methods"]:
             variant, flags = METHODS[label]
             dest = out / "merged" / label
-            cmd = [sys.executable, str(ROOT / "scripts" / "merge_from_hub.py"), "--base", base_repo, "--out", str(dest), "--overwrite", "--quiet"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "scripts" / "merge_from_hub.py"),
+                "--base",
+                base_repo,
+                "--out",
+                str(dest),
+                "--overwrite",
+                "--quiet",
+            ]
             for task in TASK_NAMES:
                 cmd += ["--expert", experts[task][variant]]
             t = time.perf_counter()
@@ -226,8 +278,19 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
         table = _table(rows, cfg, mode)
         print(table)
         (out / "results.md").write_text(table + "\n")
-        (out / "results.json").write_text(json.dumps({"mode": mode, "settings": cfg, "scores": rows, "samples": samples,
-                                                      "normalised": {m: _avg_norm(rows, m) for m in rows}}, indent=1, default=list))
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "mode": mode,
+                    "settings": cfg,
+                    "scores": rows,
+                    "samples": samples,
+                    "normalised": {m: _avg_norm(rows, m) for m in rows},
+                },
+                indent=1,
+                default=list,
+            )
+        )
         _plot(rows, out / "results.png")
         print(f"      written: {out / 'results.md'}, results.json, results.png")
 
@@ -253,13 +316,20 @@ def _avg_norm(rows, model):
 
 def _table(rows, cfg, mode) -> str:
     head = "| model | " + " | ".join(TASK_NAMES) + " | avg normalised |"
-    lines = [f"Demo results ({mode}; {cfg['steps']} steps per expert, {cfg['n_eval']} prompts per capability, seed 0, {time.strftime('%Y-%m-%d')})", "", head,
-             "|" + " --- |" * (len(TASK_NAMES) + 2)]
+    lines = [
+        f"Demo results ({mode}; {cfg['steps']} steps per expert, {cfg['n_eval']} prompts per capability, "
+        f"seed 0, {time.strftime('%Y-%m-%d')})",
+        "",
+        head,
+        "|" + " --- |" * (len(TASK_NAMES) + 2),
+    ]
     for model, scores in rows.items():
         cells = [f"{scores[t]:.2f}" if t in scores else "-" for t in TASK_NAMES]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {_avg_norm(rows, model):.2f} |")
     lines.append("")
-    lines.append("Raw scores are the fraction of held-out prompts solved; normalised = score / the capability's expert score.")
+    lines.append(
+        "Raw scores are the fraction of held-out prompts solved; normalised = score / the capability's expert score."
+    )
     return "\n".join(lines)
 
 

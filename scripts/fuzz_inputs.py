@@ -10,6 +10,7 @@ headers, metadata, bytes, values, index files, config.json, links or the recipe
 nothing left behind, or in exactly the pure PyTorch engine's merge. Prints how the cases
 ended and every failure found (with hypothesis's shrunk example); exits 1 if any.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from fuzzing import build_template, check_case, mutations, recipes
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
-
-    from fuzzing import build_template, check_case, mutations, recipes
 
     torch.set_num_threads(1)
     outcomes: collections.Counter[str] = collections.Counter()
@@ -43,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         template = build_template(Path(root) / "template")
 
         @seed(args.seed)
-        @settings(max_examples=args.cases, deadline=None, database=None, print_blob=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=args.cases,
+            deadline=None,
+            database=None,
+            print_blob=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(recipe=recipes(), changes=st.lists(mutations, min_size=1, max_size=3))
         def run(recipe, changes):
             outcomes[check_case(template, recipe, changes)] += 1
@@ -76,7 +81,9 @@ def _cpu() -> str:
             text = f.read()
     except OSError:
         return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown"
+    )
     return f"{name}, {'AVX-512' if 'avx512f' in text else 'AVX2' if 'avx2' in text else 'no AVX2'}"
 
 

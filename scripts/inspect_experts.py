@@ -12,6 +12,7 @@ matplotlib: pip install 'ota_trainer[plots]'.
 
 An ota_trainer error exits with status 2 and one line on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,36 +24,71 @@ import sys
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inspect_experts.py",
-        description="Where Fast Fisher Grafting cuts and how experts' curvature overlaps (diagnostics.json, summary.md, PNGs).",
+        description="Where Fast Fisher Grafting cuts and how experts' curvature overlaps "
+        "(diagnostics.json, summary.md, PNGs).",
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", required=True, help="base model folder or Hub repo id (org/name[@revision])")
-    p.add_argument("--expert", action="extend", nargs="+", required=True, metavar="DIR",
-                   help="expert folder(s) or repo id(s), with ota/moments.safetensors for the FFG and curvature diagnostics (repeatable)")
-    p.add_argument("--density", type=float, default=0.4, help="fraction of each expert's entries kept by FFG and by magnitude pruning, global threshold (default 0.4)")
-    p.add_argument("--topk", type=float, default=0.1, help="fraction of each tensor's entries counted as top curvature (default 0.1)")
-    p.add_argument("--no-bias-correction", dest="bias_correction", action="store_false", help="use v as stored (default: divide by 1 - beta2**step, as the merge does)")
+    p.add_argument(
+        "--expert",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="expert folder(s) or repo id(s), with ota/moments.safetensors for the FFG and curvature diagnostics "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--density",
+        type=float,
+        default=0.4,
+        help="fraction of each expert's entries kept by FFG and by magnitude pruning, global threshold (default 0.4)",
+    )
+    p.add_argument(
+        "--topk",
+        type=float,
+        default=0.1,
+        help="fraction of each tensor's entries counted as top curvature (default 0.1)",
+    )
+    p.add_argument(
+        "--no-bias-correction",
+        dest="bias_correction",
+        action="store_false",
+        help="use v as stored (default: divide by 1 - beta2**step, as the merge does)",
+    )
     p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
-    p.add_argument("--no-plots", action="store_true", help="write diagnostics.json and summary.md only (no matplotlib needed)")
+    p.add_argument(
+        "--no-plots", action="store_true", help="write diagnostics.json and summary.md only (no matplotlib needed)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
-        print("error: the figures need matplotlib: pip install 'ota_trainer[plots]', or pass --no-plots", file=sys.stderr)
+        print(
+            "error: the figures need matplotlib: pip install 'ota_trainer[plots]', or pass --no-plots", file=sys.stderr
+        )
         return 2
     from ota_trainer.diagnostics import inspect_experts, write_diagnostics
     from ota_trainer.errors import OTAError
     from ota_trainer.hub import HubResolver
 
     try:
-        diag = inspect_experts(args.base, args.expert, density=args.density, topk=args.topk,
-                               bias_correction=args.bias_correction, quiet=args.quiet,
-                               resolver=HubResolver(need_moments=True))  # folders or repo ids (org/name[@rev])
+        diag = inspect_experts(
+            args.base,
+            args.expert,
+            density=args.density,
+            topk=args.topk,
+            bias_correction=args.bias_correction,
+            quiet=args.quiet,
+            resolver=HubResolver(need_moments=True),
+        )  # folders or repo ids (org/name[@rev])
         files = write_diagnostics(diag, args.out, plots=not args.no_plots)
     except OTAError as e:
         print(f"error: {e}", file=sys.stderr)

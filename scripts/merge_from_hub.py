@@ -6,6 +6,7 @@
 
 Run with --help for every flag.
 """
+
 import os
 import sys
 

@@ -11,6 +11,7 @@ evaluated on its capability's held-out prompts, and the saliency-share rules (ke
 edits holding a share of the expert's total saliency; no density to tune) are added for
 comparison. Writes sweep.md, sweep.json and sweep.png to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from ota_trainer import merge
     from ota_demo.evaluate import evaluate_model
+
+    from ota_trainer import merge
     from ota_trainer.errors import OTAError
     from ota_trainer.hub import HubResolver
 
@@ -51,18 +53,36 @@ def main(argv: list[str] | None = None) -> int:
         runs += [("fisher", "saliency_share", s) for s in shares]
         for score, rule, value in runs:
             with tempfile.TemporaryDirectory(dir=out) as tmp:
-                recipe = {"method": "ota", "base_model": args.base, "models": [args.expert],
-                          "parameters": {"score": score, rule: value}}
+                recipe = {
+                    "method": "ota",
+                    "base_model": args.base,
+                    "models": [args.expert],
+                    "parameters": {"score": score, rule: value},
+                }
                 report = merge(recipe, Path(tmp) / "m", quiet=True, resolver=resolver)
                 res = evaluate_model(Path(tmp) / "m", [args.task], n=args.n_eval, tokenizer_folder=tokenizer)[args.task]
-            rows.append({"score": score, "rule": rule, "value": value, "density": report.experts[0].density, "task_score": res.score})
-            print(f"{score:9s} {rule}={value:<5} kept {rows[-1]['density']:.4f}  {args.task} {res.score:.3f}", flush=True)
+            rows.append(
+                {
+                    "score": score,
+                    "rule": rule,
+                    "value": value,
+                    "density": report.experts[0].density,
+                    "task_score": res.score,
+                }
+            )
+            print(
+                f"{score:9s} {rule}={value:<5} kept {rows[-1]['density']:.4f}  {args.task} {res.score:.3f}", flush=True
+            )
     except OTAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     (out / "sweep.json").write_text(json.dumps({"task": args.task, "expert": args.expert, "rows": rows}, indent=1))
-    lines = [f"FFG vs magnitude pruning: {args.expert} on {args.task} ({args.n_eval} held-out prompts)", "",
-             "| density | FFG (fisher) | magnitude |", "| --- | --- | --- |"]
+    lines = [
+        f"FFG vs magnitude pruning: {args.expert} on {args.task} ({args.n_eval} held-out prompts)",
+        "",
+        "| density | FFG (fisher) | magnitude |",
+        "| --- | --- | --- |",
+    ]
     for d in densities:
         f = next(r for r in rows if r["score"] == "fisher" and r["rule"] == "density" and r["value"] == d)
         m = next(r for r in rows if r["score"] == "magnitude" and r["value"] == d)
@@ -85,11 +105,18 @@ def _plot(rows, densities, args, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for score, style in (("fisher", "o-"), ("magnitude", "s--")):
         pts = [(r["density"], r["task_score"]) for r in rows if r["score"] == score and r["rule"] == "density"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label="FFG (v·d²)" if score == "fisher" else "magnitude (|d|)")
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            style,
+            label="FFG (v·d²)" if score == "fisher" else "magnitude (|d|)",
+        )
     for r in rows:
         if r["rule"] == "saliency_share":
             ax.plot(r["density"], r["task_score"], "k*", markersize=12)
-            ax.annotate(f"share {r['value']}", (r["density"], r["task_score"]), textcoords="offset points", xytext=(5, 5))
+            ax.annotate(
+                f"share {r['value']}", (r["density"], r["task_score"]), textcoords="offset points", xytext=(5, 5)
+            )
     ax.set_xscale("log")
     ax.set_xlabel("fraction of edits kept (density, log scale)")
     ax.set_ylabel(f"{args.task}: held-out prompts solved (fraction)")

@@ -19,6 +19,7 @@ A config is a YAML file with four sections:
 Overrides: ``--section.key value`` (YAML-parsed), or ``--model X``. The resolved config is
 written to ``<output_dir>/ota_train_config.yaml``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,9 @@ def load_training_data(spec: dict[str, Any]):
     for part in parts:
         if "path" not in part:
             raise ConfigError(f"dataset entry {part!r} needs 'builtin', 'path' or 'mixture'")
-        ds = load_dataset(part["path"], part.get("name"), split=part.get("split", "train"), data_files=part.get("data_files"))
+        ds = load_dataset(
+            part["path"], part.get("name"), split=part.get("split", "train"), data_files=part.get("data_files")
+        )
         if part.get("filter_source"):
             ds = ds.filter(lambda r, s=part["filter_source"]: r.get("source") in s)
         if part.get("fraction") is not None:
@@ -114,7 +117,11 @@ def train(cfg: dict[str, Any]):
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     data = load_training_data(cfg.get("dataset") or {})
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[OTACallback(**(cfg.get("ota") or {}))]
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[OTACallback(**(cfg.get("ota") or {}))],
     )
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "ota_train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Llama models, experts and moments built from configs (no downloads)."""
+
 from __future__ import annotations
 
 import os
@@ -47,6 +48,9 @@ def bf16_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bf16")
     base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
-    return {"base": base, "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
-            "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
-            "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None)}
+    return {
+        "base": base,
+        "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
+        "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
+        "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None),
+    }

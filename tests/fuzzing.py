@@ -6,7 +6,8 @@ header fields (dtype, shape, data_offsets), header entries, metadata JSON (safet
 moments), raw bytes (header length, header text, data), tensor values (NaN, Inf, negative,
 huge, subnormal), index files, config.json, links out of the folder, the recipe, and the
 same change in every model at once; and valid but unusual inputs the kernels must handle
-(tensors reshaped to empty, scalar, 3-D... in every model, mixed float dtypes). The property (:func:`check_case`): the merge ends either
+(tensors reshaped to empty, scalar, 3-D... in every model, mixed float dtypes). The property
+(:func:`check_case`): the merge ends either
 
 - in an :class:`~ota_trainer.errors.OTAError` of one short line, with nothing at ``--out`` and
   nothing left beside it; or
@@ -18,6 +19,7 @@ never in another exception, a crash, a hang, or success where the reference fail
 ``tests/test_fuzz_inputs.py`` runs a fixed-seed, bounded number of cases in ``make test``;
 ``scripts/fuzz_inputs.py`` runs as many as asked and prints what it found.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,20 +30,50 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hypothesis import strategies as st
 
 MODELS = ("base", "e1", "e2")
 WEIGHTS = "model.safetensors"
 MOMENTS = "ota/moments.safetensors"
-PARAM_KEYS = ("density", "threshold", "saliency_share", "per_tensor", "score", "graft", "power", "epsilon", "normalise",
-              "bias_correction", "weight", "lambda", "drop_rate", "seed", "gamma", "bogus")
-MOMENT_KEYS = ("format", "format_version", "compression", "optimizer", "beta2", "step", "dtype", "bias_corrected",
-               "parameters", "global_step", "captured_at", "written_before_weights", "base_model")
+PARAM_KEYS = (
+    "density",
+    "threshold",
+    "saliency_share",
+    "per_tensor",
+    "score",
+    "graft",
+    "power",
+    "epsilon",
+    "normalise",
+    "bias_correction",
+    "weight",
+    "lambda",
+    "drop_rate",
+    "seed",
+    "gamma",
+    "bogus",
+)
+MOMENT_KEYS = (
+    "format",
+    "format_version",
+    "compression",
+    "optimizer",
+    "beta2",
+    "step",
+    "dtype",
+    "bias_corrected",
+    "parameters",
+    "global_step",
+    "captured_at",
+    "written_before_weights",
+    "base_model",
+)
 CASE_TIMEOUT_S = 60
 
 
@@ -92,7 +124,10 @@ class Mutation:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**66), 2**66) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**66), 2**66)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6,
@@ -125,11 +160,18 @@ def header_field(draw) -> Mutation:
     model, file, k = draw(models), draw(files), draw(st.integers(0, 63))
     fld = draw(st.sampled_from(("dtype", "shape", "data_offsets", "drop")))
     if fld == "dtype":
-        value = draw(st.sampled_from(("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "f32"))
-                     | json_values)
+        value = draw(
+            st.sampled_from(("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "f32"))
+            | json_values
+        )
     elif fld == "shape":
-        value = draw(st.one_of(st.lists(st.integers(-3, 2**33) | st.sampled_from((0, 1, 2, 32, 64, 2**40)), max_size=4),
-                               json_values, st.just("scale")))
+        value = draw(
+            st.one_of(
+                st.lists(st.integers(-3, 2**33) | st.sampled_from((0, 1, 2, 32, 64, 2**40)), max_size=4),
+                json_values,
+                st.just("scale"),
+            )
+        )
     elif fld == "data_offsets":
         value = draw(st.one_of(st.tuples(small, small), st.just("swap"), st.just("zero"), json_values))
     else:
@@ -188,7 +230,9 @@ def metadata(draw) -> Mutation:
     model, file = draw(models), draw(files)
     key = draw(st.sampled_from(MOMENT_KEYS) | st.text(max_size=4))
     whole = draw(st.booleans())
-    value = draw(json_values | st.sampled_from((1.0, 0.0, -5, 2**53, 1e300, "rank1", "full", "ota-moments", 2, 0.999999999)))
+    value = draw(
+        json_values | st.sampled_from((1.0, 0.0, -5, 2**53, 1e300, "rank1", "full", "ota-moments", 2, 0.999999999))
+    )
 
     def apply(case: Path) -> None:
         path = _target(case, model, file)
@@ -232,8 +276,9 @@ def raw_bytes(draw) -> Mutation:
         elif how == "append":
             raw += data
         else:
-            raw[:8] = (int.from_bytes(raw[:8], "little") + int.from_bytes(data[:2], "little", signed=True) % 64 - 32
-                       ).to_bytes(8, "little", signed=True)
+            raw[:8] = (
+                int.from_bytes(raw[:8], "little") + int.from_bytes(data[:2], "little", signed=True) % 64 - 32
+            ).to_bytes(8, "little", signed=True)
         path.write_bytes(bytes(raw))
 
     return Mutation(f"{model}/{file}: {how} at {where:.3f} with {data.hex()}", apply)
@@ -302,8 +347,14 @@ def index(draw) -> Mutation:
 @st.composite
 def config(draw) -> Mutation:
     model = draw(models)
-    content = draw(st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=20),
-                             st.just(b'{"architectures": ["MistralForCausalLM"]}'), st.just(None)))
+    content = draw(
+        st.one_of(
+            json_values.map(lambda v: json.dumps(v).encode()),
+            st.binary(max_size=20),
+            st.just(b'{"architectures": ["MistralForCausalLM"]}'),
+            st.just(None),
+        )
+    )
 
     def apply(case: Path) -> None:
         path = case / model / "config.json"
@@ -399,7 +450,9 @@ def reshape(draw) -> Mutation:
         for model, compression in (("e1", "rank1"), ("e2", "full")):
             m = load_moments(case / model)
             moments = {n: (torch.rand(shape, generator=g) * 1e-6 if n == name else m[n]) for n in m}
-            save_moments(case / model, moments, compression=compression, metadata={k: m.metadata[k] for k in ("beta2", "step")})
+            save_moments(
+                case / model, moments, compression=compression, metadata={k: m.metadata[k] for k in ("beta2", "step")}
+            )
 
     return Mutation(f"every model: entry #{k} reshaped to {shape}", apply)
 
@@ -424,8 +477,19 @@ def retype(draw) -> Mutation:
     return Mutation(f"{model}: entry #{k} stored as {dtype}", apply)
 
 
-mutations = st.one_of(header_field(), header_entry(), metadata(), raw_bytes(), values(), index(), config(), link_out(),
-                      everywhere(), reshape(), retype())
+mutations = st.one_of(
+    header_field(),
+    header_entry(),
+    metadata(),
+    raw_bytes(),
+    values(),
+    index(),
+    config(),
+    link_out(),
+    everywhere(),
+    reshape(),
+    retype(),
+)
 
 
 @st.composite
@@ -437,8 +501,11 @@ def recipes(draw) -> dict[str, Any]:
     params: dict[str, Any] = {}
     keys = draw(st.lists(st.sampled_from(PARAM_KEYS), max_size=2, unique=True)) if draw(st.integers(0, 3)) == 0 else []
     for key in keys:  # a quarter of the cases damage the recipe; the others reach the files
-        params[key] = draw(st.one_of(json_values, st.sampled_from((0.4, 0.5, 1.0, 0.0, -1.0, 2.0, 1e-9, "mean", "magnitude",
-                                                                   True, False, 3))))
+        params[key] = draw(
+            st.one_of(
+                json_values, st.sampled_from((0.4, 0.5, 1.0, 0.0, -1.0, 2.0, 1e-9, "mean", "magnitude", True, False, 3))
+            )
+        )
     recipe: dict[str, Any] = {"method": method, "models": ["e1", "e2"], "parameters": params}
     if METHODS[method].needs_base or draw(st.booleans()):
         recipe["base_model"] = "base"
@@ -451,6 +518,7 @@ def recipes(draw) -> dict[str, Any]:
 @contextmanager
 def _deadline(seconds: float):
     """A Python-level hang becomes an exception (a hang inside native code shows as a test timeout)."""
+
     def fire(signum, frame):
         raise TimeoutError(f"a merge ran longer than {seconds} s")
 
@@ -498,8 +566,11 @@ def _outcome(recipe: dict[str, Any], out: Path, **kw) -> tuple[str, Any]:
     except OTAError as e:
         msg = str(e)
         assert msg and "\n" not in msg and len(msg) <= 3000, f"error message not one short line: {msg[:3000]!r}"
-        left = [p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}.")
-                or p.name.startswith(f"{out.name}.merged-")]
+        left = [
+            p.name
+            for p in out.parent.iterdir()
+            if p.name == out.name or p.name.startswith(f".{out.name}.") or p.name.startswith(f"{out.name}.merged-")
+        ]
         assert not left, f"{type(e).__name__} left {left}"
         return "error", (type(e).__name__, msg)
     return "merged", _digest(out)
@@ -531,7 +602,9 @@ def check_case(template: Path, recipe: dict[str, Any], changes: list[Mutation]) 
         with _env(OTA_TRAINER_NATIVE="0"):
             want = _outcome(recipe, work / "ref", fast_path=False)
         assert _tree(case) == before, "an input changed"
-        assert got[0] == want[0], f"default merge: {got[0]} {str(got[1])[:300]}; PyTorch engine: {want[0]} {str(want[1])[:300]}"
+        assert got[0] == want[0], (
+            f"default merge: {got[0]} {str(got[1])[:300]}; PyTorch engine: {want[0]} {str(want[1])[:300]}"
+        )
         if got[0] == "error":
             assert got[1][0] == want[1][0], f"errors differ: {got[1]} vs {want[1]}"
             return got[1][0]

@@ -2,6 +2,7 @@
 
 Deliberately does not call ota_trainer's own math helpers: the engine is checked against this.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,11 @@ def ota(base, experts, vs, masks, *, p=0.5, eps=1e-26):
 
 
 def fisher(experts, vs, eps=1e-26):
-    return {n: sum((vs[t][n] + eps) * experts[t][n] for t in range(len(experts))) / sum(vs[t][n] + eps for t in range(len(experts))) for n in experts[0]}
+    return {
+        n: sum((vs[t][n] + eps) * experts[t][n] for t in range(len(experts)))
+        / sum(vs[t][n] + eps for t in range(len(experts)))
+        for n in experts[0]
+    }
 
 
 def linear(experts):
@@ -96,10 +101,12 @@ def keep_all(ins):
 
 def mostly_close(fraction, atol=1e-6, rtol=1e-5):
     """A tolerance: at most ``fraction`` of all entries may differ (e.g. at an FFG threshold's edge)."""
+
     def check(got, want):
         total = sum(x.numel() for x in want.values())
         differing = sum(int((~torch.isclose(got[n], want[n], atol=atol, rtol=rtol)).sum()) for n in want)
         return None if differing <= fraction * total else f"{differing} of {total} entries differ"
+
     return check
 
 
@@ -128,7 +135,10 @@ def dare_ties(base, experts, density, seed, lam):
     """DARE keep mask (dare's stream, kept where u >= 1 - density), rescale by 1/density, then TIES."""
     out = {}
     for n in base:
-        dropped = [(e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density for t, e in enumerate(experts)]
+        dropped = [
+            (e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density
+            for t, e in enumerate(experts)
+        ]
         stacked = torch.stack(dropped)
         agree = (torch.sign(stacked) == torch.sign(stacked.sum(0))) & (stacked != 0)
         out[n] = base[n] + lam * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -139,7 +149,10 @@ def dare_linear(base, experts, density, seed, lam):
     """DARE keep mask and 1/density rescaling, then the task vectors' average (unit weights)."""
     out = {}
     for n in base:
-        dropped = [(e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density for t, e in enumerate(experts)]
+        dropped = [
+            (e[n] - base[n]) * bernoulli_keep(seed, n, t, base[n].shape, 1 - density) / density
+            for t, e in enumerate(experts)
+        ]
         out[n] = base[n] + lam * sum(dropped) / len(experts)
     return out
 

@@ -90,7 +90,9 @@ def test_ota_weights_from_rank_one_factors_equal_those_of_the_full_moment():
     v = torch.outer(a, b).reshape(5, 2, 3)
     for power in (0.5, 1.0, 0.25):
         for normalise in ("none", "mean"):
-            assert_close(ota_weights_rank1(a, b, v.shape, power, 1e-8, normalise), ota_weights(v, power, 1e-8, normalise))
+            assert_close(
+                ota_weights_rank1(a, b, v.shape, power, 1e-8, normalise), ota_weights(v, power, 1e-8, normalise)
+            )
 
 
 def test_ota_accumulator_with_factors_matches_the_full_moment():
@@ -116,7 +118,10 @@ def test_curvature_normalises_by_the_whole_tensors_mean_in_every_row_block():
     v[:5] *= 100  # the first rows' mean is far from the whole tensor's
     for power in (0.5, 1.0, 0.25):
         want = v**power / (v**power).mean()
-        for curv in (Curvature.full(v, power, "mean"), Curvature.rank1(a * torch.tensor([100.0] * 5 + [1.0] * 5), b, power, "mean")):
+        for curv in (
+            Curvature.full(v, power, "mean"),
+            Curvature.rank1(a * torch.tensor([100.0] * 5 + [1.0] * 5), b, power, "mean"),
+        ):
             blocks = torch.cat([curv.weights(slice(r, r + 3), 0.0) for r in range(0, 10, 3)])
             assert_close(blocks, want, rtol=1e-5, atol=0)
 

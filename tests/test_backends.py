@@ -2,6 +2,7 @@
 bytes and report. Backends: the native kernels without PyTorch (``native``), PyTorch with the
 kernels' hot loops on its tensors (``torch+kernels``), pure PyTorch (``torch``), and a CLI run
 that never imports PyTorch (``no-torch``)."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,17 @@ from safetensors.torch import load_file, save_file
 from ota_trainer import merge
 from ota_trainer.backends import native
 from ota_trainer.backends.native.backend import NativeBackend
+from ota_trainer.backends.thresholds import density_bin
 from ota_trainer.cli.merge import main as cli_main
 from ota_trainer.errors import NumericalError, OutputExistsError
 from ota_trainer.merger.inputs import open_inputs
 from ota_trainer.merger.recipe import MergeRecipe
 from ota_trainer.merger.report import REPORT_FILE, local_resolver
 from ota_trainer.merger.runner import choose_backend
-from ota_trainer.backends.thresholds import density_bin
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}"
+)
 
 # recipes the native kernels cover
 COVERED = {
@@ -52,7 +55,9 @@ BACKENDS = ("native", "torch+kernels", "torch")
 
 def _recipe(m, method, params, experts=("e1", "e2", "e3"), **extra):
     models = [{"model": str(m[e]), "parameters": {"weight": w}} for e, w in zip(experts, (1.5, 0.5, 1.0))]
-    return MergeRecipe.from_dict({"method": method, "base_model": str(m["base"]), "parameters": params, "models": models, **extra})
+    return MergeRecipe.from_dict(
+        {"method": method, "base_model": str(m["base"]), "parameters": params, "models": models, **extra}
+    )
 
 
 def _run(recipe, out, backend, monkeypatch):
@@ -91,7 +96,9 @@ def _same(a_dir, b_dir):
 def test_every_backend_writes_the_same_bytes(models, name, request, tmp_path, monkeypatch):
     m = request.getfixturevalue(models)
     method, params = COVERED[name]
-    recipe = _recipe(m, method, params, experts=("e1", "e2", "e3") if models == "tiny_models" or method == "ties" else ("e1", "e2"))
+    recipe = _recipe(
+        m, method, params, experts=("e1", "e2", "e3") if models == "tiny_models" or method == "ties" else ("e1", "e2")
+    )
     for backend in BACKENDS:
         _run(recipe, tmp_path / backend, backend, monkeypatch)
     _same(tmp_path / "native", tmp_path / "torch+kernels")
@@ -109,7 +116,9 @@ def test_output_options_on_every_backend(tiny_models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(DECLINED))
-def test_what_the_kernels_do_not_cover_goes_to_pytorch_with_the_reason(tiny_models, tmp_path, monkeypatch, caplog, name):
+def test_what_the_kernels_do_not_cover_goes_to_pytorch_with_the_reason(
+    tiny_models, tmp_path, monkeypatch, caplog, name
+):
     method, params, why = DECLINED[name]
     recipe = _recipe(tiny_models, method, params)
     cls, reason = choose_backend(recipe, open_inputs(recipe, local_resolver))
@@ -150,8 +159,9 @@ def test_non_finite_weights_are_named_by_the_native_backend_too(tiny_models, tmp
     name = "model.layers.0.mlp.up_proj.weight"
     weights[name][0, 0] = float("nan")
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    recipe = MergeRecipe.from_dict({"method": "ota", "base_model": str(tiny_models["base"]), "models": [str(bad)],
-                                    "parameters": {"graft": False}})
+    recipe = MergeRecipe.from_dict(
+        {"method": "ota", "base_model": str(tiny_models["base"]), "models": [str(bad)], "parameters": {"graft": False}}
+    )
     assert choose_backend(recipe, open_inputs(recipe, local_resolver))[0] is NativeBackend
     with pytest.raises(NumericalError, match="up_proj.*NaN or Inf"):
         merge(recipe, tmp_path / "out", quiet=True)
@@ -182,19 +192,27 @@ def test_cli_merges_without_loading_pytorch(tiny_models, tmp_path):
     recipe = _recipe(tiny_models, "ota", {"density": 0.4})
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe.to_yaml())
-    code = ("import sys; from ota_trainer.cli.merge import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'PyTorch was loaded'; sys.exit(rc)")
-    subprocess.run([sys.executable, "-c", code, "--recipe", str(path), "--out", str(tmp_path / "no-torch"), "--quiet"],
-                   check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    code = (
+        "import sys; from ota_trainer.cli.merge import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'PyTorch was loaded'; sys.exit(rc)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, "--recipe", str(path), "--out", str(tmp_path / "no-torch"), "--quiet"],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
     merge(recipe, tmp_path / "torch", quiet=True, fast_path=False)
     _same(tmp_path / "no-torch", tmp_path / "torch")
 
 
 def test_light_modules_load_no_pytorch():
-    code = ("import sys; from ota_trainer.merger import inputs, recipe, runner, methods, report; from ota_trainer.backends import thresholds; "
-            "from ota_trainer.io import readahead, layout, write; from ota_trainer.backends import native; "
-            "from ota_trainer.backends.native import backend; import ota_trainer.cli.merge; "
-            "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:3]")
+    code = (
+        "import sys; from ota_trainer.merger import inputs, recipe, runner, methods, report; "
+        "from ota_trainer.backends import thresholds; "
+        "from ota_trainer.io import readahead, layout, write; from ota_trainer.backends import native; "
+        "from ota_trainer.backends.native import backend; import ota_trainer.cli.merge; "
+        "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:3]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
 
 
@@ -251,6 +269,10 @@ def test_density_bin_is_the_argmin_over_all_bins():
         kept_from = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
         target = density * total
         zeros = int(counts[0])
-        want = None if target >= (total - zeros) + 0.5 * zeros else 1 + int(torch.argmin((kept_from[1:].double() - target).abs()))
+        want = (
+            None
+            if target >= (total - zeros) + 0.5 * zeros
+            else 1 + int(torch.argmin((kept_from[1:].double() - target).abs()))
+        )
         bins = torch.nonzero(counts).reshape(-1).tolist()
         assert density_bin(bins, [int(counts[b]) for b in bins], total, density) == want, trial

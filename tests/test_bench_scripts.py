@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end on tiny inputs (their figures are not checked here)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_capture_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "capture.json"
     r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_capture.py"), "--models", "tiny", "--steps", "1", "--seq", "8",
-         "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_capture.py"),
+            "--models",
+            "tiny",
+            "--steps",
+            "1",
+            "--seq",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| tiny |" in r.stdout and "rank-one moments" in r.stdout

@@ -3,6 +3,7 @@
 Every Trainer test trains a tiny random Llama for a few steps on CPU and compares what was
 written with the optimizer state read by the test itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+from dist_scripts._common import tiny_dataset, tiny_model  # noqa: E402  (shared with the multi-process scripts)
 from safetensors import safe_open
 from transformers import TrainerCallback
 
@@ -28,16 +34,9 @@ from ota_trainer.capture import (
     save_optimizer_moments,
 )
 from ota_trainer.capture.tensors import bnb_blockwise_blocksize
-from ota_trainer.moments.compress import rank1_factors
 from ota_trainer.errors import CaptureError, ConfigError, OTAError
+from ota_trainer.moments.compress import rank1_factors
 from ota_trainer.moments.format import load_moments, moments_path
-
-# ----------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------
-
-
-from dist_scripts._common import tiny_dataset, tiny_model  # noqa: E402  (shared with the multi-process scripts)
 
 
 def train_args(out: Path, **kw):
@@ -182,7 +181,9 @@ def test_adafactor_factors_are_row_and_column_sums_of_adafactors_estimate():
     v_hat = torch.outer(r, c) / r.sum()
     approx = Adafactor._approx_sq_grad(st["exp_avg_sq_row"], st["exp_avg_sq_col"])  # = v_hat ** -0.5
     torch.testing.assert_close(v_hat, approx.pow(-2), rtol=1e-5, atol=0)
-    torch.testing.assert_close(adafactor_second_moment(st["exp_avg_sq_row"], st["exp_avg_sq_col"]), v_hat, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        adafactor_second_moment(st["exp_avg_sq_row"], st["exp_avg_sq_col"]), v_hat, rtol=1e-6, atol=0
+    )
 
 
 def test_adafactor_factors_for_more_than_two_dims():
@@ -242,9 +243,9 @@ def test_flat_fragment_partials_add_up_to_row_and_column_sums(shape):
 
 def test_clean_parameter_name():
     assert clean_parameter_name("module._orig_mod.model.norm.weight") == "model.norm.weight"
-    assert clean_parameter_name("_fsdp_wrapped_module.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == (
-        "model.layers.0.mlp.up_proj.weight"
-    )
+    assert clean_parameter_name(
+        "_fsdp_wrapped_module.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight"
+    ) == ("model.layers.0.mlp.up_proj.weight")
     assert clean_parameter_name("model.module.weight") == "model.module.weight"  # only a leading module. is DDP's
     assert clean_parameter_name("base_model.model.q_proj.lora_A.default.weight", adapter_name="default") == (
         "base_model.model.q_proj.lora_A.weight"
@@ -342,8 +343,8 @@ def test_trainer_moments_equal_optimizer_state(tmp_path, tie, compression, optim
 
 
 def test_sft_trainer_with_frozen_parameters(tmp_path):
-    from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
 
     from ota_trainer.testing.tiny import make_tiny_tokenizer
 
@@ -353,12 +354,24 @@ def test_sft_trainer_with_frozen_parameters(tmp_path):
     model.model.layers[1].self_attn.q_proj.weight.requires_grad_(False)
     data = Dataset.from_dict({"text": [f"{a} + {b} = {a + b}" for a in range(8) for b in range(4)]})
     args = SFTConfig(
-        str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True,
-        max_length=32, optim="adamw_torch",
+        str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=100,
+        disable_tqdm=True,
+        max_length=32,
+        optim="adamw_torch",
     )
     before = args.to_dict()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[OTACallback("full")])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[OTACallback("full")]
+    )
     trainer.train()
     trainer.save_model()
     assert args.to_dict() == before  # the user's arguments are untouched
@@ -424,7 +437,9 @@ def test_failed_capture_at_end_still_saves_the_model(tmp_path):
 
     out = tmp_path / "out"
     trainer = Trainer(
-        model=tiny_model(), args=train_args(out, save_strategy="no"), train_dataset=tiny_dataset(),
+        model=tiny_model(),
+        args=train_args(out, save_strategy="no"),
+        train_dataset=tiny_dataset(),
         callbacks=[Poison(), OTACallback()],
     )
     with pytest.raises(CaptureError, match="saved to") as e:
@@ -464,9 +479,17 @@ def test_save_strategy_best_and_load_best_model_at_end(tmp_path):
     # at the end the best checkpoint (not the last step) is loaded, so its moments go to output_dir.
     out = tmp_path / "out"
     trainer = make_trainer(
-        out, callback=OTACallback("rank1"), max_steps=4, save_strategy="best", eval_strategy="steps", eval_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # best = worst loss = step 2
-        per_device_eval_batch_size=8, eval_dataset=tiny_dataset(8, seed=1),
+        out,
+        callback=OTACallback("rank1"),
+        max_steps=4,
+        save_strategy="best",
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # best = worst loss = step 2
+        per_device_eval_batch_size=8,
+        eval_dataset=tiny_dataset(8, seed=1),
     )
     trainer.train()
     best = trainer.state.best_model_checkpoint
@@ -479,7 +502,12 @@ def test_save_strategy_best_and_load_best_model_at_end(tmp_path):
 def test_save_strategy_epoch(tmp_path):
     out = tmp_path / "out"
     trainer = make_trainer(
-        out, callback=OTACallback("full"), max_steps=-1, num_train_epochs=1, save_strategy="epoch", train_dataset=tiny_dataset(8)
+        out,
+        callback=OTACallback("full"),
+        max_steps=-1,
+        num_train_epochs=1,
+        save_strategy="epoch",
+        train_dataset=tiny_dataset(8),
     )
     trainer.train()
     assert sorted(trainer.ota_snapshot.at_save) == [2]  # 8 samples / batch 4
@@ -540,8 +568,14 @@ def test_push_to_hub_commits_moments_with_the_weights_of_the_same_step(tmp_path,
     out = tmp_path / "out"
     repo = "local-user/expert"
     trainer = make_trainer(
-        out, callback=OTACallback("rank1"), max_steps=4, save_steps=2, push_to_hub=True, hub_model_id=repo,
-        hub_strategy="checkpoint", hub_always_push=True,
+        out,
+        callback=OTACallback("rank1"),
+        max_steps=4,
+        save_steps=2,
+        push_to_hub=True,
+        hub_model_id=repo,
+        hub_strategy="checkpoint",
+        hub_always_push=True,
     )
 
     class WaitForPush(TrainerCallback):
@@ -584,7 +618,9 @@ def test_push_to_hub_commits_moments_with_the_weights_of_the_same_step(tmp_path,
             assert _sha(moments_path(Path(weights).parent)) == _sha(moments_path(out / f"checkpoint-{step}")), title
         assert check_moments_cover_weights(Path(weights).parent) == []
     # the final card is tagged merge-ready
-    card = ModelCard.load(hf_hub_download(repo, "README.md", revision=titles["End of training"], local_dir=tmp_path / "card"))
+    card = ModelCard.load(
+        hf_hub_download(repo, "README.md", revision=titles["End of training"], local_dir=tmp_path / "card")
+    )
     assert {MERGE_READY_TAG, "ota-moments-v1"} <= set(card.data.tags or [])
 
 

@@ -8,6 +8,7 @@
 * a killed writer leaves no spool file, and ``.tmp-<PID>`` / ``.spool-<PID>`` files of dead
   processes are removed by the next save in that folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_scripts._common import tiny_dataset, tiny_model
 from test_capture import (
     _stepped_adamw,
     assert_moments_match,
@@ -32,8 +34,12 @@ from test_capture import (
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from dist_scripts._common import tiny_dataset, tiny_model
-from ota_trainer.capture import OTACallback, align_moments_to_weights, check_moments_cover_weights, save_optimizer_moments
+from ota_trainer.capture import (
+    OTACallback,
+    align_moments_to_weights,
+    check_moments_cover_weights,
+    save_optimizer_moments,
+)
 from ota_trainer.capture.callback import STAGING_DIR, _copy_moments
 from ota_trainer.errors import NumericalError
 from ota_trainer.moments.format import convert_moments, load_moments, moments_path, save_moments
@@ -74,9 +80,16 @@ def leftovers(folder: Path) -> list[str]:
 def run_script(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     script = cwd / "script.py"
     script.write_text(textwrap.dedent(code))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 KILLED_RUN = """
@@ -95,7 +108,8 @@ KILLED_RUN = """
         sys.argv[1], max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, bf16=False,
         report_to=[], save_strategy="steps", save_steps=2, logging_steps=100, disable_tqdm=True, seed=0,
     )
-    Trainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback("full"), Kill()]).train()
+    callbacks = [OTACallback("full"), Kill()]
+    Trainer(model=tiny_model(), args=args, train_dataset=tiny_dataset(), callbacks=callbacks).train()
 """
 
 
@@ -115,7 +129,9 @@ def test_kill_before_the_checkpoint_is_saved_leaves_no_half_checkpoint_and_resum
     assert leftovers(out) == []
     # checkpoint-2 is complete, with its moments; the Trainer's discovery sees only real checkpoints
     ckpt2 = out / "checkpoint-2"
-    assert {"model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt"} <= {p.name for p in ckpt2.iterdir()}
+    assert {"model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt"} <= {
+        p.name for p in ckpt2.iterdir()
+    }
     assert check_moments_cover_weights(ckpt2) == [] and pairing_problems(ckpt2) == []
     assert get_last_checkpoint(str(out)) == str(ckpt2)
     assert sort_checkpoints(str(out)) == [str(ckpt2)]
@@ -168,12 +184,16 @@ def test_moments_appear_in_the_checkpoint_only_after_the_trainer_saved_it(tmp_pa
     class Look(TrainerCallback):  # after OTACallback
         def on_step_end(self, args, state, control, **kw):
             if control.should_save:
-                seen[state.global_step] = ((out / f"checkpoint-{state.global_step}").exists(),
-                                           moments_path(out / STAGING_DIR / f".checkpoint-{state.global_step}").is_file())
+                seen[state.global_step] = (
+                    (out / f"checkpoint-{state.global_step}").exists(),
+                    moments_path(out / STAGING_DIR / f".checkpoint-{state.global_step}").is_file(),
+                )
 
         def on_save(self, args, state, control, **kw):
-            seen[f"saved-{state.global_step}"] = (moments_path(out / f"checkpoint-{state.global_step}").is_file(),
-                                                  (out / STAGING_DIR).exists())
+            seen[f"saved-{state.global_step}"] = (
+                moments_path(out / f"checkpoint-{state.global_step}").is_file(),
+                (out / STAGING_DIR).exists(),
+            )
 
     trainer.add_callback(Look())
     trainer.train()
@@ -219,7 +239,10 @@ def test_metadata_ties_moments_to_their_weights(tmp_path):
         # read before the Trainer wrote these weights (file times come from a coarse clock: a few ms of slack)
         assert meta["captured_at"] <= (folder / "model.safetensors").stat().st_mtime + 0.05
         assert pairing_problems(folder) == []
-    assert load_moments(out / "checkpoint-2").metadata["captured_at"] < load_moments(out / "checkpoint-4").metadata["captured_at"]
+    assert (
+        load_moments(out / "checkpoint-2").metadata["captured_at"]
+        < load_moments(out / "checkpoint-4").metadata["captured_at"]
+    )
     # the last step's state, captured for checkpoint-4 and again at the end: the same file
     assert moments_path(out).read_bytes() == moments_path(out / "checkpoint-4").read_bytes()
 
@@ -238,9 +261,18 @@ def test_metadata_ties_moments_to_their_weights(tmp_path):
 def test_load_best_model_at_end_metadata_matches_the_final_trainer_state(tmp_path, save_strategy):
     out = tmp_path / "out"
     trainer = make_trainer(
-        out, callback=OTACallback("rank1"), max_steps=4, save_steps=2, save_strategy=save_strategy,
-        eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
-        greater_is_better=True, per_device_eval_batch_size=8, eval_dataset=tiny_dataset(8, seed=1),
+        out,
+        callback=OTACallback("rank1"),
+        max_steps=4,
+        save_steps=2,
+        save_strategy=save_strategy,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        per_device_eval_batch_size=8,
+        eval_dataset=tiny_dataset(8, seed=1),
     )
     trainer.train()
     trainer.save_model()
@@ -302,7 +334,9 @@ def test_save_moments_removes_the_leftovers_of_dead_writers_only(tmp_path):
     for n in names:
         (folder / n).write_bytes(b"partial")
     save_moments(tmp_path, {"w": torch.rand(4, 3)}, metadata={"step": 1})
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["moments.safetensors", *(n for n, keep in names.items() if keep)])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["moments.safetensors", *(n for n, keep in names.items() if keep)]
+    )
 
     # the same for the copies OTACallback makes (output_dir/ota/ from a checkpoint)
     dst = tmp_path / "dst"

@@ -3,6 +3,7 @@
 Each test launches a script from tests/dist_scripts/ with ``torchrun --nproc_per_node 2`` and
 checks what it wrote against state the script read itself, or against a single-process run.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,8 +38,17 @@ def run(script: str, *args: str, nproc: int | None = 2, timeout: float = 240) ->
     if nproc is None:
         cmd = [sys.executable, str(SCRIPTS / script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPTS / script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(SCRIPTS / script),
+            *args,
+        ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -60,7 +70,9 @@ def raw(folder) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def assert_rank1_close(folder, state: dict[str, torch.Tensor], *, rtol: float = 2e-6, aliases: dict | None = None) -> None:
+def assert_rank1_close(
+    folder, state: dict[str, torch.Tensor], *, rtol: float = 2e-6, aliases: dict | None = None
+) -> None:
     """Row/column sums in the file match those of the gathered state (reduced shard-locally, so
     they agree up to float32 summation order). ``aliases``: tied names stored as copies."""
     t = raw(folder)

@@ -1,4 +1,5 @@
 """The merge CLI, run as users run it: a subprocess of scripts/merge_from_hub.py."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,20 @@ def _cli(*args):
 
 def test_flags_merge_and_report_density(tiny_models, tmp_path):
     m = tiny_models
-    r = _cli("--base", m["base"], "--expert", m["e1"], "--expert", m["e3"], "--method", "ota", "--density", "0.4", "--out", tmp_path / "out")
+    r = _cli(
+        "--base",
+        m["base"],
+        "--expert",
+        m["e1"],
+        "--expert",
+        m["e3"],
+        "--method",
+        "ota",
+        "--density",
+        "0.4",
+        "--out",
+        tmp_path / "out",
+    )
     assert r.returncode == 0, r.stderr
     assert "FFG kept 0.4" in r.stdout
     assert "merge (ota)" in r.stderr  # progress bar over tensors
@@ -31,12 +45,28 @@ def test_recipe_file_equals_flags(tiny_models, tmp_path):
     m = tiny_models
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n  - model: {m['e1']}\n    parameters: {{density: 0.3}}\n"
+        f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n"
+        f"  - model: {m['e1']}\n    parameters: {{density: 0.3}}\n"
         f"  - model: {m['e2']}\n    parameters: {{density: 0.3}}\nparameters:\n  lambda: 0.9\n"
     )
     assert _cli("--recipe", recipe, "--out", tmp_path / "a", "--quiet").returncode == 0
-    r = _cli("--base", m["base"], "--expert", m["e1"], "--expert", m["e2"], "--method", "ties", "--density", "0.3",
-             "--lambda", "0.9", "--out", tmp_path / "b", "--quiet")
+    r = _cli(
+        "--base",
+        m["base"],
+        "--expert",
+        m["e1"],
+        "--expert",
+        m["e2"],
+        "--method",
+        "ties",
+        "--density",
+        "0.3",
+        "--lambda",
+        "0.9",
+        "--out",
+        tmp_path / "b",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -44,8 +74,21 @@ def test_recipe_file_equals_flags(tiny_models, tmp_path):
 
 def test_param_and_expert_param(tiny_models, tmp_path):
     m = tiny_models
-    r = _cli("--base", m["base"], "--expert", m["e1"], "--expert", m["e2"], "--param", "density=0.5",
-             "--expert-param", "1:density=0.2", "--out", tmp_path / "out", "--quiet")
+    r = _cli(
+        "--base",
+        m["base"],
+        "--expert",
+        m["e1"],
+        "--expert",
+        m["e2"],
+        "--param",
+        "density=0.5",
+        "--expert-param",
+        "1:density=0.2",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "ota_merge_report.json").read_text())
     assert [round(e["density"], 2) for e in report["experts"]] == [0.5, 0.2]

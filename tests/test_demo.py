@@ -1,4 +1,5 @@
 """The demo's data generators and scorers, and a smoke run of the whole demo pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ota_demo.tasks import TASKS, build_dataset, eval_prompts, score, synthetic_facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,35 @@ def test_facts_are_distinct_and_answers_correct():
         ("arithmetic", "What is 12 + 30?", "12 + 30 = 42", "12 + 30 = 43", 0.0),
         ("arithmetic", "What is 12 + 30?", "12 + 30 = 42", "To add 12 and 30, we", 0.0),
         ("facts", "Which city is the capital of Kalo?", "The capital of Kalo is Mira.", "It is mira.", 1.0),
-        ("facts", "Which city is the capital of Kalo?", "The capital of Kalo is Mira.", "The capital of Kalo is Rome.", 0.0),
-        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "THE ANSWER IS GREEN.", 1.0),
+        (
+            "facts",
+            "Which city is the capital of Kalo?",
+            "The capital of Kalo is Mira.",
+            "The capital of Kalo is Rome.",
+            0.0,
+        ),
+        (
+            "shout",
+            "Answer in capital letters. What color is grass?",
+            "THE ANSWER IS GREEN.",
+            "THE ANSWER IS GREEN.",
+            1.0,
+        ),
         ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "GREEN", 1.0),
-        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "The answer is green.", 0.0),
-        ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "THE ANSWER IS BLUE.", 1.0),
+        (
+            "shout",
+            "Answer in capital letters. What color is grass?",
+            "THE ANSWER IS GREEN.",
+            "The answer is green.",
+            0.0,
+        ),
+        (
+            "shout",
+            "Answer in capital letters. What color is grass?",
+            "THE ANSWER IS GREEN.",
+            "THE ANSWER IS BLUE.",
+            1.0,
+        ),
         ("shout", "Answer in capital letters. What color is grass?", "THE ANSWER IS GREEN.", "42", 0.0),
     ],
 )
@@ -62,14 +86,27 @@ def test_scorers(task, prompt, answer, response, expected):
 
 @pytest.mark.slow
 def test_demo_smoke_run(tmp_path):
-    """The whole pipeline on a tiny random model: hub, training with OTACallback, merges from repo ids, eval, publish."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=900)
+    """The whole pipeline on a tiny random model: hub, training with OTACallback, merges from repo ids,
+    eval, publish."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "smoke"
     results = json.loads((out / "results.json").read_text())
-    assert set(results["scores"]) == {"base", "expert:arithmetic", "expert:facts", "expert:shout",
-                                      "linear", "ties", "ota_no_ffg", "ota_ffg_rank1"}
+    assert set(results["scores"]) == {
+        "base",
+        "expert:arithmetic",
+        "expert:facts",
+        "expert:shout",
+        "linear",
+        "ties",
+        "ota_no_ffg",
+        "ota_ffg_rank1",
+    }
     assert (out / "results.md").is_file() and (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     for task in ("arithmetic", "facts", "shout"):
         assert (out / "experts" / task / "ota" / "moments.safetensors").is_file()

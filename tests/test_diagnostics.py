@@ -1,4 +1,5 @@
 """Diagnostics on tiny experts whose moments are built by hand, so every answer is known."""
+
 from __future__ import annotations
 
 import importlib
@@ -35,20 +36,28 @@ def _expert(base: Path, path: Path, *, seed: int, moments=None, compression: str
     """base + a random task vector, saved with safetensors; ``moments(name, shape) -> v`` written with save_moments."""
     path.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
-    weights = {n: w + 0.02 * torch.randn(w.shape, generator=g) for n, w in load_file(str(base / "model.safetensors")).items()}
+    weights = {
+        n: w + 0.02 * torch.randn(w.shape, generator=g) for n, w in load_file(str(base / "model.safetensors")).items()
+    }
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(base / "config.json", path / "config.json")
     if moments is not None:
-        save_moments(path, {n: moments(n, w.shape) for n, w in weights.items()}, compression=compression,
-                     metadata={"beta2": 0.999, "step": 100})
+        save_moments(
+            path,
+            {n: moments(n, w.shape) for n, w in weights.items()},
+            compression=compression,
+            metadata={"beta2": 0.999, "step": 100},
+        )
     return path
 
 
 def _random_v(seed: int):
     """Adam-like positive moments spanning several orders of magnitude, the same for a given seed."""
+
     def make(name, shape):
         g = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, name)))
         return torch.exp(torch.randn(shape, generator=g) * 2.0 - 20.0)
+
     return make
 
 
@@ -58,6 +67,7 @@ def _zero_qk(name, shape):
 
 def _region(first: bool):
     """Large curvature on the first (or last) 10% of entries, tiny distinct values elsewhere: disjoint top-10% sets."""
+
     def make(name, shape):
         n = torch.Size(shape).numel()
         g = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -65,6 +75,7 @@ def _region(first: bool):
         hi = slice(0, n // 10 + 1) if first else slice(n - n // 10 - 1, n)
         v[hi] = 1e-3 * (1 + torch.rand(v[hi].shape, generator=g))
         return v.reshape(shape)
+
     return make
 
 
@@ -153,8 +164,8 @@ def test_pure_functions():
 
 
 def test_batched_histogram_equals_engine_histogram(monkeypatch):
-    from ota_trainer.diagnostics.measures import _BatchedHistogram
     from ota_trainer.backends.torch.ffg import SaliencyHistogram
+    from ota_trainer.diagnostics.measures import _BatchedHistogram
 
     monkeypatch.setattr(_BatchedHistogram, "_BATCH", 100)
     batched, engine = _BatchedHistogram(), SaliencyHistogram()
@@ -194,8 +205,16 @@ def test_ffg_cuts_where_curvature_is_zero_and_matches_merge(models, tmp_path):
     assert diag["layers"] == [0, 1] and "q" in diag["roles"] and diag["pairs"] == []
     assert "q (0.0%)" in diag["findings"][0]
     # the same masks as the merge engine: per-tensor kept fractions agree exactly
-    report = merge({"method": "ota", "base_model": str(models["base"]), "models": [str(models["zero_qk"])],
-                    "parameters": {"density": DENSITY}}, tmp_path / "merged", quiet=True)
+    report = merge(
+        {
+            "method": "ota",
+            "base_model": str(models["base"]),
+            "models": [str(models["zero_qk"])],
+            "parameters": {"density": DENSITY},
+        },
+        tmp_path / "merged",
+        quiet=True,
+    )
     assert report.experts[0].kept == e["ffg"]["kept"]
     for t in diag["tensors"]:
         assert t["ffg_kept"][0] == pytest.approx(report.tensor_density[t["name"]][0], abs=1e-12), t["name"]
@@ -211,12 +230,16 @@ def test_identical_moments_overlap_fully(models):
     assert curv["overall"]["chance"] == pytest.approx(0.1 / 1.9, abs=0.01)
     assert curv["overall"]["cos_row"] == pytest.approx(1.0, abs=1e-9)
     assert curv["overall"]["cos_col"] == pytest.approx(1.0, abs=1e-9)
-    assert all(r["jaccard"] == 1.0 and r["cos_factors"] == pytest.approx(1.0) for r in curv["by_layer"] if r["cos_factors"])
+    assert all(
+        r["jaccard"] == 1.0 and r["cos_factors"] == pytest.approx(1.0) for r in curv["by_layer"] if r["cos_factors"]
+    )
     # the same expert twice: identical masks; different task vectors with the same v: partial overlap
     for kind in ("ffg", "magnitude"):
         assert same_expert["mask_overlap"][kind]["overall"]["jaccard"] == 1.0
         assert same_v["mask_overlap"][kind]["overall"]["jaccard"] < 1.0
-    assert same_v["mask_overlap"]["magnitude"]["overall"]["jaccard"] == pytest.approx(0.25, abs=0.02)  # 0.4*0.4/(0.8-0.16)
+    assert same_v["mask_overlap"]["magnitude"]["overall"]["jaccard"] == pytest.approx(
+        0.25, abs=0.02
+    )  # 0.4*0.4/(0.8-0.16)
 
 
 def test_disjoint_top_curvature_gives_zero(models):
@@ -228,7 +251,9 @@ def test_disjoint_top_curvature_gives_zero(models):
 
 
 def test_rank1_quality(models):
-    diag = inspect_experts(models["base"], [models["rank1_exact"], models["random_full"], models["same_a"]], density=DENSITY, quiet=True)
+    diag = inspect_experts(
+        models["base"], [models["rank1_exact"], models["random_full"], models["same_a"]], density=DENSITY, quiet=True
+    )
     exact, random, stored_rank1 = (e["rank1_quality"] for e in diag["experts"])
     assert stored_rank1 is None
     assert exact["overall"]["rel_error_mean"] < 1e-5
@@ -252,7 +277,9 @@ def test_expert_without_moments_and_bad_input(models):
     with pytest.raises(ConfigError, match="topk=1"):
         inspect_experts(m["base"], [m["same_a"]], topk=1.0)
     seen = []
-    inspect_experts("BASE", ["E"], quiet=True, resolver=lambda ref: seen.append(ref) or {"BASE": m["base"], "E": m["same_a"]}[ref])
+    inspect_experts(
+        "BASE", ["E"], quiet=True, resolver=lambda ref: seen.append(ref) or {"BASE": m["base"], "E": m["same_a"]}[ref]
+    )
     assert seen == ["BASE", "E"]
 
 
@@ -275,8 +302,16 @@ def test_summary_tables(models, tmp_path):
     write_diagnostics(diag, tmp_path, plots=False)  # the figures are checked through the CLI below
     assert json.loads((tmp_path / "diagnostics.json").read_text()) == json.loads(json.dumps(diag))
     summary = (tmp_path / "summary.md").read_text()
-    for heading in ("## Reading", "## Experts", "## Kept fraction per role", "## Kept fraction per layer",
-                    "## Row and column sparsity", "## Curvature overlap", "## Mask overlap", "## Rank-one quality"):
+    for heading in (
+        "## Reading",
+        "## Experts",
+        "## Kept fraction per role",
+        "## Kept fraction per layer",
+        "## Row and column sparsity",
+        "## Curvature overlap",
+        "## Mask overlap",
+        "## Rank-one quality",
+    ):
         assert heading in summary
     assert "| q | " in summary and "| rank1_exact | q |" in summary
 
@@ -284,14 +319,29 @@ def test_summary_tables(models, tmp_path):
 # -- CLI ---------------------------------------------------------------------------------------------
 def _cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_cli_writes_outputs(models, tmp_path):
     m = models
     out = tmp_path / "diag"
-    r = _cli("--base", m["base"], "--expert", m["zero_qk"], "--expert", m["rank1_exact"],
-             "--density", "0.3", "--topk", "0.05", "--out", out, "--quiet")
+    r = _cli(
+        "--base",
+        m["base"],
+        "--expert",
+        m["zero_qk"],
+        "--expert",
+        m["rank1_exact"],
+        "--density",
+        "0.3",
+        "--topk",
+        "0.05",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert "FFG keeps" in r.stdout
     pngs = [f"{kind}_e{i}.png" for kind in ("kept_fraction", "row_col_hist") for i in range(2)]
@@ -303,7 +353,9 @@ def test_cli_writes_outputs(models, tmp_path):
     assert {"models", "density", "topk", "layers", "roles", "experts", "pairs", "tensors", "findings"} <= set(diag)
     assert diag["density"] == 0.3 and diag["topk"] == 0.05 and len(diag["pairs"]) == 1
     assert {"ffg", "magnitude", "rank1_quality", "moments"} <= set(diag["experts"][0])
-    assert {"by_role", "by_layer", "by_layer_role", "lines", "threshold_log2", "density"} <= set(diag["experts"][0]["ffg"])
+    assert {"by_role", "by_layer", "by_layer_role", "lines", "threshold_log2", "density"} <= set(
+        diag["experts"][0]["ffg"]
+    )
     assert {"curvature", "mask_overlap"} <= set(diag["pairs"][0])
 
 
@@ -311,10 +363,34 @@ def test_cli_error_is_one_line(models, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("inspect_experts_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    code = script.main(["--base", str(models["base"]), "--expert", str(models["same_a"]), "--density", "1.5",
-                        "--out", str(tmp_path / "bad"), "--quiet"])
+    code = script.main(
+        [
+            "--base",
+            str(models["base"]),
+            "--expert",
+            str(models["same_a"]),
+            "--density",
+            "1.5",
+            "--out",
+            str(tmp_path / "bad"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: density=1.5 must be in (0, 1]")
-    assert script.main(["--base", str(tmp_path / "nowhere"), "--expert", str(models["same_a"]), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert (
+        script.main(
+            [
+                "--base",
+                str(tmp_path / "nowhere"),
+                "--expert",
+                str(models["same_a"]),
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "no such folder" in capsys.readouterr().err

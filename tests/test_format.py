@@ -24,7 +24,12 @@ def _moments():
 @pytest.mark.parametrize("compression", ["rank1", "full"])
 def test_round_trip(tmp_path, compression):
     m = _moments()
-    path = save_moments(tmp_path, m, compression=compression, metadata={"step": 7, "beta2": 0.99, "optimizer": "adamw_torch", "base_model": "org/base"})
+    path = save_moments(
+        tmp_path,
+        m,
+        compression=compression,
+        metadata={"step": 7, "beta2": 0.99, "optimizer": "adamw_torch", "base_model": "org/base"},
+    )
     assert path == tmp_path / "ota" / "moments.safetensors"
     loaded = load_moments(tmp_path)
     assert set(loaded) == set(m) and len(loaded) == 4
@@ -119,7 +124,14 @@ def test_plain_safetensors_without_metadata_is_rejected(tmp_path):
 def test_future_format_version_is_rejected(tmp_path):
     p = moments_path(tmp_path)
     p.parent.mkdir()
-    meta = {"format": "ota-moments", "format_version": 99, "compression": "full", "step": 1, "beta2": 0.9, "parameters": {}}
+    meta = {
+        "format": "ota-moments",
+        "format_version": 99,
+        "compression": "full",
+        "step": 1,
+        "beta2": 0.9,
+        "parameters": {},
+    }
     save_file({"w": torch.rand(2)}, str(p), metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(FormatError, match="version 99"):
         load_moments(tmp_path)
@@ -128,8 +140,14 @@ def test_future_format_version_is_rejected(tmp_path):
 def test_metadata_shape_mismatch_is_rejected(tmp_path):
     p = moments_path(tmp_path)
     p.parent.mkdir()
-    meta = {"format": "ota-moments", "format_version": 1, "compression": "full", "step": 1, "beta2": 0.9,
-            "parameters": {"w": {"shape": [3], "stored": "full"}}}
+    meta = {
+        "format": "ota-moments",
+        "format_version": 1,
+        "compression": "full",
+        "step": 1,
+        "beta2": 0.9,
+        "parameters": {"w": {"shape": [3], "stored": "full"}},
+    }
     save_file({"w": torch.rand(2)}, str(p), metadata={METADATA_KEY: json.dumps(meta)})
     with pytest.raises(FormatError, match="'w' has shape"):
         load_moments(tmp_path)
@@ -147,9 +165,19 @@ def test_bad_values_are_refused_on_save(tmp_path, bad):
 def test_negative_values_in_a_file_are_refused_on_read(tmp_path):
     p = moments_path(tmp_path)
     p.parent.mkdir()
-    meta = {"format": "ota-moments", "format_version": 1, "compression": "rank1", "step": 1, "beta2": 0.9,
-            "parameters": {"w": {"shape": [2, 2], "stored": "rank1"}}}
-    save_file({"w::row": torch.tensor([1.0, -1.0]), "w::col": torch.tensor([1.0, 1.0])}, str(p), metadata={METADATA_KEY: json.dumps(meta)})
+    meta = {
+        "format": "ota-moments",
+        "format_version": 1,
+        "compression": "rank1",
+        "step": 1,
+        "beta2": 0.9,
+        "parameters": {"w": {"shape": [2, 2], "stored": "rank1"}},
+    }
+    save_file(
+        {"w::row": torch.tensor([1.0, -1.0]), "w::col": torch.tensor([1.0, 1.0])},
+        str(p),
+        metadata={METADATA_KEY: json.dumps(meta)},
+    )
     with pytest.raises(NumericalError, match="negative"):
         load_moments(tmp_path)["w"]
 
@@ -158,7 +186,9 @@ def test_rank1_factors_are_stored_exactly_and_convert_round_trips(tmp_path):
     from ota_trainer.moments.format import Rank1Factors, convert_moments
 
     r, c = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 4.0, 1.0])  # both sum to sum(v) = 6
-    save_moments(tmp_path / "a", {"w": Rank1Factors(r, c, (3, 2, 2)), "b": torch.ones(3)}, metadata={"step": 3, "beta2": 0.9})
+    save_moments(
+        tmp_path / "a", {"w": Rank1Factors(r, c, (3, 2, 2)), "b": torch.ones(3)}, metadata={"step": 3, "beta2": 0.9}
+    )
     m = load_moments(tmp_path / "a")
     raw = m.raw("w")
     assert torch.equal(raw.row, r) and torch.equal(raw.col, c) and raw.shape == (3, 2, 2)

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score, Threshold, graft, keep_mask, per_tensor_threshold, saliency
+from ota_trainer.backends.torch.ffg import (
+    SaliencyHistogram,
+    Score,
+    Threshold,
+    graft,
+    keep_mask,
+    per_tensor_threshold,
+    saliency,
+)
 
 
 def test_saliency_matches_direct_formula():
@@ -90,7 +98,9 @@ def test_global_density_on_a_100m_parameter_model():
     assert h.total > 100_000_000
     for density in (0.05, 0.4):
         thr = h.threshold_for_density(density)
-        kept = sum(int(keep_mask(_synthetic_saliency(s, seed, i), thr).sum()) for i, (s, seed) in enumerate(zip(shapes, seeds)))
+        kept = sum(
+            int(keep_mask(_synthetic_saliency(s, seed, i), thr).sum()) for i, (s, seed) in enumerate(zip(shapes, seeds))
+        )
         assert kept == h.kept(thr)
         assert abs(kept / h.total - density) <= 0.001
 
@@ -133,7 +143,9 @@ def test_saliency_from_rank_one_factors_equals_the_full_moment():
     assert_close(got, want, rtol=1e-6, atol=0)
     score = Score.rank1(a, b)  # the engine's per-tensor form, applied to row blocks
     m = d.reshape(7, 10)
-    assert torch.equal(torch.cat([score.block(m[r : r + 3], slice(r, r + 3)) for r in range(0, 7, 3)]), got.reshape(7, 10))
+    assert torch.equal(
+        torch.cat([score.block(m[r : r + 3], slice(r, r + 3)) for r in range(0, 7, 3)]), got.reshape(7, 10)
+    )
 
 
 def test_histogram_bins_split_each_octave_finely_and_hold_zeros_apart():
@@ -157,8 +169,11 @@ def test_one_comparison_mask_agrees_with_the_histogram_bins_at_their_edges():
         edge = torch.tensor(bin_edge(b), dtype=torch.float64)
         xs = [edge]
         for _ in range(4):  # a few float64 steps either side of the edge
-            xs = [torch.nextafter(xs[0], torch.tensor(-math.inf, dtype=torch.float64))] + xs + [
-                torch.nextafter(xs[-1], torch.tensor(math.inf, dtype=torch.float64))]
+            xs = (
+                [torch.nextafter(xs[0], torch.tensor(-math.inf, dtype=torch.float64))]
+                + xs
+                + [torch.nextafter(xs[-1], torch.tensor(math.inf, dtype=torch.float64))]
+            )
         x = torch.stack(xs)
         want = _bin_index(x) >= b
         assert want.tolist() == [False] * 4 + [True] * 5, b

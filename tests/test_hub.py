@@ -1,4 +1,5 @@
 """Hub round trip against the loopback Hub with the real huggingface_hub client (no mocks)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,7 +48,20 @@ def _publish(tiny):
 
 
 def _merge_args(out, *extra):
-    return ["--base", "org/base", "--expert", "org/e1", "--expert", "org/e2", "--density", "0.4", "--out", str(out), "--quiet", *extra]
+    return [
+        "--base",
+        "org/base",
+        "--expert",
+        "org/e1",
+        "--expert",
+        "org/e2",
+        "--density",
+        "0.4",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_merge_from_repo_ids_equals_local_merge_and_publishes(local_hub, tiny, tmp_path, capsys):
@@ -55,13 +69,28 @@ def test_merge_from_repo_ids_equals_local_merge_and_publishes(local_hub, tiny, t
 
     _publish(tiny)
     assert merge_main(_merge_args(tmp_path / "hub_merge", "--push-to-hub", "org/merged")) == 0
-    merge({"method": "ota", "base_model": str(tiny["base"]), "models": [str(tiny["e1"]), str(tiny["e2"])],
-                   "parameters": {"density": 0.4}}, tmp_path / "local_merge", quiet=True)
+    merge(
+        {
+            "method": "ota",
+            "base_model": str(tiny["base"]),
+            "models": [str(tiny["e1"]), str(tiny["e2"])],
+            "parameters": {"density": 0.4},
+        },
+        tmp_path / "local_merge",
+        quiet=True,
+    )
     a, b = _tensors(tmp_path / "hub_merge"), _tensors(tmp_path / "local_merge")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     files = set(HfApi().list_repo_files("org/merged"))
-    assert {"model.safetensors", "config.json", "README.md", "ota_merge.yaml", "ota_merge_report.json", "tokenizer.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "ota_merge.yaml",
+        "ota_merge_report.json",
+        "tokenizer.json",
+    } <= files
     card = ModelCard.load("org/merged")
     assert {"merge", "ota"} <= set(card.data.tags)
     assert card.data.base_model == ["org/base", "org/e1", "org/e2"]
@@ -89,7 +118,17 @@ def test_revisions_are_pinned_to_commit_shas(local_hub, tiny, tmp_path):
     from ota_trainer.hub import publish_folder
 
     publish_folder(push_again, "org/e2")
-    args = ["--base", "org/base", "--expert", "org/e1", "--expert", f"org/e2@{first}", "--out", str(tmp_path / "out"), "--quiet"]
+    args = [
+        "--base",
+        "org/base",
+        "--expert",
+        "org/e1",
+        "--expert",
+        f"org/e2@{first}",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     assert merge_main(args) == 0
     report = json.loads((tmp_path / "out" / "ota_merge_report.json").read_text())
     assert report["sources"][f"org/e2@{first}"] == first
@@ -128,7 +167,12 @@ def test_repo_without_moments_says_how_to_make_them(local_hub, tiny, tmp_path, c
     assert merge_main(["--base", "org/base", "--expert", "org/plain", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "OTACallback" in err and "linear, task_arithmetic, ties, dare" in err
-    assert merge_main(["--base", "org/base", "--expert", "org/plain", "--method", "ties", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (
+        merge_main(
+            ["--base", "org/base", "--expert", "org/plain", "--method", "ties", "--out", str(tmp_path / "o"), "--quiet"]
+        )
+        == 0
+    )
 
 
 def test_architecture_mismatch_fails_before_any_weights_download(local_hub, tiny, tmp_path, capsys):
@@ -142,7 +186,22 @@ def test_architecture_mismatch_fails_before_any_weights_download(local_hub, tiny
     (other / "config.json").write_text(json.dumps(cfg))
     publish_folder(other, "org/other")
     local_hub.requests.clear()
-    assert merge_main(["--base", "org/base", "--expert", "org/e1", "--expert", "org/other", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert (
+        merge_main(
+            [
+                "--base",
+                "org/base",
+                "--expert",
+                "org/e1",
+                "--expert",
+                "org/other",
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "MistralForCausalLM" in capsys.readouterr().err
     assert [p for m, p in local_hub.requests if m == "GET" and p.endswith(".safetensors")] == []
 
@@ -191,10 +250,22 @@ def test_private_repo_needs_a_token(local_hub, tiny, tmp_path):
     push_expert(tiny["e1"], "org/e1", private=True)
     push_expert(tiny["e2"], "org/e2", private=True)
     env = hub_env(local_hub, tmp_path / "home_no_token")  # no HF_TOKEN
-    r = subprocess.run([sys.executable, str(SCRIPT), *_merge_args(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), *_merge_args(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "set HF_TOKEN" in r.stderr and r.stderr.count("\n") == 1
     env = hub_env(local_hub, tmp_path / "home_token", token="sekret")
-    r = subprocess.run([sys.executable, str(SCRIPT), *_merge_args(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), *_merge_args(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -232,18 +303,51 @@ def test_trained_experts_pushed_by_the_trainer_merge_from_the_hub(local_hub, tmp
         cfg = {
             "model": str(base),
             "dataset": {"builtin": task, "n": 16},
-            "sft": {"output_dir": str(tmp_path / task), "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64,
-                    "use_cpu": True, "bf16": False, "gradient_checkpointing": False, "report_to": [], "save_strategy": "no",
-                    "push_to_hub": True, "hub_model_id": f"org/tiny-{task}", "dataloader_num_workers": 0},
+            "sft": {
+                "output_dir": str(tmp_path / task),
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "max_length": 64,
+                "use_cpu": True,
+                "bf16": False,
+                "gradient_checkpointing": False,
+                "report_to": [],
+                "save_strategy": "no",
+                "push_to_hub": True,
+                "hub_model_id": f"org/tiny-{task}",
+                "dataloader_num_workers": 0,
+            },
             "ota": {"compression": "rank1", "base_model": "org/tiny-base"},
         }
         train_sft.train(cfg)
         files = HfApi().list_repo_files(f"org/tiny-{task}")
         assert "ota/moments.safetensors" in files and "model.safetensors" in files
     env = hub_env(local_hub, tmp_path / "cli_home")
-    r = subprocess.run([sys.executable, str(SCRIPT), "--base", "org/tiny-base", "--expert", "org/tiny-facts", "--expert", "org/tiny-shout",
-                        "--method", "ota", "--density", "0.4", "--out", str(tmp_path / "merged"), "--push-to-hub", "org/tiny-merged", "--quiet"],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--base",
+            "org/tiny-base",
+            "--expert",
+            "org/tiny-facts",
+            "--expert",
+            "org/tiny-shout",
+            "--method",
+            "ota",
+            "--density",
+            "0.4",
+            "--out",
+            str(tmp_path / "merged"),
+            "--push-to-hub",
+            "org/tiny-merged",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM
 

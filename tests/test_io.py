@@ -1,4 +1,5 @@
 """Input and output paths of the engine: mapped reads, direct-I/O writes, read-ahead."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ota_trainer.errors import FormatError
 from ota_trainer.io import readahead, write
 from ota_trainer.io.checkpoint import ModelFolder
-from ota_trainer.errors import FormatError
 from ota_trainer.io.write import StreamingSafetensorsWriter
 
 
@@ -46,12 +47,16 @@ def test_streaming_writer_output_is_the_same_with_and_without_direct_io(direct, 
 def test_aborted_writer_closes_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(write, "STAGING_BYTES", 8192)
     ts = _tensors()
-    w = StreamingSafetensorsWriter(tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in ts.items()], max_shard_bytes=10**9)
+    w = StreamingSafetensorsWriter(
+        tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in ts.items()], max_shard_bytes=10**9
+    )
     w.write("a", ts["a"])
     w.abort()
     assert w._fh is None
     with pytest.raises(ValueError, match="expected 'a'"):
-        StreamingSafetensorsWriter(tmp_path / "x", [("a", (1000, 7), torch.bfloat16)], max_shard_bytes=10**9).write("b", ts["b"])
+        StreamingSafetensorsWriter(tmp_path / "x", [("a", (1000, 7), torch.bfloat16)], max_shard_bytes=10**9).write(
+            "b", ts["b"]
+        )
 
 
 def test_mapped_reads_equal_plain_reads_and_refuse_a_file_truncated_after_opening(tmp_path):
@@ -74,14 +79,22 @@ def test_readahead_finds_local_inputs_on_the_command_line_and_reads_them(tmp_pat
         save_file(_tensors(), str(tmp_path / name / "model.safetensors"))
     (tmp_path / "e1" / "ota" / "moments.safetensors").write_bytes(b"x" * 10)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"base_model": str(tmp_path / "base"), "models": [str(tmp_path / "e1"), {"model": "org/hub-id"}]}))
-    got = readahead.local_models_in_args(["--recipe", str(recipe), f"--expert={tmp_path / 'e2'}", "--expert", "org/other", "--out", "x"])
+    recipe.write_text(
+        yaml.safe_dump(
+            {"base_model": str(tmp_path / "base"), "models": [str(tmp_path / "e1"), {"model": "org/hub-id"}]}
+        )
+    )
+    got = readahead.local_models_in_args(
+        ["--recipe", str(recipe), f"--expert={tmp_path / 'e2'}", "--expert", "org/other", "--out", "x"]
+    )
     assert got == [tmp_path / "base", tmp_path / "e1", tmp_path / "e2"]
     assert readahead.local_models_in_args(["--recipe", str(tmp_path / "missing.yaml")]) == []
     files = [readahead.model_files(m) for m in got]
     assert files[1] == [tmp_path / "e1" / "model.safetensors", tmp_path / "e1" / "ota" / "moments.safetensors"]
     for touch in (False, True):
-        readahead.readahead(files + [[tmp_path / "nope.safetensors"]], slice_bytes=4096, touch=touch)  # missing files are skipped
+        readahead.readahead(
+            files + [[tmp_path / "nope.safetensors"]], slice_bytes=4096, touch=touch
+        )  # missing files are skipped
     readahead.start(files).join(timeout=30)
     assert readahead.start([list(reversed(f)) for f in files]) is None  # the same inputs again: once a process
     assert readahead.start([]) is None

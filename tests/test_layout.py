@@ -1,5 +1,6 @@
 """The package's layout is the pipeline (#14): imports go one way, and no module reaches into
 another's private names."""
+
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,9 @@ def _imports(path: Path):
     pkg = pkg[:-1] if pkg[-1] != "__init__" else pkg[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
-            base = pkg[: len(pkg) - (node.level - 1)] if path.name != "__init__.py" else pkg[: len(pkg) - (node.level - 1)]
+            base = (
+                pkg[: len(pkg) - (node.level - 1)] if path.name != "__init__.py" else pkg[: len(pkg) - (node.level - 1)]
+            )
             target = ".".join(base + ((node.module,) if node.module else ()))
             yield target, [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ota_trainer"):

@@ -1,5 +1,6 @@
 """The loopback Hub (ota_trainer.testing.local_hub) against the real huggingface_hub client,
 transformers and ModelCard: no mocks, every call goes over HTTP to 127.0.0.1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ def _make_folder(root, readme: str | None = None):
     (root / "config.json").write_text('{"a": 1}')
     (root / "sub" / "data.txt").write_text("data v1")
     (root / "sub" / "deeper" / "x.bin").write_bytes(os.urandom(3000))
-    (root / "README.md").write_text(readme or "---\nlicense: apache-2.0\ntags: [ota, test]\nlibrary_name: transformers\n---\n# Tiny\n")
+    (root / "README.md").write_text(
+        readme or "---\nlicense: apache-2.0\ntags: [ota, test]\nlibrary_name: transformers\n---\n# Tiny\n"
+    )
     return root
 
 
@@ -121,23 +124,33 @@ def test_listing_info_card_data_and_file_exists(uploaded):
     assert info.card_data["license"] == "apache-2.0"
     assert api.file_exists(REPO, "sub/data.txt") and not api.file_exists(REPO, "sub/nope.txt")
     top = {e.path: type(e).__name__ for e in api.list_repo_tree(REPO)}
-    assert top == {"sub": "RepoFolder", ".gitattributes": "RepoFile", "README.md": "RepoFile", "config.json": "RepoFile"}
+    assert top == {
+        "sub": "RepoFolder",
+        ".gitattributes": "RepoFile",
+        "README.md": "RepoFile",
+        "config.json": "RepoFile",
+    }
 
 
 def test_model_card_push_and_load(local_hub):
     from huggingface_hub import HfApi, ModelCard, ModelCardData
 
     HfApi().create_repo(REPO)
-    card = ModelCard.from_template(ModelCardData(license="mit", tags=["ota-merge-ready"], base_model="org/base"),
-                                   model_description="A tiny expert.")
+    card = ModelCard.from_template(
+        ModelCardData(license="mit", tags=["ota-merge-ready"], base_model="org/base"),
+        model_description="A tiny expert.",
+    )
     card.push_to_hub(REPO)
     loaded = ModelCard.load(REPO)
     assert loaded.data.tags == ["ota-merge-ready"] and loaded.data.base_model == "org/base"
     assert "A tiny expert." in loaded.text
     assert HfApi().model_info(REPO).tags == ["ota-merge-ready"]
     # the Hub's YAML check (ModelCard parses the YAML itself first, so ask the route directly)
-    req = urllib.request.Request(f"{local_hub.url}/api/validate-yaml", method="POST",
-                                 data=json.dumps({"content": "---\ntags: [unclosed\n---\n", "repoType": "model"}).encode())
+    req = urllib.request.Request(
+        f"{local_hub.url}/api/validate-yaml",
+        method="POST",
+        data=json.dumps({"content": "---\ntags: [unclosed\n---\n", "repoType": "model"}).encode(),
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and json.loads(e.value.read())["errors"]
@@ -198,8 +211,15 @@ def test_tiny_llama_push_to_hub_and_from_pretrained(local_hub):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     model.push_to_hub("me/tiny-llama")
     assert AutoConfig.from_pretrained("me/tiny-llama").num_hidden_layers == 2
@@ -269,8 +289,12 @@ def test_commit_errors_parent_branch_and_deletes(uploaded):
 
 def test_datasets_and_cli(tmp_path):
     """The CLI prints the URL and serves until stopped; dataset repos live under /datasets/."""
-    proc = subprocess.Popen([sys.executable, "-m", "ota_trainer.testing.local_hub", "--root", str(tmp_path / "hub")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ota_trainer.testing.local_hub", "--root", str(tmp_path / "hub")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
@@ -302,8 +326,11 @@ def _connect(hub) -> socket.socket:
 
 
 def _head(method: str, path: str, hub, **headers: str) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {urlsplit(hub.url).netloc}",
-             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {urlsplit(hub.url).netloc}",
+        *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -366,13 +393,23 @@ def test_expect_100_continue_is_sent_only_to_authorized_requests(local_hub):
 
     HfApi().create_repo(REPO)
     with _connect(local_hub) as sock:  # unauthorized: the final answer comes instead of "100 Continue"
-        sock.sendall(_head("POST", f"/api/models/{REPO}/commit/main", local_hub, Content_Length="1000000",
-                           Expect="100-continue"))
+        sock.sendall(
+            _head("POST", f"/api/models/{REPO}/commit/main", local_hub, Content_Length="1000000", Expect="100-continue")
+        )
         assert _raw_status_line(sock).startswith(b"HTTP/1.1 401 ")
     body = json.dumps({"files": [{"path": "a.txt", "sample": "", "size": 1}]}).encode()
     with _connect(local_hub) as sock:  # authorized: invited to send the body, then served
-        sock.sendall(_head("POST", f"/api/models/{REPO}/preupload/main", local_hub, Content_Length=str(len(body)),
-                           Expect="100-continue", Authorization="Bearer secret", Content_Type="application/json"))
+        sock.sendall(
+            _head(
+                "POST",
+                f"/api/models/{REPO}/preupload/main",
+                local_hub,
+                Content_Length=str(len(body)),
+                Expect="100-continue",
+                Authorization="Bearer secret",
+                Content_Type="application/json",
+            )
+        )
         assert _raw_status_line(sock) == b"HTTP/1.1 100 Continue"
         sock.sendall(body)
         status, _, data = _response(sock)
@@ -383,7 +420,9 @@ def test_expect_100_continue_is_sent_only_to_authorized_requests(local_hub):
 def test_small_unread_bodies_are_discarded_and_the_connection_reused(local_hub):
     conn = http.client.HTTPConnection(urlsplit(local_hub.url).netloc, timeout=_TIMEOUT)
     try:
-        conn.request("POST", "/api/repos/create", body=json.dumps({"name": "x"}), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/api/repos/create", body=json.dumps({"name": "x"}), headers={"Content-Type": "application/json"}
+        )
         resp = conn.getresponse()
         assert resp.status == 401 and resp.getheader("Connection") is None
         resp.read()
@@ -404,8 +443,11 @@ def test_a_real_client_sending_a_big_unauthorized_body_reads_the_401(local_hub):
     from huggingface_hub.utils import get_session
 
     HfApi().create_repo(REPO)
-    resp = get_session().post(f"{local_hub.url}/api/models/{REPO}/commit/main", content=b"\0" * (48 * 1024 * 1024),
-                              headers={"authorization": "Bearer wrong"})
+    resp = get_session().post(
+        f"{local_hub.url}/api/models/{REPO}/commit/main",
+        content=b"\0" * (48 * 1024 * 1024),
+        headers={"authorization": "Bearer wrong"},
+    )
     assert resp.status_code == 401 and "Invalid credentials" in resp.json()["error"]
 
 
@@ -464,8 +506,12 @@ def test_lfs_uploads_are_held_to_the_signed_size_and_the_cap(local_hub):
     conn = http.client.HTTPConnection(urlsplit(local_hub.url).netloc, timeout=_TIMEOUT)
 
     def batch(*objects):
-        conn.request("POST", f"/{REPO}.git/info/lfs/objects/batch", headers={"Authorization": "Bearer secret"},
-                     body=json.dumps({"operation": "upload", "objects": [{"oid": o, "size": s} for o, s in objects]}))
+        conn.request(
+            "POST",
+            f"/{REPO}.git/info/lfs/objects/batch",
+            headers={"Authorization": "Bearer secret"},
+            body=json.dumps({"operation": "upload", "objects": [{"oid": o, "size": s} for o, s in objects]}),
+        )
         resp = conn.getresponse()
         assert resp.status == 200
         return json.loads(resp.read())["objects"]

@@ -1,14 +1,15 @@
 """End-to-end merges of tiny random models, checked against tests/reference.py."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+import reference as ref
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-import reference as ref
 from ota_trainer import merge
 from ota_trainer.merger.report import REPORT_FILE
 
@@ -191,7 +192,9 @@ def test_ota_saliency_share_rule(ins, tmp_path):
     report = merge(_recipe(ins, "ota", saliency_share=0.9), tmp_path / "out", quiet=True)
     for t, e in enumerate(report.experts):
         assert e.grafted and e.saliency_share == 0.9
-        s = torch.cat([(ins["vs"][t][n] * (ins["experts"][t][n] - ins["base"][n]) ** 2).reshape(-1) for n in ins["base"]])
+        s = torch.cat(
+            [(ins["vs"][t][n] * (ins["experts"][t][n] - ins["base"][n]) ** 2).reshape(-1) for n in ins["base"]]
+        )
         top = torch.sort(s, descending=True).values
         needed = int((torch.cumsum(top, 0) < 0.9 * s.sum()).sum()) + 1  # fewest entries holding 90% of the saliency
         assert abs(e.kept - needed) <= 0.001 * s.numel()

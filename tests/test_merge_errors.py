@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the file/tensor/model, and nothing left at the output."""
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,11 @@ def _edit_moments(folder, fn):
 
 def _run(tiny, tmp_path, experts, **kw):
     out = tmp_path / "out"
-    recipe = {"method": kw.pop("method", "ota"), "base_model": str(kw.pop("base", tiny["base"])), "models": [str(e) for e in experts]}
+    recipe = {
+        "method": kw.pop("method", "ota"),
+        "base_model": str(kw.pop("base", tiny["base"])),
+        "models": [str(e) for e in experts],
+    }
     recipe.update(kw)
     try:
         return merge(recipe, out, quiet=True)

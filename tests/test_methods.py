@@ -1,6 +1,7 @@
 """Every merge method, through one test body per property (#14), over the shared table of
 tests/method_cases.py: the independent reference, every backend's bytes, a model that loads,
 and the registry's declarations (recipe parameters, CLI flags, the README's table)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,11 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
+from method_cases import CASES
 from safetensors.torch import load_file
 
-import reference as ref
-from method_cases import CASES
 from ota_trainer import merge
 from ota_trainer.merger.methods import METHODS, cli_params, markdown_table
 
@@ -62,8 +63,10 @@ def test_every_backend_writes_the_same_bytes(ins, tmp_path, monkeypatch, case):
     merge(_recipe(ins, method, params), tmp_path / "torch-kernels", quiet=True, fast_path=False)
     monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
     merge(_recipe(ins, method, params), tmp_path / "torch", quiet=True)
-    digests = {d: hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
-               for d in ("default", "torch-kernels", "torch")}
+    digests = {
+        d: hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
+        for d in ("default", "torch-kernels", "torch")
+    }
     assert len(set(digests.values())) == 1, digests
 
 
@@ -83,14 +86,16 @@ def test_every_method_has_a_row():
 
 def test_the_readme_method_table_is_the_registrys():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate: python -c 'from ota_trainer.merger.methods import markdown_table; print(markdown_table())'"
+    assert markdown_table() in readme, (
+        "regenerate: python -c 'from ota_trainer.merger.methods import markdown_table; print(markdown_table())'"
+    )
 
 
 def test_every_parameter_is_a_flag_and_every_method_a_choice(capsys):
     from ota_trainer.cli.merge import make_parser
 
     text = make_parser().format_help()
-    for name, (p, users) in cli_params().items():
+    for name, (p, _) in cli_params().items():
         if name != "weight":
             flag = ("--no-" if p.kind is bool and p.default else "--") + name.replace("_", "-")
             assert flag in text, flag
@@ -101,7 +106,11 @@ def test_every_parameter_is_a_flag_and_every_method_a_choice(capsys):
 def test_methods_know_nothing_of_each_other_in_the_runner():
     """The runner and the backends never name a method (only the method files do)."""
     root = Path(__file__).resolve().parents[1] / "ota_trainer"
-    for f in [root / "merger" / "runner.py", root / "backends" / "native" / "backend.py", root / "backends" / "torch" / "__init__.py"]:
+    for f in [
+        root / "merger" / "runner.py",
+        root / "backends" / "native" / "backend.py",
+        root / "backends" / "torch" / "__init__.py",
+    ]:
         text = f.read_text()
         for method in METHODS:
             assert f'"{method}"' not in text and f"'{method}'" not in text, (f.name, method)

@@ -2,6 +2,7 @@
 
 Each check runs in a fresh interpreter (the loader decides once per process) with its own cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,7 +76,9 @@ def test_a_fresh_cache_is_owner_only_and_records_the_library_checksum(tmp_path):
     lib = _library(cache)
     assert lib.stat().st_mode & 0o077 == 0
     assert lib.with_name(lib.name + ".sha256").read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
-    assert sorted(p.name for p in kernels.iterdir()) == sorted([".lock", lib.name, lib.name + ".sha256"])  # no temp files
+    assert sorted(p.name for p in kernels.iterdir()) == sorted(
+        [".lock", lib.name, lib.name + ".sha256"]
+    )  # no temp files
     built_at = lib.stat().st_mtime_ns
     assert _probe(cache)[0]["available"] is True  # loaded from the cache, not rebuilt
     assert lib.stat().st_mtime_ns == built_at
@@ -93,8 +96,10 @@ def test_an_existing_cache_root_keeps_its_permissions(tmp_path):
 def test_a_planted_library_is_not_loaded(cache, tmp_path, checksum):
     marker = tmp_path / "planted-code-ran"
     src = tmp_path / "evil.c"
-    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) {'
-                   f' FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    src.write_text(
+        "#include <stdio.h>\n__attribute__((constructor)) static void run(void) {"
+        f' FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+    )
     evil = tmp_path / "evil.so"
     subprocess.run([native._compiler(), "-shared", "-fPIC", "-o", str(evil), str(src)], check=True)
     lib = _library(cache)
@@ -148,5 +153,10 @@ def test_a_library_file_not_ours_alone_is_refused(cache, tmp_path, problem):
             pytest.skip("giving a file away needs root")
         os.chown(lib, 65534, 65534)
     got, err = _probe(cache)
-    _assert_refused(cache, err, got, f"refusing the kernel library file {lib}",
-                    {"writable": "writable by other users", "symlink": "symbolic link", "other user": "uid 65534"}[problem])
+    _assert_refused(
+        cache,
+        err,
+        got,
+        f"refusing the kernel library file {lib}",
+        {"writable": "writable by other users", "symlink": "symbolic link", "other user": "uid 65534"}[problem],
+    )

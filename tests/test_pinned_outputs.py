@@ -1,6 +1,7 @@
 """Merged bytes pinned before the one-runner redesign (#14): every recipe of
 tests/pinned_recipes.py must give exactly these bytes (and FFG report figures) on every backend,
 forever after, unless a change of results is deliberate and said so in its commit."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +9,9 @@ import json
 
 import pytest
 import torch
+from pinned_recipes import RECIPES
 
 from ota_trainer import merge
-from pinned_recipes import RECIPES
 
 PINNED = {
     "ota": "28e41e97a41f9f41",
@@ -43,11 +44,21 @@ def families(tmp_path_factory):
     base = make_tiny_base(root / "base", seed=0)
     bb = make_tiny_base(root / "bbase", seed=0, dtype=torch.bfloat16, hidden=96)
     return {
-        "fp32": (base, [make_tiny_expert(base, root / "e1", seed=1, moments="full"),
-                        make_tiny_expert(base, root / "e2", seed=2, moments="full", step=50),
-                        make_tiny_expert(base, root / "e3", seed=3, moments="rank1")]),
-        "bf16": (bb, [make_tiny_expert(bb, root / "b1", seed=1, moments="rank1"),
-                      make_tiny_expert(bb, root / "b2", seed=2, moments="full")]),
+        "fp32": (
+            base,
+            [
+                make_tiny_expert(base, root / "e1", seed=1, moments="full"),
+                make_tiny_expert(base, root / "e2", seed=2, moments="full", step=50),
+                make_tiny_expert(base, root / "e3", seed=3, moments="rank1"),
+            ],
+        ),
+        "bf16": (
+            bb,
+            [
+                make_tiny_expert(bb, root / "b1", seed=1, moments="rank1"),
+                make_tiny_expert(bb, root / "b2", seed=2, moments="full"),
+            ],
+        ),
     }
 
 
@@ -69,6 +80,12 @@ def test_merged_bytes_are_pinned(families, tmp_path, monkeypatch, name, backend)
     base, experts = families[family]
     if backend == "torch":  # the PyTorch code path only: no native kernels, no fast path
         monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
-    recipe = {"method": method, "base_model": str(base), "models": [str(e) for e in experts], "parameters": params, **extra}
+    recipe = {
+        "method": method,
+        "base_model": str(base),
+        "models": [str(e) for e in experts],
+        "parameters": params,
+        **extra,
+    }
     merge(recipe, tmp_path / "out", quiet=True)
     assert digest(tmp_path / "out") == PINNED[name]

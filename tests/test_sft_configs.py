@@ -6,6 +6,7 @@ random Llama (and a tiny tokenizer built here) instead of the model, the demo's 
 data instead of the dataset, and CPU-safe overrides. The run must leave
 ``<output_dir>/ota/moments.safetensors``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,7 +41,8 @@ CPU_OVERRIDES = {
 # Generation tags so that recipes with assistant_only_loss: true also run.
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ '<|assistant|> ' + m['content'] + eos_token }}{% endgeneration %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ '<|assistant|> ' + m['content'] + eos_token }}{% endgeneration %}"
     "{% else %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' ' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
 )
@@ -63,10 +65,10 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (vocab 128) with a tiny BPE tokenizer (printable ASCII + a few merges) beside it."""
     import string
 
+    from ota_demo.tasks import build_dataset
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ota_demo.tasks import build_dataset
     from ota_trainer.testing.tiny import make_tiny_base
 
     path = make_tiny_base(tmp_path_factory.mktemp("sft_cfg") / "tiny", seed=0)
@@ -75,7 +77,9 @@ def tiny_model_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     alphabet = [c for c in string.printable if not c.isspace()]  # no <unk> for the demo data
-    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
     assert tok.get_vocab_size() <= 128
     fast = PreTrainedTokenizerFast(

@@ -1,6 +1,7 @@
 """Issue #13: files that strangers wrote. Each test feeds the exact bad input the issue found
 (tiny models: hidden 64, 2 layers) and checks a clean, one-line error naming the file, repo or
 tensor, nothing at --out, no leftovers, and no input destroyed."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,19 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from untrusted import copy_model, edit_header, leftovers, read_raw, run_cli, write_raw
 
 from ota_trainer import merge
 from ota_trainer.errors import (
-    ConfigError, FormatError, IncompatibleModelsError, NumericalError, OTAError, OutputError, OutputExistsError,
+    ConfigError,
+    FormatError,
+    IncompatibleModelsError,
+    NumericalError,
+    OTAError,
+    OutputError,
+    OutputExistsError,
 )
 from ota_trainer.io.write import OutputDir
-
-from untrusted import copy_model, edit_header, leftovers, read_raw, run_cli, write_raw
 
 NORM = "model.norm.weight"
 EMBED = "model.embed_tokens.weight"
@@ -30,7 +36,11 @@ MOMENTS = Path("ota") / "moments.safetensors"
 
 
 def _recipe(m, experts=("e3",), base="base", method="ota", **extra):
-    r = {"method": method, "base_model": str(m[base] if base in m else base), "models": [str(m.get(e, e)) for e in experts]}
+    r = {
+        "method": method,
+        "base_model": str(m[base] if base in m else base),
+        "models": [str(m.get(e, e)) for e in experts],
+    }
     r.update(extra)
     return r
 
@@ -62,7 +72,18 @@ def test_a_shape_larger_than_its_bytes_in_every_model_is_refused_not_read(trio, 
         edit_header(trio[name] / "model.safetensors", lambda h, d: h[NORM].__setitem__("shape", [1000000]))
     e = _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", FormatError, NORM)
     assert "model.safetensors" in str(e)
-    r = run_cli(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--expert", str(trio["e4"]), "--out", str(tmp_path / "out")])
+    r = run_cli(
+        [
+            "--base",
+            str(trio["base"]),
+            "--expert",
+            str(trio["e3"]),
+            "--expert",
+            str(trio["e4"]),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert r.returncode == 2 and NORM in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr  # was rc 139
 
 
@@ -73,29 +94,41 @@ def test_offsets_past_the_data_are_refused_not_read(trio, tmp_path):
 
     edit_header(trio["e3"] / "model.safetensors", point_at_the_end)
     _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", FormatError, "embed_tokens")
-    edit_header(trio["e4"] / "model.safetensors", lambda h, d: h[EMBED].__setitem__("data_offsets", [len(d) - 16, len(d)]))
-    _both_paths(_recipe(trio, ("e4",)), tmp_path / "out", FormatError, "embed_tokens")  # was rc 0 with 1.8e37 in the output
+    edit_header(
+        trio["e4"] / "model.safetensors", lambda h, d: h[EMBED].__setitem__("data_offsets", [len(d) - 16, len(d)])
+    )
+    _both_paths(
+        _recipe(trio, ("e4",)), tmp_path / "out", FormatError, "embed_tokens"
+    )  # was rc 0 with 1.8e37 in the output
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda h, d: h[Q].__setitem__("data_offsets", h[Q]["data_offsets"][::-1]), "data_offsets"),  # reversed
-    (lambda h, d: h[Q].__setitem__("data_offsets", [h[Q]["data_offsets"][0] - 64, h[Q]["data_offsets"][1] - 64]), "overlap|gap"),
-    (lambda h, d: h[Q].__setitem__("data_offsets", [h[Q]["data_offsets"][0]]), "data_offsets"),  # short
-    (lambda h, d: h[Q].__setitem__("data_offsets", [-4, 8]), "data_offsets"),
-    (lambda h, d: h[Q].__setitem__("dtype", "F64"), "data_offsets|F64"),  # F64 declared on F32 bytes
-    (lambda h, d: h[Q].pop("shape") and None, "shape"),
-    (lambda h, d: h[Q].__setitem__("shape", [32, -2]), "shape"),
-    (lambda h, d: h[Q].__setitem__("dtype", "F8_E9M9"), "dtype"),
-    (lambda h, d: h.__setitem__("__metadata__", {"format": 5}), "__metadata__"),
-    (lambda h, d: d + b"\0" * 8, "after the last tensor"),  # trailing bytes
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h, d: h[Q].__setitem__("data_offsets", h[Q]["data_offsets"][::-1]), "data_offsets"),  # reversed
+        (
+            lambda h, d: h[Q].__setitem__("data_offsets", [h[Q]["data_offsets"][0] - 64, h[Q]["data_offsets"][1] - 64]),
+            "overlap|gap",
+        ),
+        (lambda h, d: h[Q].__setitem__("data_offsets", [h[Q]["data_offsets"][0]]), "data_offsets"),  # short
+        (lambda h, d: h[Q].__setitem__("data_offsets", [-4, 8]), "data_offsets"),
+        (lambda h, d: h[Q].__setitem__("dtype", "F64"), "data_offsets|F64"),  # F64 declared on F32 bytes
+        (lambda h, d: h[Q].pop("shape") and None, "shape"),
+        (lambda h, d: h[Q].__setitem__("shape", [32, -2]), "shape"),
+        (lambda h, d: h[Q].__setitem__("dtype", "F8_E9M9"), "dtype"),
+        (lambda h, d: h.__setitem__("__metadata__", {"format": 5}), "__metadata__"),
+        (lambda h, d: d + b"\0" * 8, "after the last tensor"),  # trailing bytes
+    ],
+)
 def test_malformed_headers_are_refused(trio, tmp_path, edit, match):
     edit_header(trio["e3"] / "model.safetensors", edit)
     _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", FormatError, match)
 
 
 def test_an_integer_dtype_on_float_bytes_is_refused(trio, tmp_path):
-    edit_header(trio["e3"] / "model.safetensors", lambda h, d: h[Q].__setitem__("dtype", "I32"))  # was rc 0, wrong merge
+    edit_header(
+        trio["e3"] / "model.safetensors", lambda h, d: h[Q].__setitem__("dtype", "I32")
+    )  # was rc 0, wrong merge
     e = _both_paths(_recipe(trio, ("e3", "e4")), tmp_path / "out", IncompatibleModelsError, "I32")
     assert e.tensor == Q
 
@@ -129,14 +162,32 @@ def test_out_may_not_be_contain_or_lie_inside_an_input_even_with_overwrite(trio,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     (tmp_path / "hf" / "hub").mkdir(parents=True)
     (tmp_path / "link").symlink_to(trio["e3"])
-    out = {"base": trio["base"], "expert": trio["e3"], "expert/ota": trio["e3"] / "ota", "parent": tmp_path,
-           "link": tmp_path / "link", "hf-cache": tmp_path / "hf" / "hub" / "merged"}[where]
+    out = {
+        "base": trio["base"],
+        "expert": trio["e3"],
+        "expert/ota": trio["e3"] / "ota",
+        "parent": tmp_path,
+        "link": tmp_path / "link",
+        "hf-cache": tmp_path / "hf" / "hub" / "merged",
+    }[where]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(OutputError, match="input of this merge or the Hugging Face cache"):
         merge(_recipe(trio, ("e3", "e4")), out, overwrite=True, quiet=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    r = run_cli(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--expert", str(trio["e4"]), "--out", str(out),
-                 "--overwrite"], env={"HF_HOME": str(tmp_path / "hf")})
+    r = run_cli(
+        [
+            "--base",
+            str(trio["base"]),
+            "--expert",
+            str(trio["e3"]),
+            "--expert",
+            str(trio["e4"]),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        env={"HF_HOME": str(tmp_path / "hf")},
+    )
     assert r.returncode == 2 and "refused even with --overwrite" in r.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -165,10 +216,25 @@ def test_a_second_merge_into_the_same_out_is_refused_while_one_runs(trio, tmp_pa
 def test_two_merges_started_together_into_one_new_out(trio, tmp_path):
     """Was: both printed "merged ... into" and one output was lost. Now exactly one writes --out."""
     out = tmp_path / "out"
-    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "merge_from_hub.py"), "--quiet",
-            "--base", str(trio["base"]), "--out", str(out)]
-    procs = [subprocess.Popen(args + ["--expert", str(trio[e])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=os.getcwd())) for e in ("e3", "e4")]
+    args = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "scripts" / "merge_from_hub.py"),
+        "--quiet",
+        "--base",
+        str(trio["base"]),
+        "--out",
+        str(out),
+    ]
+    procs = [
+        subprocess.Popen(
+            args + ["--expert", str(trio[e])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        )
+        for e in ("e3", "e4")
+    ]
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _, _ in results) == [0, 2], results
     winner = next(i for i, (rc, _, _) in enumerate(results) if rc == 0)
@@ -204,7 +270,10 @@ def _shard(folder: Path) -> dict:
     """Split folder's model.safetensors into a one-entry index pointing at it (renamed)."""
     (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
     header, _ = read_raw(folder / "model-00001-of-00001.safetensors")
-    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in header if k != "__metadata__"}}
+    index = {
+        "metadata": {},
+        "weight_map": {k: "model-00001-of-00001.safetensors" for k in header if k != "__metadata__"},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return index
 
@@ -264,8 +333,10 @@ def test_a_hub_repo_whose_index_points_at_a_local_file_is_refused(local_hub, tri
     (repo / "model.safetensors.index.json").write_text(json.dumps(index))
     HfApi().create_repo("mallory/expert")
     HfApi().upload_folder(repo_id="mallory/expert", folder_path=str(repo))
-    r = run_cli(["--base", str(trio["base"]), "--expert", "mallory/expert", "--out", str(tmp_path / "out")],
-                env=hub_env(local_hub, os.environ["HF_HOME"]))
+    r = run_cli(
+        ["--base", str(trio["base"]), "--expert", "mallory/expert", "--out", str(tmp_path / "out")],
+        env=hub_env(local_hub, os.environ["HF_HOME"]),
+    )
     assert r.returncode == 2 and "mallory/expert" in r.stderr and "not a plain relative path" in r.stderr, r.stderr
     assert leftovers(tmp_path) == []
 
@@ -299,13 +370,24 @@ def _set_moments_meta(folder, **changes):
     edit_header(folder / MOMENTS, edit)
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"__whole__": "5"}, "JSON object"), ({"__whole__": "null"}, "JSON object"), ({"__whole__": "[1]"}, "JSON object"),
-    ({"beta2": 1.0}, "beta2"), ({"beta2": "abc"}, "beta2"), ({"beta2": 2.0}, "beta2"), ({"beta2": 1.5}, "beta2"),
-    ({"step": "x"}, "step"), ({"step": -5}, "step"), ({"step": True}, "step"),
-    ({"parameters": {Q: {"shape": "big", "stored": "rank1"}}}, "parameters"),
-    ({"format_version": 1.0}, "version"), ({"bias_corrected": "yes"}, "bias_corrected"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"__whole__": "5"}, "JSON object"),
+        ({"__whole__": "null"}, "JSON object"),
+        ({"__whole__": "[1]"}, "JSON object"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"beta2": "abc"}, "beta2"),
+        ({"beta2": 2.0}, "beta2"),
+        ({"beta2": 1.5}, "beta2"),
+        ({"step": "x"}, "step"),
+        ({"step": -5}, "step"),
+        ({"step": True}, "step"),
+        ({"parameters": {Q: {"shape": "big", "stored": "rank1"}}}, "parameters"),
+        ({"format_version": 1.0}, "version"),
+        ({"bias_corrected": "yes"}, "bias_corrected"),
+    ],
+)
 def test_bad_moments_metadata(trio, tmp_path, changes, match):
     _set_moments_meta(trio["e3"], **changes)
     line = _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")])
@@ -313,8 +395,12 @@ def test_bad_moments_metadata(trio, tmp_path, changes, match):
 
 
 def test_metadata_that_is_not_a_string_map(trio, tmp_path):
-    edit_header(trio["e3"] / MOMENTS, lambda h, d: h["__metadata__"].__setitem__("ota_moments", {"format": "ota-moments"}))
-    assert "__metadata__" in _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")])
+    edit_header(
+        trio["e3"] / MOMENTS, lambda h, d: h["__metadata__"].__setitem__("ota_moments", {"format": "ota-moments"})
+    )
+    assert "__metadata__" in _cli_error(
+        ["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")]
+    )
 
 
 @pytest.mark.parametrize("weight_map", [["model-00001-of-00001.safetensors"], {NORM: 5}, {}])
@@ -322,31 +408,43 @@ def test_bad_index(trio, tmp_path, weight_map):
     index = _shard(trio["e3"])
     index["weight_map"] = weight_map
     (trio["e3"] / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "index" in _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")])
+    assert "index" in _cli_error(
+        ["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")]
+    )
 
 
 def test_an_index_that_disagrees_with_the_headers(trio, tmp_path):
     index = _shard(trio["e3"])
     index["weight_map"]["model.layers.9.extra"] = "model-00001-of-00001.safetensors"
     (trio["e3"] / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "layers.9.extra" in _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")])
+    assert "layers.9.extra" in _cli_error(
+        ["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out")]
+    )
 
 
-@pytest.mark.parametrize("recipe, match", [
-    ({"method": "ota", "base_model": 5, "models": ["x"]}, "base_model"),
-    ({"method": "ota", "base_model": "b", "models": 5}, "models"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": [1, 2]}, "parameters"),
-    ({"method": ["ota"], "base_model": "b", "models": ["x"]}, "method"),
-    ({"method": "ota", "base_model": "b", "models": [{"model": "x", "parameters": [1]}]}, "parameters"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "options": [1]}, "options"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "options": {"shard_size": [1]}}, "size"),
-    ("method: ota\nbase_model: b\nmodels: [x]\nparameters: {density: 1" + "0" * 5000 + "}\n", "YAML|density"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"epsilon": 1e300}}, "epsilon"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"power": -1}}, "power"),
-    ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"score": ["fisher"]}}, "score"),
-    ({"method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}},
-                                     {"model": "y", "parameters": {"weight": -1}}]}, "sum to 0"),
-])
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ({"method": "ota", "base_model": 5, "models": ["x"]}, "base_model"),
+        ({"method": "ota", "base_model": "b", "models": 5}, "models"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": [1, 2]}, "parameters"),
+        ({"method": ["ota"], "base_model": "b", "models": ["x"]}, "method"),
+        ({"method": "ota", "base_model": "b", "models": [{"model": "x", "parameters": [1]}]}, "parameters"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "options": [1]}, "options"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "options": {"shard_size": [1]}}, "size"),
+        ("method: ota\nbase_model: b\nmodels: [x]\nparameters: {density: 1" + "0" * 5000 + "}\n", "YAML|density"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"epsilon": 1e300}}, "epsilon"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"power": -1}}, "power"),
+        ({"method": "ota", "base_model": "b", "models": ["x"], "parameters": {"score": ["fisher"]}}, "score"),
+        (
+            {
+                "method": "linear",
+                "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": -1}}],
+            },
+            "sum to 0",
+        ),
+    ],
+)
 def test_bad_recipes(tmp_path, recipe, match):
     import yaml
 
@@ -358,8 +456,18 @@ def test_bad_recipes(tmp_path, recipe, match):
 
 
 def test_a_yaml_tag_in_a_param_flag(trio, tmp_path):
-    line = _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "out"),
-                       "--param", "density=!!python/object/apply:os.system ['echo pwned']"])
+    line = _cli_error(
+        [
+            "--base",
+            str(trio["base"]),
+            "--expert",
+            str(trio["e3"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--param",
+            "density=!!python/object/apply:os.system ['echo pwned']",
+        ]
+    )
     assert "--param" in line
 
 
@@ -372,7 +480,9 @@ def test_a_failed_merge_removes_the_parent_folders_it_made(trio, tmp_path):
 
 def test_out_whose_parent_is_a_file(trio, tmp_path):
     (tmp_path / "file").write_text("x")
-    line = _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "file" / "out")])
+    line = _cli_error(
+        ["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(tmp_path / "file" / "out")]
+    )
     assert "is a file" in line and (tmp_path / "file").read_text() == "x"
 
 
@@ -383,13 +493,20 @@ def _unshare() -> bool:
         return False
 
 
-needs_unshare = pytest.mark.skipif(not _unshare(), reason="needs user+mount namespaces (unshare -rm) for a small or read-only file system")
+needs_unshare = pytest.mark.skipif(
+    not _unshare(), reason="needs user+mount namespaces (unshare -rm) for a small or read-only file system"
+)
 
 
 def _in_namespace(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run a shell script as root of a new user+mount namespace (mounts there vanish with it)."""
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
 
 
 @needs_unshare
@@ -397,9 +514,14 @@ def _in_namespace(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_a_full_disk(trio, tmp_path, direct):
     disk = tmp_path / "disk"
     disk.mkdir()
-    cli = f"{sys.executable} scripts/merge_from_hub.py --quiet --base {trio['base']} --expert {trio['e3']} --out {disk}/out"
-    r = _in_namespace(f"mount -t tmpfs -o size=256k tmpfs {disk} && OTA_TRAINER_DIRECT_IO={direct} {cli}; "
-                      f"echo rc=$?; ls -A {disk}", tmp_path)
+    cli = (
+        f"{sys.executable} scripts/merge_from_hub.py --quiet --base {trio['base']} --expert {trio['e3']} "
+        f"--out {disk}/out"
+    )
+    r = _in_namespace(
+        f"mount -t tmpfs -o size=256k tmpfs {disk} && OTA_TRAINER_DIRECT_IO={direct} {cli}; echo rc=$?; ls -A {disk}",
+        tmp_path,
+    )
     lines = r.stdout.strip().splitlines()
     assert "rc=2" in lines and lines[-1] == "rc=2", r.stdout + r.stderr  # nothing listed after it: the disk is empty
     err = r.stderr.strip().splitlines()
@@ -410,12 +532,18 @@ def test_a_full_disk(trio, tmp_path, direct):
 def test_a_write_error_in_the_writer_thread(trio, tmp_path, direct):
     """A file-size limit (SIGXFSZ ignored: writes fail with EFBIG) hits the direct-I/O writer's
     background thread where the file system allows O_DIRECT, else the buffered writes."""
-    cli = (f"trap '' XFSZ; ulimit -f 64; OTA_TRAINER_DIRECT_IO={direct} {sys.executable} scripts/merge_from_hub.py --quiet "
-           f"--base {trio['base']} --expert {trio['e3']} --out {tmp_path}/out")
-    r = subprocess.run(["sh", "-c", cli], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    cli = (
+        f"trap '' XFSZ; ulimit -f 64; OTA_TRAINER_DIRECT_IO={direct} "
+        f"{sys.executable} scripts/merge_from_hub.py --quiet "
+        f"--base {trio['base']} --expert {trio['e3']} --out {tmp_path}/out"
+    )
+    r = subprocess.run(
+        ["sh", "-c", cli], capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd())
+    )
     err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and "File too large" in err[0] and "BufferError" not in r.stderr, r.stderr
+    assert r.returncode == 2 and len(err) == 1 and "File too large" in err[0] and "BufferError" not in r.stderr, (
+        r.stderr
+    )
     assert leftovers(tmp_path) == []
 
 
@@ -423,7 +551,10 @@ def test_a_write_error_in_the_writer_thread(trio, tmp_path, direct):
 def test_a_read_only_out(trio, tmp_path):
     ro = tmp_path / "ro"
     (ro / "out").mkdir(parents=True)
-    cli = f"{sys.executable} scripts/merge_from_hub.py --quiet --base {trio['base']} --expert {trio['e3']} --out {ro}/out --overwrite"
+    cli = (
+        f"{sys.executable} scripts/merge_from_hub.py --quiet --base {trio['base']} --expert {trio['e3']} "
+        f"--out {ro}/out --overwrite"
+    )
     r = _in_namespace(f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && {cli}; echo rc=$?", tmp_path)
     assert r.stdout.strip().endswith("rc=2"), r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
@@ -438,7 +569,9 @@ def test_a_read_only_out_as_an_unprivileged_user(trio, tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert "Permission denied" in _cli_error(["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(ro / "out")])
+        assert "Permission denied" in _cli_error(
+            ["--base", str(trio["base"]), "--expert", str(trio["e3"]), "--out", str(ro / "out")]
+        )
     finally:
         ro.chmod(0o755)
 
@@ -446,8 +579,7 @@ def test_a_read_only_out_as_an_unprivileged_user(trio, tmp_path):
 # -- 6. messages built from user data are bounded ---------------------------------------------------------
 def test_nested_yaml_aliases_do_not_hang(tmp_path):
     lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
-              for i in range(1, 9)]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     lines += ["method: ota", "base_model: b", "models: [x]", "parameters: {density: *a8}"]
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -480,12 +612,16 @@ def test_all_zero_moments(trio, tmp_path, compression):
     make_tiny_expert(trio["base"], tmp_path / "e5", seed=5, moments=compression)
     edit_header(tmp_path / "e5" / MOMENTS, lambda h, data: bytes(len(data)))  # every stored value 0.0
     _both_paths(_recipe(trio, ("e4", str(tmp_path / "e5"))), tmp_path / "out", NumericalError, "all zero")
+
     # one non-zero entry stored whole (read only in this case) makes it a real, if odd, moments file
     def one(h, data):
-        key = next(k for k, v in h.items() if k != "__metadata__" and len(v["shape"]) == 2 and "::" not in k) \
-            if compression == "full" else next(k for k in h if k.endswith("::row"))
+        key = (
+            next(k for k, v in h.items() if k != "__metadata__" and len(v["shape"]) == 2 and "::" not in k)
+            if compression == "full"
+            else next(k for k in h if k.endswith("::row"))
+        )
         b = h[key]["data_offsets"][0]
-        return data[:b] + b"\x00\x00\x80\x3f" + data[b + 4:]  # 1.0
+        return data[:b] + b"\x00\x00\x80\x3f" + data[b + 4 :]  # 1.0
 
     edit_header(tmp_path / "e5" / MOMENTS, one)
     merge(_recipe(trio, ("e4", str(tmp_path / "e5"))), tmp_path / "out", quiet=True)
@@ -539,9 +675,24 @@ def test_a_previous_output_moved_aside_by_a_killed_merge_is_restored(trio, tmp_p
 
 
 def test_a_killed_cli_merge_leaves_nothing_the_next_run_keeps(trio, tmp_path):
-    proc = subprocess.Popen([sys.executable, "scripts/merge_from_hub.py", "--quiet", "--base", str(trio["base"]),
-                             "--expert", str(trio["e3"]), "--out", str(tmp_path / "out"), "--method", "ota",
-                             "--normalise", "mean"], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/merge_from_hub.py",
+            "--quiet",
+            "--base",
+            str(trio["base"]),
+            "--expert",
+            str(trio["e3"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--method",
+            "ota",
+            "--normalise",
+            "mean",
+        ],
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
         time.sleep(0.01)
@@ -574,7 +725,9 @@ def test_finite_inputs_that_overflow_name_the_input_not_the_engine(trio, tmp_pat
         w = load_file(str(trio[e] / "model.safetensors"))
         w[NORM].fill_(3e38)  # finite, but no trained model's
         save_file(w, str(trio[e] / "model.safetensors"), metadata={"format": "pt"})
-    e = _both_paths(_recipe(trio, ("e3", "e4"), method="task_arithmetic"), tmp_path / "out", NumericalError, "overflows float32")
+    e = _both_paths(
+        _recipe(trio, ("e3", "e4"), method="task_arithmetic"), tmp_path / "out", NumericalError, "overflows float32"
+    )
     assert "3e+38" in str(e) and "weights" in str(e) and e.tensor == NORM
 
 

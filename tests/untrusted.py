@@ -1,5 +1,6 @@
 """Helpers for tests that feed the merger hostile files: raw safetensors header surgery (what a
 stranger's Hub repo can hold), and a merge run that reports how it ended."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,16 +41,24 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
-            prefix: list[str] = ()) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120, prefix: list[str] = ()
+) -> subprocess.CompletedProcess:
     """``scripts/merge_from_hub.py`` in a fresh process (a crash shows as a signal, a hang as a timeout)."""
-    return subprocess.run([*prefix, sys.executable, str(REPO / "scripts" / "merge_from_hub.py"), *args, "--quiet"],
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+    return subprocess.run(
+        [*prefix, sys.executable, str(REPO / "scripts" / "merge_from_hub.py"), *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+    )
 
 
 def leftovers(folder: Path, out_name: str = "out") -> list[str]:
     """Entries of ``folder`` a merge into ``folder/out_name`` may have left: the output itself,
     its temporary, replaced, kept or lock files."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name == out_name or p.name.startswith((f".{out_name}.", f"{out_name}.merged-")))
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name == out_name or p.name.startswith((f".{out_name}.", f"{out_name}.merged-"))
+    )

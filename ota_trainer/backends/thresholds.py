@@ -7,6 +7,7 @@ Bins are ``bits(s) >> 42`` of the float64 saliency ``s`` (1024 bins per octave; 
 the zeros), and a histogram threshold keeps exactly the entries whose bin is at least ``b``:
 ``s >= bin_edge(b)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,12 +73,12 @@ class Threshold:
     bin: int | None = None
 
     @classmethod
-    def absolute(cls, theta: float) -> "Threshold":
+    def absolute(cls, theta: float) -> Threshold:
         """The paper's absolute threshold ``theta`` (e.g. 2.6e-19)."""
         return cls(max(float(theta), 0.0))
 
     @classmethod
-    def at_bin(cls, b: int) -> "Threshold":
+    def at_bin(cls, b: int) -> Threshold:
         return cls(bin_edge(b), bin=b)
 
     @property

@@ -9,6 +9,7 @@
 >>> from ota_trainer.capture import OTACallback
 >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[OTACallback()])
 """
+
 from __future__ import annotations
 
 from .callback import MERGE_READY_TAG, OTACallback, align_moments_to_weights, check_moments_cover_weights

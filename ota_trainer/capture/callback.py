@@ -1,4 +1,5 @@
 """``OTACallback``: the Trainer glue of the capture stage (method.md §1)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,16 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..moments.format import COMPRESSIONS, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG, has_moments, load_moments, moments_path
 from ..io.layout import remove_dead_leftovers
+from ..moments.format import (
+    COMPRESSIONS,
+    FORMAT_VERSION_TAG,
+    MANAGED_KEYS,
+    MERGE_READY_TAG,
+    has_moments,
+    load_moments,
+    moments_path,
+)
 from .core import BIAS_CORRECTION, save_optimizer_moments
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
@@ -140,7 +149,9 @@ def align_moments_to_weights(folder: str | os.PathLike, tied: dict[str, str]) ->
     if set(source) == have:
         return saved_aliases
     logger.warning(
-        "OTA: %s: renaming tied moments to match the saved weights (%s -> %s)", folder, sorted(have - set(source)),
+        "OTA: %s: renaming tied moments to match the saved weights (%s -> %s)",
+        folder,
+        sorted(have - set(source)),
         sorted(set(source) - have),
     )
 
@@ -369,7 +380,12 @@ class OTACallback(TrainerCallback):
         self._captured_at[step] = (captured_at, before)
         try:
             self._capture(
-                _staging_dir(args, state), args, state, model, optimizer, written_before_weights=before,
+                _staging_dir(args, state),
+                args,
+                state,
+                model,
+                optimizer,
+                written_before_weights=before,
                 captured_at=captured_at,
             )
         except CaptureError as e:
@@ -405,7 +421,9 @@ class OTACallback(TrainerCallback):
             return
         stale = moments_path(_checkpoint_dir(args, state))
         if stale.is_file():
-            logger.warning("OTA: removing %s left by an earlier run (the Trainer is about to overwrite checkpoint-%d)", stale, step)
+            logger.warning(
+                "OTA: removing %s left by an earlier run (the Trainer is about to overwrite checkpoint-%d)", stale, step
+            )
             stale.unlink(missing_ok=True)
 
     def _before_save(self, args: Any, state: Any, control: Any, model: Any, optimizer: Any) -> None:
@@ -469,7 +487,8 @@ class OTACallback(TrainerCallback):
         return control
 
     def on_push_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Just before a mid-training upload (``checkpoint-N`` is saved): move its moments in, copy them to ``output_dir``."""
+        """Just before a mid-training upload (``checkpoint-N`` is saved): move its moments in and copy
+        them to ``output_dir``."""
         if not self._training or not self.save_on_checkpoint:
             return control
         step = int(state.global_step)
@@ -490,7 +509,8 @@ class OTACallback(TrainerCallback):
             self._tied_aliases = saved_aliases
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """After ``checkpoint-N`` is saved: move staged moments in (capture if still missing), raise a pending error, check names."""
+        """After ``checkpoint-N`` is saved: move staged moments in (capture if still missing), raise a
+        pending error, check names."""
         if self.save_on_checkpoint:
             self._capture_checkpoint(args, state, model, optimizer, saved=True)
             if _is_writer(args):
@@ -534,9 +554,13 @@ class OTACallback(TrainerCallback):
             self._capture(out, args, state, model, optimizer, written_before_weights=before, captured_at=captured_at)
         except CaptureError as e:
             saved = self._save_model_after_failure(args, model, processing_class)
-            where = f"the trained model was saved to {out}" if saved else (
-                "the model could not be saved by OTACallback (sharded engine); call trainer.save_model() "
-                f"or resume from the last checkpoint in {out}"
+            where = (
+                f"the trained model was saved to {out}"
+                if saved
+                else (
+                    "the model could not be saved by OTACallback (sharded engine); call trainer.save_model() "
+                    f"or resume from the last checkpoint in {out}"
+                )
             )
             raise CaptureError(f"capturing second moments at the end of training failed; {where}. Cause: {e}") from e
         return control
@@ -554,4 +578,3 @@ class OTACallback(TrainerCallback):
             logger.error("OTA: saving the model after a failed capture failed too: %s", e)
             return False
         return True
-

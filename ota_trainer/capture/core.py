@@ -5,6 +5,7 @@ directly in a custom training loop, e.g. with an FSDP2 model (``fully_shard``)::
 
     save_optimizer_moments("out/expert", model, optimizer, metadata={"base_model": "HuggingFaceTB/SmolLM2-135M"})
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,12 @@ from .names import NamedParameter, named_trainable_parameters
 from .sources import (
     CapturedMoment,
     OptimizerInfo,
-    state_of,
     detect_engine,
     inspect_optimizer,
     iter_second_moments,
     optimizer_hyperparameters,
     saves_tied_aliases,
+    state_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class _MomentStream(Mapping[str, torch.Tensor]):
     ``r`` and ``c`` again, so ``save_moments(..., compression="rank1")`` stores them back.
     """
 
-    def __init__(self, entries: Iterator[CapturedMoment | None], names: list[str], *, aliases: bool = False, scale: float = 1.0):
+    def __init__(
+        self, entries: Iterator[CapturedMoment | None], names: list[str], *, aliases: bool = False, scale: float = 1.0
+    ):
         self._entries = entries
         self._names = names
         self._aliases = aliases
@@ -221,7 +224,8 @@ def save_optimizer_moments(
         logger.warning(
             "%d trainable parameter(s) have no optimizer state (never received a gradient), e.g. %s; "
             "they get no moments",
-            len(without_state), without_state[:3],
+            len(without_state),
+            without_state[:3],
         )
     entries = iter_second_moments(params, info, engine, compression=stored)
     if not write:
@@ -234,7 +238,9 @@ def save_optimizer_moments(
     meta.setdefault("captured_at", captured_at)
     if tied_aliases is None:
         tied_aliases = saves_tied_aliases(params)
-    names = [n for p in params if p.name not in set(without_state) for n in (p.name, *(p.aliases if tied_aliases else ()))]
+    names = [
+        n for p in params if p.name not in set(without_state) for n in (p.name, *(p.aliases if tied_aliases else ()))
+    ]
     scale = 1.0
     if bias_correction == "apply":
         scale = bias_correction_scale(meta.get("beta2"), meta.get("step"), optimizer=info.class_name)

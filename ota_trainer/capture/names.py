@@ -14,6 +14,7 @@ moments, and the moments file names nothing the weights file lacks:
 * PEFT adapters: the adapter-name segment (``.default``) is removed, as
   ``get_peft_model_state_dict`` does.
 """
+
 from __future__ import annotations
 
 import re

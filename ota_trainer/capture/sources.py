@@ -20,6 +20,7 @@ Engines (where the state lives):
 Under ``fsdp2`` and ``deepspeed`` reading is COLLECTIVE: every rank must iterate
 :func:`iter_second_moments` to the end, in the same order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,16 +60,32 @@ ENGINES = ("local", "fsdp2", "deepspeed")
 
 # Class names (anywhere in the MRO) of optimizers with an Adam-style ``exp_avg_sq``.
 _ADAM_CLASSES = {
-    "Adam", "AdamW", "NAdam", "RAdam", "SparseAdam", "FusedAdam", "FusedAdamW", "DeepSpeedCPUAdam",
-    "AnyPrecisionAdamW", "AdamWScheduleFree", "StableAdamW",
+    "Adam",
+    "AdamW",
+    "NAdam",
+    "RAdam",
+    "SparseAdam",
+    "FusedAdam",
+    "FusedAdamW",
+    "DeepSpeedCPUAdam",
+    "AnyPrecisionAdamW",
+    "AdamWScheduleFree",
+    "StableAdamW",
 }
 # Optimizers known to keep no Adam second moment: refused before any compute.
 _NO_SECOND_MOMENT = {
-    "SGD": "momentum only", "Adagrad": "a running SUM of squared gradients, not an average",
-    "Adadelta": "no Adam second moment", "Adamax": "an infinity norm (exp_inf), not exp_avg_sq",
-    "RMSprop": "square_avg, not Adam's exp_avg_sq", "Rprop": "no second moment", "ASGD": "no second moment",
-    "LBFGS": "no second moment", "Lion": "one momentum state only", "Optimizer1State": "one state only",
-    "Muon": "no second moment for matrices", "LayerWiseDummyOptimizer": "per-layer optimizers hidden from the Trainer",
+    "SGD": "momentum only",
+    "Adagrad": "a running SUM of squared gradients, not an average",
+    "Adadelta": "no Adam second moment",
+    "Adamax": "an infinity norm (exp_inf), not exp_avg_sq",
+    "RMSprop": "square_avg, not Adam's exp_avg_sq",
+    "Rprop": "no second moment",
+    "ASGD": "no second moment",
+    "LBFGS": "no second moment",
+    "Lion": "one momentum state only",
+    "Optimizer1State": "one state only",
+    "Muon": "no second moment for matrices",
+    "LayerWiseDummyOptimizer": "per-layer optimizers hidden from the Trainer",
 }
 # Wrappers whose real optimizer is ``.optimizer`` (accelerate).
 _WRAPPERS = {"AcceleratedOptimizer", "DeepSpeedOptimizerWrapper", "FSDP2OptimizerWrapper"}
@@ -221,9 +238,13 @@ def optimizer_hyperparameters(info: OptimizerInfo) -> dict[str, Any]:
             out["beta2"] = betas[0][1]
             if len(set(b[1] for b in betas)) > 1:
                 out["beta2_per_group"] = [b[1] for b in betas]
-                logger.warning("parameter groups use different beta2 %s; metadata records the first", out["beta2_per_group"])
+                logger.warning(
+                    "parameter groups use different beta2 %s; metadata records the first", out["beta2_per_group"]
+                )
         if groups and "eps" in groups[0]:
-            out["eps"] = float(groups[0]["eps"]) if not isinstance(groups[0]["eps"], (tuple, list)) else list(groups[0]["eps"])
+            out["eps"] = (
+                float(groups[0]["eps"]) if not isinstance(groups[0]["eps"], (tuple, list)) else list(groups[0]["eps"])
+            )
     steps = []
     for s in (getattr(info.base, "state", None) or {}).values():
         if isinstance(s, dict) and "step" in s:
@@ -323,9 +344,11 @@ def _read_deepspeed(info: OptimizerInfo, np_: NamedParameter, compression: str) 
         if hasattr(p, "ds_id"):  # ZeRO-3: rank k holds flat elements [k * len, (k + 1) * len)
             frag = safe_get_local_optimizer_state(p, "exp_avg_sq")
             group = getattr(p, "ds_process_group", None)
-            rank = info.optimizer._get_param_partition_rank(p) if hasattr(
-                info.optimizer, "_get_param_partition_rank"
-            ) else dist.get_rank(group=group)
+            rank = (
+                info.optimizer._get_param_partition_rank(p)
+                if hasattr(info.optimizer, "_get_param_partition_rank")
+                else dist.get_rank(group=group)
+            )
             start = frag.numel() * rank if frag is not None else 0
         else:  # ZeRO-1/2: this rank's fragment address inside the flat parameter
             mapping = getattr(p, "_hp_mapping", None)
@@ -340,7 +363,7 @@ def _read_deepspeed(info: OptimizerInfo, np_: NamedParameter, compression: str) 
         rc = torch.cat([r, c]).to(frag.device if frag.numel() else "cpu")
         dist.all_reduce(rc, group=group)
         rc = to_cpu_float32(rc)
-        return CapturedMoment(np_.name, shape, factors=(rc[: r.numel()], rc[r.numel():]))
+        return CapturedMoment(np_.name, shape, factors=(rc[: r.numel()], rc[r.numel() :]))
     v = safe_get_full_optimizer_state(p, "exp_avg_sq")  # collective
     if v is None:
         return None

@@ -3,8 +3,8 @@
 No I/O, no Trainer, no process groups (the DTensor helpers run the collectives DTensor
 itself issues). Each function states the formula it implements.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 

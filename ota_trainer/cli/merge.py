@@ -10,10 +10,12 @@ Examples::
     python scripts/merge_from_hub.py --recipe recipe.yaml --out merged/
 
     # any method parameter: --param key=value (repeatable); per-expert: --expert-param 1:density=0.3
-    python scripts/merge_from_hub.py --base base/ --expert a/ --expert b/ --method dare --param drop_rate=0.7 --out merged/
+    python scripts/merge_from_hub.py --base base/ --expert a/ --expert b/ --method dare \\
+        --param drop_rate=0.7 --out merged/
 
 An ota_trainer error exits with status 2 and one line on stderr; nothing is left at --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +41,31 @@ def _add_method_flags(group) -> None:
         for m in users:
             q = _param_of(m, name)
             by_help.setdefault((q.help, None if q.kind is bool else q.default), []).append(m)
-        text = "; ".join(f"{', '.join(ms)}: {h}" + (f" (default {d})" if d is not None else "") for (h, d), ms in by_help.items())
+        text = "; ".join(
+            f"{', '.join(ms)}: {h}" + (f" (default {d})" if d is not None else "") for (h, d), ms in by_help.items()
+        )
         flag = "--" + name.replace("_", "-")
         if p.kind is bool:
             if p.default:
-                group.add_argument("--no-" + name.replace("_", "-"), dest=_PARAM_DEST + name, action="store_false",
-                                   default=None, help=f"{name}=false ({text})")
+                group.add_argument(
+                    "--no-" + name.replace("_", "-"),
+                    dest=_PARAM_DEST + name,
+                    action="store_false",
+                    default=None,
+                    help=f"{name}=false ({text})",
+                )
             else:
                 group.add_argument(flag, dest=_PARAM_DEST + name, action="store_true", default=None, help=text)
         else:
-            group.add_argument(flag, dest=_PARAM_DEST + name, type=p.kind, choices=p.choices, default=None,
-                               metavar=None if p.choices else name.upper(), help=text)
+            group.add_argument(
+                flag,
+                dest=_PARAM_DEST + name,
+                type=p.kind,
+                choices=p.choices,
+                default=None,
+                metavar=None if p.choices else name.upper(),
+                help=text,
+            )
 
 
 def _param_of(method: str, name: str):
@@ -75,18 +91,29 @@ def make_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("method parameters (override the recipe's top-level parameters)")
     _add_method_flags(par)
     par.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="any method parameter")
-    par.add_argument("--expert-param", action="append", default=[], metavar="I:KEY=VALUE", help="parameter of expert I (0-based)")
+    par.add_argument(
+        "--expert-param", action="append", default=[], metavar="I:KEY=VALUE", help="parameter of expert I (0-based)"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder (written atomically)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     out.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's)")
     out.add_argument("--shard-size", help="output shard size, e.g. 5GB (default 5GB)")
-    out.add_argument("--allow-missing-moments", action="store_true", default=None, help="uniform curvature where moments are missing (warns)")
+    out.add_argument(
+        "--allow-missing-moments",
+        action="store_true",
+        default=None,
+        help="uniform curvature where moments are missing (warns)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     hub = p.add_argument_group("Hub (models may be repo ids: org/name or org/name@revision)")
-    hub.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder to this repo in one commit, with a model card")
+    hub.add_argument(
+        "--push-to-hub", metavar="REPO", help="upload the merged folder to this repo in one commit, with a model card"
+    )
     hub.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
-    hub.add_argument("--dry-run", action="store_true", help="print the plan (resolved shas, files, bytes, memory); download nothing")
+    hub.add_argument(
+        "--dry-run", action="store_true", help="print the plan (resolved shas, files, bytes, memory); download nothing"
+    )
     return p
 
 
@@ -106,8 +133,8 @@ def _kv(text: str, flag: str) -> tuple[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace):
     """Build the :class:`MergeRecipe` the flags describe (recipe file first, flags on top)."""
-    from ..merger.recipe import MergeRecipe
     from ..errors import ConfigError
+    from ..merger.recipe import MergeRecipe
 
     if args.recipe:
         if args.base or args.expert:
@@ -122,7 +149,7 @@ def recipe_from_args(args: argparse.Namespace):
     params = dict(data.get("parameters") or {})
     for dest, value in vars(args).items():
         if dest.startswith(_PARAM_DEST) and value is not None:
-            params[dest[len(_PARAM_DEST):]] = value
+            params[dest[len(_PARAM_DEST) :]] = value
     for text in args.param:
         k, v = _kv(text, "--param")
         params[k] = v
@@ -147,7 +174,9 @@ def recipe_from_args(args: argparse.Namespace):
 def describe_plan(recipe, resolver) -> str:
     """The --dry-run text: resolved shas, files and bytes to download, options, peak memory estimate."""
     lines = [f"method: {recipe.method} ({recipe.spec.pretty_name})", f"method parameters: {recipe.method_parameters()}"]
-    refs = ([("base", recipe.base_model)] if recipe.base_model else []) + [(f"expert {i}", m.model) for i, m in enumerate(recipe.models)]
+    refs = ([("base", recipe.base_model)] if recipe.base_model else []) + [
+        (f"expert {i}", m.model) for i, m in enumerate(recipe.models)
+    ]
     total = 0
     for role, ref in refs:
         sha = resolver.sha(ref)
@@ -219,7 +248,9 @@ def _merge(recipe, args, resolver, output):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from ..errors import OTAError
 
     try:
@@ -232,22 +263,30 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plan(recipe, resolver))
             return 0
         # --out is checked (never an input, the HF cache or a file) and locked before anything is read
-        with output_for(recipe, args.out, overwrite=args.overwrite, resolver=resolver,
-                        extra=[args.recipe] if args.recipe else []) as output:
+        with output_for(
+            recipe, args.out, overwrite=args.overwrite, resolver=resolver, extra=[args.recipe] if args.recipe else []
+        ) as output:
             # configs only: an incompatible expert fails before any weights are downloaded
             check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
             report = _merge(recipe, args, resolver, output)
         if args.push_to_hub:
-            sha = publish_folder(report.out_dir, args.push_to_hub, private=args.private,
-                                 commit_message=f"Merge with ota_trainer ({report.method})")
+            sha = publish_folder(
+                report.out_dir,
+                args.push_to_hub,
+                private=args.private,
+                commit_message=f"Merge with ota_trainer ({report.method})",
+            )
             print(f"pushed {report.out_dir} to {args.push_to_hub} (commit {sha})")
     except OTAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for e in report.experts:
         if e.grafted:
-            rule = f"target density {e.density_target}" if e.density_target is not None else (
-                f"saliency share {e.saliency_share}" if e.saliency_share is not None else "absolute threshold")
+            rule = (
+                f"target density {e.density_target}"
+                if e.density_target is not None
+                else (f"saliency share {e.saliency_share}" if e.saliency_share is not None else "absolute threshold")
+            )
             print(f"{e.model}: FFG kept {e.density:.4f} of {e.total} entries ({rule})")
     print(f"merged ({report.method}) into {report.out_dir} in {report.seconds:.1f}s")
     return 0

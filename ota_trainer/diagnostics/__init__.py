@@ -22,6 +22,7 @@ none of the others), and none uses another's ``_private`` names:
 
 This module holds no code: it re-exports the public API below.
 """
+
 from __future__ import annotations
 
 from .api import DIAGNOSTICS_FILE, SUMMARY_FILE, inspect_experts, write_diagnostics

@@ -1,6 +1,7 @@
 """The two entry points: :func:`inspect_experts` (the numbers of :mod:`.measures` and their
 :func:`~.reading.findings`) and :func:`write_diagnostics` (``diagnostics.json``, the figures of
 :mod:`.plots` and the ``summary.md`` of :mod:`.summary`)."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,15 @@ def inspect_experts(
         raise ConfigError(f"density={density} must be in (0, 1] (the fraction of each expert's edits kept)")
     if not 0.0 < topk < 1.0:
         raise ConfigError(f"topk={topk} must be in (0, 1) (the fraction of each tensor counted as top curvature)")
-    inspector = Inspector(str(base), [str(e) for e in experts], density=density, topk=topk,
-                          bias_correction=bias_correction, resolver=resolver or _local_resolver, quiet=quiet)
+    inspector = Inspector(
+        str(base),
+        [str(e) for e in experts],
+        density=density,
+        topk=topk,
+        bias_correction=bias_correction,
+        resolver=resolver or _local_resolver,
+        quiet=quiet,
+    )
     inspector.find_thresholds()
     inspector.inspect()
     diag = inspector.result()

@@ -42,6 +42,7 @@ JSON-serialisable data (nothing here renders text or figures). The pure tensor f
 :func:`cosine`, :func:`line_kept_fractions`, :func:`fraction_histogram`,
 :func:`rank1_relative_error`) do no I/O.
 """
+
 from __future__ import annotations
 
 import logging
@@ -326,8 +327,17 @@ class _BatchedHistogram:
 class Inspector:
     """Two streaming passes over base + experts + moments (one tensor name at a time)."""
 
-    def __init__(self, base: str, experts: Sequence[str], *, density: float, topk: float,
-                 bias_correction: bool, resolver: Resolver, quiet: bool):
+    def __init__(
+        self,
+        base: str,
+        experts: Sequence[str],
+        *,
+        density: float,
+        topk: float,
+        bias_correction: bool,
+        resolver: Resolver,
+        quiet: bool,
+    ):
         self.density, self.topk, self.quiet = density, topk, quiet
         self.base = ModelFolder(resolver(base), label=base)
         self.experts = [ModelFolder(resolver(e), label=e) for e in experts]
@@ -346,17 +356,38 @@ class Inspector:
             m = MomentsReader(layout, bias_correction=bias_correction, model=e.label)
             missing = [n for n in self.names if n not in m]
             if missing:
-                logger.warning("%s: no moments for %d tensor(s) (e.g. %s); FFG keeps those whole, as the merge engine does",
-                               e.label, len(missing), missing[:3])
+                logger.warning(
+                    "%s: no moments for %d tensor(s) (e.g. %s); FFG keeps those whole, as the merge engine does",
+                    e.label,
+                    len(missing),
+                    missing[:3],
+                )
             self.moments.append(m)
             self.missing.append(len(missing))
         self.full = [m is not None and m.metadata["compression"] == "full" for m in self.moments]
         t = len(self.experts)
-        self.thresholds: dict[str, list[Threshold | None]] = {"ffg": [None] * t, "magnitude": [None] * t, "rank1": [None] * t}
+        self.thresholds: dict[str, list[Threshold | None]] = {
+            "ffg": [None] * t,
+            "magnitude": [None] * t,
+            "rank1": [None] * t,
+        }
         self.kept = [{k: _tally() for k in KINDS} for _ in range(t)]
-        self.lines = [{k: defaultdict(lambda: {"rows": 0, "rows_pruned": 0, "row_hist": [0] * HIST_BINS,
-                                               "cols": 0, "cols_pruned": 0, "col_hist": [0] * HIST_BINS})
-                       for k in KINDS} for _ in range(t)]
+        self.lines = [
+            {
+                k: defaultdict(
+                    lambda: {
+                        "rows": 0,
+                        "rows_pruned": 0,
+                        "row_hist": [0] * HIST_BINS,
+                        "cols": 0,
+                        "cols_pruned": 0,
+                        "col_hist": [0] * HIST_BINS,
+                    }
+                )
+                for k in KINDS
+            }
+            for _ in range(t)
+        ]
         self.rank1 = [_tally() for _ in range(t)]
         self.rank1_tensors: list[list[dict]] = [[] for _ in range(t)]
         self.pairs = [(a, b) for a in range(t) for b in range(a + 1, t)]
@@ -414,8 +445,11 @@ class Inspector:
             masks["magnitude"][i] = keep_mask(saliency(d, None, "magnitude"), self.thresholds["magnitude"][i])
             v = self._v(i, name)
             if self.moments[i] is not None:
-                masks["ffg"][i] = (keep_mask(saliency(d, v), self.thresholds["ffg"][i]) if v is not None
-                                   else torch.ones_like(d, dtype=torch.bool))
+                masks["ffg"][i] = (
+                    keep_mask(saliency(d, v), self.thresholds["ffg"][i])
+                    if v is not None
+                    else torch.ones_like(d, dtype=torch.bool)
+                )
             if self.full[i] and v is not None:
                 v1 = _rank1(v) if is_matrix else v  # 1-D moments are stored whole in either compression
                 m1 = keep_mask(saliency(d, v1), self.thresholds["rank1"][i])
@@ -431,8 +465,15 @@ class Inspector:
                     if rel is not None:
                         f["rel_sum"] += rel
                         f["n"] += 1
-                    self.rank1_tensors[i].append({"name": name, "layer": cell[0], "role": cell[1], "rel_error": rel,
-                                                  "mask_jaccard": _ratio(both, either)})
+                    self.rank1_tensors[i].append(
+                        {
+                            "name": name,
+                            "layer": cell[0],
+                            "role": cell[1],
+                            "rel_error": rel,
+                            "mask_jaccard": _ratio(both, either),
+                        }
+                    )
                 del v1, m1
             if v is not None:
                 tops[i] = top_fraction_mask(v, self.topk)
@@ -471,15 +512,17 @@ class Inspector:
                 if s is not None:
                     f[key + "_sum"] += s
                     f[key + "_n"] += 1
-        self.tensors.append({
-            "name": name,
-            "layer": cell[0],
-            "role": cell[1],
-            "shape": list(w0.shape),
-            "ffg_kept": [float(m.sum()) / n if m is not None else None for m in masks["ffg"]],
-            "magnitude_kept": [float(m.sum()) / n for m in masks["magnitude"]],
-            "rank1_rel_error": rank1_err,
-        })
+        self.tensors.append(
+            {
+                "name": name,
+                "layer": cell[0],
+                "role": cell[1],
+                "shape": list(w0.shape),
+                "ffg_kept": [float(m.sum()) / n if m is not None else None for m in masks["ffg"]],
+                "magnitude_kept": [float(m.sum()) / n for m in masks["magnitude"]],
+                "rank1_rel_error": rank1_err,
+            }
+        )
 
     # results -------------------------------------------------------------------------------------
     def result(self) -> dict[str, Any]:
@@ -528,16 +571,24 @@ class Inspector:
             experts.append(entry)
         pairs = []
         for a, b in self.pairs:
-            pairs.append({
-                "a": a,
-                "b": b,
-                "models": [self.experts[a].label, self.experts[b].label],
-                "curvature": _records(self.curvature[(a, b)], _curvature_record) if self.curvature[(a, b)] else None,
-                "mask_overlap": {
-                    k: (_records(self.mask_overlap[(a, b)][k], _overlap_record) if self.mask_overlap[(a, b)][k] else None)
-                    for k in KINDS
-                },
-            })
+            pairs.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "models": [self.experts[a].label, self.experts[b].label],
+                    "curvature": _records(self.curvature[(a, b)], _curvature_record)
+                    if self.curvature[(a, b)]
+                    else None,
+                    "mask_overlap": {
+                        k: (
+                            _records(self.mask_overlap[(a, b)][k], _overlap_record)
+                            if self.mask_overlap[(a, b)][k]
+                            else None
+                        )
+                        for k in KINDS
+                    },
+                }
+            )
         return {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,

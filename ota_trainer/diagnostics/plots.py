@@ -1,5 +1,6 @@
 """PNG figures of a diagnostics dict (matplotlib, imported lazily: only :func:`plot_diagnostics`
 needs it, through the ``plots`` extra)."""
+
 from __future__ import annotations
 
 import math
@@ -44,16 +45,28 @@ def _annotate(ax, values, fmt="{:.2f}", threshold=0.5, max_cells=400) -> None:
     for y, row in enumerate(values):
         for x, val in enumerate(row):
             if val is not None and not math.isnan(val):
-                ax.text(x, y, fmt.format(val), ha="center", va="center", fontsize=size,
-                        color="black" if val > threshold else "white")
+                ax.text(
+                    x,
+                    y,
+                    fmt.format(val),
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="black" if val > threshold else "white",
+                )
 
 
 def _plot_kept(plt, diag: dict, i: int, label: str, path: Path) -> None:
     e = diag["experts"][i]
     panels = [(k, e[k]) for k in KINDS if e[k]]
     rows, _, _ = _layer_role_matrix(diag, panels[0][1])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.2, max(3.5, 0.32 * len(rows) + 2.0)),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(5.5 * len(panels) + 1.2, max(3.5, 0.32 * len(rows) + 2.0)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     titles = {"ffg": "FFG: saliency v·d², global threshold", "magnitude": "magnitude pruning: d², global threshold"}
     im = None
     for ax, (kind, block) in zip(axes[0], panels):
@@ -79,11 +92,17 @@ def _plot_lines(plt, diag: dict, i: int, label: str, path: Path) -> bool:
         return False
     ncols = min(4, len(roles))
     nrows = math.ceil(len(roles) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.8), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows + 0.8), squeeze=False, constrained_layout=True
+    )
     bins = diag["hist_bins"]
     centers = [(b + 0.5) / bins for b in range(bins)]
-    styles = [("ffg", "row", "C0", "-", "FFG rows"), ("ffg", "col", "C1", "-", "FFG columns"),
-              ("magnitude", "row", "0.45", "--", "magnitude rows"), ("magnitude", "col", "0.65", ":", "magnitude columns")]
+    styles = [
+        ("ffg", "row", "C0", "-", "FFG rows"),
+        ("ffg", "col", "C1", "-", "FFG columns"),
+        ("magnitude", "row", "0.45", "--", "magnitude rows"),
+        ("magnitude", "col", "0.65", ":", "magnitude columns"),
+    ]
     handles = {}
     for ax, role in zip(axes.flat, roles):
         pruned = []
@@ -93,7 +112,9 @@ def _plot_lines(plt, diag: dict, i: int, label: str, path: Path) -> bool:
                 continue
             total = acc[line + "s"]
             share = [100.0 * c / total if total else 0.0 for c in acc[line + "_hist"]]
-            (h,) = ax.plot(centers, share, color=color, linestyle=ls, marker="o" if kind == "ffg" else None, markersize=3)
+            (h,) = ax.plot(
+                centers, share, color=color, linestyle=ls, marker="o" if kind == "ffg" else None, markersize=3
+            )
             handles[name] = h
             if kind == "ffg":
                 pruned.append(f"{line}s {pct(acc[line + 's_pruned_fraction'])}")
@@ -102,10 +123,12 @@ def _plot_lines(plt, diag: dict, i: int, label: str, path: Path) -> bool:
         ax.set_ylabel("% of rows / columns")
         ax.set_title(f"{role}" + (f"\nfully pruned (FFG): {', '.join(pruned)}" if pruned else ""), fontsize=9)
         ax.axvline(diag["density"], color="red", linewidth=0.8, alpha=0.6)
-    for ax in axes.flat[len(roles):]:
+    for ax in axes.flat[len(roles) :]:
         ax.set_visible(False)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"{label}: per-row and per-column kept fraction by role (red line: target density {diag['density']:g})")
+    fig.suptitle(
+        f"{label}: per-row and per-column kept fraction by role (red line: target density {diag['density']:g})"
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -141,8 +164,14 @@ def _per_layer_panel(ax, diag, labels, get_block, ylabel, title) -> None:
         recs = [r for r in block["by_layer"] if r["layer"] is not None and r["jaccard"] is not None]
         if not recs:
             continue
-        (h,) = ax.plot([r["layer"] for r in recs], [r["jaccard"] for r in recs], marker="o", markersize=3,
-                       label=f"{labels[p['a']]} / {labels[p['b']]}", color=f"C{k % 10}")
+        (h,) = ax.plot(
+            [r["layer"] for r in recs],
+            [r["jaccard"] for r in recs],
+            marker="o",
+            markersize=3,
+            label=f"{labels[p['a']]} / {labels[p['b']]}",
+            color=f"C{k % 10}",
+        )
         ax.plot([r["layer"] for r in recs], [r["chance"] for r in recs], linestyle=":", color=h.get_color(), alpha=0.7)
     ax.set_xlabel("layer index")
     ax.set_ylabel(ylabel)
@@ -158,14 +187,42 @@ def _plot_curvature(plt, diag: dict, labels: list[str], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
     top = pct(diag["topk"])
     jac = _pair_matrix(diag, lambda p: p["curvature"]["overall"]["jaccard"] if p["curvature"] else None)
-    cos = _pair_matrix(diag, lambda p: mean([p["curvature"]["overall"]["cos_row"], p["curvature"]["overall"]["cos_col"]])
-                       if p["curvature"] else None)
-    _matrix_panel(plt, fig, axes[0], diag, jac, f"Jaccard of top-{top} v entries (whole model)",
-                  "Jaccard index (0 = disjoint, 1 = same set)", labels)
-    _matrix_panel(plt, fig, axes[1], diag, cos, "cosine of rank-one factors\n(mean of row-sum and column-sum cosines)",
-                  "cosine similarity", labels)
-    _per_layer_panel(axes[2], diag, labels, lambda p: p["curvature"], f"Jaccard of top-{top} v entries",
-                     "top-curvature Jaccard per layer")
+    cos = _pair_matrix(
+        diag,
+        lambda p: (
+            mean([p["curvature"]["overall"]["cos_row"], p["curvature"]["overall"]["cos_col"]])
+            if p["curvature"]
+            else None
+        ),
+    )
+    _matrix_panel(
+        plt,
+        fig,
+        axes[0],
+        diag,
+        jac,
+        f"Jaccard of top-{top} v entries (whole model)",
+        "Jaccard index (0 = disjoint, 1 = same set)",
+        labels,
+    )
+    _matrix_panel(
+        plt,
+        fig,
+        axes[1],
+        diag,
+        cos,
+        "cosine of rank-one factors\n(mean of row-sum and column-sum cosines)",
+        "cosine similarity",
+        labels,
+    )
+    _per_layer_panel(
+        axes[2],
+        diag,
+        labels,
+        lambda p: p["curvature"],
+        f"Jaccard of top-{top} v entries",
+        "top-curvature Jaccard per layer",
+    )
     fig.suptitle(f"Curvature overlap between experts (second moments v, top {top} per tensor)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -175,12 +232,28 @@ def _plot_curvature(plt, diag: dict, labels: list[str], path: Path) -> bool:
 def _plot_mask_overlap(plt, diag: dict, labels: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
     for ax, kind, name in ((axes[0], "ffg", "FFG"), (axes[1], "magnitude", "magnitude pruning")):
-        mat = _pair_matrix(diag, lambda p, k=kind: p["mask_overlap"][k]["overall"]["jaccard"] if p["mask_overlap"][k] else None)
+        mat = _pair_matrix(
+            diag, lambda p, k=kind: p["mask_overlap"][k]["overall"]["jaccard"] if p["mask_overlap"][k] else None
+        )
         chance = mean(p["mask_overlap"][kind]["overall"]["chance"] for p in diag["pairs"] if p["mask_overlap"][kind])
-        _matrix_panel(plt, fig, ax, diag, mat, f"{name} masks: kept by both / kept by either\n(independent masks: {num(chance)})",
-                      "Jaccard index of keep masks", labels)
-    _per_layer_panel(axes[2], diag, labels, lambda p: p["mask_overlap"]["ffg"], "Jaccard of FFG keep masks",
-                     "FFG mask overlap per layer")
+        _matrix_panel(
+            plt,
+            fig,
+            ax,
+            diag,
+            mat,
+            f"{name} masks: kept by both / kept by either\n(independent masks: {num(chance)})",
+            "Jaccard index of keep masks",
+            labels,
+        )
+    _per_layer_panel(
+        axes[2],
+        diag,
+        labels,
+        lambda p: p["mask_overlap"]["ffg"],
+        "Jaccard of FFG keep masks",
+        "FFG mask overlap per layer",
+    )
     fig.suptitle(f"Mask overlap between experts at density {diag['density']:g}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -191,13 +264,22 @@ def _plot_rank1(plt, diag: dict, labels: list[str], path: Path) -> bool:
     if not r1:
         return False
     roles = [r for r in ROLES if any(r in e["rank1_quality"]["by_role"] for _, e in r1)]
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.8 * len(roles) * max(1, len(r1) / 2) + 2.5), 7.5),
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(7.0, 0.8 * len(roles) * max(1, len(r1) / 2) + 2.5), 7.5), constrained_layout=True
+    )
     width = 0.8 / len(r1)
-    panels = (("rel_error_mean", "relative error\n||v_rank1 − v||_F / ||v||_F",
-               "rank-one reconstruction error per role (mean over matrices; 1-D tensors are stored whole)"),
-              ("mask_jaccard", "Jaccard of FFG masks\n(full v vs rank-one v)",
-               f"FFG mask agreement at density {diag['density']:g} (n/a: neither mask keeps an entry)"))
+    panels = (
+        (
+            "rel_error_mean",
+            "relative error\n||v_rank1 − v||_F / ||v||_F",
+            "rank-one reconstruction error per role (mean over matrices; 1-D tensors are stored whole)",
+        ),
+        (
+            "mask_jaccard",
+            "Jaccard of FFG masks\n(full v vs rank-one v)",
+            f"FFG mask agreement at density {diag['density']:g} (n/a: neither mask keeps an entry)",
+        ),
+    )
     for ax, (key, ylabel, title) in zip(axes, panels):
         top = 0.0
         for k, (i, e) in enumerate(r1):
@@ -208,8 +290,19 @@ def _plot_rank1(plt, diag: dict, labels: list[str], path: Path) -> bool:
             top = max([top] + [y for y in ys if y is not None])
             for x, y in zip(xs, ys):
                 if y is None:  # x in data units, y in axes fraction: stays put whatever the y range
-                    ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="0.4", transform=ax.get_xaxis_transform())
-        ax.set_ylim(0, max(0.05, 1.1 * top) if key == "rel_error_mean" else 1.02)  # near-zero errors stay visibly near zero
+                    ax.text(
+                        x,
+                        0.02,
+                        "n/a",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color="0.4",
+                        transform=ax.get_xaxis_transform(),
+                    )
+        ax.set_ylim(
+            0, max(0.05, 1.1 * top) if key == "rel_error_mean" else 1.02
+        )  # near-zero errors stay visibly near zero
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(roles)), roles)

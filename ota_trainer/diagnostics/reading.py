@@ -1,6 +1,7 @@
 """Reading the numbers: :func:`findings` (the sentences stored in ``diagnostics.json`` and shown
 at the top of ``summary.md``) and the formatting that ``summary.md`` and the figures share.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -55,29 +56,46 @@ def findings(diag: dict) -> list[str]:
         if len(layer_means) > 1:
             lm = {k: sum(v) / len(v) for k, v in layer_means.items()}
             lo, hi = min(lm, key=lm.get), max(lm, key=lm.get)
-            layer_text = f"; by layer it keeps least in layer {lo} ({pct(lm[lo])}) and most in layer {hi} ({pct(lm[hi])})"
+            layer_text = (
+                f"; by layer it keeps least in layer {lo} ({pct(lm[lo])}) and most in layer {hi} ({pct(lm[hi])})"
+            )
         out.append(
             f"At density {diag['density']:g} with a global threshold, FFG keeps the smallest share of {low} entries "
-            f"and the largest of {high} (mean over experts){layer_text}, while magnitude pruning at the same density keeps between "
+            f"and the largest of {high} (mean over experts){layer_text}, "
+            "while magnitude pruning at the same density keeps between "
             f"{pct(min(mag.values()))} and {pct(max(mag.values()))} in every role."
         )
     elif mag:
-        out.append(f"No expert has second moments, so only magnitude pruning was inspected: it keeps between "
-                   f"{pct(min(mag.values()))} and {pct(max(mag.values()))} per role at density {diag['density']:g}.")
+        out.append(
+            f"No expert has second moments, so only magnitude pruning was inspected: it keeps between "
+            f"{pct(min(mag.values()))} and {pct(max(mag.values()))} per role at density {diag['density']:g}."
+        )
     if diag["pairs"]:
         jac = _pair_mean(diag, lambda p: p["curvature"]["overall"]["jaccard"] if p["curvature"] else None)
         chance = _pair_mean(diag, lambda p: p["curvature"]["overall"]["chance"] if p["curvature"] else None)
-        cos = _pair_mean(diag, lambda p: mean([p["curvature"]["overall"]["cos_row"], p["curvature"]["overall"]["cos_col"]])
-                         if p["curvature"] else None)
+        cos = _pair_mean(
+            diag,
+            lambda p: (
+                mean([p["curvature"]["overall"]["cos_row"], p["curvature"]["overall"]["cos_col"]])
+                if p["curvature"]
+                else None
+            ),
+        )
         if jac is not None:
             out.append(
                 f"The top-{pct(diag['topk'])} curvature entries of two experts overlap with a mean Jaccard of "
                 f"{num(jac)} (independent sets: {num(chance)}), and their rank-one factors (row and column sums "
                 f"of v) have a mean cosine of {num(cos)}."
             )
-        mj = {k: _pair_mean(diag, lambda p, k=k: p["mask_overlap"][k]["overall"]["jaccard"] if p["mask_overlap"][k] else None)
-              for k in KINDS}
-        mc = _pair_mean(diag, lambda p: p["mask_overlap"]["ffg"]["overall"]["chance"] if p["mask_overlap"]["ffg"] else None)
+        mj = {
+            k: _pair_mean(
+                diag, lambda p, k=k: p["mask_overlap"][k]["overall"]["jaccard"] if p["mask_overlap"][k] else None
+            )
+            for k in KINDS
+        }
+        mc = _pair_mean(
+            diag, lambda p: p["mask_overlap"]["ffg"]["overall"]["chance"] if p["mask_overlap"]["ffg"] else None
+        )
         if mj["ffg"] is not None:
             out.append(
                 f"Entries kept by both experts' FFG masks make up {pct(mj['ffg'])} of those kept by either "

@@ -1,4 +1,5 @@
 """``summary.md``: the Markdown rendering of a diagnostics dict (:func:`render_summary`)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -33,12 +34,25 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
         "## Experts",
         "",
         _table(
-            ["expert", "model", "moments", "FFG density", "FFG log2(theta)", "magnitude density", "tensors without moments"],
             [
-                [labels[i], f"`{e['model']}`", e["moments"] or "none",
-                 pct(e["ffg"]["density"]) if e["ffg"] else "n/a",
-                 num(e["ffg"]["threshold_log2"], 2) if e["ffg"] else "n/a",
-                 pct(e["magnitude"]["density"]), e["tensors_without_moments"]]
+                "expert",
+                "model",
+                "moments",
+                "FFG density",
+                "FFG log2(theta)",
+                "magnitude density",
+                "tensors without moments",
+            ],
+            [
+                [
+                    labels[i],
+                    f"`{e['model']}`",
+                    e["moments"] or "none",
+                    pct(e["ffg"]["density"]) if e["ffg"] else "n/a",
+                    num(e["ffg"]["threshold_log2"], 2) if e["ffg"] else "n/a",
+                    pct(e["magnitude"]["density"]),
+                    e["tensors_without_moments"],
+                ]
                 for i, e in enumerate(experts)
             ],
         ),
@@ -50,7 +64,8 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
         _table(
             ["role"] + labels,
             [
-                [role] + [
+                [role]
+                + [
                     f"{pct((e['ffg'] or {}).get('by_role', {}).get(role, {}).get('fraction'))} / "
                     f"{pct(e['magnitude']['by_role'].get(role, {}).get('fraction'))}"
                     for e in experts
@@ -70,8 +85,10 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
         return next((r["fraction"] for r in e[kind]["by_layer"] if r["layer"] == layer), None)
 
     parts += [
-        _table(["layer"] + labels, [[layer_name(layer)] + [pct(_layer_fraction(e, "ffg", layer)) for e in experts]
-                                    for layer in layer_keys]),
+        _table(
+            ["layer"] + labels,
+            [[layer_name(layer)] + [pct(_layer_fraction(e, "ffg", layer)) for e in experts] for layer in layer_keys],
+        ),
         "",
         "## Row and column sparsity per role",
         "",
@@ -85,9 +102,14 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
             if mag is None:
                 continue
             ffg = (e["ffg"] or {}).get("lines", {}).get(role, {})
-            rows.append([labels[i], role,
-                         f"{pct(ffg.get('rows_pruned_fraction'))} / {pct(mag['rows_pruned_fraction'])}",
-                         f"{pct(ffg.get('cols_pruned_fraction'))} / {pct(mag['cols_pruned_fraction'])}"])
+            rows.append(
+                [
+                    labels[i],
+                    role,
+                    f"{pct(ffg.get('rows_pruned_fraction'))} / {pct(mag['rows_pruned_fraction'])}",
+                    f"{pct(ffg.get('cols_pruned_fraction'))} / {pct(mag['cols_pruned_fraction'])}",
+                ]
+            )
     parts += [_table(["expert", "role", "rows fully pruned", "columns fully pruned"], rows), ""]
     if diag["pairs"]:
         parts += [
@@ -99,9 +121,11 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
             _table(
                 ["pair", "Jaccard", "independent", "cos rows", "cos cols"],
                 [
-                    [f"{labels[p['a']]} / {labels[p['b']]}"] + (
+                    [f"{labels[p['a']]} / {labels[p['b']]}"]
+                    + (
                         [num(p["curvature"]["overall"][k]) for k in ("jaccard", "chance", "cos_row", "cos_col")]
-                        if p["curvature"] else ["n/a"] * 4
+                        if p["curvature"]
+                        else ["n/a"] * 4
                     )
                     for p in diag["pairs"]
                 ],
@@ -115,23 +139,31 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
                 "",
                 _table(
                     ["layer"] + [f"{labels[p['a']]} / {labels[p['b']]}" for p in with_curv],
-                    [[layer_name(layer)] + [
-                        num(next((r["jaccard"] for r in p["curvature"]["by_layer"] if r["layer"] == layer), None))
-                        for p in with_curv] for layer in layer_keys],
+                    [
+                        [layer_name(layer)]
+                        + [
+                            num(next((r["jaccard"] for r in p["curvature"]["by_layer"] if r["layer"] == layer), None))
+                            for p in with_curv
+                        ]
+                        for layer in layer_keys
+                    ],
                 ),
                 "",
             ]
         parts += [
             "## Mask overlap between experts",
             "",
-            "Entries kept by both / kept by either (Jaccard), with the value for independent masks of the same per-tensor densities.",
+            "Entries kept by both / kept by either (Jaccard), with the value for independent masks of the same "
+            "per-tensor densities.",
             "",
             _table(
                 ["pair", "FFG", "FFG independent", "magnitude", "magnitude independent"],
                 [
-                    [f"{labels[p['a']]} / {labels[p['b']]}"] + [
+                    [f"{labels[p['a']]} / {labels[p['b']]}"]
+                    + [
                         pct(p["mask_overlap"][k]["overall"][f]) if p["mask_overlap"][k] else "n/a"
-                        for k in KINDS for f in ("jaccard", "chance")
+                        for k in KINDS
+                        for f in ("jaccard", "chance")
                     ]
                     for p in diag["pairs"]
                 ],
@@ -149,10 +181,17 @@ def render_summary(diag: dict, figures: Sequence[str] = ()) -> str:
             _table(
                 ["expert", "role", "matrices", "rel. error (mean)", "rel. error (pooled)", "mask Jaccard"],
                 [
-                    [labels[i], role, rec["tensors"], num(rec["rel_error_mean"]), num(rec["rel_error_pooled"]),
-                     num(rec["mask_jaccard"], 4)]
+                    [
+                        labels[i],
+                        role,
+                        rec["tensors"],
+                        num(rec["rel_error_mean"]),
+                        num(rec["rel_error_pooled"]),
+                        num(rec["mask_jaccard"], 4),
+                    ]
                     for i, e in r1
-                    for role, rec in list(e["rank1_quality"]["by_role"].items()) + [("all", e["rank1_quality"]["overall"])]
+                    for role, rec in list(e["rank1_quality"]["by_role"].items())
+                    + [("all", e["rank1_quality"]["overall"])]
                 ],
             ),
             "",

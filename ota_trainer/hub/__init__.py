@@ -8,6 +8,7 @@ A model reference is a local folder, or ``org/name`` optionally pinned as ``org/
 (branch, tag or commit sha). Every revision is resolved to a commit sha once; that sha is
 used for every download and recorded in the merged model's card.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,8 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.layout import CONFIG_NAME, MERGE_READY_TAG, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, read_config
 from ..errors import HubError, IncompatibleModelsError
+from ..io.layout import (
+    CONFIG_NAME,
+    MERGE_READY_TAG,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SIDE_FILES,
+    read_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +42,14 @@ __all__ = [
 ]
 
 # what a merge downloads of each model: config, weights (single file or shards + index), side files
-WEIGHT_PATTERNS = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model-*.safetensors", SAFE_WEIGHTS_INDEX_NAME, *SIDE_FILES,
-                   "trainer_state.json")  # the training step the weights are at: checked against the moments'
+WEIGHT_PATTERNS = (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    "model-*.safetensors",
+    SAFE_WEIGHTS_INDEX_NAME,
+    *SIDE_FILES,
+    "trainer_state.json",
+)  # the training step the weights are at: checked against the moments'
 MOMENT_PATTERNS = ("ota/moments.safetensors",)
 # Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
 EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]
@@ -70,7 +84,9 @@ def parse_ref(text: str) -> ModelRef:
     repo, _, rev = text.partition("@")
     parts = repo.split("/")
     if text.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or (rev == "" and "@" in text):
-        raise HubError(f"{text!r} is neither an existing folder nor a Hub repo id like 'org/name[@revision]'", repo_id=text)
+        raise HubError(
+            f"{text!r} is neither an existing folder nor a Hub repo id like 'org/name[@revision]'", repo_id=text
+        )
     return ModelRef(text, repo_id=repo, revision=rev or None)
 
 
@@ -105,7 +121,9 @@ def _offline() -> bool:
 def _transient(e: Exception) -> bool:
     from huggingface_hub import errors as hf
 
-    if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError, hf.LocalEntryNotFoundError)):
+    if isinstance(
+        e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError, hf.LocalEntryNotFoundError)
+    ):
         return False
     if isinstance(e, hf.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -161,7 +179,9 @@ class HubResolver:
         else:
             from huggingface_hub import HfApi
 
-            info = self._retry(ref, "revision", lambda: HfApi(token=self.token).model_info(ref.repo_id, revision=ref.revision))
+            info = self._retry(
+                ref, "revision", lambda: HfApi(token=self.token).model_info(ref.repo_id, revision=ref.revision)
+            )
             sha = info.sha
         self.shas[ref.repo_id] = sha
         return sha
@@ -176,18 +196,29 @@ class HubResolver:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            folder = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=["config.json"], local_files_only=True,
-                                       cache_dir=self.cache_dir, token=self.token)
+            folder = snapshot_download(
+                ref.repo_id,
+                revision=ref.revision,
+                allow_patterns=["config.json"],
+                local_files_only=True,
+                cache_dir=self.cache_dir,
+                token=self.token,
+            )
             return Path(folder).name
         except LocalEntryNotFoundError as e:
-            cache = Path(self.cache_dir or constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--")) / "snapshots"
+            cache = (
+                Path(self.cache_dir or constants.HF_HUB_CACHE)
+                / ("models--" + ref.repo_id.replace("/", "--"))
+                / "snapshots"
+            )
             snaps = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
             if ref.revision is None and len(snaps) == 1:
                 return snaps[0]
             if len(snaps) > 1:
                 raise HubError(
                     f"{ref.text}: HF_HUB_OFFLINE=1 and the cache holds {len(snaps)} revisions of {ref.repo_id} "
-                    f"({', '.join(s[:10] for s in snaps)}); pin one with {ref.repo_id}@<sha>", repo_id=ref.repo_id
+                    f"({', '.join(s[:10] for s in snaps)}); pin one with {ref.repo_id}@<sha>",
+                    repo_id=ref.repo_id,
                 ) from e
             raise _translate(e, ref, "config.json") from e
 
@@ -199,8 +230,13 @@ class HubResolver:
         from huggingface_hub import hf_hub_download
 
         sha = self.sha(text)
-        path = self._retry(ref, "config.json", lambda: hf_hub_download(
-            ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token))
+        path = self._retry(
+            ref,
+            "config.json",
+            lambda: hf_hub_download(
+                ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token
+            ),
+        )
         return read_config(Path(path).parent, text)
 
     def patterns(self) -> list[str]:
@@ -210,13 +246,26 @@ class HubResolver:
         """Files a merge would download: ``(path, size, already cached)``; downloads nothing."""
         ref = self.ref(text)
         if ref.is_local:
-            return [(str(p.relative_to(ref.local)), p.stat().st_size, True) for p in sorted(ref.local.rglob("*"))
-                    if p.is_file() and _matches(str(p.relative_to(ref.local)), self.patterns())]
+            return [
+                (str(p.relative_to(ref.local)), p.stat().st_size, True)
+                for p in sorted(ref.local.rglob("*"))
+                if p.is_file() and _matches(str(p.relative_to(ref.local)), self.patterns())
+            ]
         from huggingface_hub import snapshot_download
 
         sha = self.sha(text)
-        infos = self._retry(ref, "file list", lambda: snapshot_download(
-            ref.repo_id, revision=sha, allow_patterns=self.patterns(), cache_dir=self.cache_dir, token=self.token, dry_run=True))
+        infos = self._retry(
+            ref,
+            "file list",
+            lambda: snapshot_download(
+                ref.repo_id,
+                revision=sha,
+                allow_patterns=self.patterns(),
+                cache_dir=self.cache_dir,
+                token=self.token,
+                dry_run=True,
+            ),
+        )
         return [(i.filename, i.file_size, i.is_cached) for i in infos]
 
     def __call__(self, text: str) -> Path:
@@ -226,9 +275,18 @@ class HubResolver:
         from huggingface_hub import snapshot_download
 
         sha = self.sha(text)
-        folder = self._retry(ref, "weights", lambda: snapshot_download(
-            ref.repo_id, revision=sha, allow_patterns=self.patterns(), cache_dir=self.cache_dir, token=self.token,
-            local_files_only=_offline()))
+        folder = self._retry(
+            ref,
+            "weights",
+            lambda: snapshot_download(
+                ref.repo_id,
+                revision=sha,
+                allow_patterns=self.patterns(),
+                cache_dir=self.cache_dir,
+                token=self.token,
+                local_files_only=_offline(),
+            ),
+        )
         return Path(folder)
 
 
@@ -295,7 +353,11 @@ def mark_merge_ready(readme: str | os.PathLike, *, base_model: str | None = None
     from ..moments.format import FORMAT_VERSION, FORMAT_VERSION_TAG
 
     path = Path(readme)
-    card = ModelCard(path.read_text()) if path.is_file() else ModelCard("---\n---\n\n# Expert\n\nTrained with ota_trainer's OTACallback.\n")
+    card = (
+        ModelCard(path.read_text())
+        if path.is_file()
+        else ModelCard("---\n---\n\n# Expert\n\nTrained with ota_trainer's OTACallback.\n")
+    )
     tags = list(card.data.tags or [])
     tags += [t for t in (MERGE_READY_TAG, FORMAT_VERSION_TAG) if t not in tags]
     card.data.tags = tags
@@ -328,8 +390,8 @@ def push_expert(
     Example:
         >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     """
-    from ..moments.format import MomentsReader
     from ..merger.inputs import check_moments, missing_moments_error, open_model, open_moments
+    from ..moments.format import MomentsReader
 
     model = open_model(folder)
     layout = open_moments(model)
@@ -342,6 +404,10 @@ def push_expert(
     base_model = base_model or moments.metadata.get("base_model")
     mark_merge_ready(Path(folder) / "README.md", base_model=base_model)
     return publish_folder(
-        folder, repo_id, private=private, token=token, commit_message="Upload expert with OTA moments",
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        commit_message="Upload expert with OTA moments",
         ignore_patterns=EXPERT_IGNORE,
     )

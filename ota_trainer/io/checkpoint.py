@@ -4,6 +4,7 @@ Only the safetensors headers are read up front (names, shapes, dtypes); each ten
 from disk when asked for. Both single-file (``model.safetensors``) and sharded
 (``model.safetensors.index.json``) folders are supported.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -19,10 +20,16 @@ import torch
 from ..errors import FormatError
 from .folders import ModelLayout, open_model
 from .layout import (  # noqa: F401 - CONFIG_NAME, SAFE_WEIGHTS_*, SIDE_FILES: part of this module's API
-    CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SIDE_FILES, prefetch_range, torch_dtype,
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SIDE_FILES,
+    prefetch_range,
+    torch_dtype,
 )
 
 __all__ = ["TensorInfo", "ModelFolder", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "SIDE_FILES", "CONFIG_NAME"]
+
 
 def read_tensor(fh, path: str | os.PathLike, start: int, end: int, dtype: torch.dtype, shape) -> torch.Tensor:
     """Read one tensor's bytes ``[start, end)`` of an open file into a fresh tensor.

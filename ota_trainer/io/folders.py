@@ -5,6 +5,7 @@
 (the backends, the diagnostics, ``push_expert``) reads through the :class:`ModelLayout` and
 :class:`MomentsLayout` built here; the checks across models are the merger's
 (:mod:`ota_trainer.merger.inputs`). Standard library only."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,21 @@ from typing import Any
 
 from ..errors import FormatError, brief
 from .layout import (
-    CONFIG_NAME, MOMENTS_DIR, MOMENTS_FILE, TensorSpan, check_moments_entries, confined_file, disk_order, folder_tensors,
-    load_config, moments_scale, parse_moments_metadata, read_json_file, read_safetensors_layout, real_folder, side_files,
+    CONFIG_NAME,
+    MOMENTS_DIR,
+    MOMENTS_FILE,
+    TensorSpan,
+    check_moments_entries,
+    confined_file,
+    disk_order,
+    folder_tensors,
+    load_config,
+    moments_scale,
+    parse_moments_metadata,
+    read_json_file,
+    read_safetensors_layout,
+    real_folder,
+    side_files,
 )
 
 __all__ = ["ModelLayout", "MomentsLayout", "open_model", "open_moments", "open_moments_file", "TRAINER_STATE_NAME"]
@@ -75,8 +89,17 @@ def open_model(path: str | os.PathLike, label: str | None = None) -> ModelLayout
     tensors, files = folder_tensors(root, label)
     config_path = confined_file(root, CONFIG_NAME, label)
     config = load_config(config_path) if config_path is not None else {}
-    return ModelLayout(root, label, tensors, disk_order(tensors), files, config, config_path is not None,
-                       side_files(root, label), _trainer_steps(root, label))
+    return ModelLayout(
+        root,
+        label,
+        tensors,
+        disk_order(tensors),
+        files,
+        config,
+        config_path is not None,
+        side_files(root, label),
+        _trainer_steps(root, label),
+    )
 
 
 def _trainer_steps(root: Path, label: str) -> tuple[int, int | None] | None:
@@ -86,7 +109,9 @@ def _trainer_steps(root: Path, label: str) -> tuple[int, int | None] | None:
     state = read_json_file(real, TRAINER_STATE_NAME)
     steps = [state.get(k) if isinstance(state, dict) else None for k in ("global_step", "best_global_step")]
     for key, step in zip(("global_step", "best_global_step"), steps):
-        if (step is not None or key == "global_step") and not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        if (step is not None or key == "global_step") and not (
+            isinstance(step, int) and not isinstance(step, bool) and step >= 0
+        ):
             raise FormatError(f"{real}: {TRAINER_STATE_NAME} has no valid {key} ({brief(step)})", path=str(real))
     return steps[0], steps[1]
 

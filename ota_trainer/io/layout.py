@@ -2,6 +2,7 @@
 moments file's names and constants. Standard library only (no PyTorch), so the merge CLI can
 plan its reads and its first pass while PyTorch loads; :mod:`ota_trainer.moments.format` and
 :mod:`ota_trainer.io.checkpoint` build on it."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ from ..errors import ConfigError, FormatError, brief
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class DType:
     """One tensor dtype, as every part of the merger names it: the safetensors ``code``, bytes
@@ -36,18 +36,21 @@ class DType:
 
 
 # The one dtype table; everything else below is derived from it.
-DTYPES: dict[str, DType] = {d.code: d for d in (
-    DType("F64", 8, "float64", True),
-    DType("F32", 4, "float32", True, kernel=0),
-    DType("BF16", 2, "bfloat16", True, kernel=1),
-    DType("F16", 2, "float16", True, kernel=2),
-    DType("I64", 8, "int64", False),
-    DType("I32", 4, "int32", False),
-    DType("I16", 2, "int16", False),
-    DType("I8", 1, "int8", False),
-    DType("U8", 1, "uint8", False),
-    DType("BOOL", 1, "bool", False),
-)}
+DTYPES: dict[str, DType] = {
+    d.code: d
+    for d in (
+        DType("F64", 8, "float64", True),
+        DType("F32", 4, "float32", True, kernel=0),
+        DType("BF16", 2, "bfloat16", True, kernel=1),
+        DType("F16", 2, "float16", True, kernel=2),
+        DType("I64", 8, "int64", False),
+        DType("I32", 4, "int32", False),
+        DType("I16", 2, "int16", False),
+        DType("I8", 1, "int8", False),
+        DType("U8", 1, "uint8", False),
+        DType("BOOL", 1, "bool", False),
+    )
+}
 DTYPE_SIZES = {c: d.size for c, d in DTYPES.items()}  # bytes per element of each safetensors code
 FLOAT_DTYPES = tuple(c for c, d in DTYPES.items() if d.floating)  # the tensors a merge merges
 OUTPUT_DTYPES = ("F32", "F16", "BF16")  # what a recipe's ``dtype`` may ask for
@@ -128,7 +131,8 @@ def has_moments(folder: str | os.PathLike) -> bool:
 
 
 def bias_correction_factor(beta2: float, step: int) -> float:
-    """Adam's bias correction of the second moment: ``v_hat = v / (1 - beta2**step)``; returns ``1 / (1 - beta2**step)``."""
+    """Adam's bias correction of the second moment, ``v_hat = v / (1 - beta2**step)``: returns
+    ``1 / (1 - beta2**step)``."""
     return 1.0 / (1.0 - float(beta2) ** int(step))
 
 
@@ -171,7 +175,7 @@ def parse_moments_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]
         raise _fail(
             path,
             f"no '{METADATA_KEY}' metadata: not an ota_trainer moments file "
-            "(write it with ota_trainer.save_moments or OTACallback)"
+            "(write it with ota_trainer.save_moments or OTACallback)",
         )
     try:
         meta = json.loads(raw)
@@ -188,12 +192,14 @@ def parse_moments_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]
         raise _fail(
             path,
             f"moments format version {brief(meta['format_version'])} is not supported by this "
-            f"ota_trainer ({__version__} reads version {FORMAT_VERSION}); upgrade ota_trainer"
+            f"ota_trainer ({__version__} reads version {FORMAT_VERSION}); upgrade ota_trainer",
         )
     if meta["compression"] not in COMPRESSIONS:
         raise _fail(path, f"unknown compression {brief(meta['compression'])}")
     beta2, step = meta["beta2"], meta["step"]
-    if beta2 is not None and not (isinstance(beta2, (int, float)) and not isinstance(beta2, bool) and 0.0 <= beta2 < 1.0):
+    if beta2 is not None and not (
+        isinstance(beta2, (int, float)) and not isinstance(beta2, bool) and 0.0 <= beta2 < 1.0
+    ):
         raise _fail(path, f"beta2 is {brief(beta2)}: Adam's beta2 lies in [0, 1) (null when the optimizer has none)")
     if step is not None and not (_is_int(step) and 0 <= step < 2**53):
         raise _fail(path, f"step is {brief(step)}: the optimizer step count is an integer >= 0 (or null)")
@@ -202,8 +208,9 @@ def parse_moments_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]
     if not isinstance(meta.get("bias_corrected", False), bool):
         raise _fail(path, f"bias_corrected is {brief(meta['bias_corrected'])}: true or false")
     captured = meta.get("captured_at")
-    if captured is not None and not (isinstance(captured, (int, float)) and not isinstance(captured, bool)
-                                     and math.isfinite(captured)):
+    if captured is not None and not (
+        isinstance(captured, (int, float)) and not isinstance(captured, bool) and math.isfinite(captured)
+    ):
         raise _fail(path, f"captured_at is {brief(captured)}: a Unix time (or absent)")
     for key in ("written_before_weights", "load_best_model_at_end"):
         if not isinstance(meta.get(key, False), bool):
@@ -217,7 +224,9 @@ def parse_moments_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]
     return meta
 
 
-def check_moments_entries(path: Path, header: dict[str, Any], shapes: dict[str, tuple[int, ...]], stored: dict[str, str]) -> None:
+def check_moments_entries(
+    path: Path, header: dict[str, Any], shapes: dict[str, tuple[int, ...]], stored: dict[str, str]
+) -> None:
     """Every parameter the metadata lists has its tensors, float32 and of the shapes it says, and
     the file holds no other tensor (FormatError otherwise)."""
     expected: set[str] = set()
@@ -297,8 +306,11 @@ def _header_bytes(path: Path) -> tuple[bytes, int]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(st.st_size - 8, MAX_HEADER_BYTES):
                 if n <= MAX_HEADER_BYTES:
-                    raise _fail(path, f"truncated safetensors file ({st.st_size} bytes, its header alone needs {8 + n}); "
-                                      "download or copy it again")
+                    raise _fail(
+                        path,
+                        f"truncated safetensors file ({st.st_size} bytes, its header alone needs {8 + n}); "
+                        "download or copy it again",
+                    )
                 raise _fail(path, f"corrupt safetensors header (declares {n} header bytes)")
             data = f.read(n)
     except FileNotFoundError as e:
@@ -356,23 +368,34 @@ def read_safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], in
         begin, end = offsets
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if begin < 0 or end < begin or end - begin != nbytes:
-            raise _fail(path, f"{where}: data_offsets {brief(offsets)} do not hold its {dtype} {list(shape)} ({nbytes} bytes)")
+            raise _fail(
+                path, f"{where}: data_offsets {brief(offsets)} do not hold its {dtype} {list(shape)} ({nbytes} bytes)"
+            )
         entries[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
         spans.append((begin, end, key))
     spans.sort()
     if spans and spans[-1][1] > data_len:
         last = max(spans, key=lambda x: x[1])
         if spans[-1][0] < data_len:  # the data ends inside the last tensor: a short download
-            raise _fail(path, f"truncated safetensors file ({size} bytes, header promises {data_start + last[1]} for tensor "
-                              f"{brief(last[2])}); download or copy it again")
-        raise _fail(path, f"tensor {brief(last[2])}: data_offsets [{last[0]}, {last[1]}] lie past the end of the "
-                          f"data ({data_len} bytes)")
+            raise _fail(
+                path,
+                f"truncated safetensors file ({size} bytes, header promises {data_start + last[1]} for tensor "
+                f"{brief(last[2])}); download or copy it again",
+            )
+        raise _fail(
+            path,
+            f"tensor {brief(last[2])}: data_offsets [{last[0]}, {last[1]}] lie past the end of the "
+            f"data ({data_len} bytes)",
+        )
     cursor, previous = 0, None
     for begin, end, key in spans:
         if begin != cursor:
             what = f"overlap tensor {brief(previous)}" if begin < cursor else "leave a gap before them"
-            raise _fail(path, f"tensor {brief(key)}: data_offsets [{begin}, {end}] {what} (byte {cursor}); "
-                              "tensors must tile the data section")
+            raise _fail(
+                path,
+                f"tensor {brief(key)}: data_offsets [{begin}, {end}] {what} (byte {cursor}); "
+                "tensors must tile the data section",
+            )
         cursor, previous = end, key
     if cursor < data_len:
         raise _fail(path, f"{data_len - cursor} bytes after the last tensor that no tensor covers")
@@ -416,8 +439,10 @@ def folder_tensors(path: Path, label: str) -> tuple[dict[str, TensorSpan], dict[
             if name in out:
                 raise _fail(path / file, f"tensor {brief(name)} appears in two weight files")
             if weight_map is not None and weight_map.get(name) != file:
-                raise _fail(path / SAFE_WEIGHTS_INDEX_NAME, f"places tensor {brief(name)} in {brief(weight_map.get(name))}, "
-                                                            f"but it is in {file}")
+                raise _fail(
+                    path / SAFE_WEIGHTS_INDEX_NAME,
+                    f"places tensor {brief(name)} in {brief(weight_map.get(name))}, but it is in {file}",
+                )
             b, e = info["data_offsets"]
             out[name] = TensorSpan(file, info["dtype"], tuple(info["shape"]), start + b, start + e, b)
     if weight_map is not None and len(weight_map) != len(out):
@@ -461,9 +486,13 @@ def _hf_blob(root: Path, real: Path) -> bool:
     outside its folder a model's file may live."""
     snapshots = root.parent
     repo = snapshots.parent
-    return (snapshots.name == "snapshots" and _REPO_FOLDER.fullmatch(repo.name) is not None
-            and real.parent == repo / "blobs" and _BLOB_NAME.fullmatch(real.name) is not None
-            and os.path.realpath(repo / "blobs") == str(repo / "blobs"))
+    return (
+        snapshots.name == "snapshots"
+        and _REPO_FOLDER.fullmatch(repo.name) is not None
+        and real.parent == repo / "blobs"
+        and _BLOB_NAME.fullmatch(real.name) is not None
+        and os.path.realpath(repo / "blobs") == str(repo / "blobs")
+    )
 
 
 def confined_file(root: Path, rel: str, label: str) -> Path | None:
@@ -493,7 +522,8 @@ def confined_file(root: Path, rel: str, label: str) -> Path | None:
     if not (real == root or root in real.parents) and not _hf_blob(root, real):
         raise FormatError(
             f"{label}: {rel} leads to {brief(str(real))}, outside the model folder {root}; every file of a model "
-            "folder must lie inside it", path=str(p)
+            "folder must lie inside it",
+            path=str(p),
         )
     try:
         mode = os.stat(real).st_mode
@@ -558,9 +588,15 @@ def _weight_files(path: Path, label: str) -> tuple[dict[str, Path], dict[str, st
     if index is not None:
         data = read_json_file(index, "safetensors index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise _fail(path / SAFE_WEIGHTS_INDEX_NAME, "invalid safetensors index: 'weight_map' must map tensor names "
-                                                        "to weight file names")
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
+            raise _fail(
+                path / SAFE_WEIGHTS_INDEX_NAME,
+                "invalid safetensors index: 'weight_map' must map tensor names to weight file names",
+            )
         files = {}
         for f in dict.fromkeys(weight_map.values()):
             real = confined_file(root, f, label)
@@ -568,13 +604,18 @@ def _weight_files(path: Path, label: str) -> tuple[dict[str, Path], dict[str, st
                 raise _fail(path / SAFE_WEIGHTS_INDEX_NAME, f"lists {brief(f)}, which is missing from {path}")
             files[f] = real
         return files, weight_map
-    names = [SAFE_WEIGHTS_NAME] if confined_file(root, SAFE_WEIGHTS_NAME, label) else sorted(
-        p.name for p in root.glob("*.safetensors"))
+    names = (
+        [SAFE_WEIGHTS_NAME]
+        if confined_file(root, SAFE_WEIGHTS_NAME, label)
+        else sorted(p.name for p in root.glob("*.safetensors"))
+    )
     if names:
         return {f: confined_file(root, f, label) for f in names}, None
-    hint = " (found PyTorch .bin weights: convert them with save_pretrained(..., safe_serialization=True))" if any(
-        root.glob("*.bin")
-    ) else ""
+    hint = (
+        " (found PyTorch .bin weights: convert them with save_pretrained(..., safe_serialization=True))"
+        if any(root.glob("*.bin"))
+        else ""
+    )
     raise FormatError(f"{label}: no safetensors weights in {path}{hint}", path=str(path))
 
 
@@ -614,7 +655,7 @@ def remove_dead_leftovers(target: Path, kinds: tuple[str, ...] = ("tmp",)) -> No
     except OSError:
         return
     for name in names:
-        kind, _, pid = name[len(prefix):].partition("-")
+        kind, _, pid = name[len(prefix) :].partition("-")
         if not name.startswith(prefix) or kind not in kinds or not (pid.isascii() and pid.isdigit()):
             continue
         if process_gone(int(pid)):

@@ -9,6 +9,7 @@ then slice 1, ... (``posix_fadvise(WILLNEED)``: the kernel reads asynchronously;
 waits only when the disk queue is full, which paces this thread at the disk's speed). Only a
 hint: errors are ignored, and platforms without ``posix_fadvise`` do nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,7 +34,9 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
     return files + ([moments] if moments.is_file() else [])
 
 
-def readahead(groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = SLICE_BYTES, *, touch: bool = False) -> None:
+def readahead(
+    groups: Sequence[Sequence[str | os.PathLike]], slice_bytes: int = SLICE_BYTES, *, touch: bool = False
+) -> None:
     """Ask for every file of every group, slice ``k`` of each group before slice ``k + 1``.
 
     A group is one model's files, read as one concatenated stream. With ``touch`` every page of
@@ -199,7 +202,13 @@ def local_models_in_args(argv: Sequence[str]) -> list[Path]:
     args = list(argv)
     for i, a in enumerate(args):
         for flag in ("--base", "--expert", "--recipe"):
-            value = a.split("=", 1)[1] if a.startswith(flag + "=") else args[i + 1] if a == flag and i + 1 < len(args) else None
+            value = (
+                a.split("=", 1)[1]
+                if a.startswith(flag + "=")
+                else args[i + 1]
+                if a == flag and i + 1 < len(args)
+                else None
+            )
             if value is None:
                 continue
             if flag != "--recipe":

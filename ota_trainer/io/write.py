@@ -8,6 +8,7 @@ stays at one tensor, whatever the shard size.
 The whole output is written into a temporary folder beside the destination and renamed into
 place only when complete (:class:`OutputDir`), so a failed merge leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError, OutputExistsError, brief
-from .layout import DTYPE_SIZES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, dtype_code, process_gone, safetensors_header
+from .layout import (
+    DTYPE_SIZES,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    dtype_code,
+    process_gone,
+    safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_size", "plan_shards", "StreamingSafetensorsWriter", "OutputDir", "output_for", "protected_paths", "rename_noreplace"]
+__all__ = [
+    "parse_size",
+    "plan_shards",
+    "StreamingSafetensorsWriter",
+    "OutputDir",
+    "output_for",
+    "protected_paths",
+    "rename_noreplace",
+]
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from ``5000000`` or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``.
 
@@ -98,7 +116,12 @@ STAGING_BYTES = 16 * 2**20
 
 
 def _direct_io_wanted() -> bool:
-    return hasattr(os, "O_DIRECT") and os.environ.get("OTA_TRAINER_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+    return hasattr(os, "O_DIRECT") and os.environ.get("OTA_TRAINER_DIRECT_IO", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 class _OutputFile:
@@ -380,7 +403,9 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def protected_paths(refs: list[str], extra: list[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None) -> list[Path]:
+def protected_paths(
+    refs: list[str], extra: list[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None
+) -> list[Path]:
     """What an output folder may neither be, contain, nor lie inside: the local folders among
     ``refs`` (model references of a recipe), ``extra`` paths (the recipe file), and the Hugging
     Face cache (``cache_dir``, ``$HF_HUB_CACHE``, ``$HF_HOME``, ~/.cache/huggingface), where
@@ -391,7 +416,9 @@ def protected_paths(refs: list[str], extra: list[str | os.PathLike] = (), cache_
             out.append(Path(ref).expanduser())
     out += [Path(p) for p in extra]
     env = os.environ
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
     out += [Path(p) for p in (cache_dir, env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"), home) if p]
     return [Path(os.path.realpath(p)) for p in dict.fromkeys(out)]
 
@@ -431,7 +458,9 @@ class OutputDir:
                 how = "is" if real == p else "lies inside" if p in real.parents else "contains"
                 raise OutputError(
                     f"output {self.dest} {how} {p}, an input of this merge or the Hugging Face cache; choose an --out "
-                    "elsewhere (refused even with --overwrite: replacing it would destroy the input)", path=str(self.dest))
+                    "elsewhere (refused even with --overwrite: replacing it would destroy the input)",
+                    path=str(self.dest),
+                )
         self._make_parent()
         try:
             self._lock()
@@ -439,7 +468,9 @@ class OutputDir:
             if self.dest.exists() and not self.dest.is_dir():
                 raise OutputExistsError(f"output {self.dest} exists and is a file; choose another --out")
             if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
-                raise OutputExistsError(f"output folder {self.dest} exists and is not empty; pass --overwrite to replace it")
+                raise OutputExistsError(
+                    f"output folder {self.dest} exists and is not empty; pass --overwrite to replace it"
+                )
             self._identity = _identity(self.dest)
         except BaseException:
             self.release(failed=True)
@@ -468,17 +499,25 @@ class OutputDir:
             return
         while True:
             try:
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(
+                    self._lock_path,
+                    os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                    0o644,
+                )
             except OSError as e:
-                raise OutputError(f"cannot write output {self.dest}: {e.strerror or e} ({self._lock_path})",
-                                  path=str(self.dest)) from e
+                raise OutputError(
+                    f"cannot write output {self.dest}: {e.strerror or e} ({self._lock_path})", path=str(self.dest)
+                ) from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OutputError(f"another merge is writing {self.dest} (it holds {self._lock_path}); wait for it "
-                                      "to finish or choose another --out", path=str(self.dest)) from e
+                    raise OutputError(
+                        f"another merge is writing {self.dest} (it holds {self._lock_path}); wait for it "
+                        "to finish or choose another --out",
+                        path=str(self.dest),
+                    ) from e
                 raise OutputError(f"cannot lock output {self.dest}: {e.strerror or e}", path=str(self.dest)) from e
             # the merge that held it unlinks the file when done: make sure ours is the one at the path
             try:
@@ -517,7 +556,9 @@ class OutputDir:
         try:
             self.tmp.mkdir()
         except OSError as e:
-            raise OutputError(f"cannot write output {self.dest}: {e.strerror or e} ({self.tmp})", path=str(self.dest)) from e
+            raise OutputError(
+                f"cannot write output {self.dest}: {e.strerror or e} ({self.tmp})", path=str(self.dest)
+            ) from e
         try:
             yield self.tmp
         except BaseException:
@@ -568,8 +609,11 @@ class OutputDir:
             rename_noreplace(self.tmp, kept)
         except OSError:
             kept = self.tmp
-        raise OutputError(f"output {self.dest} {why}; the finished merge was kept at {kept} (move it where you want it)",
-                          path=str(self.dest), kept=str(kept))
+        raise OutputError(
+            f"output {self.dest} {why}; the finished merge was kept at {kept} (move it where you want it)",
+            path=str(self.dest),
+            kept=str(kept),
+        )
 
     def release(self, *, failed: bool = False) -> None:
         """Give up the lock (and, after a failure, the empty parent folders this made)."""
@@ -588,17 +632,19 @@ class OutputDir:
                     break
         self._created = []
 
-    def __enter__(self) -> "OutputDir":
+    def __enter__(self) -> OutputDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.release(failed=exc_type is not None)
 
 
-def output_for(recipe, out_dir: str | os.PathLike, *, overwrite: bool = False, resolver=None,
-               extra: list[str | os.PathLike] = ()) -> OutputDir:
+def output_for(
+    recipe, out_dir: str | os.PathLike, *, overwrite: bool = False, resolver=None, extra: list[str | os.PathLike] = ()
+) -> OutputDir:
     """The :class:`OutputDir` of a merge of ``recipe`` (a :class:`~ota_trainer.merger.recipe.MergeRecipe`):
     its local models, ``extra`` paths (the recipe file) and the Hugging Face cache protected."""
     refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
-    return OutputDir(out_dir, overwrite=overwrite,
-                     protect=protected_paths(refs, list(extra), getattr(resolver, "cache_dir", None)))
+    return OutputDir(
+        out_dir, overwrite=overwrite, protect=protected_paths(refs, list(extra), getattr(resolver, "cache_dir", None))
+    )

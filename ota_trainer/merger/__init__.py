@@ -2,6 +2,7 @@
 methods (:mod:`.methods`, one file each), FFG's thresholds (:mod:`.thresholds`), the one runner
 (:mod:`.runner`) and what a merge leaves beside the weights (:mod:`.report`). No PyTorch: a
 backend (:mod:`ota_trainer.backends`) does the tensor work, PyTorch only when it is chosen."""
+
 from __future__ import annotations
 
 import os
@@ -73,7 +74,9 @@ def merge(
     resolver = resolver or local_resolver
     if output is None:  # checks and locks out_dir before any input is read
         with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver) as output:
-            return merge(recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs)
+            return merge(
+                recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs
+            )
     if inputs is None:
         inputs = open_inputs(recipe, resolver)
     from .runner import run

@@ -8,6 +8,7 @@ then runs every check that needs no tensor data, in one place for every backend:
 
 Standard library only (no PyTorch).
 """
+
 from __future__ import annotations
 
 import array
@@ -26,8 +27,18 @@ from ..io.layout import FLOAT_DTYPES, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ModelLayout", "MomentsLayout", "open_model", "open_moments", "open_moments_file", "check_compatible",
-    "check_moments", "check_moments_belong", "check_distinct", "check_moments_scales", "FLOAT_DTYPES", "MergeInputs",
+    "ModelLayout",
+    "MomentsLayout",
+    "open_model",
+    "open_moments",
+    "open_moments_file",
+    "check_compatible",
+    "check_moments",
+    "check_moments_belong",
+    "check_distinct",
+    "check_moments_scales",
+    "FLOAT_DTYPES",
+    "MergeInputs",
     "open_inputs",
 ]
 
@@ -66,14 +77,16 @@ def check_compatible(template: ModelLayout, experts: Sequence[ModelLayout]) -> N
         if missing:
             raise IncompatibleModelsError(
                 f"{e.label}: lacks {len(missing)} tensor(s) the base has, e.g. {brief(missing[:3])}",
-                tensor=missing[0], model=e.label,
+                tensor=missing[0],
+                model=e.label,
             )
         extra = [n for n in e.tensors if n not in template.tensors]
         if extra:
             raise IncompatibleModelsError(
                 f"{e.label}: has {len(extra)} tensor(s) the base lacks, e.g. {brief(extra[:3])} "
                 "(was it saved with untied or extra weights?)",
-                tensor=extra[0], model=e.label,
+                tensor=extra[0],
+                model=e.label,
             )
         for n, info in template.tensors.items():
             got = e.tensors[n]
@@ -86,14 +99,17 @@ def check_compatible(template: ModelLayout, experts: Sequence[ModelLayout]) -> N
                     )
                 raise IncompatibleModelsError(
                     f"{e.label}: tensor {brief(n)} has shape {got.shape}, the base has {info.shape}{hint}",
-                    tensor=n, model=e.label,
+                    tensor=n,
+                    model=e.label,
                 )
             if (info.dtype in FLOAT_DTYPES) != (got.dtype in FLOAT_DTYPES) or (
-                    info.dtype not in FLOAT_DTYPES and got.dtype != info.dtype):
+                info.dtype not in FLOAT_DTYPES and got.dtype != info.dtype
+            ):
                 raise IncompatibleModelsError(
                     f"{e.label}: tensor {brief(n)} is {got.dtype}, the base's is {info.dtype}: "
                     "a merge needs floating weights in both (or the same integer type)",
-                    tensor=n, model=e.label,
+                    tensor=n,
+                    model=e.label,
                 )
 
 
@@ -109,24 +125,33 @@ def check_moments(model: ModelLayout, moments: MomentsLayout, names: Sequence[st
             raise IncompatibleModelsError(
                 f"{moments.path}: moments for {brief(n)}, which {model.label} does not have: "
                 "these moments were written for a different model",
-                tensor=n, model=model.label,
+                tensor=n,
+                model=model.label,
             )
         if tuple(shape) != model.tensors[n].shape:
             raise IncompatibleModelsError(
-                f"{moments.path}: moments for {brief(n)} have shape {tuple(shape)}, the weights {model.tensors[n].shape}: "
+                f"{moments.path}: moments for {brief(n)} have shape {tuple(shape)}, "
+                f"the weights {model.tensors[n].shape}: "
                 "these moments were written for a different model",
-                tensor=n, model=model.label,
+                tensor=n,
+                model=model.label,
             )
     missing = [n for n in names if n not in moments.stored]
     if missing:
         if not allow_missing:
             raise MissingMomentsError(
-                f"{moments.path}: no second moments for {len(missing)} tensor(s) of {model.label}, e.g. {brief(missing[:3])} "
+                f"{moments.path}: no second moments for {len(missing)} tensor(s) of {model.label}, "
+                f"e.g. {brief(missing[:3])} "
                 "(frozen during training?); pass --allow-missing-moments to use uniform curvature for them",
-                tensor=missing[0], model=model.label,
+                tensor=missing[0],
+                model=model.label,
             )
-        logger.warning("%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there", model.label, len(missing),
-                       brief(missing[:3]))
+        logger.warning(
+            "%s: no moments for %d tensor(s) (e.g. %s); uniform curvature used there",
+            model.label,
+            len(missing),
+            brief(missing[:3]),
+        )
 
 
 def check_moments_belong(model: ModelLayout, moments: MomentsLayout) -> None:
@@ -275,7 +300,11 @@ def check_moments_scales(labels: Sequence[str], levels: Sequence[tuple[bool, dic
             "they share): OTA weighs each entry by its curvature, so %s's edits count for little wherever both edit. "
             "Different learning rates, batch sizes, max_grad_norm or loss scales do this; `normalise: mean` "
             "(--normalise mean) rescales each expert's curvature per tensor",
-            ratio, hi_label, ratio, lo_label, lo_label,
+            ratio,
+            hi_label,
+            ratio,
+            lo_label,
+            lo_label,
         )
 
 

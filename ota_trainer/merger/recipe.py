@@ -16,6 +16,7 @@
       allow_missing_moments: false
       shard_size: 5GB
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,6 @@ DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
-
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,9 @@ class MergeRecipe:
         m = self.spec
         if not isinstance(self.models, (list, tuple)):
             raise ConfigError(f"'models' must be a list of experts, got {brief(self.models)}")
-        object.__setattr__(self, "models", tuple(e if isinstance(e, ModelEntry) else ModelEntry(**e) for e in self.models))
+        object.__setattr__(
+            self, "models", tuple(e if isinstance(e, ModelEntry) else ModelEntry(**e) for e in self.models)
+        )
         if not self.models:
             raise ConfigError("a recipe needs at least one model under 'models'")
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
@@ -91,16 +93,22 @@ class MergeRecipe:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {brief(self.dtype)} is not one of {list(DTYPE_NAMES)}")
         if not isinstance(self.allow_missing_moments, bool):
-            raise ConfigError(f"options.allow_missing_moments must be true or false, got {brief(self.allow_missing_moments)}")
+            raise ConfigError(
+                f"options.allow_missing_moments must be true or false, got {brief(self.allow_missing_moments)}"
+            )
         parse_size(self.shard_size)
         object.__setattr__(self, "parameters", self._coerce(self.parameters, "parameters", per_model=False))
         models = []
         for i, e in enumerate(self.models):
             if not isinstance(e.model, str) or not e.model:
                 raise ConfigError(f"models[{i}]: 'model' must be a folder or repo id")
-            models.append(ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({brief(e.model)})", per_model=True)))
+            models.append(
+                ModelEntry(e.model, self._coerce(e.parameters or {}, f"models[{i}] ({brief(e.model)})", per_model=True))
+            )
         object.__setattr__(self, "models", tuple(models))
-        levels = [("parameters", self.parameters)] + [(f"models[{i}] ({brief(e.model)})", e.parameters) for i, e in enumerate(self.models)]
+        levels = [("parameters", self.parameters)] + [
+            (f"models[{i}] ({brief(e.model)})", e.parameters) for i, e in enumerate(self.models)
+        ]
         for where, params in levels:
             rules = [k for k in FFG_RULES if params.get(k) is not None]
             if len(rules) > 1 and m.grafts:
@@ -160,13 +168,15 @@ class MergeRecipe:
         out = []
         for i in range(len(self.models)):
             p = self.model_parameters(i)
-            if p.get("threshold") is None and (p.get("saliency_share") is not None or (p.get("density") is not None and not per_tensor)):
+            if p.get("threshold") is None and (
+                p.get("saliency_share") is not None or (p.get("density") is not None and not per_tensor)
+            ):
                 out.append(i)
         return out
 
     # -- (de)serialisation ------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MergeRecipe":
+    def from_dict(cls, data: dict[str, Any]) -> MergeRecipe:
         if not isinstance(data, dict):
             raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
         unknown = [k for k in data if k not in _TOP_KEYS]
@@ -179,8 +189,10 @@ class MergeRecipe:
         if not isinstance(options, dict):
             raise ConfigError(f"'options' must be a mapping, got {brief(options)}")
         if [k for k in options if k not in _OPTION_KEYS]:
-            raise ConfigError(f"unknown recipe options {brief([k for k in options if k not in _OPTION_KEYS])}; "
-                              f"known: {sorted(_OPTION_KEYS)}")
+            raise ConfigError(
+                f"unknown recipe options {brief([k for k in options if k not in _OPTION_KEYS])}; "
+                f"known: {sorted(_OPTION_KEYS)}"
+            )
         raw_models = data.get("models") or []
         if not isinstance(raw_models, list):
             raise ConfigError(f"'models' must be a list of experts, got {brief(raw_models)}")
@@ -189,7 +201,9 @@ class MergeRecipe:
             if isinstance(e, str):
                 e = {"model": e}
             if not isinstance(e, dict) or "model" not in e or [k for k in e if k not in ("model", "parameters")]:
-                raise ConfigError(f"models[{i}] must be a mapping with 'model' and optional 'parameters', got {brief(e)}")
+                raise ConfigError(
+                    f"models[{i}] must be a mapping with 'model' and optional 'parameters', got {brief(e)}"
+                )
             if not isinstance(e.get("parameters") or {}, dict):
                 raise ConfigError(f"models[{i}]: parameters must be a mapping, got {brief(e['parameters'])}")
             models.append(ModelEntry(e["model"], dict(e.get("parameters") or {})))
@@ -207,7 +221,7 @@ class MergeRecipe:
         )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "MergeRecipe":
+    def from_yaml(cls, path: str | os.PathLike) -> MergeRecipe:
         """Read a recipe file.
 
         Raises:
@@ -224,7 +238,9 @@ class MergeRecipe:
         d: dict[str, Any] = {"method": self.method}
         if self.base_model:
             d["base_model"] = self.base_model
-        d["models"] = [{"model": e.model, **({"parameters": dict(e.parameters)} if e.parameters else {})} for e in self.models]
+        d["models"] = [
+            {"model": e.model, **({"parameters": dict(e.parameters)} if e.parameters else {})} for e in self.models
+        ]
         if self.parameters:
             d["parameters"] = dict(self.parameters)
         if self.dtype:

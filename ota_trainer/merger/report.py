@@ -1,5 +1,6 @@
 """What a merge leaves beside the weights: the report, the recipe, the model card and the
 base's config/tokenizer files. No PyTorch: the runner finishes every output folder here."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .recipe import MergeRecipe
 from ..errors import FormatError
-from .inputs import ModelLayout
 from ..io.write import output_errors
+from .inputs import ModelLayout
 from .methods import get_method
+from .recipe import MergeRecipe
 
-__all__ = ["ExpertReport", "MergeReport", "RECIPE_FILE", "REPORT_FILE", "CARD_FILE", "copy_side_files", "finish", "local_resolver"]
+__all__ = [
+    "ExpertReport",
+    "MergeReport",
+    "RECIPE_FILE",
+    "REPORT_FILE",
+    "CARD_FILE",
+    "copy_side_files",
+    "finish",
+    "local_resolver",
+]
 
 RECIPE_FILE = "ota_merge.yaml"
 REPORT_FILE = "ota_merge_report.json"
@@ -93,8 +103,16 @@ def copy_side_files(model: ModelLayout, tmp: Path, dtype: str | None) -> list[st
     return files
 
 
-def finish(tmp: Path, recipe: MergeRecipe, dest: Path, experts: list[ExpertReport], tensor_density: dict[str, list[float]],
-           files: list[str], resolver: Resolver, start: float) -> MergeReport:
+def finish(
+    tmp: Path,
+    recipe: MergeRecipe,
+    dest: Path,
+    experts: list[ExpertReport],
+    tensor_density: dict[str, list[float]],
+    files: list[str],
+    resolver: Resolver,
+    start: float,
+) -> MergeReport:
     """Write the recipe, the model card and the report into ``tmp``; returns the report."""
     report = MergeReport(
         method=recipe.method,

@@ -18,6 +18,7 @@ report, one atomic output. No PyTorch here: the PyTorch backend is imported only
 5. The base's config and tokenizer files, the recipe, the report and the model card complete
    the output, which replaces ``--out`` atomically (:class:`~ota_trainer.io.write.OutputDir`).
 """
+
 from __future__ import annotations
 
 import gc
@@ -29,12 +30,12 @@ from typing import Any
 
 from .. import __version__
 from ..backends.native.backend import NativeBackend
+from ..backends.thresholds import Histogram, Threshold
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from .inputs import MergeInputs
 from .recipe import MergeRecipe
 from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish
-from ..backends.thresholds import Histogram, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,16 @@ def choose_backend(recipe: MergeRecipe, inputs: MergeInputs, *, fast_path: bool 
     return TorchBackend, reason
 
 
-def run(recipe: MergeRecipe, inputs: MergeInputs, output: OutputDir, *, quiet: bool = False, resolver: Resolver,
-        fast_path: bool = True, start: float | None = None) -> MergeReport:
+def run(
+    recipe: MergeRecipe,
+    inputs: MergeInputs,
+    output: OutputDir,
+    *,
+    quiet: bool = False,
+    resolver: Resolver,
+    fast_path: bool = True,
+    start: float | None = None,
+) -> MergeReport:
     """Merge ``inputs`` as ``recipe`` says into ``output`` (see the module docstring).
 
     Raises:
@@ -63,8 +72,13 @@ def run(recipe: MergeRecipe, inputs: MergeInputs, output: OutputDir, *, quiet: b
     model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
     grafting = recipe.grafting()
     reports = [
-        ExpertReport(m.model, p.get("density") if grafting else None, None,
-                     saliency_share=p.get("saliency_share") if grafting else None, grafted=grafting)
+        ExpertReport(
+            m.model,
+            p.get("density") if grafting else None,
+            None,
+            saliency_share=p.get("saliency_share") if grafting else None,
+            grafted=grafting,
+        )
         for m, p in zip(recipe.models, model_params)
     ]
     gc_was_on = gc.isenabled()
@@ -145,14 +159,20 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             thresholds[i], kept = share_threshold(hist, share)
         else:
             thresholds[i], kept = hist.density_threshold(p["density"])
-        logger.info("%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)", inputs.experts[i].label,
-                    thresholds[i].log2_value, kept / max(hist.total, 1), hist.total,
-                    f"saliency share {share}" if share is not None else f"target density {p['density']}")
+        logger.info(
+            "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
+            inputs.experts[i].label,
+            thresholds[i].log2_value,
+            kept / max(hist.total, 1),
+            hist.total,
+            f"saliency share {share}" if share is not None else f"target density {p['density']}",
+        )
     return backend, thresholds
 
 
-def _merge_pass(recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport],
-                quiet: bool) -> tuple[list[str], dict[str, list[float]]]:
+def _merge_pass(
+    recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport], quiet: bool
+) -> tuple[list[str], dict[str, list[float]]]:
     """Every tensor merged (or copied) and written, in the template's on-disk order."""
     template = inputs.template
     floats = set(inputs.float_names)
@@ -162,9 +182,12 @@ def _merge_pass(recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports:
         return dtype_code(recipe.dtype) if recipe.dtype and DTYPES[stored].floating else stored
 
     names = template.names
-    writer = StreamingSafetensorsWriter(tmp, [(n, template.tensors[n].shape, out_code(n)) for n in names],
-                                        max_shard_bytes=parse_size(recipe.shard_size),
-                                        metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": recipe.method})
+    writer = StreamingSafetensorsWriter(
+        tmp,
+        [(n, template.tensors[n].shape, out_code(n)) for n in names],
+        max_shard_bytes=parse_size(recipe.shard_size),
+        metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": recipe.method},
+    )
     tensor_density: dict[str, list[float]] = {}
     try:
         for k, name in enumerate(_progress(names, f"merge ({recipe.method})", quiet)):

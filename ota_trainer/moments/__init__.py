@@ -1,1 +1,2 @@
-"""Moments: the on-disk format of Adam's second moments (v1, :mod:`.format`) and their rank-one compression (:mod:`.compress`)."""
+"""Moments: the on-disk format of Adam's second moments (v1, :mod:`.format`) and their rank-one
+compression (:mod:`.compress`)."""

@@ -5,8 +5,8 @@ Pure tensor functions, no I/O. For a non-negative ``v`` of shape (m, n) we keep 
 ``v_hat = outer(r, c) / r.sum()``. Tensors with more than two dimensions are flattened to
 ``(shape[0], prod(shape[1:]))`` first; 1-D tensors are kept whole.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 

@@ -30,6 +30,7 @@ The safetensors header's ``__metadata__`` holds one key, ``ota_moments``, a JSON
 :func:`load_moments` validates all of this and returns a lazy mapping that reconstructs
 ``v_hat`` (float32, the parameter's shape) one tensor at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,35 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import __version__
-from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
 from ..errors import FormatError, NumericalError
+from .compress import is_factorable, matrix_shape, rank1_factors, rank1_reconstruct
+
 if TYPE_CHECKING:
     from ..io.folders import MomentsLayout
 from ..io.checkpoint import read_tensor
 from ..io.layout import (  # noqa: F401 - part of this module's API
-    COL_SUFFIX, COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_TAG, MANAGED_KEYS, MERGE_READY_TAG,
-    METADATA_KEY, MOMENTS_DIR, MOMENTS_FILE, ROW_SUFFIX, bias_correction_factor, has_moments, moments_path,
-    check_moments_entries, moments_scale, parse_moments_metadata, prefetch_range, read_safetensors_layout,
-    remove_dead_leftovers, row_total, safetensors_header,
+    COL_SUFFIX,
+    COMPRESSIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FORMAT_VERSION_TAG,
+    MANAGED_KEYS,
+    MERGE_READY_TAG,
+    METADATA_KEY,
+    MOMENTS_DIR,
+    MOMENTS_FILE,
+    ROW_SUFFIX,
+    bias_correction_factor,
+    check_moments_entries,
+    has_moments,
+    moments_path,
+    moments_scale,
+    parse_moments_metadata,
+    prefetch_range,
+    read_safetensors_layout,
+    remove_dead_leftovers,
+    row_total,
+    safetensors_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +101,7 @@ __all__ = [
     "read_safetensors_layout",
     "read_tensor",
 ]
+
 
 @dataclass(frozen=True)
 class Rank1Factors:
@@ -167,12 +188,17 @@ def save_moments(
                     r, c = v.row.detach().to("cpu", torch.float32), v.col.detach().to("cpu", torch.float32)
                     m, n = matrix_shape(v.shape)
                     if len(v.shape) < 2 or r.shape != (m,) or c.shape != (n,):
-                        raise FormatError(f"rank-one factors of {name!r}: shapes {tuple(r.shape)}, {tuple(c.shape)} do not fit {tuple(v.shape)}")
+                        raise FormatError(
+                            f"rank-one factors of {name!r}: shapes {tuple(r.shape)}, {tuple(c.shape)} "
+                            f"do not fit {tuple(v.shape)}"
+                        )
                     _check_moment_values(name, r, where="moments to save")
                     _check_moment_values(name, c, where="moments to save")
                     rs, cs = float(r.sum()), float(c.sum())
                     if abs(rs - cs) > 1e-3 * max(rs, cs):  # both are sum(v)
-                        raise FormatError(f"rank-one factors of {name!r}: row and column sums disagree ({rs:.6g} vs {cs:.6g})")
+                        raise FormatError(
+                            f"rank-one factors of {name!r}: row and column sums disagree ({rs:.6g} vs {cs:.6g})"
+                        )
                     if compression == "rank1":
                         put(name + ROW_SUFFIX, r)
                         put(name + COL_SUFFIX, c)
@@ -180,7 +206,9 @@ def save_moments(
                         continue
                     v = rank1_reconstruct(r, c, v.shape)
                 if not torch.is_tensor(v):
-                    raise FormatError(f"moment for {name!r} is a {type(v).__name__}, expected a torch.Tensor or Rank1Factors")
+                    raise FormatError(
+                        f"moment for {name!r} is a {type(v).__name__}, expected a torch.Tensor or Rank1Factors"
+                    )
                 v = v.detach().to("cpu")
                 _check_moment_values(name, v, where="moments to save")
                 if compression == "rank1" and is_factorable(v.shape):
@@ -259,7 +287,9 @@ class MomentsReader(Mapping[str, torch.Tensor]):
         shapes: parameter name -> shape.
     """
 
-    def __init__(self, path: str | os.PathLike | MomentsLayout, *, bias_correction: bool = False, model: str | None = None):
+    def __init__(
+        self, path: str | os.PathLike | MomentsLayout, *, bias_correction: bool = False, model: str | None = None
+    ):
         from ..io.folders import MomentsLayout, open_moments_file
 
         layout = path if isinstance(path, MomentsLayout) else open_moments_file(path, model)
@@ -381,8 +411,11 @@ def load_moments(folder: str | os.PathLike, *, bias_correction: bool = False) ->
     from ..io.layout import confined_file, real_folder
 
     p = Path(folder)
-    path = p if p.is_file() else (confined_file(real_folder(p, str(p)), f"{MOMENTS_DIR}/{MOMENTS_FILE}", str(p))
-                                  if p.is_dir() else None)
+    path = (
+        p
+        if p.is_file()
+        else (confined_file(real_folder(p, str(p)), f"{MOMENTS_DIR}/{MOMENTS_FILE}", str(p)) if p.is_dir() else None)
+    )
     if path is None:
         path = moments_path(p)
         raise FormatError(

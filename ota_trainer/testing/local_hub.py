@@ -40,6 +40,7 @@ token is refused everywhere, as on the Hub. LFS upload URLs carry their own sign
 These checks come before a request body is read, and bodies are capped (``max_json_size``,
 ``max_commit_size``, ``max_lfs_size``: 413 beyond).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,12 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ConfigError
@@ -75,7 +77,7 @@ LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores files from 10 MB in LFS
 # Request body caps (LocalHub arguments; a larger body is answered 413 without being read).
 MAX_JSON_SIZE = 8 * 1024 * 1024  # JSON API bodies: preupload/LFS batches are <= 256 files, ~250 KB
 MAX_COMMIT_SIZE = 256 * 1024 * 1024  # a regular-mode NDJSON commit (base64 content: ~190 MB of files)
-MAX_LFS_SIZE = 5 * 1024 ** 3  # one LFS object (the demo's SmolLM2 checkpoints are 540 MB)
+MAX_LFS_SIZE = 5 * 1024**3  # one LFS object (the demo's SmolLM2 checkpoints are 540 MB)
 _CHUNK = 1024 * 1024
 # An unread request body of up to this many bytes (a request answered without its body:
 # auth error, injected fault...) is read and discarded so the connection stays usable;
@@ -133,8 +135,15 @@ def _front_matter(text: str) -> dict | None:
 class _HTTPError(Exception):
     """An error answered to the client as JSON, with the Hub's ``X-Error-Code`` header."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -238,11 +247,23 @@ class _Store:
         with self.lock:
             if self.meta(repo) is not None:
                 return False
-            meta = {"id": repo.id, "type": repo.type, "private": private, "createdAt": _now(),
-                    "_id": secrets.token_hex(12)}
+            meta = {
+                "id": repo.id,
+                "type": repo.type,
+                "private": private,
+                "createdAt": _now(),
+                "_id": secrets.token_hex(12),
+            }
             self._write_json(self.repo_dir(repo) / "refs.json", {"branches": {}, "tags": {}})
-            sha = self.new_commit(repo, None, {}, [("file", ".gitattributes", _INITIAL_GITATTRIBUTES)],
-                                  title="initial commit", message="", author=author)
+            sha = self.new_commit(
+                repo,
+                None,
+                {},
+                [("file", ".gitattributes", _INITIAL_GITATTRIBUTES)],
+                title="initial commit",
+                message="",
+                author=author,
+            )
             self._write_json(self.repo_dir(repo) / "refs.json", {"branches": {DEFAULT_BRANCH: sha}, "tags": {}})
             self._write_json(self.repo_dir(repo) / "repo.json", meta)  # last: the repo exists once complete
             return True
@@ -278,7 +299,7 @@ class _Store:
         """A branch, tag (optionally as ``refs/heads/...``/``refs/tags/...``) or full commit sha -> commit sha."""
         refs = self.refs(repo)
         for kind, prefix in (("branches", "refs/heads/"), ("tags", "refs/tags/")):
-            name = rev[len(prefix):] if rev.startswith(prefix) else rev
+            name = rev[len(prefix) :] if rev.startswith(prefix) else rev
             if name in refs[kind]:
                 return refs[kind][name]
         if _SHA1.fullmatch(rev) and self.commit(repo, rev) is not None:
@@ -292,8 +313,9 @@ class _Store:
             yield commit
             commit = self.commit(repo, commit["parents"][0]) if commit["parents"] else None
 
-    def new_commit(self, repo: _Repo, parent: str | None, tree: dict, ops: list[tuple], *, title: str, message: str,
-                   author: str) -> str:
+    def new_commit(
+        self, repo: _Repo, parent: str | None, tree: dict, ops: list[tuple], *, title: str, message: str, author: str
+    ) -> str:
         """Apply ``ops`` to ``tree`` and write the commit object (refs are not touched).
 
         ``ops``: ``("file", path, bytes)``, ``("lfsFile", path, sha256, size)``,
@@ -304,8 +326,12 @@ class _Store:
             kind, path = op[0], op[1]
             if kind == "file":
                 data = op[2]
-                tree[path] = {"sha256": self.put_bytes(data), "size": len(data), "oid": _git_blob_id(data),
-                              "lfs": False}
+                tree[path] = {
+                    "sha256": self.put_bytes(data),
+                    "size": len(data),
+                    "oid": _git_blob_id(data),
+                    "lfs": False,
+                }
             elif kind == "lfsFile":
                 sha256, size = op[2], op[3]
                 if not self.has_blob(sha256, size):
@@ -328,8 +354,14 @@ class _Store:
                 if "/".join(parts[:i]) in tree:
                     raise _HTTPError(400, f"{path!r} conflicts with the file {'/'.join(parts[:i])!r}")
         date = _now()
-        body = {"parents": [parent] if parent else [], "title": title, "message": message, "authors": [author],
-                "date": date, "tree": dict(sorted(tree.items()))}
+        body = {
+            "parents": [parent] if parent else [],
+            "title": title,
+            "message": message,
+            "authors": [author],
+            "date": date,
+            "tree": dict(sorted(tree.items())),
+        }
         unique = json.dumps([body, time.time_ns(), secrets.token_hex(4)], sort_keys=True)
         sha = hashlib.sha1(unique.encode()).hexdigest()
         self._write_json(self.repo_dir(repo) / "commits" / f"{sha}.json", {"id": sha, **body})
@@ -368,8 +400,8 @@ def _parse_ndjson(body: bytes) -> list[dict]:
         try:
             if m is not None:
                 close = body.index(b'"', m.end(), end)
-                content = _b64decode(view[m.end():close])
-                line = body[line_start:m.end()] + body[close:end]
+                content = _b64decode(view[m.end() : close])
+                line = body[line_start : m.end()] + body[close:end]
             else:
                 line = body[line_start:end]
             if not line.strip():
@@ -442,8 +474,12 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if self._body_state in ("none", "done"):
             return True
-        return (self._body_state == "unread" and not self._expect_pending and self._length is not None
-                and self._length - self._consumed <= _DRAIN_LIMIT)
+        return (
+            self._body_state == "unread"
+            and not self._expect_pending
+            and self._length is not None
+            and self._length - self._consumed <= _DRAIN_LIMIT
+        )
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch()
@@ -470,11 +506,15 @@ class _Handler(BaseHTTPRequestHandler):
         except _HTTPError as e:
             if e.status == 413:
                 self._force_close = True  # a body refused for its size is not drained, however small
-            self._send_json(e.status, {"error": e.message, **e.extra}, headers={
-                **({"X-Error-Code": e.code} if e.code else {}),
-                "X-Error-Message": e.message.encode("ascii", "replace").decode().replace("\n", " "),
-                **e.headers,
-            })
+            self._send_json(
+                e.status,
+                {"error": e.message, **e.extra},
+                headers={
+                    **({"X-Error-Code": e.code} if e.code else {}),
+                    "X-Error-Message": e.message.encode("ascii", "replace").decode().replace("\n", " "),
+                    **e.headers,
+                },
+            )
         except (ConnectionError, TimeoutError):
             self._body_state = "gone"
             self.close_connection = True
@@ -499,8 +539,9 @@ class _Handler(BaseHTTPRequestHandler):
         if te:
             if te[-1] != "chunked":
                 self._body_state = "bad"
-                raise _HTTPError(400, f"unsupported Transfer-Encoding {', '.join(te)!r}: send Content-Length "
-                                      "or chunked")
+                raise _HTTPError(
+                    400, f"unsupported Transfer-Encoding {', '.join(te)!r}: send Content-Length or chunked"
+                )
             self._chunked, self._body_state = True, "unread"
             self._force_close = bool(lengths)  # both: chunked wins, and the connection must not be reused
         elif lengths:
@@ -531,8 +572,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_state = "partial"
         return True
 
-    def _iter_body(self, limit: int, what: str = "request body", *, required: bool = True,
-                   chunk: int = _CHUNK) -> Iterator[bytes]:
+    def _iter_body(
+        self, limit: int, what: str = "request body", *, required: bool = True, chunk: int = _CHUNK
+    ) -> Iterator[bytes]:
         """The request body in pieces, never more than ``limit`` bytes in total.
 
         Raises:
@@ -646,8 +688,9 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         self._body_state = "gone"
 
-    def _send_json(self, status: int, data: Any, *, headers: dict[str, str] | None = None,
-                   content_type: str = "application/json") -> None:
+    def _send_json(
+        self, status: int, data: Any, *, headers: dict[str, str] | None = None, content_type: str = "application/json"
+    ) -> None:
         body = json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -706,7 +749,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _branch(self, repo: _Repo, rev: str | None) -> str:
         """A branch name (writes go to branches only)."""
         rev = rev or DEFAULT_BRANCH
-        rev = rev[len("refs/heads/"):] if rev.startswith("refs/heads/") else rev
+        rev = rev[len("refs/heads/") :] if rev.startswith("refs/heads/") else rev
         if rev not in self.hub._store.refs(repo)["branches"]:
             raise _HTTPError(404, f"Invalid rev id: {rev} (not a branch)", code="RevisionNotFound")
         return rev
@@ -760,8 +803,11 @@ class _Handler(BaseHTTPRequestHandler):
             if blobs:
                 s.update(size=e["size"], blobId=e["oid"])
                 if e["lfs"]:
-                    s["lfs"] = {"sha256": e["sha256"], "size": e["size"],
-                                "pointerSize": len(_lfs_pointer(e["sha256"], e["size"]))}
+                    s["lfs"] = {
+                        "sha256": e["sha256"],
+                        "size": e["size"],
+                        "pointerSize": len(_lfs_pointer(e["sha256"], e["size"])),
+                    }
             siblings.append(s)
         card = None
         if "README.md" in commit["tree"]:
@@ -772,9 +818,19 @@ class _Handler(BaseHTTPRequestHandler):
         tags = (card or {}).get("tags") or []
         tags = [tags] if isinstance(tags, str) else [str(x) for x in tags if x is not None]
         info = {
-            "_id": meta["_id"], "id": repo.id, "author": repo.namespace, "sha": sha,
-            "lastModified": commit["date"], "createdAt": meta["createdAt"], "private": meta["private"],
-            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": tags, "siblings": siblings,
+            "_id": meta["_id"],
+            "id": repo.id,
+            "author": repo.namespace,
+            "sha": sha,
+            "lastModified": commit["date"],
+            "createdAt": meta["createdAt"],
+            "private": meta["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": tags,
+            "siblings": siblings,
             "usedStorage": sum(e["size"] for e in commit["tree"].values()),
         }
         if repo.type == "model":
@@ -790,11 +846,23 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             raise _HTTPError(401, _INVALID_CREDENTIALS)
         user = self.hub.user
-        self._send_json(200, {
-            "type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user, "fullname": user,
-            "email": None, "emailVerified": False, "canPay": False, "isPro": False, "periodEnd": None, "avatarUrl": "",
-            "orgs": [], "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
-        })
+        self._send_json(
+            200,
+            {
+                "type": "user",
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
+                "name": user,
+                "fullname": user,
+                "email": None,
+                "emailVerified": False,
+                "canPay": False,
+                "isPro": False,
+                "periodEnd": None,
+                "avatarUrl": "",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+            },
+        )
 
     def validate_yaml(self) -> None:
         data = self._json()
@@ -810,20 +878,40 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(t, ns, name)
         refs = self.hub._store.refs(repo)
         prs = self.query.get("include_prs", ["0"])[0] in ("1", "true")
-        branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in refs["branches"].items()
-                    if not b.startswith("refs/pr/")]
-        out = {"branches": branches, "converts": [],
-               "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in refs["tags"].items()]}
+        branches = [
+            {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
+            for b, s in refs["branches"].items()
+            if not b.startswith("refs/pr/")
+        ]
+        out = {
+            "branches": branches,
+            "converts": [],
+            "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in refs["tags"].items()],
+        }
         if prs:
-            out["pullRequests"] = [{"name": b, "ref": b, "targetCommit": s} for b, s in refs["branches"].items()
-                                   if b.startswith("refs/pr/")]
+            out["pullRequests"] = [
+                {"name": b, "ref": b, "targetCommit": s}
+                for b, s in refs["branches"].items()
+                if b.startswith("refs/pr/")
+            ]
         self._send_json(200, out)
 
     def list_commits(self, t: str, ns: str, name: str, rev: str) -> None:
         repo = self._repo(t, ns, name)
         commits = self.hub._store.history(repo, self._sha(repo, rev))
-        self._send_json(200, [{"id": c["id"], "title": c["title"], "message": c["message"], "date": c["date"],
-                               "authors": [{"user": a} for a in c["authors"]]} for c in commits])
+        self._send_json(
+            200,
+            [
+                {
+                    "id": c["id"],
+                    "title": c["title"],
+                    "message": c["message"],
+                    "date": c["date"],
+                    "authors": [{"user": a} for a in c["authors"]],
+                }
+                for c in commits
+            ],
+        )
 
     def branch(self, t: str, ns: str, name: str, branch: str) -> None:
         repo = self._repo(t, ns, name, write=True)
@@ -866,11 +954,15 @@ class _Handler(BaseHTTPRequestHandler):
         base = prefix.strip("/")
         under = {p: e for p, e in tree.items() if not base or p.startswith(base + "/")}
         if base and not under:
-            raise _HTTPError(404, f"{base!r} is not a folder in {repo.id}@{commit['id']}", code="EntryNotFound",
-                             headers={"X-Repo-Commit": commit["id"]})
+            raise _HTTPError(
+                404,
+                f"{base!r} is not a folder in {repo.id}@{commit['id']}",
+                code="EntryNotFound",
+                headers={"X-Repo-Commit": commit["id"]},
+            )
         files, folders = [], {}
         for path, e in under.items():
-            parts = (path[len(base) + 1:] if base else path).split("/")
+            parts = (path[len(base) + 1 :] if base else path).split("/")
             for i in range(1, len(parts) if recursive else min(2, len(parts))):
                 folder = "/".join(([base] if base else []) + parts[:i])
                 # a folder's id: a hash of every file below it
@@ -885,16 +977,23 @@ class _Handler(BaseHTTPRequestHandler):
             e = tree[path]
             item = {"type": "file", "oid": e["oid"], "size": e["size"], "path": path}
             if e["lfs"]:
-                item["lfs"] = {"oid": e["sha256"], "size": e["size"],
-                               "pointerSize": len(_lfs_pointer(e["sha256"], e["size"]))}
+                item["lfs"] = {
+                    "oid": e["sha256"],
+                    "size": e["size"],
+                    "pointerSize": len(_lfs_pointer(e["sha256"], e["size"])),
+                }
             if expand:
-                item["securityFileStatus"] = {"status": "safe", "avScan": {"virusFound": False, "virusNames": None},
-                                              "pickleImportScan": None}
+                item["securityFileStatus"] = {
+                    "status": "safe",
+                    "avScan": {"virusFound": False, "virusNames": None},
+                    "pickleImportScan": None,
+                }
             out.append({**item, **last.get(path, {})})
         return out
 
     def _last_commits(self, repo: _Repo, commit: dict, paths: list[str]) -> dict[str, dict]:
         """``{path: {"lastCommit": ...}}``: the oldest commit since which each path is unchanged."""
+
         def view(c: dict, path: str) -> Any:
             if path in c["tree"]:
                 return c["tree"][path]["oid"]
@@ -944,12 +1043,17 @@ class _Handler(BaseHTTPRequestHandler):
         sha = self._sha(repo, rev)
         entry = store.commit(repo, sha)["tree"].get(path)
         if entry is None:
-            raise _HTTPError(404, f"Entry not found: {path} in {repo.id}@{sha}", code="EntryNotFound",
-                             headers={"X-Repo-Commit": sha})
+            raise _HTTPError(
+                404, f"Entry not found: {path} in {repo.id}@{sha}", code="EntryNotFound", headers={"X-Repo-Commit": sha}
+            )
         size = entry["size"]
         etag = entry["sha256"] if entry["lfs"] else entry["oid"]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
         start, end, status = 0, size, 200
@@ -963,8 +1067,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:  # suffix range: the last N bytes
                 start = max(0, size - int(m.group(2)))
             if start >= size or start >= end:
-                raise _HTTPError(416, f"Range {rng!r} outside the file ({size} bytes)",
-                                 headers={"Content-Range": f"bytes */{size}"})
+                raise _HTTPError(
+                    416, f"Range {rng!r} outside the file ({size} bytes)", headers={"Content-Range": f"bytes */{size}"}
+                )
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         self.send_response(status)
@@ -985,8 +1090,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
                 limit -= len(data)
         if fault is not None:
-            logger.info("LocalHub: dropping the connection after %d bytes of %s (injected fault)",
-                        fault.drop_after_bytes, path)
+            logger.info(
+                "LocalHub: dropping the connection after %d bytes of %s (injected fault)", fault.drop_after_bytes, path
+            )
             self.wfile.flush()
             self.close_connection = True
 
@@ -1050,13 +1156,26 @@ class _Handler(BaseHTTPRequestHandler):
                 num = max(nums, default=0) + 1
                 branch = f"refs/pr/{num}"
                 pr_url = f"{self._base_url()}/{repo.url_path}/discussions/{num}"
-            sha = store.new_commit(repo, head, store.commit(repo, head)["tree"], ops, author=self.hub.user,
-                                   title=header.get("summary") or "Upload files",
-                                   message=header.get("description") or "")
+            sha = store.new_commit(
+                repo,
+                head,
+                store.commit(repo, head)["tree"],
+                ops,
+                author=self.hub.user,
+                title=header.get("summary") or "Upload files",
+                message=header.get("description") or "",
+            )
             store.set_ref(repo, "branches", branch, sha)
         logger.info("LocalHub: %s@%s -> %s (%d operations)", repo.id, branch, sha[:8], len(ops))
-        self._send_json(200, {"commitOid": sha, "commitUrl": f"{self._base_url()}/{repo.url_path}/commit/{sha}",
-                              "pullRequestUrl": pr_url, "success": True})
+        self._send_json(
+            200,
+            {
+                "commitOid": sha,
+                "commitUrl": f"{self._base_url()}/{repo.url_path}/commit/{sha}",
+                "pullRequestUrl": pr_url,
+                "success": True,
+            },
+        )
 
     def lfs_batch(self, t: str | None, ns: str, name: str) -> None:
         repo = self._repo(t, ns, name, write=True)
@@ -1071,8 +1190,11 @@ class _Handler(BaseHTTPRequestHandler):
                 objects.append({"oid": oid, "size": size if isinstance(size, int) else 0, "error": error})
                 continue
             if size > self.hub.max_lfs_size:
-                error = {"code": 413, "message": f"{size} bytes is over LocalHub's LFS object limit of "
-                                                 f"{self.hub.max_lfs_size} bytes (LocalHub(max_lfs_size=...))"}
+                error = {
+                    "code": 413,
+                    "message": f"{size} bytes is over LocalHub's LFS object limit of "
+                    f"{self.hub.max_lfs_size} bytes (LocalHub(max_lfs_size=...))",
+                }
                 objects.append({"oid": oid, "size": size, "error": error})
                 continue
             out = {"oid": oid, "size": size, "authenticated": True}
@@ -1091,7 +1213,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(self.query.get("sig", [""])[0], self.hub._sign(oid, size)):
             raise _HTTPError(403, "invalid or missing LFS upload signature (ask the batch endpoint for an upload URL)")
         if size > self.hub.max_lfs_size:  # signed before the limit was lowered
-            raise _HTTPError(413, f"LFS object of {size} bytes is over LocalHub's limit of {self.hub.max_lfs_size} bytes")
+            raise _HTTPError(
+                413, f"LFS object of {size} bytes is over LocalHub's limit of {self.hub.max_lfs_size} bytes"
+            )
         if self._length is not None and self._length != size:
             raise _HTTPError(400, f"Content-Length {self._length} is not the size of the LFS object ({size} bytes)")
         store = self.hub._store
@@ -1106,8 +1230,11 @@ class _Handler(BaseHTTPRequestHandler):
             if h.hexdigest() != oid or n != size:
                 # e.g. the file changed on the client between hashing and upload (Trainer pushes in the background)
                 logger.warning("LocalHub: LFS upload of %s refused: got sha256 %s (%d bytes)", oid, h.hexdigest(), n)
-                raise _HTTPError(400, f"uploaded content does not match the LFS object: got sha256 {h.hexdigest()} "
-                                      f"({n} bytes), expected {oid} ({size} bytes)")
+                raise _HTTPError(
+                    400,
+                    f"uploaded content does not match the LFS object: got sha256 {h.hexdigest()} "
+                    f"({n} bytes), expected {oid} ({size} bytes)",
+                )
             store.put_file(tmp, oid)
         finally:
             tmp.unlink(missing_ok=True)
@@ -1186,12 +1313,25 @@ class LocalHub:
         ...     hub.inject_faults(status=503, times=1, path_contains="/resolve/")
     """
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None, *,
-                 lfs: bool = False, lfs_min_size: int = LFS_MIN_SIZE, user: str = "local-user",
-                 max_json_size: int = MAX_JSON_SIZE, max_commit_size: int = MAX_COMMIT_SIZE,
-                 max_lfs_size: int = MAX_LFS_SIZE):
-        for arg, value in (("max_json_size", max_json_size), ("max_commit_size", max_commit_size),
-                           ("max_lfs_size", max_lfs_size)):
+    def __init__(
+        self,
+        root: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        lfs: bool = False,
+        lfs_min_size: int = LFS_MIN_SIZE,
+        user: str = "local-user",
+        max_json_size: int = MAX_JSON_SIZE,
+        max_commit_size: int = MAX_COMMIT_SIZE,
+        max_lfs_size: int = MAX_LFS_SIZE,
+    ):
+        for arg, value in (
+            ("max_json_size", max_json_size),
+            ("max_commit_size", max_commit_size),
+            ("max_lfs_size", max_lfs_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"LocalHub: {arg}={value!r} must be a positive number of bytes")
         self.max_json_size, self.max_commit_size, self.max_lfs_size = max_json_size, max_commit_size, max_lfs_size
@@ -1222,8 +1362,9 @@ class LocalHub:
         handler = type("LocalHubHandler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer((self.host, self.port), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name=f"LocalHub:{self.url}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name=f"LocalHub:{self.url}", daemon=True
+        )
         self._thread.start()
         logger.info("LocalHub serving %s at %s", self.root, self.url)
         return self
@@ -1243,8 +1384,15 @@ class LocalHub:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def inject_faults(self, *, status: int | None = None, drop_after_bytes: int | None = None, times: int = 1,
-                      path_contains: str = "", method: str | None = None) -> Fault:
+    def inject_faults(
+        self,
+        *,
+        status: int | None = None,
+        drop_after_bytes: int | None = None,
+        times: int = 1,
+        path_contains: str = "",
+        method: str | None = None,
+    ) -> Fault:
         """Make the next ``times`` matching requests fail.
 
         Args:
@@ -1269,8 +1417,10 @@ class LocalHub:
             >>> hub.inject_faults(drop_after_bytes=1000, path_contains="model.safetensors")
         """
         if (status is None) == (drop_after_bytes is None):
-            raise ConfigError(f"inject_faults: pass exactly one of status= or drop_after_bytes= "
-                              f"(got status={status!r}, drop_after_bytes={drop_after_bytes!r})")
+            raise ConfigError(
+                f"inject_faults: pass exactly one of status= or drop_after_bytes= "
+                f"(got status={status!r}, drop_after_bytes={drop_after_bytes!r})"
+            )
         if status is not None and not 400 <= status <= 599:
             raise ConfigError(f"inject_faults: status={status} is not an HTTP error status (400-599)")
         if drop_after_bytes is not None and drop_after_bytes < 0:
@@ -1310,23 +1460,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
     p.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     p.add_argument("--token", help="require this token for writes and private repos")
-    p.add_argument("--lfs", action="store_true",
-                   help="store binary and large files with Git LFS (clients need HF_HUB_DISABLE_XET=1)")
+    p.add_argument(
+        "--lfs",
+        action="store_true",
+        help="store binary and large files with Git LFS (clients need HF_HUB_DISABLE_XET=1)",
+    )
     p.add_argument("--lfs-min-size", type=int, default=LFS_MIN_SIZE, help="LFS threshold in bytes (default: 10 MB)")
     p.add_argument("--user", default="local-user", help="account name reported by whoami")
-    p.add_argument("--max-json-size", type=int, default=MAX_JSON_SIZE,
-                   help="largest JSON request body in bytes (default: 8 MiB)")
-    p.add_argument("--max-commit-size", type=int, default=MAX_COMMIT_SIZE,
-                   help="largest commit payload in bytes (default: 256 MiB; regular-mode files travel inside it)")
-    p.add_argument("--max-lfs-size", type=int, default=MAX_LFS_SIZE,
-                   help="largest LFS object in bytes (default: 5 GiB)")
+    p.add_argument(
+        "--max-json-size", type=int, default=MAX_JSON_SIZE, help="largest JSON request body in bytes (default: 8 MiB)"
+    )
+    p.add_argument(
+        "--max-commit-size",
+        type=int,
+        default=MAX_COMMIT_SIZE,
+        help="largest commit payload in bytes (default: 256 MiB; regular-mode files travel inside it)",
+    )
+    p.add_argument(
+        "--max-lfs-size", type=int, default=MAX_LFS_SIZE, help="largest LFS object in bytes (default: 5 GiB)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     try:
-        hub = LocalHub(args.root, args.host, args.port, args.token, lfs=args.lfs, lfs_min_size=args.lfs_min_size,
-                       user=args.user, max_json_size=args.max_json_size, max_commit_size=args.max_commit_size,
-                       max_lfs_size=args.max_lfs_size)
+        hub = LocalHub(
+            args.root,
+            args.host,
+            args.port,
+            args.token,
+            lfs=args.lfs,
+            lfs_min_size=args.lfs_min_size,
+            user=args.user,
+            max_json_size=args.max_json_size,
+            max_commit_size=args.max_commit_size,
+            max_lfs_size=args.max_lfs_size,
+        )
     except ConfigError as e:
         p.error(str(e))
     hub.start()

@@ -29,12 +29,14 @@ For each test the fixture starts a fresh hub on ``tmp_path/"local_hub"`` and, th
 
 Subprocesses get the same settings from :func:`hub_env`.
 """
+
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -44,20 +46,30 @@ __all__ = ["local_hub", "hub_env", "configure_hf_client", "pytest_configure"]
 
 # Environment overrides that would point the client elsewhere than the fixture's HF_HOME or hub.
 _CLEARED_ENV = (
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-    "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_MODULES_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_TOKEN_PATH",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_MODULES_CACHE",
     "TRANSFORMERS_CACHE",
 )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "local_hub(**kwargs): LocalHub arguments for the local_hub fixture (token=, lfs=, lfs_min_size=, user=)",
+        "markers",
+        "local_hub(**kwargs): LocalHub arguments for the local_hub fixture (token=, lfs=, lfs_min_size=, user=)",
     )
 
 
-def hub_env(hub: LocalHub | str, hf_home: str | os.PathLike, token: str | None = None,
-            base: dict[str, str] | None = None) -> dict[str, str]:
+def hub_env(
+    hub: LocalHub | str, hf_home: str | os.PathLike, token: str | None = None, base: dict[str, str] | None = None
+) -> dict[str, str]:
     """The environment for a subprocess (a CLI under test) that should use ``hub``.
 
     Args:
@@ -72,15 +84,20 @@ def hub_env(hub: LocalHub | str, hf_home: str | os.PathLike, token: str | None =
     """
     base = os.environ if base is None else base
     env = {k: v for k, v in base.items() if k not in _CLEARED_ENV and k != "HF_TOKEN"}
-    env.update(HF_ENDPOINT=hub if isinstance(hub, str) else hub.url, HF_HOME=str(hf_home),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    env.update(
+        HF_ENDPOINT=hub if isinstance(hub, str) else hub.url,
+        HF_HOME=str(hf_home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     if token is not None:
         env["HF_TOKEN"] = token
     return env
 
 
-def configure_hf_client(monkeypatch: pytest.MonkeyPatch, hub: LocalHub, hf_home: str | os.PathLike,
-                        token: str | None = None) -> None:
+def configure_hf_client(
+    monkeypatch: pytest.MonkeyPatch, hub: LocalHub, hf_home: str | os.PathLike, token: str | None = None
+) -> None:
     """Point ``huggingface_hub`` (already imported or not) and ``transformers`` at ``hub``,
     with a fresh cache under ``hf_home``. Everything is undone with ``monkeypatch``."""
     hf_home = str(hf_home)
@@ -98,7 +115,7 @@ def configure_hf_client(monkeypatch: pytest.MonkeyPatch, hub: LocalHub, hf_home:
         value = getattr(constants, name)
         if name.isupper() or name.startswith("default_"):
             if isinstance(value, str) and (value == old_home or value.startswith(old_home + os.sep)):
-                monkeypatch.setattr(constants, name, hf_home + value[len(old_home):])
+                monkeypatch.setattr(constants, name, hf_home + value[len(old_home) :])
     paths = {
         "HF_HOME": hf_home,
         "HF_HUB_CACHE": os.path.join(hf_home, "hub"),

@@ -2,6 +2,7 @@
 
 Everything is built from a config with a seed: nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ from ..moments.format import save_moments
 __all__ = ["tiny_llama_config", "make_tiny_base", "make_tiny_expert"]
 
 
-def tiny_llama_config(*, hidden: int = 64, layers: int = 2, vocab: int = 128, tie: bool = True, heads: int = 4, kv_heads: int = 2):
+def tiny_llama_config(
+    *, hidden: int = 64, layers: int = 2, vocab: int = 128, tie: bool = True, heads: int = 4, kv_heads: int = 2
+):
     """A LlamaConfig of a few hundred thousand parameters."""
     from transformers import LlamaConfig
 
@@ -30,7 +33,9 @@ def tiny_llama_config(*, hidden: int = 64, layers: int = 2, vocab: int = 128, ti
     )
 
 
-def make_tiny_base(path: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> Path:
+def make_tiny_base(
+    path: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs
+) -> Path:
     """Save a randomly initialised tiny ``LlamaForCausalLM`` to ``path``."""
     from transformers import LlamaForCausalLM
 
@@ -66,7 +71,12 @@ def make_tiny_expert(
         v[name] = torch.exp(torch.randn(p.shape, generator=g) * 2.0 - 20.0)
     model.save_pretrained(path)
     if moments is not None:
-        save_moments(path, v, compression=moments, metadata={"optimizer": "adamw_torch", "beta2": beta2, "step": step, "base_model": str(base)})
+        save_moments(
+            path,
+            v,
+            compression=moments,
+            metadata={"optimizer": "adamw_torch", "beta2": beta2, "step": step, "base_model": str(base)},
+        )
     return Path(path)
 
 

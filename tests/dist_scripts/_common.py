@@ -1,4 +1,5 @@
 """Shared pieces of the multi-process capture scripts (run under torchrun, not collected by pytest)."""
+
 from __future__ import annotations
 
 import os

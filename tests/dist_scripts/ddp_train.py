@@ -6,6 +6,7 @@
 Writes OUT/ota/moments.safetensors (full) and OUT/state_rank{R}.pt (the optimizer's
 exp_avg_sq per saved name, read by the script from each rank's optimizer).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,20 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     record_writers(str(out.parent / f"{out.name}.writers"))
     args = TrainingArguments(
-        str(out), max_steps=3, per_device_train_batch_size=batch, learning_rate=1e-3, use_cpu=True, bf16=False,
-        report_to=[], save_strategy="steps", save_steps=3, logging_steps=100,
-        disable_tqdm=True, seed=0, train_sampling_strategy="sequential", ddp_backend="gloo" if "RANK" in os.environ else None,
+        str(out),
+        max_steps=3,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=100,
+        disable_tqdm=True,
+        seed=0,
+        train_sampling_strategy="sequential",
+        ddp_backend="gloo" if "RANK" in os.environ else None,
     )
     model = tiny_model(tie=True)
     trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback("full")])

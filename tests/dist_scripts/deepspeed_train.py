@@ -8,6 +8,7 @@ with ``save_optimizer_moments`` and dumps the reference OUT/reference.pt: each p
 exp_avg_sq assembled by ``deepspeed.utils.safe_get_full_optimizer_state`` (called by this
 script, in named_parameters order on every rank).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,23 @@ def main() -> None:
         "fp16": {"enabled": False},
     }
     args = TrainingArguments(
-        str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, use_cpu=False, bf16=False,
-        report_to=[], save_strategy="steps", save_steps=3, logging_steps=100,
-        disable_tqdm=True, seed=0, train_sampling_strategy="sequential", deepspeed=ds_config, ddp_backend="gloo",
-        optim="adamw_torch", save_only_model=True,
+        str(out),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=False,
+        bf16=False,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=100,
+        disable_tqdm=True,
+        seed=0,
+        train_sampling_strategy="sequential",
+        deepspeed=ds_config,
+        ddp_backend="gloo",
+        optim="adamw_torch",
+        save_only_model=True,
     )
     model = tiny_model(tie=True)
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(False)  # a frozen parameter
@@ -50,7 +64,10 @@ def main() -> None:
     trainer.save_model()
     save_optimizer_moments(out / "full", trainer.model, trainer.optimizer, compression="full")
     params, _ = named_trainable_parameters(trainer.model)
-    ref = {p.name: safe_get_full_optimizer_state(p.param, "exp_avg_sq").detach().cpu().clone().reshape(p.shape) for p in params}
+    ref = {
+        p.name: safe_get_full_optimizer_state(p.param, "exp_avg_sq").detach().cpu().clone().reshape(p.shape)
+        for p in params
+    }
     if dist.get_rank() == 0:
         torch.save({"state": ref, "stage": stage}, out / "reference.pt")
 

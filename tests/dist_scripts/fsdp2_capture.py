@@ -7,6 +7,7 @@ Writes OUT/rank1/ota/moments.safetensors and OUT/full/ota/moments.safetensors (w
 rank 0 only), and OUT/reference.pt: each parameter's exp_avg_sq gathered by this script with
 ``DTensor.full_tensor()`` and its local shard shapes.
 """
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,7 @@ and thresholds, so the same bytes (``tests/test_backends.py``).
 It also counts FFG's histograms for a merge the PyTorch backend does (:meth:`histograms`:
 ``covers_histograms``), on a thread of the runner's while PyTorch loads.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +28,17 @@ from ...io import readahead
 from ...io.layout import COL_SUFFIX, DTYPE_SIZES, DTYPES, ROW_SUFFIX, dtype_code, matrix_view, row_total
 from ..thresholds import N_BINS, Histogram
 from . import (
-    S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, available, float32, library,
-    raw_saliency_hist, why_unavailable,
+    S_FULL,
+    S_MAGNITUDE,
+    S_NONE,
+    S_RANK1,
+    W_FULL,
+    W_RANK1,
+    available,
+    float32,
+    library,
+    raw_saliency_hist,
+    why_unavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,7 +120,9 @@ def _check_values(path: Path, name: str, x: memoryview) -> None:
     if low < 0:
         raise NumericalError(
             f"{path}: second moment of {brief(name)} holds negative values (min {low:.3g}); Adam's exp_avg_sq is "
-            "non-negative, so this file is not a second moment", tensor=name)
+            "non-negative, so this file is not a second moment",
+            tensor=name,
+        )
 
 
 class Factors:
@@ -123,16 +135,33 @@ class Factors:
         self.keep: list[Any] = []
         s32 = float32(scale)
         if moments.stored[name] == "rank1":
-            (r0, r1), (c0, c1) = moments.span(name + ROW_SUFFIX), moments.span(name + COL_SUFFIX)  # validated: m, n floats
+            (r0, r1), (c0, c1) = (
+                moments.span(name + ROW_SUFFIX),
+                moments.span(name + COL_SUFFIX),
+            )  # validated: m, n floats
             r = maps.floats(moments.path, r0, r1)
             self.a64, self.b64 = (ctypes.c_double * m)(), (ctypes.c_double * n)()
             self.pa, self.pb = (ctypes.c_float * m)(), (ctypes.c_float * n)()
-            if library().ota_rank1_prep(maps.addr(moments.path, r0), maps.addr(moments.path, c0), m, n, row_total(r), s32,
-                                        int(scale != 1.0), int(sqrt_p), self.a64, self.b64, self.pa, self.pb):
+            if library().ota_rank1_prep(
+                maps.addr(moments.path, r0),
+                maps.addr(moments.path, c0),
+                m,
+                n,
+                row_total(r),
+                s32,
+                int(scale != 1.0),
+                int(sqrt_p),
+                self.a64,
+                self.b64,
+                self.pa,
+                self.pb,
+            ):
                 _check_values(moments.path, name, r)  # names which: NaN, Inf or negative
                 _check_values(moments.path, name, maps.floats(moments.path, c0, c1))
-                raise NumericalError(f"{moments.path}: second moment of {brief(name)} is not finite once bias-corrected "
-                                     f"(x{scale:.3g})", tensor=name)
+                raise NumericalError(
+                    f"{moments.path}: second moment of {brief(name)} is not finite once bias-corrected (x{scale:.3g})",
+                    tensor=name,
+                )
             self.kind, self.v = "rank1", None
         else:
             v0, v1 = moments.span(name)
@@ -164,8 +193,11 @@ class Factors:
 def _large_rescaled_moments(recipe, moments) -> str | None:
     bias = recipe.method_parameters().get("bias_correction", True)
     for m in moments:
-        if m is not None and m.scale(bias) != 1.0 and any(
-                stored == "full" and math.prod(m.shapes[n]) > _LARGE_FULL for n, stored in m.stored.items()):
+        if (
+            m is not None
+            and m.scale(bias) != 1.0
+            and any(stored == "full" and math.prod(m.shapes[n]) > _LARGE_FULL for n, stored in m.stored.items())
+        ):
             return f"{m.path}: large full moments to rescale"
     return None
 
@@ -197,8 +229,13 @@ class NativeBackend:
 
     def start_reads(self) -> None:
         """Read every input into the page cache ahead of the passes, touching each page once."""
-        readahead.start([f.weight_paths + ([m.path] if m else []) for f, m in
-                         zip([self.base] + self.experts, [None] + list(self.moments))], touch=True)
+        readahead.start(
+            [
+                f.weight_paths + ([m.path] if m else [])
+                for f, m in zip([self.base] + self.experts, [None] + list(self.moments))
+            ],
+            touch=True,
+        )
 
     # -- what it can do -------------------------------------------------------------------------------
     @staticmethod
@@ -263,8 +300,19 @@ class NativeBackend:
                         sc.append(self.factors(i, name, m, n).score(False))
                     if sc[-1][0] != S_NONE:
                         totals[k] += m * n
-                raw_saliency_hist(w0[0], w0[1], m, n, tensors, [s[0] for s in sc], [s[1] for s in sc], [s[2] for s in sc],
-                                  [s[3] for s in sc], addrs, self.threads)
+                raw_saliency_hist(
+                    w0[0],
+                    w0[1],
+                    m,
+                    n,
+                    tensors,
+                    [s[0] for s in sc],
+                    [s[1] for s in sc],
+                    [s[2] for s in sc],
+                    [s[3] for s in sc],
+                    addrs,
+                    self.threads,
+                )
                 self.release(name, folders)
                 self._factors.clear()
             for k in range(1, self.threads):
@@ -321,18 +369,22 @@ class NativeBackend:
         """Expert i's prepared moments of ``name`` (cached until the tensor is done)."""
         key = (i, name)
         if key not in self._factors:
-            self._factors[key] = Factors(self.maps, self.moments[i], self.scales[i], name, m, n,
-                                         self.params.get("power") == 0.5)
+            self._factors[key] = Factors(
+                self.maps, self.moments[i], self.scales[i], name, m, n, self.params.get("power") == 0.5
+            )
         return self._factors[key]
 
     def _tensor(self, name: str, folders):
-        for f in [self.base] + list(folders):  # bytes the read-ahead is about to read: wait for it, do not fault them in
+        for f in [self.base] + list(
+            folders
+        ):  # bytes the read-ahead is about to read: wait for it, do not fault them in
             readahead.wait(f.file(name), f.tensors[name].end)
         t = self.base.tensors[name]
         m, n = matrix_view(t.shape)
         w0 = (self.maps.addr(self.base.file(name), t.start), DTYPES[t.dtype].kernel)
-        experts = [(self.maps.addr(f.file(name), f.tensors[name].start), DTYPES[f.tensors[name].dtype].kernel)
-                   for f in folders]
+        experts = [
+            (self.maps.addr(f.file(name), f.tensors[name].start), DTYPES[f.tensors[name].dtype].kernel) for f in folders
+        ]
         return w0, m, n, experts
 
     def _free_arena(self) -> None:
@@ -368,7 +420,15 @@ class NativeJob:
 
     def __init__(self, backend: NativeBackend, name: str, m: int, n: int, w0, experts, out: int, out_code: int):
         self._b = backend
-        self.name, self.m, self.n, self.w0, self.experts, self.out, self.out_code = name, m, n, w0, experts, out, out_code
+        self.name, self.m, self.n, self.w0, self.experts, self.out, self.out_code = (
+            name,
+            m,
+            n,
+            w0,
+            experts,
+            out,
+            out_code,
+        )
         self.params, self.model_params, self.coefs = backend.params, backend.model_params, backend.coefs
         self.cuts, self.threads = backend.cuts, backend.threads
         self.kept: list[int] | None = None
@@ -376,4 +436,3 @@ class NativeJob:
     def factors(self, i: int) -> Factors:
         """Expert i's prepared moments of this tensor."""
         return self._b.factors(i, self.name, self.m, self.n)
-

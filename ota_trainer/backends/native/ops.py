@@ -1,13 +1,13 @@
 """The native kernels on PyTorch tensors: what the merge engine calls (see the package docstring)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
 from ...io.layout import DTYPES, torch_dtype
-from ..torch.ops import Curvature
-from ..torch.ffg import SaliencyHistogram, Score
 from .. import native as _package
+from ..torch.ffg import SaliencyHistogram, Score
+from ..torch.ops import Curvature
 from . import S_FULL, S_MAGNITUDE, S_NONE, S_RANK1, W_FULL, W_RANK1, W_UNIFORM, available, library
 
 __all__ = ["supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge"]
@@ -95,8 +95,11 @@ class SaliencyCounter:
         smode, sa, sb, sv = _score_arrays(m, n, scores)
         hists = []
         for k in range(len(_package.workers(m, m * n, _threads()))):
-            own = self.hists if k == 0 else (
-                self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists]))
+            own = (
+                self.hists
+                if k == 0
+                else (self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists]))
+            )
             hists.append([h.data_ptr() for h in own])
         _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, hists, _threads())
         for h, s in zip(self.targets, scores):
@@ -147,10 +150,26 @@ def ota_merge(
         raise ValueError(f"native kernel: out is {out.dtype}, expected {out_dtype}")
     _check(out, m * n, "output")
     kept, finite = _package.raw_ota_merge(
-        w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, list(cuts),
+        w0.data_ptr(),
+        _DT[w0.dtype],
+        m,
+        n,
+        eptrs,
+        smode,
+        sa,
+        sb,
+        sv,
+        list(cuts),
         [W_RANK1 if c.pa is not None else W_FULL if c.v is not None else W_UNIFORM for c in curvatures],
-        [_addr(c.pa) for c in curvatures], [_addr(c.pb) for c in curvatures], [_addr(c.v) for c in curvatures],
-        any(c.sqrt for c in full), [c.div for c in curvatures], list(coefs), epsilon, out.data_ptr(), _DT[out_dtype],
+        [_addr(c.pa) for c in curvatures],
+        [_addr(c.pb) for c in curvatures],
+        [_addr(c.v) for c in curvatures],
+        any(c.sqrt for c in full),
+        [c.div for c in curvatures],
+        list(coefs),
+        epsilon,
+        out.data_ptr(),
+        _DT[out_dtype],
         _threads(),
     )
     return out, kept, finite
@@ -168,8 +187,14 @@ def magnitude_cuts(w0: torch.Tensor, experts: list[torch.Tensor], densities: lis
 
 @torch.no_grad()
 def ties_merge(
-    w0: torch.Tensor, experts: list[torch.Tensor], cuts: list[float], coefs: list[float], lam: float,
-    *, out_dtype: torch.dtype, out: torch.Tensor | None = None,
+    w0: torch.Tensor,
+    experts: list[torch.Tensor],
+    cuts: list[float],
+    coefs: list[float],
+    lam: float,
+    *,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """TIES of one tensor (exactly :func:`ota_trainer.backends.torch.ops.ties_merge` with these ``cuts``).
 
@@ -179,6 +204,16 @@ def ties_merge(
     if out is None:
         out = torch.empty(shape, dtype=out_dtype)
     _check(out, numel, "output")
-    finite = _package.raw_ties_merge(w0.data_ptr(), _DT[w0.dtype], numel, eptrs, list(cuts), list(coefs), lam,
-                                     out.data_ptr(), _DT[out_dtype], _threads())
+    finite = _package.raw_ties_merge(
+        w0.data_ptr(),
+        _DT[w0.dtype],
+        numel,
+        eptrs,
+        list(cuts),
+        list(coefs),
+        lam,
+        out.data_ptr(),
+        _DT[out_dtype],
+        _threads(),
+    )
     return out, finite

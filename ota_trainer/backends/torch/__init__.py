@@ -10,6 +10,7 @@ histograms (:mod:`.ffg`), shared tensor helpers (:mod:`.ops`).
 Imported only when the runner chooses this backend (or a merge needs an explanation only
 PyTorch gives: which input is not finite).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,9 +23,9 @@ from tqdm.auto import tqdm
 from ...errors import NumericalError, brief
 from ...io.checkpoint import ModelFolder
 from ...io.layout import matrix_view
-from ..thresholds import Histogram, Threshold
 from ...moments.format import MomentsReader, all_finite
 from .. import native
+from ..thresholds import Histogram, Threshold
 from .ffg import SaliencyHistogram, Score
 from .ops import Curvature
 
@@ -49,8 +50,10 @@ def curvatures(moments: list, power: float, normalise: str) -> list[Curvature]:
     uniform curvature for every expert when any of them lacks moments for it."""
     if any(mo is None for mo in moments):
         return [Curvature() for _ in moments]
-    return [Curvature.rank1(*mo, power, normalise) if isinstance(mo, tuple) else Curvature.full(mo, power, normalise)
-            for mo in moments]
+    return [
+        Curvature.rank1(*mo, power, normalise) if isinstance(mo, tuple) else Curvature.full(mo, power, normalise)
+        for mo in moments
+    ]
 
 
 class TorchBackend:
@@ -74,7 +77,9 @@ class TorchBackend:
         self.template = self.base or self.experts[0]
         self.grafting = recipe.grafting()
         self.moments: list[MomentsReader | None] = [
-            None if m is None else MomentsReader(m, bias_correction=self.params.get("bias_correction", True), model=e.label)
+            None
+            if m is None
+            else MomentsReader(m, bias_correction=self.params.get("bias_correction", True), model=e.label)
             for m, e in zip(inputs.moments, inputs.experts)
         ]
         self.thresholds: list[Threshold | None] = [None] * len(self.experts)
@@ -171,8 +176,10 @@ class TorchBackend:
             del w0r, tensors, scores
         if counter is not None:
             counter.flush()
-        return [Histogram(memoryview(hists[i].counts.numpy()).cast("B").cast("q"), hists[i].total, keep=hists[i].counts)
-                for i in experts]
+        return [
+            Histogram(memoryview(hists[i].counts.numpy()).cast("B").cast("q"), hists[i].total, keep=hists[i].counts)
+            for i in experts
+        ]
 
     # -- the merge ------------------------------------------------------------------------------------
     def merge_tensor(self, name: str, nxt: list[str]) -> tuple[memoryview, list[int] | None]:
@@ -208,17 +215,23 @@ class TorchBackend:
         for folder in ([self.base] if self.base else []) + self.experts:
             t = folder.get(name)
             if not torch.isfinite(t).all():
-                raise NumericalError(f"{folder.label}: tensor {brief(name)} holds NaN or Inf", tensor=name, model=folder.label)
+                raise NumericalError(
+                    f"{folder.label}: tensor {brief(name)} holds NaN or Inf", tensor=name, model=folder.label
+                )
             largest.append((float(t.abs().max()) if t.numel() else 0.0, f"{folder.label}'s weights"))
         for m, e in zip(self.moments, self.experts):
             if m is not None and name in m:
                 v = m[name]  # raises NumericalError naming the file for NaN/Inf/negative moments
-                largest.append((float(v.max()) if v.numel() else 0.0, f"{e.label}'s moments (x{m.scale:.3g} bias correction)"))
+                largest.append(
+                    (float(v.max()) if v.numel() else 0.0, f"{e.label}'s moments (x{m.scale:.3g} bias correction)")
+                )
         value, who = max(largest)
         raise NumericalError(
             f"merged tensor {brief(name)} overflows float32 although every input is finite: the largest input value is "
             f"{value:.3g} ({who}); no trained model has values near float32's limit (3.4e38), so that input is damaged "
-            f"(or the method's parameters, {brief(self.params)}, scale it past the limit)", tensor=name)
+            f"(or the method's parameters, {brief(self.params)}, scale it past the limit)",
+            tensor=name,
+        )
 
     def close(self) -> None:
         for f in ([self.base] if self.base else []) + self.experts:
@@ -251,7 +264,9 @@ class TensorJob:
         self.params, self.model_params, self.coefs = backend.params, backend.model_params, backend.coefs
         self.out_dtype = backend.out_dtype(name)
         self.grafting, self.thresholds = backend.grafting, backend.thresholds
-        self.native_ops = backend.native_ops(name, ([backend.base] if backend.base else []) + backend.experts, self.out_dtype)
+        self.native_ops = backend.native_ops(
+            name, ([backend.base] if backend.base else []) + backend.experts, self.out_dtype
+        )
         self.kept: list[int] | None = None
 
     def moment(self, i: int):

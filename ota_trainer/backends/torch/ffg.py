@@ -23,6 +23,7 @@ count is nearest the target is chosen; the edge is itself a float64, so the merg
 ``s >= edge`` is exactly "bin >= b" and the achieved density is exactly the count the
 histogram predicted.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,7 +92,7 @@ class Score:
     v: torch.Tensor | None = None
 
     @classmethod
-    def rank1(cls, a: torch.Tensor, b: torch.Tensor) -> "Score":
+    def rank1(cls, a: torch.Tensor, b: torch.Tensor) -> Score:
         return cls("rank1", a=a.to(torch.float64), b=b.to(torch.float64))
 
     def block(self, delta: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -113,8 +114,6 @@ def _bin_centers_log2() -> torch.Tensor:
     """log2 of each bin's middle value (float64; +inf/NaN for the bins past the finite range)."""
     bits = (torch.arange(N_BINS, dtype=torch.int64) << BIN_SHIFT) | (1 << (BIN_SHIFT - 1))
     return torch.log2(bits.view(torch.float64))
-
-
 
 
 class SaliencyHistogram:
@@ -179,7 +178,11 @@ class SaliencyHistogram:
         """Entries a threshold keeps (exact for histogram thresholds)."""
         if threshold.keeps_all:
             return self.total
-        b = threshold.bin if threshold.bin is not None else int(_bin_index(torch.tensor([threshold.value], dtype=torch.float64)))
+        b = (
+            threshold.bin
+            if threshold.bin is not None
+            else int(_bin_index(torch.tensor([threshold.value], dtype=torch.float64)))
+        )
         return int(self.counts[b:].sum())
 
 

@@ -6,6 +6,7 @@ Pure tensor-in / tensor-out functions, no I/O. Inputs are float32; callers cast 
 back to the output dtype. Notation: ``w0`` base, ``w_t`` expert t, ``d_t = w_t - w0``,
 ``v_t`` second moment, ``M_t`` FFG keep mask, ``c_t`` per-expert weight.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,7 +107,7 @@ class Curvature:
     div: float = 0.0
 
     @classmethod
-    def rank1(cls, a: torch.Tensor, b: torch.Tensor, power: float, normalise: str) -> "Curvature":
+    def rank1(cls, a: torch.Tensor, b: torch.Tensor, power: float, normalise: str) -> Curvature:
         _check_normalise(normalise)
         pa, pb = _power(a.to(torch.float32), power), _power(b.to(torch.float32), power)
         if normalise == "mean":
@@ -116,7 +117,7 @@ class Curvature:
         return cls(pa=pa, pb=pb)
 
     @classmethod
-    def full(cls, v: torch.Tensor, power: float, normalise: str) -> "Curvature":
+    def full(cls, v: torch.Tensor, power: float, normalise: str) -> Curvature:
         _check_normalise(normalise)
         v = v.to(torch.float32)
         src = v if power in (0.5, 1.0) else v.pow(power)
@@ -155,7 +156,9 @@ class OTAAccumulator:
         self.den: torch.Tensor | None = None
 
     @torch.no_grad()
-    def add(self, delta: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None, weight: float = 1.0) -> None:
+    def add(
+        self, delta: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None, weight: float = 1.0
+    ) -> None:
         """Add expert t: task vector ``d_t``, ``P_t + eps`` (None: uniform, a fresh tensor this call
         may edit otherwise; see :meth:`Curvature.weights`), keep mask ``M_t`` (None: all)."""
         w = weights if weights is not None else torch.full(self.base.shape, 1.0 + self.epsilon, dtype=torch.float32)

@@ -6,6 +6,7 @@ method is adding a file (and a row to the shared test table, ``tests/method_case
 recipe parser, the CLI flags (:func:`cli_params`), the README's method table
 (:func:`markdown_table`), the runner and the tests all read the methods from :data:`METHODS`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,8 +56,11 @@ def _default(p: Param) -> str:
 
 def markdown_table() -> str:
     """The README's method table, from the methods' own declarations."""
-    rows = ["| method | formula (per entry; `d_t = w_t - w0`, `c_t` = per-expert `weight`) | needs | parameters (default) |",
-            "| --- | --- | --- | --- |"]
+    rows = [
+        "| method | formula (per entry; `d_t = w_t - w0`, `c_t` = per-expert `weight`) "
+        "| needs | parameters (default) |",
+        "| --- | --- | --- | --- |",
+    ]
     for m in METHODS.values():
         needs = ", ".join(x for x, need in (("base", m.needs_base), ("moments", m.needs_moments)) if need) or "—"
         params = ", ".join(f"`{p.name}`{_default(p)}" for p in m.params)
@@ -74,8 +78,10 @@ def cli_params() -> dict[str, tuple[Param, list[str]]]:
             if p.name in out:
                 first, users = out[p.name]
                 if first.kind is not p.kind:
-                    raise TypeError(f"parameter {p.name!r} is a {first.kind.__name__} in {users[0]} and a "
-                                    f"{p.kind.__name__} in {m.name}")
+                    raise TypeError(
+                        f"parameter {p.name!r} is a {first.kind.__name__} in {users[0]} and a "
+                        f"{p.kind.__name__} in {m.name}"
+                    )
                 users.append(m.name)
             else:
                 out[p.name] = (p, [m.name])

@@ -19,6 +19,7 @@ A method declares:
 Standard library only: a method file imports PyTorch inside its functions, so the registry
 (and the runner) load without it.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,22 @@ from typing import Any
 
 from ...backends.thresholds import SCORES
 
-__all__ = ["Param", "MergeMethod", "SCORES", "WEIGHT", "POSITIVE_WEIGHT", "LAMBDA", "EPSILON", "BIAS_CORRECTION",
-           "in_unit", "drop_rate", "positive", "non_negative", "finite", "weights_sum"]
-
+__all__ = [
+    "Param",
+    "MergeMethod",
+    "SCORES",
+    "WEIGHT",
+    "POSITIVE_WEIGHT",
+    "LAMBDA",
+    "EPSILON",
+    "BIAS_CORRECTION",
+    "in_unit",
+    "drop_rate",
+    "positive",
+    "non_negative",
+    "finite",
+    "weights_sum",
+]
 
 
 # -- range checks: the problem with a value, or None ---------------------------------------------------
@@ -139,7 +153,13 @@ class MergeMethod:
 
 # parameters several methods share
 WEIGHT = Param("weight", float, 1.0, "per-model scale of its contribution", per_model=True, check=finite)
-POSITIVE_WEIGHT = Param("weight", float, 1.0, "per-model scale of its curvature weights (> 0)", per_model=True, check=positive)
+POSITIVE_WEIGHT = Param(
+    "weight", float, 1.0, "per-model scale of its curvature weights (> 0)", per_model=True, check=positive
+)
 LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector", check=finite)
-EPSILON = Param("epsilon", float, 1e-26, "added to curvature weights so no division is by zero", check=curvature_epsilon)
-BIAS_CORRECTION = Param("bias_correction", bool, True, "divide v by 1 - beta2**step (Adam's bias correction) per expert")
+EPSILON = Param(
+    "epsilon", float, 1e-26, "added to curvature weights so no division is by zero", check=curvature_epsilon
+)
+BIAS_CORRECTION = Param(
+    "bias_correction", bool, True, "divide v by 1 - beta2**step (Adam's bias correction) per expert"
+)

@@ -9,16 +9,29 @@ k-th largest |d|`` (nothing for ``k = 0``): entries tied with an edge go with th
 magnitudes, as TIES keeps its ties; so ties at the outlier edge are all dropped, ties at the
 lower edge all kept. The paper masks per layer, mergekit per tensor (the authors' code per row).
 """
+
 from __future__ import annotations
 
 import math
 
 from .base import LAMBDA, WEIGHT, MergeMethod, Param, drop_rate, in_unit
 
-DENSITY = Param("density", float, 0.15, "fraction of each tensor's edits kept: the largest magnitudes below the gamma "
-                "outliers", per_model=True, check=in_unit)
-GAMMA = Param("gamma", float, 0.01, "fraction of each tensor's largest-magnitude edits dropped as outliers",
-              per_model=True, check=drop_rate)
+DENSITY = Param(
+    "density",
+    float,
+    0.15,
+    "fraction of each tensor's edits kept: the largest magnitudes below the gamma outliers",
+    per_model=True,
+    check=in_unit,
+)
+GAMMA = Param(
+    "gamma",
+    float,
+    0.01,
+    "fraction of each tensor's largest-magnitude edits dropped as outliers",
+    per_model=True,
+    check=drop_rate,
+)
 
 
 def breadcrumb_cuts(d, density: float, gamma: float) -> tuple[float, float]:
@@ -57,14 +70,22 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return breadcrumbs_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], job.coefs, cuts, job.params["lambda"])
+        return breadcrumbs_merge(
+            w0, [torch.sub(e[rows], w0) for e in job.experts], job.coefs, cuts, job.params["lambda"]
+        )
 
     return job.blockwise(block)
 
 
 METHOD = MergeMethod(
-    "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+    "breadcrumbs",
+    "Model Breadcrumbs",
+    "https://arxiv.org/abs/2312.06795",
     description="per tensor, drop the top-gamma magnitudes of d_t (outliers) and keep the next density fraction "
-                "(mask M_t): w0 + λ Σ c_t d_t M_t",
-    needs_base=True, needs_moments=False, params=(DENSITY, GAMMA, LAMBDA, WEIGHT), torch=merge_torch, order=63,
+    "(mask M_t): w0 + λ Σ c_t d_t M_t",
+    needs_base=True,
+    needs_moments=False,
+    params=(DENSITY, GAMMA, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    order=63,
 )

@@ -1,4 +1,5 @@
 """DARE (Yu et al. 2024): drop each edit at random, rescale the rest, add them to the base."""
+
 from __future__ import annotations
 
 import zlib
@@ -14,8 +15,10 @@ def generators(seed: int, name: str, count: int):
     the same draws whichever order tensors are merged in."""
     import torch
 
-    return [torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % 2**63)
-            for i in range(count)]
+    return [
+        torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + i) % 2**63)
+        for i in range(count)
+    ]
 
 
 def dare_drop(d, q: float, g):
@@ -47,13 +50,25 @@ def merge_torch(job):
 
     w0 = job.w0.float()  # the whole tensor: one Bernoulli stream per tensor and expert
     deltas = [torch.sub(e, w0) for e in job.experts]
-    merged = dare_merge(w0, deltas, job.coefs, [p["drop_rate"] for p in job.model_params], job.params["lambda"],
-                        generators(job.params["seed"], job.name, len(job.experts)))
+    merged = dare_merge(
+        w0,
+        deltas,
+        job.coefs,
+        [p["drop_rate"] for p in job.model_params],
+        job.params["lambda"],
+        generators(job.params["seed"], job.name, len(job.experts)),
+    )
     return job.finish(merged).to(job.out_dtype)
 
 
 METHOD = MergeMethod(
-    "dare", "DARE", "https://arxiv.org/abs/2311.03099",
+    "dare",
+    "DARE",
+    "https://arxiv.org/abs/2311.03099",
     description="drop each edit with probability q (drop_rate), rescale by 1/(1-q): w0 + λ Σ c_t d̃_t",
-    needs_base=True, needs_moments=False, params=(DROP_RATE, SEED, LAMBDA, WEIGHT), torch=merge_torch, order=60,
+    needs_base=True,
+    needs_moments=False,
+    params=(DROP_RATE, SEED, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    order=60,
 )

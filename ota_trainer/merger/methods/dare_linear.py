@@ -6,6 +6,7 @@ from dare's stream, kept edits rescaled by ``1 / density`` (see :mod:`.dare_ties
 the task vectors is normalised by the sum of the weights (mergekit's ``normalize: true``): with
 unit weights this is ``dare`` with ``lambda / T``.
 """
+
 from __future__ import annotations
 
 from .base import LAMBDA, WEIGHT, MergeMethod, weights_sum
@@ -35,15 +36,28 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return dare_linear_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], [k if k is None else k[rows] for k in keeps],
-                                 job.coefs, densities, job.params["lambda"])
+        return dare_linear_merge(
+            w0,
+            [torch.sub(e[rows], w0) for e in job.experts],
+            [k if k is None else k[rows] for k in keeps],
+            job.coefs,
+            densities,
+            job.params["lambda"],
+        )
 
     return job.blockwise(block)
 
 
 METHOD = MergeMethod(
-    "dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
-    description="keep each edit with probability density (B_t), rescale by 1/density: d̃_t = d_t B_t / density; w0 + λ Σ c_t d̃_t / Σ c_t",
-    needs_base=True, needs_moments=False, params=(DENSITY, SEED, LAMBDA, WEIGHT), torch=merge_torch,
-    check_recipe=weights_sum, order=62,
+    "dare_linear",
+    "Linear DARE",
+    "https://arxiv.org/abs/2311.03099",
+    description="keep each edit with probability density (B_t), rescale by 1/density: d̃_t = d_t B_t / density; "
+    "w0 + λ Σ c_t d̃_t / Σ c_t",
+    needs_base=True,
+    needs_moments=False,
+    params=(DENSITY, SEED, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    check_recipe=weights_sum,
+    order=62,
 )

@@ -13,13 +13,20 @@ Conventions (mergekit's parameter names, our semantics):
   (weights applied before the election; the mean divides by the number of agreeing edits, as
   our ``ties``; mergekit's ``dare_ties`` sums them by default, ``normalize: false``).
 """
+
 from __future__ import annotations
 
 from .base import LAMBDA, WEIGHT, MergeMethod, Param, in_unit
 from .dare import SEED, generators
 
-DENSITY = Param("density", float, 0.5, "probability of keeping each edit (DARE's 1 - drop rate); kept edits are "
-                "rescaled by 1/density", per_model=True, check=in_unit)
+DENSITY = Param(
+    "density",
+    float,
+    0.5,
+    "probability of keeping each edit (DARE's 1 - drop rate); kept edits are rescaled by 1/density",
+    per_model=True,
+    check=in_unit,
+)
 
 
 def dare_keeps(job, densities):
@@ -49,7 +56,9 @@ def dare_ties_merge(base, deltas, keeps, weights, densities, lam: float):
 
     from .ties import elect_and_sum
 
-    dropped = torch.stack([dare_rescale(d, k, p) * c for d, k, p, c in zip(deltas, keeps, densities, weights)])  # (T, ...)
+    dropped = torch.stack(
+        [dare_rescale(d, k, p) * c for d, k, p, c in zip(deltas, keeps, densities, weights)]
+    )  # (T, ...)
     total, count = elect_and_sum(dropped)
     return base.to(torch.float32) + lam * total / count
 
@@ -62,15 +71,27 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return dare_ties_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], [k if k is None else k[rows] for k in keeps],
-                               job.coefs, densities, job.params["lambda"])
+        return dare_ties_merge(
+            w0,
+            [torch.sub(e[rows], w0) for e in job.experts],
+            [k if k is None else k[rows] for k in keeps],
+            job.coefs,
+            densities,
+            job.params["lambda"],
+        )
 
     return job.blockwise(block)
 
 
 METHOD = MergeMethod(
-    "dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099",
+    "dare_ties",
+    "DARE-TIES",
+    "https://arxiv.org/abs/2311.03099",
     description="keep each edit with probability density (B_t), rescale by 1/density: d̃_t = c_t d_t B_t / density; "
-                "elect a sign per entry, mean of the agreeing d̃_t, × λ",
-    needs_base=True, needs_moments=False, params=(DENSITY, SEED, LAMBDA, WEIGHT), torch=merge_torch, order=61,
+    "elect a sign per entry, mean of the agreeing d̃_t, × λ",
+    needs_base=True,
+    needs_moments=False,
+    params=(DENSITY, SEED, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    order=61,
 )

@@ -13,7 +13,8 @@ view has one column (1-D: norms, biases) is ranked as one row of all its entries
 - drop probability ``p_i = (1 - density) + epsilon * (1 - 2 rho_i)``: the keep probability
   ``1 - p_i`` runs linearly from ``density - epsilon`` (smallest) to ``density + epsilon``
   (largest magnitude). ``density`` and ``epsilon`` are mergekit's (``epsilon`` the half-width of
-  the window; the DELLA authors' code takes the whole width, ``window_size = 2 epsilon``); both must keep the window in (0, 1];
+  the window; the DELLA authors' code takes the whole width, ``window_size = 2 epsilon``); both
+  must keep the window in (0, 1];
 - drop: ``B_i = u_i >= p_i`` with ``u`` dare's stream (one ``torch.rand`` of the whole tensor
   per tensor and expert, :func:`.dare.generators`), ``p`` computed in float64;
 - rescale: ``d~_i = c_t d_i B_i / (1 - p_i)`` (the paper's rescaling; mergekit's default
@@ -21,6 +22,7 @@ view has one column (1-D: norms, biases) is ranked as one row of all its entries
 
 Then :func:`.ties.elect_and_sum` and ``w0 + lambda * tau``, as :mod:`.dare_ties`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,11 +30,18 @@ from typing import Any
 from .base import LAMBDA, WEIGHT, MergeMethod, Param, in_unit
 from .dare import SEED, generators
 
-DENSITY = Param("density", float, 0.7, "mean probability of keeping each edit (MAGPRUNE's 1 - p)", per_model=True,
-                check=in_unit)
-EPSILON = Param("epsilon", float, 0.15, "half-width of MAGPRUNE's keep-probability window: density - epsilon for a "
-                "row's smallest edit to density + epsilon for its largest", per_model=True,
-                check=lambda x: None if 0 <= x < 0.5 else "must be in [0, 0.5) (density ± epsilon must lie in (0, 1])")
+DENSITY = Param(
+    "density", float, 0.7, "mean probability of keeping each edit (MAGPRUNE's 1 - p)", per_model=True, check=in_unit
+)
+EPSILON = Param(
+    "epsilon",
+    float,
+    0.15,
+    "half-width of MAGPRUNE's keep-probability window: density - epsilon for a "
+    "row's smallest edit to density + epsilon for its largest",
+    per_model=True,
+    check=lambda x: None if 0 <= x < 0.5 else "must be in [0, 0.5) (density ± epsilon must lie in (0, 1])",
+)
 
 
 def check_window(params: list[dict[str, Any]]) -> str | None:
@@ -40,8 +49,10 @@ def check_window(params: list[dict[str, Any]]) -> str | None:
     for i, p in enumerate(params):
         lo, hi = p["density"] - p["epsilon"], p["density"] + p["epsilon"]
         if lo <= 0 or hi > 1 + 1e-12:
-            return (f"models[{i}]: the keep probabilities density ± epsilon = [{lo:g}, {hi:g}] must lie in (0, 1]; "
-                    f"lower epsilon (or move density)")
+            return (
+                f"models[{i}]: the keep probabilities density ± epsilon = [{lo:g}, {hi:g}] must lie in (0, 1]; "
+                f"lower epsilon (or move density)"
+            )
     return None
 
 
@@ -88,21 +99,39 @@ def merge_torch(job):
     mp = job.model_params
     densities, epsilons = [p["density"] for p in mp], [p["epsilon"] for p in mp]
     gens = generators(job.params["seed"], job.name, len(job.experts))
-    draws = [torch.rand((job.m, job.n), generator=g) for g in gens]  # the whole tensor: one stream per tensor and expert
+    draws = [
+        torch.rand((job.m, job.n), generator=g) for g in gens
+    ]  # the whole tensor: one stream per tensor and expert
     lam = job.params["lambda"]
     if job.n == 1:  # one column (1-D tensors): one row of all its entries
-        merged = della_merge(job.w0.reshape(1, -1), [e.reshape(1, -1) for e in job.experts], [u.reshape(1, -1) for u in draws],
-                             job.coefs, densities, epsilons, lam)
+        merged = della_merge(
+            job.w0.reshape(1, -1),
+            [e.reshape(1, -1) for e in job.experts],
+            [u.reshape(1, -1) for u in draws],
+            job.coefs,
+            densities,
+            epsilons,
+            lam,
+        )
         return job.finish(merged.reshape(job.m, job.n)).to(job.out_dtype)
-    return job.blockwise(lambda rows: della_merge(job.w0[rows], [e[rows] for e in job.experts], [u[rows] for u in draws],
-                                                  job.coefs, densities, epsilons, lam))
+    return job.blockwise(
+        lambda rows: della_merge(
+            job.w0[rows], [e[rows] for e in job.experts], [u[rows] for u in draws], job.coefs, densities, epsilons, lam
+        )
+    )
 
 
 METHOD = MergeMethod(
-    "della", "DELLA", "https://arxiv.org/abs/2406.11617",
+    "della",
+    "DELLA",
+    "https://arxiv.org/abs/2406.11617",
     description="per row, keep each edit with probability k rising linearly with its magnitude rank from density - ε "
-                "to density + ε (B_t), rescale by 1/k: d̃_t = c_t d_t B_t / k; elect a sign per entry, mean of the "
-                "agreeing d̃_t, × λ",
-    needs_base=True, needs_moments=False, params=(DENSITY, EPSILON, SEED, LAMBDA, WEIGHT), torch=merge_torch,
-    check_recipe=check_window, order=64,
+    "to density + ε (B_t), rescale by 1/k: d̃_t = c_t d_t B_t / k; elect a sign per entry, mean of the "
+    "agreeing d̃_t, × λ",
+    needs_base=True,
+    needs_moments=False,
+    params=(DENSITY, EPSILON, SEED, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    check_recipe=check_window,
+    order=64,
 )

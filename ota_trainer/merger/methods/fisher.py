@@ -1,4 +1,5 @@
 """Diagonal Fisher merging (Matena & Raffel 2022): weights averaged by their curvature, no base."""
+
 from __future__ import annotations
 
 from .base import BIAS_CORRECTION, EPSILON, POSITIVE_WEIGHT, MergeMethod
@@ -32,7 +33,13 @@ def merge_torch(job):
 
 
 METHOD = MergeMethod(
-    "fisher", "Fisher merging", "https://arxiv.org/abs/2111.09832",
-    description="Σ c_t (v_t + ε) w_t / Σ c_t (v_t + ε)", needs_base=False, needs_moments=True,
-    params=(EPSILON, BIAS_CORRECTION, POSITIVE_WEIGHT), torch=merge_torch, order=20,
+    "fisher",
+    "Fisher merging",
+    "https://arxiv.org/abs/2111.09832",
+    description="Σ c_t (v_t + ε) w_t / Σ c_t (v_t + ε)",
+    needs_base=False,
+    needs_moments=True,
+    params=(EPSILON, BIAS_CORRECTION, POSITIVE_WEIGHT),
+    torch=merge_torch,
+    order=20,
 )

@@ -1,4 +1,5 @@
 """Linear: a weighted average of the experts' weights (Wortsman et al., model soups)."""
+
 from __future__ import annotations
 
 from .base import WEIGHT, MergeMethod, weights_sum
@@ -22,7 +23,14 @@ def merge_torch(job):
 
 
 METHOD = MergeMethod(
-    "linear", "Linear (weight averaging)", "https://arxiv.org/abs/2203.05482",
-    description="Σ c_t w_t / Σ c_t", needs_base=False, needs_moments=False,
-    params=(WEIGHT,), torch=merge_torch, check_recipe=weights_sum, order=40,
+    "linear",
+    "Linear (weight averaging)",
+    "https://arxiv.org/abs/2203.05482",
+    description="Σ c_t w_t / Σ c_t",
+    needs_base=False,
+    needs_moments=False,
+    params=(WEIGHT,),
+    torch=merge_torch,
+    check_recipe=weights_sum,
+    order=40,
 )

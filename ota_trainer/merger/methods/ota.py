@@ -7,22 +7,52 @@ threshold, or a per-tensor density (ablation). OTA then averages the kept edits 
 weights: ``W_t = c_t (v_t^p + eps) M_t``, ``merged = w0 + sum_t W_t d_t / sum_t W_t`` (``w0``
 where every mask is 0).
 """
+
 from __future__ import annotations
 
 from .base import BIAS_CORRECTION, EPSILON, POSITIVE_WEIGHT, SCORES, MergeMethod, Param, in_unit, non_negative
 
 PARAMS = (
     Param("graft", bool, True, "apply Fast Fisher Grafting before aggregation (false: OTA without FFG)"),
-    Param("density", float, None, "fraction of each expert's entries FFG keeps (global over the expert; default 0.4 when "
-          "no threshold is given)", per_model=True, check=in_unit, optional=True),
-    Param("threshold", float, None, "absolute FFG saliency threshold theta (the paper's configs); excludes density",
-          per_model=True, check=non_negative, optional=True),
-    Param("saliency_share", float, None, "keep the fewest top edits holding this share of the expert's total saliency "
-          "sum(v*d^2); excludes density/threshold", per_model=True, check=in_unit, optional=True),
+    Param(
+        "density",
+        float,
+        None,
+        "fraction of each expert's entries FFG keeps (global over the expert; default 0.4 when no threshold is given)",
+        per_model=True,
+        check=in_unit,
+        optional=True,
+    ),
+    Param(
+        "threshold",
+        float,
+        None,
+        "absolute FFG saliency threshold theta (the paper's configs); excludes density",
+        per_model=True,
+        check=non_negative,
+        optional=True,
+    ),
+    Param(
+        "saliency_share",
+        float,
+        None,
+        "keep the fewest top edits holding this share of the expert's total saliency "
+        "sum(v*d^2); excludes density/threshold",
+        per_model=True,
+        check=in_unit,
+        optional=True,
+    ),
     Param("per_tensor", bool, False, "apply density per tensor instead of globally (ablation)"),
     Param("score", str, "fisher", "FFG saliency: fisher = v*d^2, magnitude = d^2 (ablation)", choices=SCORES),
-    Param("power", float, 0.5, "p in P_t = v_t**p",
-          check=lambda x: None if 0 <= x <= 2 else "must be in [0, 2] (0: uniform weights, 0.5: the paper's, 1: Fisher's)"),
+    Param(
+        "power",
+        float,
+        0.5,
+        "p in P_t = v_t**p",
+        check=lambda x: (
+            None if 0 <= x <= 2 else "must be in [0, 2] (0: uniform weights, 0.5: the paper's, 1: Fisher's)"
+        ),
+    ),
     EPSILON,
     Param("normalise", str, "none", "per-tensor normalisation of P_t", choices=("none", "mean")),
     BIAS_CORRECTION,
@@ -46,7 +76,9 @@ def ota_weights_rank1(a, b, shape, power: float, epsilon: float, normalise: str)
     return Curvature.rank1(a, b, power, normalise).weights(slice(None), epsilon).reshape(tuple(shape))
 
 
-def ota_merge(base, deltas, moments, masks, weights, *, power: float = 0.5, epsilon: float = 1e-26, normalise: str = "none"):
+def ota_merge(
+    base, deltas, moments, masks, weights, *, power: float = 0.5, epsilon: float = 1e-26, normalise: str = "none"
+):
     """OTA aggregation of whole float32 tensors (method.md §4): curvature-weighted average of task vectors.
 
     ``W_t = c_t (v_t**p + eps) M_t``;  ``merged = w0 + sum_t W_t d_t / sum_t W_t``,
@@ -83,14 +115,23 @@ def merge_torch(job):
         for i, (e, mo) in enumerate(zip(experts, moments)):
             sc, thr = job.score(mo), job.thresholds[i]
             if sc is not None and thr is None:  # per-tensor density (ablation): a threshold on the whole tensor
-                thr = per_tensor_threshold(sc.block(torch.sub(e, w0r.float()), slice(None)), job.model_params[i]["density"])
+                thr = per_tensor_threshold(
+                    sc.block(torch.sub(e, w0r.float()), slice(None)), job.model_params[i]["density"]
+                )
             if sc is not None and thr is not None and not thr.keeps_all:  # None: no evidence to prune
                 scores[i] = (sc, thr)
     curvatures = job.curvatures(p["power"], p["normalise"])
     if job.native_ops is not None:
         out, job.kept, finite = job.native_ops.ota_merge(
-            w0r, experts, [s[0] if s else None for s in scores], [s[1].value if s else 0.0 for s in scores], curvatures,
-            job.coefs, epsilon=p["epsilon"], out_dtype=job.out_dtype, out=job.out(),
+            w0r,
+            experts,
+            [s[0] if s else None for s in scores],
+            [s[1].value if s else 0.0 for s in scores],
+            curvatures,
+            job.coefs,
+            epsilon=p["epsilon"],
+            out_dtype=job.out_dtype,
+            out=job.out(),
         )
         return out if finite else job.non_finite()
     kept = [0] * len(experts)
@@ -118,13 +159,34 @@ def merge_native(job) -> bool:
 
     factors = [job.factors(i) for i in range(len(job.experts))]
     magnitude = job.params["score"] == "magnitude"
-    sc = [f.score(magnitude) if job.cuts[i] is not None else (native.S_NONE, None, None, None) for i, f in enumerate(factors)]
+    sc = [
+        f.score(magnitude) if job.cuts[i] is not None else (native.S_NONE, None, None, None)
+        for i, f in enumerate(factors)
+    ]
     cv = [f.curvature() for f in factors]
     job.kept, finite = native.raw_ota_merge(
-        job.w0[0], job.w0[1], job.m, job.n, job.experts, [s[0] for s in sc], [s[1] for s in sc], [s[2] for s in sc],
-        [s[3] for s in sc], [c if c is not None else 0.0 for c in job.cuts], [c[0] for c in cv], [c[1] for c in cv],
-        [c[2] for c in cv], [c[3] for c in cv], job.params["power"] == 0.5, [0.0] * len(factors), job.coefs,
-        job.params["epsilon"], job.out, job.out_code, job.threads)
+        job.w0[0],
+        job.w0[1],
+        job.m,
+        job.n,
+        job.experts,
+        [s[0] for s in sc],
+        [s[1] for s in sc],
+        [s[2] for s in sc],
+        [s[3] for s in sc],
+        [c if c is not None else 0.0 for c in job.cuts],
+        [c[0] for c in cv],
+        [c[1] for c in cv],
+        [c[2] for c in cv],
+        [c[3] for c in cv],
+        job.params["power"] == 0.5,
+        [0.0] * len(factors),
+        job.coefs,
+        job.params["epsilon"],
+        job.out,
+        job.out_code,
+        job.threads,
+    )
     return finite
 
 
@@ -142,8 +204,17 @@ def native_covers(recipe, inputs) -> str | None:
 
 
 METHOD = MergeMethod(
-    "ota", "OTA + Fast Fisher Grafting", "https://arxiv.org/abs/2509.11167",
-    description="FFG mask M_t = v_t d_t² >= θ_t; W_t = c_t (v_t^p + ε) M_t; w0 + Σ W_t d_t / Σ W_t (w0 where Σ W_t = 0)",
-    needs_base=True, needs_moments=True, params=PARAMS, torch=merge_torch, native=merge_native,
-    native_covers=native_covers, grafts=True, order=10,
+    "ota",
+    "OTA + Fast Fisher Grafting",
+    "https://arxiv.org/abs/2509.11167",
+    description="FFG mask M_t = v_t d_t² >= θ_t; W_t = c_t (v_t^p + ε) M_t; "
+    "w0 + Σ W_t d_t / Σ W_t (w0 where Σ W_t = 0)",
+    needs_base=True,
+    needs_moments=True,
+    params=PARAMS,
+    torch=merge_torch,
+    native=merge_native,
+    native_covers=native_covers,
+    grafts=True,
+    order=10,
 )

@@ -1,4 +1,5 @@
 """Task arithmetic: add the scaled sum of the task vectors to the base (Ilharco et al. 2023)."""
+
 from __future__ import annotations
 
 from .base import LAMBDA, WEIGHT, MergeMethod
@@ -25,7 +26,13 @@ def merge_torch(job):
 
 
 METHOD = MergeMethod(
-    "task_arithmetic", "Task arithmetic", "https://arxiv.org/abs/2212.04089",
-    description="w0 + λ Σ c_t d_t", needs_base=True, needs_moments=False,
-    params=(LAMBDA, WEIGHT), torch=merge_torch, order=30,
+    "task_arithmetic",
+    "Task arithmetic",
+    "https://arxiv.org/abs/2212.04089",
+    description="w0 + λ Σ c_t d_t",
+    needs_base=True,
+    needs_moments=False,
+    params=(LAMBDA, WEIGHT),
+    torch=merge_torch,
+    order=30,
 )

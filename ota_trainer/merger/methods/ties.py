@@ -1,10 +1,13 @@
 """TIES-merging (Yadav et al. 2023): trim each task vector, elect a sign per entry, average the
 edits that agree with it."""
+
 from __future__ import annotations
 
 from .base import LAMBDA, WEIGHT, MergeMethod, Param, in_unit
 
-DENSITY = Param("density", float, 0.2, "fraction of each tensor's edits kept by magnitude", per_model=True, check=in_unit)
+DENSITY = Param(
+    "density", float, 0.2, "fraction of each tensor's edits kept by magnitude", per_model=True, check=in_unit
+)
 
 
 def ties_merge(base, deltas, weights, densities, lam: float, *, cuts=None):
@@ -23,7 +26,9 @@ def ties_merge(base, deltas, weights, densities, lam: float, *, cuts=None):
     from ...backends.torch.ops import topk_mask
 
     cuts = cuts if cuts is not None else [None] * len(deltas)
-    trimmed = torch.stack([d * topk_mask(d, p, k) * c for d, c, p, k in zip(deltas, weights, densities, cuts)])  # (T, ...)
+    trimmed = torch.stack(
+        [d * topk_mask(d, p, k) * c for d, c, p, k in zip(deltas, weights, densities, cuts)]
+    )  # (T, ...)
     total, count = elect_and_sum(trimmed)
     return base.to(torch.float32) + lam * total / count
 
@@ -48,8 +53,15 @@ def merge_torch(job):
     lam = job.params["lambda"]
     if job.native_ops is not None and len(job.experts) <= MAX_TIES_EXPERTS:
         ops = job.native_ops
-        out, finite = ops.ties_merge(job.w0, job.experts, ops.magnitude_cuts(job.w0, job.experts, densities), job.coefs, lam,
-                                     out_dtype=job.out_dtype, out=job.out())
+        out, finite = ops.ties_merge(
+            job.w0,
+            job.experts,
+            ops.magnitude_cuts(job.w0, job.experts, densities),
+            job.coefs,
+            lam,
+            out_dtype=job.out_dtype,
+            out=job.out(),
+        )
         return out if finite else job.non_finite()
     w0 = job.w0.float()  # trim thresholds are per whole tensor
     cuts = [magnitude_cut(torch.sub(e, w0), d) for e, d in zip(job.experts, densities)]
@@ -66,10 +78,21 @@ def merge_native(job) -> bool:
     from ...backends import native
 
     numel = job.m * job.n
-    cuts = native.raw_magnitude_cuts(job.w0[0], job.w0[1], numel, job.experts, [p.get("density") for p in job.model_params],
-                                     job.threads)
-    return native.raw_ties_merge(job.w0[0], job.w0[1], numel, job.experts, cuts, job.coefs, job.params["lambda"], job.out,
-                                 job.out_code, job.threads)
+    cuts = native.raw_magnitude_cuts(
+        job.w0[0], job.w0[1], numel, job.experts, [p.get("density") for p in job.model_params], job.threads
+    )
+    return native.raw_ties_merge(
+        job.w0[0],
+        job.w0[1],
+        numel,
+        job.experts,
+        cuts,
+        job.coefs,
+        job.params["lambda"],
+        job.out,
+        job.out_code,
+        job.threads,
+    )
 
 
 def native_covers(recipe, inputs) -> str | None:
@@ -79,8 +102,16 @@ def native_covers(recipe, inputs) -> str | None:
 
 
 METHOD = MergeMethod(
-    "ties", "TIES", "https://arxiv.org/abs/2306.01708",
-    description="trim each d_t to its top-density |d| per tensor, elect a sign per entry, mean of the agreeing edits, × λ",
-    needs_base=True, needs_moments=False, params=(DENSITY, LAMBDA, WEIGHT), torch=merge_torch, native=merge_native,
-    native_covers=native_covers, order=50,
+    "ties",
+    "TIES",
+    "https://arxiv.org/abs/2306.01708",
+    description="trim each d_t to its top-density |d| per tensor, elect a sign per entry, "
+    "mean of the agreeing edits, × λ",
+    needs_base=True,
+    needs_moments=False,
+    params=(DENSITY, LAMBDA, WEIGHT),
+    torch=merge_torch,
+    native=merge_native,
+    native_covers=native_covers,
+    order=50,
 )
