@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .base import LAMBDA, WEIGHT, MergeMethod, weights_sum
 from .dare import SEED
-from .dare_ties import DENSITY, dare_keeps, dare_rescale
+from .dare_ties import DENSITY, dare_rescale, merge_dared
 
 
 def dare_linear_merge(base, deltas, keeps, weights, densities, lam: float):
@@ -29,23 +29,7 @@ def dare_linear_merge(base, deltas, keeps, weights, densities, lam: float):
 
 
 def merge_torch(job):
-    import torch
-
-    densities = [p["density"] for p in job.model_params]
-    keeps = dare_keeps(job, densities)  # drawn on the whole tensor; the arithmetic is per entry
-
-    def block(rows):
-        w0 = job.w0[rows].float()
-        return dare_linear_merge(
-            w0,
-            [torch.sub(e[rows], w0) for e in job.experts],
-            [k if k is None else k[rows] for k in keeps],
-            job.coefs,
-            densities,
-            job.params["lambda"],
-        )
-
-    return job.blockwise(block)
+    return merge_dared(job, dare_linear_merge)
 
 
 METHOD = MergeMethod(

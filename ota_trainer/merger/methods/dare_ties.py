@@ -63,7 +63,9 @@ def dare_ties_merge(base, deltas, keeps, weights, densities, lam: float):
     return base.to(torch.float32) + lam * total / count
 
 
-def merge_torch(job):
+def merge_dared(job, combine):
+    """Every expert's edits DARE-dropped (the masks drawn on the whole tensor, :func:`dare_keeps`),
+    then ``combine(w0, deltas, keeps, coefs, densities, lam)`` row block by row block."""
     import torch
 
     densities = [p["density"] for p in job.model_params]
@@ -71,16 +73,15 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return dare_ties_merge(
-            w0,
-            [torch.sub(e[rows], w0) for e in job.experts],
-            [k if k is None else k[rows] for k in keeps],
-            job.coefs,
-            densities,
-            job.params["lambda"],
-        )
+        deltas = [torch.sub(e[rows], w0) for e in job.experts]
+        blocks = [k if k is None else k[rows] for k in keeps]
+        return combine(w0, deltas, blocks, job.coefs, densities, job.params["lambda"])
 
     return job.blockwise(block)
+
+
+def merge_torch(job):
+    return merge_dared(job, dare_ties_merge)
 
 
 METHOD = MergeMethod(
