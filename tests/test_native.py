@@ -1,4 +1,5 @@
 """The native kernels give the same bits as the engine's PyTorch path (and so the same merges)."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,14 @@ from safetensors.torch import load_file
 
 from ota_trainer import merge
 from ota_trainer.backends import native
-from ota_trainer.backends.torch.ops import Curvature, OTAAccumulator
+from ota_trainer.backends.native import ops
 from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score, Threshold, keep_mask
+from ota_trainer.backends.torch.ops import Curvature, OTAAccumulator
 from ota_trainer.merger.report import REPORT_FILE
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}")
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"native kernels unavailable: {native.why_unavailable()}"
+)
 
 
 def _inputs(m, n, dtype, seed=0):
@@ -49,7 +53,7 @@ def _torch_merge(w0, experts, masks, curvs, coefs, eps, out_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch):
-    if not native.supports(dtype):
+    if not ops.supports(dtype):
         pytest.skip(f"{dtype} unsupported by this compiler")
     monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
     old = torch.get_num_threads()
@@ -58,7 +62,7 @@ def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch)
         w0, experts, a, b, v = _inputs(97, 531, dtype)  # rows and columns not multiples of the kernel's chunk
         scores = _scores(a, b, v)
         hists = [SaliencyHistogram() for _ in scores]
-        counter = native.SaliencyCounter(hists)
+        counter = ops.SaliencyCounter(hists)
         counter.add(w0, experts, scores)
         counter.add(w0, experts, [None, scores[1], None])  # an expert without a score is skipped
         counter.flush()
@@ -71,11 +75,18 @@ def test_histogram_counts_equal_the_torch_histogram(dtype, threads, monkeypatch)
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                             (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,out_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+    ],
+)
 @pytest.mark.parametrize("power,normalise", [(0.5, "none"), (1.0, "mean"), (0.25, "mean")])
 def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, normalise, monkeypatch):
-    if not native.supports(dtype, out_dtype):
+    if not ops.supports(dtype, out_dtype):
         pytest.skip(f"{dtype} unsupported by this compiler")
     monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
     old = torch.get_num_threads()
@@ -83,17 +94,29 @@ def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, n
     try:
         w0, experts, a, b, v = _inputs(211, 300, dtype, seed=1)
         scores = _scores(a, b, v)
-        cuts = [Threshold(float(torch.quantile(s.block(torch.sub(e, w0.float()), slice(None)).flatten()[:10000], 0.6)))
-                for s, e in zip(scores, experts)]
+        cuts = [
+            Threshold(float(torch.quantile(s.block(torch.sub(e, w0.float()), slice(None)).flatten()[:10000], 0.6)))
+            for s, e in zip(scores, experts)
+        ]
         masks = [(scores[0], cuts[0]), None, (scores[2], cuts[2])]  # expert 1: FFG keeps it whole
         for curvs in (
-            [Curvature.rank1(a, b, power, normalise), Curvature.full(v, power, normalise), Curvature.rank1(a.flip(0), b.flip(0), power, normalise)],
+            [
+                Curvature.rank1(a, b, power, normalise),
+                Curvature.full(v, power, normalise),
+                Curvature.rank1(a.flip(0), b.flip(0), power, normalise),
+            ],
             [Curvature()] * 3,  # uniform (an expert without moments)
         ):
             coefs = [1.0, 2.0, 0.5]
-            got, kept, finite = native.ota_merge(
-                w0, experts, [mk[0] if mk else None for mk in masks], [mk[1].value if mk else 0.0 for mk in masks],
-                curvs, coefs, epsilon=1e-26, out_dtype=out_dtype,
+            got, kept, finite = ops.ota_merge(
+                w0,
+                experts,
+                [mk[0] if mk else None for mk in masks],
+                [mk[1].value if mk else 0.0 for mk in masks],
+                curvs,
+                coefs,
+                epsilon=1e-26,
+                out_dtype=out_dtype,
             )
             want, want_kept = _torch_merge(w0, experts, masks, curvs, coefs, 1e-26, out_dtype)
             assert finite
@@ -106,17 +129,18 @@ def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, n
 def test_ota_merge_reports_non_finite_results():
     w0, experts, a, b, v = _inputs(8, 9, torch.float32)
     experts[2][5, 5] = float("nan")
-    _, _, finite = native.ota_merge(w0, experts, [None] * 3, [0.0] * 3, [Curvature()] * 3, [1.0] * 3,
-                                    epsilon=1e-26, out_dtype=torch.float32)
+    _, _, finite = ops.ota_merge(
+        w0, experts, [None] * 3, [0.0] * 3, [Curvature()] * 3, [1.0] * 3, epsilon=1e-26, out_dtype=torch.float32
+    )
     assert not finite
 
 
 def test_kernel_arguments_are_checked():
     w0, experts, a, b, v = _inputs(8, 9, torch.float32)
     with pytest.raises(ValueError, match="float64"):
-        native.SaliencyCounter([SaliencyHistogram()]).add(w0, experts[:1], [Score("rank1", a=a, b=b)])
+        ops.SaliencyCounter([SaliencyHistogram()]).add(w0, experts[:1], [Score("rank1", a=a, b=b)])
     with pytest.raises(ValueError, match="contiguous"):
-        native.ota_merge(w0, [experts[0].t()], [None], [0.0], [Curvature()], [1.0], epsilon=0.0, out_dtype=torch.float32)
+        ops.ota_merge(w0, [experts[0].t()], [None], [0.0], [Curvature()], [1.0], epsilon=0.0, out_dtype=torch.float32)
 
 
 def test_unavailable_native_kernels_fall_back_or_fail_as_asked(monkeypatch, tmp_path):
@@ -159,8 +183,12 @@ def test_native_and_torch_engines_write_the_same_merge(models, name, request, tm
     m = request.getfixturevalue(models)
     spec = RECIPES[name]
     experts = [str(m["e1"]), str(m["e2"]), str(m["e3"])]
-    recipe = {"method": "ota", "base_model": str(m["base"]), "parameters": spec["parameters"],
-              "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, spec.get("weights", [1.0] * 3))]}
+    recipe = {
+        "method": "ota",
+        "base_model": str(m["base"]),
+        "parameters": spec["parameters"],
+        "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, spec.get("weights", [1.0] * 3))],
+    }
     if "dtype" in spec:
         recipe["dtype"] = spec["dtype"]
     if models == "bf16_models":
@@ -196,10 +224,10 @@ def test_ties_cuts_and_merge_are_bit_identical_to_the_torch_path(dtype, threads,
         experts[0][7, 7] = (w0[7, 7].float() + 1.0).to(dtype)  # one large edit
         deltas = [torch.sub(e, w0.float()) for e in experts]
         for densities in ([0.4, 0.2, 0.9], [1.0, 1e-9, 0.5], [0.5, 0.5, 0.5]):
-            cuts = native.magnitude_cuts(w0, experts, densities)
+            cuts = ops.magnitude_cuts(w0, experts, densities)
             assert cuts == [magnitude_cut(d, p) for d, p in zip(deltas, densities)]
             for coefs, lam in (([1.0, 1.0, 1.0], 1.0), ([2.0, 0.5, 1.0], 0.7)):
-                got, finite = native.ties_merge(w0, experts, cuts, coefs, lam, out_dtype=dtype)
+                got, finite = ops.ties_merge(w0, experts, cuts, coefs, lam, out_dtype=dtype)
                 want = ties_merge(w0.float(), deltas, coefs, densities, lam, cuts=cuts).to(dtype)
                 assert finite and torch.equal(got, want), (densities, coefs)
     finally:
@@ -209,8 +237,14 @@ def test_ties_cuts_and_merge_are_bit_identical_to_the_torch_path(dtype, threads,
 @pytest.mark.parametrize("models", ["tiny_models", "bf16_models"])
 def test_native_and_torch_ties_write_the_same_merge(models, request, tmp_path, monkeypatch):
     m = request.getfixturevalue(models)
-    recipe = {"method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.3, "lambda": 0.9},
-              "models": [{"model": str(m[e]), "parameters": {"weight": w}} for e, w in (("e1", 1.0), ("e2", 2.0), ("e3", 0.5))]}
+    recipe = {
+        "method": "ties",
+        "base_model": str(m["base"]),
+        "parameters": {"density": 0.3, "lambda": 0.9},
+        "models": [
+            {"model": str(m[e]), "parameters": {"weight": w}} for e, w in (("e1", 1.0), ("e2", 2.0), ("e3", 0.5))
+        ],
+    }
     for mode in ("1", "0"):
         monkeypatch.setenv("OTA_TRAINER_NATIVE", mode)
         merge(recipe, tmp_path / mode, quiet=True)
@@ -232,10 +266,148 @@ def test_ties_cuts_of_large_tensors_are_exact_whichever_way_they_are_found(dtype
     if case == "sample_misleads":  # the sampled entries carry the largest edits: the bracket misses
         flat, base = experts[0].reshape(-1), w0.reshape(-1)
         for j in range(8):  # each sample point is 8 neighbours
-            flat[j:: native.BRACKET_STRIDE] = (base[j:: native.BRACKET_STRIDE].float() + 0.5).to(dtype)
+            flat[j :: native.BRACKET_STRIDE] = (base[j :: native.BRACKET_STRIDE].float() + 0.5).to(dtype)
     if case == "no_bracket":
         monkeypatch.setattr(native, "BRACKET_MAX_SHARE", 0.0)
     densities = [0.4, 0.05]
-    got = native.magnitude_cuts(w0, experts, densities)
+    got = ops.magnitude_cuts(w0, experts, densities)
     want = [magnitude_cut(torch.sub(e, w0.float()), p) for e, p in zip(experts, densities)]
     assert got == want
+
+
+# -- other instruction sets: OTA_TRAINER_MARCH builds the kernels for another target, same bits ---
+# Kernel-level digests (histograms, TIES cuts through the sampled bracket, TIES and OTA merges of a
+# tensor large enough for every vector path), run here on the native build and in a fresh
+# interpreter on the other one.
+_DIGEST = """
+import hashlib
+import torch
+from ota_trainer.backends import native
+from ota_trainer.backends.native import ops
+from ota_trainer.backends.torch.ffg import SaliencyHistogram, Score
+from ota_trainer.backends.torch.ops import Curvature
+
+
+def digest():
+    g = torch.Generator().manual_seed(11)
+    m, n = 700, 1000  # > BRACKET_MIN entries: the TIES cut is found through the sampled bracket
+    w0 = (torch.randn(m, n, generator=g) * 0.02).to(torch.bfloat16)
+    ex = [(w0.float() + torch.randn(m, n, generator=g) * 2e-3).to(torch.bfloat16) for _ in range(2)]
+    ex[1][:3] = w0[:3]  # zero edits
+    a = torch.exp(torch.randn(m, generator=g) * 2 - 10)
+    b = torch.exp(torch.randn(n, generator=g) * 2 - 10)
+    h = hashlib.sha256()
+    hists = [SaliencyHistogram() for _ in ex]
+    counter = ops.SaliencyCounter(hists)
+    counter.add(w0, ex, [Score.rank1(a, b), Score("magnitude")])
+    counter.flush()
+    for x in hists:
+        h.update(x.counts.numpy().tobytes())
+    cuts = ops.magnitude_cuts(w0, ex, [0.4, 0.1])
+    h.update(repr(cuts).encode())
+    out, finite = ops.ties_merge(w0, ex, cuts, [1.0, 0.5], 0.9, out_dtype=torch.bfloat16)
+    h.update(out.view(torch.int16).numpy().tobytes() + repr(finite).encode())
+    for curv in ([Curvature.rank1(a, b, 0.5, "none"), Curvature()], [Curvature.rank1(a, b, 1.0, "mean")] * 2):
+        got, kept, finite = ops.ota_merge(w0, ex, [Score.rank1(a, b), Score("magnitude")], [1e-14, 1e-6], curv,
+                                             [1.0, 2.0], epsilon=1e-26, out_dtype=torch.bfloat16)
+        h.update(got.view(torch.int16).numpy().tobytes() + repr((kept, finite)).encode())
+    return h.hexdigest()
+"""
+
+_MARCH_PROBE = """
+import json, sys
+from ota_trainer import merge
+from ota_trainer.backends import native
+from ota_trainer.backends.native import ops
+assert native.available(), native.why_unavailable()
+for recipe, out in json.loads(sys.argv[1]):
+    merge(recipe, out, quiet=True)
+ns = {}
+exec(sys.argv[2], ns)
+print(json.dumps({"flags": list(native._target_flags()), "digest": ns["digest"](),
+                  "libs": sorted(p.name for p in native._cache_dir().glob("ota_kernels-*.so"))}))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_other_instruction_sets_give_the_same_bits(march, tiny_models, bf16_models, tmp_path, monkeypatch):
+    """OTA_TRAINER_MARCH=x86-64-v3 (AVX2, no AVX-512) and x86-64 (the baseline) build libraries of
+    their own (their own cache key) whose merges are byte-identical to the native build's."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 targets")
+    # x86-64-v3: AVX2, FMA, BMI1/2, F16C, MOVBE, LZCNT (abm)
+    if march == "x86-64-v3" and not {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run an x86-64-v3 (AVX2) build")
+    jobs = []
+    for models, method, params, extra in (
+        (bf16_models, "ota", {"density": 0.3}, {"options": {"allow_missing_moments": True}}),
+        (tiny_models, "ota", {"density": 0.5, "per_tensor": True}, {}),
+        (bf16_models, "ties", {"density": 0.3, "lambda": 0.9}, {}),
+    ):
+        recipe = {
+            "method": method,
+            "base_model": str(models["base"]),
+            "parameters": params,
+            **extra,
+            "models": [
+                {"model": str(models[e]), "parameters": {"weight": w}}
+                for e, w in (("e1", 1.0), ("e2", 2.0), ("e3", 0.5))
+            ],
+        }
+        jobs.append((recipe, str(tmp_path / f"{len(jobs)}-native"), str(tmp_path / f"{len(jobs)}-{march}")))
+    monkeypatch.setenv("OTA_TRAINER_NATIVE", "1")
+    for recipe, out, _ in jobs:  # this process's build: native (unless OTA_TRAINER_MARCH says otherwise)
+        merge(recipe, out, quiet=True)
+    ns: dict = {}
+    exec(_DIGEST, ns)
+    want = ns["digest"]()
+    env = {
+        **os.environ,
+        "OTA_TRAINER_MARCH": march,
+        "OTA_TRAINER_CACHE": str(tmp_path / "cache"),
+        "OTA_TRAINER_NATIVE": "1",
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", _MARCH_PROBE, json.dumps([(rc, o) for rc, _, o in jobs]), _DIGEST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["flags"] == [f"-march={march}"] and len(got["libs"]) == 1, got  # built for it, in its own cache
+    assert got["digest"] == want
+    for _, mine, theirs in jobs:
+        files = sorted(p.name for p in Path(mine).glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in Path(theirs).glob("*.safetensors"))
+        for name in files:
+            assert (Path(mine) / name).read_bytes() == (Path(theirs) / name).read_bytes(), (march, mine, name)
+
+
+def test_a_target_name_is_checked(monkeypatch):
+    monkeypatch.setenv("OTA_TRAINER_MARCH", "x86-64 -fplugin=evil.so")
+    with pytest.raises(OSError, match="OTA_TRAINER_MARCH"):
+        native._target_flags()
+    monkeypatch.setenv("OTA_TRAINER_MARCH", "x86-64-v3")
+    assert native._target_flags() == ("-march=x86-64-v3",)
+    monkeypatch.setenv("OTA_TRAINER_MARCH", "native")
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native._target_flags() == ("-mcpu=native",)  # gcc on Arm does not take -march=native everywhere

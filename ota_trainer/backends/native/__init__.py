@@ -1,11 +1,16 @@
-"""Fused native kernels for the merge engine's hot loops (FFG histogram and OTA merge).
+"""Fused native kernels for the merge's hot loops (FFG histogram, OTA merge, TIES): the one loader
+and their raw-address API (no PyTorch). The native backend (:mod:`.backend`) calls them on mapped
+files; :mod:`.ops` adapts them to PyTorch tensors for the PyTorch backend.
 
 ``kernels.c`` beside this file is compiled on first use with the machine's C compiler
 (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache and loaded with :mod:`ctypes`,
 so the package stays pure Python and nothing is built at install time. The kernels compute
-exactly what the engine's PyTorch path computes (same operations, order and precision, so
+exactly what the PyTorch reference computes (same operations, order and precision, so
 the same bits; ``tests/test_native.py``), reading bf16/fp16/fp32 tensors as stored, in one
-fused pass per expert entry instead of a dozen tensor-wide ones, on several threads.
+fused pass per expert entry instead of a dozen tensor-wide ones, on several threads. They are
+built for this CPU (``-march=native``; ``-mcpu=native`` on Arm) from portable C with AVX-512
+and AVX2 paths where the compiler's own vectorisation falls short, all giving the same bits;
+``OTA_TRAINER_MARCH`` builds for another instruction set instead (e.g. ``x86-64-v3``: AVX2).
 
 Control with ``OTA_TRAINER_NATIVE``: unset or ``auto`` uses the kernels when they build and
 falls back to PyTorch (with one warning) when they do not; ``0`` never uses them; ``1``
@@ -15,18 +20,19 @@ A library there is loaded only from a folder nobody else can write to, only if i
 ours and only if its bytes match the sha256 its build recorded beside it: otherwise the kernels
 are refused (the PyTorch path is used, with one warning saying how to fix it), never rebuilt over.
 """
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import hashlib
-import struct
 import logging
 import math
 import os
 import platform
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,16 +40,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ...io.layout import DTYPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "why_unavailable", "supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge",
-           "MAX_TIES_EXPERTS", "NativeUnavailable", "library", "DT_CODES"]
-# the PyTorch-facing wrappers live in .ops (imported on first use: this module loads no PyTorch)
-_OPS = ("supports", "SaliencyCounter", "ota_merge", "magnitude_cuts", "ties_merge")
+__all__ = ["available", "why_unavailable", "MAX_TIES_EXPERTS", "NativeUnavailable", "library", "DT_CODES"]
 
 SOURCE = Path(__file__).with_name("kernels.c")
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
+# the target flag (-march=native, or -mcpu=native on Arm; see _target_flags) comes before these
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+# OTA_TRAINER_MARCH: the instruction set to build for instead of this CPU's (e.g. x86-64-v3: AVX2)
+MARCH_ENV = "OTA_TRAINER_MARCH"
+_MARCH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
@@ -54,7 +62,7 @@ _CACHE_FORMAT = b"sha256-v1"
 _POSIX = hasattr(os, "geteuid")  # owners and mode bits to check
 # cache files are opened for reading without following links (nor blocking on a planted FIFO)
 _READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-DT_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype -> the kernels' code
+DT_CODES = {c: d.kernel for c, d in DTYPES.items() if d.kernel is not None}  # safetensors dtype -> the kernels' code
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
 
@@ -96,13 +104,33 @@ def _compiler() -> str | None:
     return None
 
 
+def _arm() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def _target_flags() -> tuple[str, ...]:
+    """The compiler's target: ``-march=native`` (``-mcpu=native`` on 64-bit Arm, where gcc does not
+    take ``-march=native`` everywhere), or ``-march=$OTA_TRAINER_MARCH`` when that is set (e.g.
+    ``x86-64-v3`` for AVX2 only, ``x86-64`` for the baseline; ``native`` is the default)."""
+    value = os.environ.get(MARCH_ENV, "").strip()
+    if value in ("", "native"):
+        return ("-mcpu=native",) if _arm() else ("-march=native",)
+    if len(value) > 64 or not set(value) <= _MARCH_CHARS:
+        raise OSError(
+            f"{MARCH_ENV}={value!r} is not a target name (letters, digits, '-', '.' and '_' only, "
+            "e.g. native, x86-64-v3, armv8.2-a)"
+        )
+    return (f"-march={value}",)
+
+
 def _cpu_signature() -> str:
-    """What -march=native depends on: a library built for one CPU is not loaded on another."""
+    """What the library's build depends on besides its source, compiler and flags: the CPU
+    (-march=native, -mcpu=native), so a library built for one CPU is not loaded on another."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
+                if line.startswith(("flags", "Features", "model name", "CPU implementer", "CPU part", "CPU variant")):
                     flags += line
                 if line.strip() == "":
                     break
@@ -134,26 +162,40 @@ def _check_folders(folder: Path) -> None:
     st = os.lstat(folder)
     if not stat.S_ISDIR(st.st_mode):
         what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-        raise OSError(f"refusing the kernel cache {folder}: it is {what}; remove it (it is recreated) "
-                      "or set OTA_TRAINER_CACHE to a folder of your own")
+        raise OSError(
+            f"refusing the kernel cache {folder}: it is {what}; remove it (it is recreated) "
+            "or set OTA_TRAINER_CACHE to a folder of your own"
+        )
     root = folder.parent  # followed if a link: the folder it names is judged
-    for path, st, fix in ((folder, st, f"chmod 700 {folder}"), (root, os.stat(root), f"chmod go-w {root}")):
-        if not _ours(st):
-            raise OSError(f"refusing the kernel cache {path}: it belongs to another user (uid {st.st_uid}); "
-                          "set OTA_TRAINER_CACHE to a folder of your own")
-        if st.st_mode & 0o022 and not (path != folder and st.st_mode & stat.S_ISVTX):
-            raise OSError(f"refusing the kernel cache {path}: other users can write to it; run `{fix}` "
-                          "(or set OTA_TRAINER_CACHE to a folder of your own)")
+    for path, info, fix in ((folder, st, f"chmod 700 {folder}"), (root, os.stat(root), f"chmod go-w {root}")):
+        if not _ours(info):
+            raise OSError(
+                f"refusing the kernel cache {path}: it belongs to another user (uid {info.st_uid}); "
+                "set OTA_TRAINER_CACHE to a folder of your own"
+            )
+        if info.st_mode & 0o022 and not (path != folder and info.st_mode & stat.S_ISVTX):
+            raise OSError(
+                f"refusing the kernel cache {path}: other users can write to it; run `{fix}` "
+                "(or set OTA_TRAINER_CACHE to a folder of your own)"
+            )
 
 
 def _open_private(path: Path) -> int:
     """Open a cache file for reading if it is a regular file of ours that others cannot write (a
     link is not followed); returns the descriptor."""
+
     def check(st: os.stat_result) -> None:
-        problem = ("is a symbolic link" if stat.S_ISLNK(st.st_mode)
-                   else "is not a regular file" if not stat.S_ISREG(st.st_mode)
-                   else f"belongs to another user (uid {st.st_uid})" if not _ours(st)
-                   else "is writable by other users" if _POSIX and st.st_mode & 0o022 else None)
+        problem = (
+            "is a symbolic link"
+            if stat.S_ISLNK(st.st_mode)
+            else "is not a regular file"
+            if not stat.S_ISREG(st.st_mode)
+            else f"belongs to another user (uid {st.st_uid})"
+            if not _ours(st)
+            else "is writable by other users"
+            if _POSIX and st.st_mode & 0o022
+            else None
+        )
         if problem:
             raise OSError(f"refusing the kernel library file {path}: it {problem}; delete it (it is rebuilt)")
 
@@ -201,15 +243,18 @@ def _build_lock(folder: Path):
 
 
 def _build(cc: str) -> Path:
-    """Compile ``kernels.c`` into the cache (once per source, compiler and CPU); returns the library.
+    """Compile ``kernels.c`` into the cache (once per source, compiler, target flags and CPU);
+    returns the library.
 
     The cache folders are created owner-only and checked (:func:`_check_folders`); the library
     is compiled beside its final name and renamed into place (concurrent builds are safe) after
     its sha256 is written to ``<name>.sha256``, which :func:`_open_verified` checks before
     loading it. A library in place is never rebuilt over: if it is not ours, it is refused."""
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + cc.encode() + " ".join(CFLAGS).encode() + _cpu_signature().encode()
-                         + _CACHE_FORMAT).hexdigest()[:16]
+    flags = (*_target_flags(), *CFLAGS)
+    key = hashlib.sha256(
+        src + cc.encode() + " ".join(flags).encode() + _cpu_signature().encode() + _CACHE_FORMAT
+    ).hexdigest()[:16]
     folder = _cache_dir()
     out = folder / f"ota_kernels-{key}.so"
     folder.parent.parent.mkdir(parents=True, exist_ok=True)  # e.g. ~/.cache: an ordinary folder
@@ -224,7 +269,7 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # compile beside it, rename
         os.close(fd)
         try:
-            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
                 raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
             os.chmod(tmp, 0o700)  # the linker made it with the umask's bits
@@ -248,13 +293,17 @@ def _open_verified(path: Path) -> ctypes.CDLL:
         try:
             sfd = _open_private(_sidecar(path))
         except FileNotFoundError:
-            raise OSError(f"refusing the kernel library {path}: it has no checksum {_sidecar(path).name} "
-                          "(not built by ota_trainer?); delete it (it is rebuilt)") from None
+            raise OSError(
+                f"refusing the kernel library {path}: it has no checksum {_sidecar(path).name} "
+                "(not built by ota_trainer?); delete it (it is rebuilt)"
+            ) from None
         with os.fdopen(sfd, "rb") as f:
             want = f.read(256).strip().decode("ascii", "replace")
         if h.hexdigest() != want:
-            raise OSError(f"refusing the kernel library {path}: its sha256 does not match the one its build recorded "
-                          f"in {_sidecar(path).name} (changed since?); delete both (they are rebuilt)")
+            raise OSError(
+                f"refusing the kernel library {path}: its sha256 does not match the one its build recorded "
+                f"in {_sidecar(path).name} (changed since?); delete both (they are rebuilt)"
+            )
         proc = f"/proc/self/fd/{fd}"
         return ctypes.CDLL(proc if sys.platform.startswith("linux") and os.path.exists(proc) else str(path))
     finally:
@@ -265,19 +314,43 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_native_version.restype = _int
     lib.ota_native_has_f16.restype = _int
     lib.ota_saliency_hist.restype = None
-    lib.ota_saliency_hist.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64, _ints, _ptrs, _ptrs, _ptrs, _ptrs]
+    lib.ota_saliency_hist.argtypes = [
+        _ptr,
+        _int,
+        _int,
+        _ptrs,
+        _ints,
+        _i64,
+        _i64,
+        _i64,
+        _ints,
+        _ptrs,
+        _ptrs,
+        _ptrs,
+        _ptrs,
+    ]
     lib.ota_abs_hist.restype = None
     lib.ota_abs_hist.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptrs]
     lib.ota_abs_sample.restype = None
     lib.ota_abs_sample.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64, _ptrs]
     lib.ota_abs_bracket.restype = _i64
-    lib.ota_abs_bracket.argtypes = [_ptr, _int, _ptr, _int, _i64, _i64, ctypes.c_uint32, ctypes.c_uint32, _ptr, _ptr, _i64]
+    lib.ota_abs_bracket.argtypes = [
+        _ptr,
+        _int,
+        _ptr,
+        _int,
+        _i64,
+        _i64,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        _ptr,
+        _ptr,
+        _i64,
+    ]
     lib.ota_select_bits.restype = ctypes.c_uint32
     lib.ota_select_bits.argtypes = [_ptr, _i64, _i64]
     lib.ota_ties.restype = _int
     lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
-    lib.ota_saliency_hist_model.restype = _int
-    lib.ota_saliency_hist_model.argtypes = [_int, _int, _ptrs, _ints, _ptrs, _ints, _ptr, _ptr, _ints, _ptrs, _ptrs, _ptrs, _int, _int, _ptrs]
     lib.ota_rank1_prep.restype = _int
     lib.ota_rank1_prep.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _f32, _int, _int, _ptr, _ptr, _ptr, _ptr]
     lib.ota_add_i64.restype = None
@@ -286,10 +359,31 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_select_from_top.argtypes = [_ptr, _i64, _i64, _ptr]
     lib.ota_merge_rows.restype = _int
     lib.ota_merge_rows.argtypes = [
-        _ptr, _int, _int, _ptrs, _ints, _i64, _i64, _i64,  # w0, dt0, T, e, dte, n, r0, r1
-        _ints, _ptrs, _ptrs, _ptrs, _ptr,  # smode, sa, sb, sv, cut
-        _ints, _ptrs, _ptrs, _ptrs, _int, _ptr,  # wmode, pa, pb, wv, sqrt_p, pdiv
-        _f32, _f32, _ptr, _ptr, _int, _ptr,  # eps, uniform, coef, out, dto, kept
+        _ptr,
+        _int,
+        _int,
+        _ptrs,
+        _ints,
+        _i64,
+        _i64,
+        _i64,  # w0, dt0, T, e, dte, n, r0, r1
+        _ints,
+        _ptrs,
+        _ptrs,
+        _ptrs,
+        _ptr,  # smode, sa, sb, sv, cut
+        _ints,
+        _ptrs,
+        _ptrs,
+        _ptrs,
+        _int,
+        _ptr,  # wmode, pa, pb, wv, sqrt_p, pdiv
+        _f32,
+        _f32,
+        _ptr,
+        _ptr,
+        _int,
+        _ptr,  # eps, uniform, coef, out, dto, kept
     ]
 
 
@@ -352,7 +446,7 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-# -- the kernels on raw addresses (no PyTorch): .ops adapts tensors, ota_trainer.merger.fastpath maps files --
+# -- the kernels on raw addresses (no PyTorch): .ops adapts tensors, .backend maps files ----------------
 def float32(x: float) -> float:
     """``x`` rounded to the nearest float32 (as a Python float)."""
     try:
@@ -382,8 +476,19 @@ def run(calls: list, threads: int) -> list:
     return [f.result() for f in [_pool.submit(c) for c in calls]]
 
 
-def raw_saliency_hist(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int, int]], smode: list[int],
-                      sa: list, sb: list, sv: list, hists: list[list[int]], threads: int) -> None:
+def raw_saliency_hist(
+    w0: int,
+    dt0: int,
+    m: int,
+    n: int,
+    experts: list[tuple[int, int]],
+    smode: list[int],
+    sa: list,
+    sb: list,
+    sv: list,
+    hists: list[list[int]],
+    threads: int,
+) -> None:
     """Count rows of one (m, n) tensor into per-range histograms: range k of
     ``workers(m, m * n, threads)`` counts into ``hists[k]`` (T int64[2^21] addresses)."""
     lib = library()
@@ -392,14 +497,38 @@ def raw_saliency_hist(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int
     sm, pa, pb, pv = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
     ranges = workers(m, m * n, threads)
     hp = [_arr(_ptr, hists[k]) for k in range(len(ranges))]
-    run([lambda k=k, r0=r0, r1=r1: lib.ota_saliency_hist(w0, dt0, T, eptr, edt, n, r0, r1, sm, pa, pb, pv, hp[k])
-         for k, (r0, r1) in enumerate(ranges)], threads)
+    run(
+        [
+            lambda k=k, r0=r0, r1=r1: lib.ota_saliency_hist(w0, dt0, T, eptr, edt, n, r0, r1, sm, pa, pb, pv, hp[k])
+            for k, (r0, r1) in enumerate(ranges)
+        ],
+        threads,
+    )
 
 
-def raw_ota_merge(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int, int]], smode: list[int], sa: list,
-                  sb: list, sv: list, cuts: list[float], wmode: list[int], pa: list, pb: list, wv: list, sqrt_p: bool,
-                  pdiv: list[float], coefs: list[float], epsilon: float, out: int, dto: int,
-                  threads: int) -> tuple[list[int], bool]:
+def raw_ota_merge(
+    w0: int,
+    dt0: int,
+    m: int,
+    n: int,
+    experts: list[tuple[int, int]],
+    smode: list[int],
+    sa: list,
+    sb: list,
+    sv: list,
+    cuts: list[float],
+    wmode: list[int],
+    pa: list,
+    pb: list,
+    wv: list,
+    sqrt_p: bool,
+    pdiv: list[float],
+    coefs: list[float],
+    epsilon: float,
+    out: int,
+    dto: int,
+    threads: int,
+) -> tuple[list[int], bool]:
     """OTA (+ FFG masks) of one (m, n) tensor into ``out`` (see ``ota_merge_rows`` in kernels.c).
     Returns (entries kept per expert, whether every merged value is finite)."""
     lib = library()
@@ -411,16 +540,45 @@ def raw_ota_merge(w0: int, dt0: int, m: int, n: int, experts: list[tuple[int, in
     eps32, uniform = float32(epsilon), float32(1.0 + epsilon)
     ranges = workers(m, m * n, threads)
     kept = [_arr(_i64, [0] * T) for _ in ranges]
-    bad = run([
-        lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
-            w0, dt0, T, eptr, edt, n, r0, r1, sm, a, b, v, ctypes.addressof(cut), wm, qa, qb, qv, int(sqrt_p),
-            ctypes.addressof(div), eps32, uniform, ctypes.addressof(coef), out, dto, ctypes.addressof(kept[k]))
-        for k, (r0, r1) in enumerate(ranges)], threads)
+    bad = run(
+        [
+            lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
+                w0,
+                dt0,
+                T,
+                eptr,
+                edt,
+                n,
+                r0,
+                r1,
+                sm,
+                a,
+                b,
+                v,
+                ctypes.addressof(cut),
+                wm,
+                qa,
+                qb,
+                qv,
+                int(sqrt_p),
+                ctypes.addressof(div),
+                eps32,
+                uniform,
+                ctypes.addressof(coef),
+                out,
+                dto,
+                ctypes.addressof(kept[k]),
+            )
+            for k, (r0, r1) in enumerate(ranges)
+        ],
+        threads,
+    )
     return [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
 
 
-def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, int]], densities: list[float],
-                       threads: int) -> list[float]:
+def raw_magnitude_cuts(
+    w0: int, dt0: int, numel: int, experts: list[tuple[int, int]], densities: list[float], threads: int
+) -> list[float]:
     """Each task vector's TIES trim threshold over the whole tensor (``-inf`` keeps all, ``inf``
     none): the ``round(density * numel)``-th largest ``|e - w0|``, by a two-level radix select
     (:func:`ota_trainer.backends.torch.ops.magnitude_cut`, exactly)."""
@@ -441,8 +599,13 @@ def raw_magnitude_cuts(w0: int, dt0: int, numel: int, experts: list[tuple[int, i
     def count(bins: int, bucket) -> list:
         parts = [[(_i64 * bins)() for _ in range(T)] for _ in ranges]
         hps = [_arr(_ptr, [ctypes.addressof(h) for h in hs]) for hs in parts]
-        run([lambda r0=r0, r1=r1, hp=hp: lib.ota_abs_hist(w0, dt0, T, eptr, edt, r0, r1, bucket, hp)
-             for (r0, r1), hp in zip(ranges, hps)], threads)
+        run(
+            [
+                lambda r0=r0, r1=r1, hp=hp: lib.ota_abs_hist(w0, dt0, T, eptr, edt, r0, r1, bucket, hp)
+                for (r0, r1), hp in zip(ranges, hps)
+            ],
+            threads,
+        )
         for p in parts[1:]:
             for t in range(T):
                 lib.ota_add_i64(ctypes.addressof(parts[0][t]), ctypes.addressof(p[t]), bins)
@@ -487,7 +650,9 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
     T = len(experts)  # noqa: N806
     eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
     sample = [(_i64 * (1 << 15))() for _ in range(T)]
-    lib.ota_abs_sample(w0, dt0, T, eptr, edt, 0, numel, BRACKET_STRIDE, _arr(_ptr, [ctypes.addressof(h) for h in sample]))
+    lib.ota_abs_sample(
+        w0, dt0, T, eptr, edt, 0, numel, BRACKET_STRIDE, _arr(_ptr, [ctypes.addressof(h) for h in sample])
+    )
     full, rest = divmod(numel, BRACKET_STRIDE)
     ns = 8 * full + min(8, rest)  # entries sampled
     jobs, plans, left = [], {}, []
@@ -513,14 +678,25 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
 
     def job(t, k, r0, r1, off, cap):
         lo, hi, buf, above, _, _ = plans[t]
-        return lib.ota_abs_bracket(w0, dt0, e_of[t][0], e_of[t][1], r0, r1, lo, hi, ctypes.addressof(above) + 8 * k,
-                                   ctypes.addressof(buf) + 4 * off, cap)
+        return lib.ota_abs_bracket(
+            w0,
+            dt0,
+            e_of[t][0],
+            e_of[t][1],
+            r0,
+            r1,
+            lo,
+            hi,
+            ctypes.addressof(above) + 8 * k,
+            ctypes.addressof(buf) + 4 * off,
+            cap,
+        )
 
     found = run([lambda j=j: job(*j) for j in jobs], threads)
-    for (t, k, r0, r1, off, cap), nc in zip(jobs, found):
+    for (t, _k, _r0, _r1, off, _cap), nc in zip(jobs, found):
         plans[t][5].append((off, nc))
     chosen = []  # (expert, candidates, rank among them)
-    for t, (lo, hi, buf, above, caps, got) in plans.items():
+    for t, (_lo, _hi, buf, above, _caps, got) in plans.items():
         if any(nc < 0 for _, nc in got):
             left.append(t)
             continue
@@ -539,23 +715,31 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
     return sorted(left)
 
 
-def raw_ties_merge(w0: int, dt0: int, numel: int, experts: list[tuple[int, int]], cuts: list[float], coefs: list[float],
-                   lam: float, out: int, dto: int, threads: int) -> bool:
+def raw_ties_merge(
+    w0: int,
+    dt0: int,
+    numel: int,
+    experts: list[tuple[int, int]],
+    cuts: list[float],
+    coefs: list[float],
+    lam: float,
+    out: int,
+    dto: int,
+    threads: int,
+) -> bool:
     """TIES of one tensor into ``out`` (see ``ota_ties`` in kernels.c); whether it is finite."""
     if len(experts) > MAX_TIES_EXPERTS:
         raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
     lib = library()
     eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
     cut, coef, lam32 = _arr(_f32, cuts), _arr(_f32, coefs), float32(lam)
-    bad = run([lambda r0=r0, r1=r1: lib.ota_ties(w0, dt0, len(experts), eptr, edt, r0, r1, ctypes.addressof(cut),
-                                                 ctypes.addressof(coef), lam32, out, dto)
-               for r0, r1 in workers(numel, numel, threads)], threads)
+    bad = run(
+        [
+            lambda r0=r0, r1=r1: lib.ota_ties(
+                w0, dt0, len(experts), eptr, edt, r0, r1, ctypes.addressof(cut), ctypes.addressof(coef), lam32, out, dto
+            )
+            for r0, r1 in workers(numel, numel, threads)
+        ],
+        threads,
+    )
     return not any(bad)
-
-
-def __getattr__(name: str):
-    if name in _OPS:
-        from . import ops
-
-        return getattr(ops, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
