@@ -54,3 +54,55 @@ def bf16_models(tmp_path_factory):
         "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
         "e3": make_tiny_expert(base, root / "e3", seed=3, moments=None),
     }
+
+
+BACKENDS = ("native", "torch", "no-torch")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run a property on every backend: ``backend.merge(recipe, out)`` merges with the native kernels
+    (when they cover the recipe, else the test is skipped), pure PyTorch (native kernels off), or a
+    CLI process that must never import PyTorch (native-covered recipes only)."""
+    return _Backend(request.param, monkeypatch)
+
+
+class _Backend:
+    def __init__(self, name, monkeypatch):
+        self.name, self._mp = name, monkeypatch
+
+    def merge(self, recipe, out):
+        import json
+        import subprocess
+        import sys
+
+        from ota_trainer import merge
+        from ota_trainer.backends.native.backend import NativeBackend
+        from ota_trainer.merger import as_recipe
+        from ota_trainer.merger.inputs import open_inputs
+        from ota_trainer.merger.report import local_resolver
+
+        recipe = as_recipe(recipe)
+        if self.name == "torch":
+            self._mp.setenv("OTA_TRAINER_NATIVE", "0")
+            try:
+                return merge(recipe, out, quiet=True, fast_path=False)
+            finally:
+                self._mp.delenv("OTA_TRAINER_NATIVE")
+        reason = NativeBackend.covers(recipe, open_inputs(recipe, local_resolver))
+        if reason is not None:
+            pytest.skip(f"the native kernels do not cover this recipe: {reason}")
+        if self.name == "native":
+            return merge(recipe, out, quiet=True)
+        path = Path(out).parent / f"{Path(out).name}.recipe.yaml"
+        path.write_text(recipe.to_yaml())
+        code = (
+            "import sys; from ota_trainer.cli.merge import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'PyTorch was loaded'; sys.exit(rc)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, "--recipe", str(path), "--out", str(out), "--quiet"],
+            check=True,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+        )
+        return json.loads((Path(out) / "ota_merge_report.json").read_text())

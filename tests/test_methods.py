@@ -43,9 +43,9 @@ def _recipe(ins, method, params):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_matches_the_independent_reference(ins, tmp_path, case):
+def test_matches_the_independent_reference(ins, tmp_path, case, backend):
     _, method, params, reference, tolerance = case
-    merge(_recipe(ins, method, params), tmp_path / "out", quiet=True)
+    backend.merge(_recipe(ins, method, params), tmp_path / "out")
     got, want = _merged(tmp_path / "out"), reference(ins, params)
     assert set(got) == set(want)
     if callable(tolerance):
