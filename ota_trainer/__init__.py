@@ -31,8 +31,8 @@ __all__ = [
 
 
 # Public name -> the submodule defining it. Imported on first use (PEP 562), so that `import
-# ota_trainer` and its light modules (config, readahead, prescan, native's loader) do not load
-# PyTorch: the merge CLI starts its disk reads and its first pass before PyTorch has loaded.
+# ota_trainer` and its light modules (merger, io, hub, the native backend) do not load PyTorch:
+# a merge the native kernels cover never loads it, and the CLI starts its disk reads first thing.
 _LAZY = {
     "MergeRecipe": "merger.recipe",
     "ModelEntry": "merger.recipe",
