@@ -44,6 +44,37 @@ def test_streaming_writer_output_is_the_same_with_and_without_direct_io(direct, 
         assert torch.equal(got[n], ts[n]), n
 
 
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_tensors_produced_in_the_writers_staging_memory_give_the_same_files(direct, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTA_TRAINER_DIRECT_IO", direct)
+    monkeypatch.setattr(write, "STAGING_BYTES", 16384)  # some tensors fit in the free part, some do not
+    ts = _tensors()
+    ts["d"] = torch.randn(700, generator=torch.Generator().manual_seed(1))
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in ts.items()]
+    w = StreamingSafetensorsWriter(tmp_path / "copied", plan, max_shard_bytes=20_000)
+    (tmp_path / "copied").mkdir()
+    for n, t in ts.items():
+        w.write(n, t)
+    want = w.close()
+    (tmp_path / "in_place").mkdir()
+    w = StreamingSafetensorsWriter(tmp_path / "in_place", plan, max_shard_bytes=20_000)
+    in_place = []
+    for n, t in ts.items():
+        code = write.dtype_code(t.dtype)
+        dest = w.reserve(n, tuple(t.shape), code)
+        raw = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if dest is None:
+            w.write_bytes(n, tuple(t.shape), code, raw)
+        else:
+            dest[:] = raw
+            w.commit(n, tuple(t.shape), code)
+            in_place.append(n)
+    assert w.close() == want
+    assert (len(in_place) > 0) == (direct == "1") and len(in_place) < len(ts)  # both paths taken
+    for f in want:
+        assert (tmp_path / "in_place" / f).read_bytes() == (tmp_path / "copied" / f).read_bytes(), f
+
+
 def test_aborted_writer_closes_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(write, "STAGING_BYTES", 8192)
     ts = _tensors()

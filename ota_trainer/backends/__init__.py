@@ -33,9 +33,13 @@ class Backend(Protocol):
     def set_thresholds(self, thresholds: list) -> None:
         """Each expert's FFG :class:`~ota_trainer.backends.thresholds.Threshold` (None: per tensor, or none)."""
 
-    def merge_tensor(self, name: str, nxt: list[str]) -> tuple[memoryview, list[int] | None]:
+    def merge_tensor(
+        self, name: str, nxt: list[str], out: memoryview | None = None
+    ) -> tuple[memoryview, list[int] | None]:
         """Tensor ``name`` merged: its bytes in the output dtype (valid until the next call) and,
-        for a grafting method, the entries each expert's mask kept. ``nxt``: the tensors merged next."""
+        for a grafting method, the entries each expert's mask kept. ``nxt``: the tensors merged next.
+        ``out``: writable memory for the bytes (the writer's), which the backend may fill and return
+        instead of its own buffer (saving a copy)."""
 
     def raw_bytes(self, name: str) -> memoryview:
         """A tensor copied from the base as stored (integer buffers)."""

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -79,6 +80,10 @@ def _uint8():
     return torch.uint8
 
 
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
 @dataclass
 class _Shard:
     file: str
@@ -92,9 +97,7 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], Any]], max_shard_bytes
     shards: list[_Shard] = [_Shard("")]
     for name, shape, dtype in tensors:
         dtype = dtype_code(dtype)
-        n = DTYPE_SIZES[dtype]
-        for d in shape:
-            n *= d
+        n = _nbytes(shape, dtype)
         if shards[-1].entries and shards[-1].nbytes + n > max_shard_bytes:
             shards.append(_Shard(""))
         shards[-1].entries.append((name, tuple(shape), dtype))
@@ -170,6 +173,21 @@ class _OutputFile:
             data = data[n:]
             if self._fill == STAGING_BYTES:
                 self._submit(STAGING_BYTES)
+
+    def reserve(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes of the file as writable staging memory, when they fit in the free
+        part of the current buffer (direct I/O only), else None. Whoever fills it calls
+        :meth:`commit` before any other write: a producer that writes there saves the copy."""
+        if self._fd < 0 or n > STAGING_BYTES - self._fill:
+            return None
+        return self._views[self._cur][self._fill : self._fill + n]
+
+    def commit(self, n: int) -> None:
+        """The ``n`` bytes handed out by :meth:`reserve` are filled: they follow in the file."""
+        self.size += n
+        self._fill += n
+        if self._fill == STAGING_BYTES:
+            self._submit(STAGING_BYTES)
 
     def _submit(self, length: int) -> None:
         """Hand the current staging buffer (``length`` bytes, a multiple of the alignment) to the
@@ -274,9 +292,7 @@ class StreamingSafetensorsWriter:
         shard = self.shards[i]
         entries, offset = [], 0
         for name, shape, dtype in shard.entries:
-            n = DTYPE_SIZES[dtype]
-            for d in shape:
-                n *= d
+            n = _nbytes(shape, dtype)
             entries.append((name, list(shape), dtype, offset, offset + n))
             offset += n
         with output_errors(self.folder / shard.file):
@@ -293,14 +309,26 @@ class StreamingSafetensorsWriter:
     def write_bytes(self, name: str, shape: tuple[int, ...], dtype: str, data) -> None:
         """Write the next tensor as raw bytes (any buffer) of the announced shape and dtype code."""
         data = memoryview(data).cast("B")
-        n = DTYPE_SIZES[dtype]
-        for d in shape:
-            n *= d
+        n = _nbytes(shape, dtype)
         if len(data) != n:
             raise ValueError(f"writer: {name!r} should be {n} bytes, got {len(data)}")
         self._append(name, tuple(shape), dtype, data)
 
-    def _append(self, name: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> None:
+    def reserve(self, name: str, shape: tuple[int, ...], dtype: str) -> memoryview | None:
+        """Where the next tensor's bytes can be produced in place (the output's staging memory),
+        or None: then pass them to :meth:`write_bytes`. After filling it, call :meth:`commit`."""
+        self._next(name, tuple(shape), dtype)
+        return self._fh.reserve(_nbytes(shape, dtype))
+
+    def commit(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        """The memory :meth:`reserve` gave for tensor ``name`` holds its bytes: write them."""
+        self._next(name, tuple(shape), dtype)
+        with output_errors(self._fh.path):
+            self._fh.commit(_nbytes(shape, dtype))
+        self._pos += 1
+
+    def _next(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        """Check that ``name`` is the tensor due next, and open its shard."""
         if self._pos >= len(self._order):
             raise ValueError(f"unexpected tensor {name!r}: every announced tensor was written already")
         i, (want, wshape, wdtype) = self._order[self._pos]
@@ -308,6 +336,9 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"writer expected {want!r} {wshape} {wdtype}, got {name!r} {shape} {dtype}")
         if i != self._shard:
             self._open_shard(i)
+
+    def _append(self, name: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> None:
+        self._next(name, shape, dtype)
         with output_errors(self._fh.path):
             self._fh.write(data)
         self._pos += 1

@@ -192,8 +192,11 @@ def _merge_pass(
     try:
         for k, name in enumerate(_progress(names, f"merge ({recipe.method})", quiet)):
             t = template.tensors[name]
+            code = out_code(name)
+            dest = None
             if name in floats:
-                data, kept = backend.merge_tensor(name, names[k + 1 : k + 2])
+                dest = writer.reserve(name, t.shape, code)  # room in the writer's staging memory, if it fits
+                data, kept = backend.merge_tensor(name, names[k + 1 : k + 2], out=dest)
                 if reports[0].grafted and kept is not None:
                     numel = math.prod(t.shape)
                     for report, n_kept in zip(reports, kept):
@@ -202,8 +205,11 @@ def _merge_pass(
                     tensor_density[name] = [n_kept / max(numel, 1) for n_kept in kept]
             else:
                 data = backend.raw_bytes(name)  # integer buffers: the base's bytes
-            writer.write_bytes(name, t.shape, out_code(name), data)
-            del data
+            if dest is not None and data is dest:
+                writer.commit(name, t.shape, code)
+            else:
+                writer.write_bytes(name, t.shape, code, data)
+            del data, dest
             backend.release(name)
         files = writer.close()
     except BaseException:

@@ -326,24 +326,38 @@ class NativeBackend:
         return [Histogram(memoryview(hists[0][t]).cast("q"), totals[t], keep=hists[0][t]) for t in range(T)]
 
     # -- the merge ------------------------------------------------------------------------------------
-    def merge_tensor(self, name: str, nxt: list[str]) -> tuple[memoryview, list[int] | None]:
+    def merge_tensor(
+        self, name: str, nxt: list[str], out: memoryview | None = None
+    ) -> tuple[memoryview, list[int] | None]:
         """Tensor ``name`` merged by its method's native implementation: its bytes in the output
-        dtype (valid until the next call) and, for a grafting method, each mask's kept entries."""
+        dtype and, for a grafting method, each mask's kept entries. The kernels write into ``out``
+        when given (the writer's staging memory: no copy), else into an arena reused from tensor
+        to tensor (the bytes are valid until the next call)."""
         w0, m, n, experts = self._tensor(name, self.experts)
         dto = self.out_dtype(name)
         nbytes = m * n * DTYPE_SIZES[dto]
-        if self._arena is None or len(self._arena) < nbytes:
-            self._free_arena()
-            self._arena = mmap.mmap(-1, max(nbytes, 1))
-            self._arena_view = ctypes.c_char.from_buffer(self._arena)
-        job = NativeJob(self, name, m, n, w0, experts, ctypes.addressof(self._arena_view), DTYPES[dto].kernel)
-        finite = self.method.native(job)
-        self._factors.clear()
+        if out is not None:
+            if out.nbytes != nbytes or out.readonly:
+                raise ValueError(f"{name}: the output buffer must be {nbytes} writable bytes")
+            anchor = ctypes.c_char.from_buffer(out)  # keeps `out` exported while the kernels write
+            data = out
+        else:
+            if self._arena is None or len(self._arena) < nbytes:
+                self._free_arena()
+                self._arena = mmap.mmap(-1, max(nbytes, 1))
+                self._arena_view = ctypes.c_char.from_buffer(self._arena)
+            anchor, data = self._arena_view, memoryview(self._arena)[:nbytes]
+        job = NativeJob(self, name, m, n, w0, experts, ctypes.addressof(anchor), DTYPES[dto].kernel)
+        try:
+            finite = self.method.native(job)
+        finally:
+            del anchor
+            self._factors.clear()
         if not finite:
             from ..torch import TorchBackend  # PyTorch finds and names the input responsible
 
             TorchBackend(self.recipe, self.inputs, quiet=True).explain_non_finite(name)
-        return memoryview(self._arena)[:nbytes], job.kept
+        return data, job.kept
 
     def raw_bytes(self, name: str) -> memoryview:
         """A tensor copied from the base as stored (integer buffers)."""

@@ -182,10 +182,13 @@ class TorchBackend:
         ]
 
     # -- the merge ------------------------------------------------------------------------------------
-    def merge_tensor(self, name: str, nxt: list[str]) -> tuple[memoryview, list[int] | None]:
+    def merge_tensor(
+        self, name: str, nxt: list[str], out: memoryview | None = None
+    ) -> tuple[memoryview, list[int] | None]:
         """Tensor ``name`` merged by its method: its bytes in the output dtype (valid until the next
         call) and, for a grafting method, the entries each expert's mask kept. ``nxt``: the
-        tensors merged next, whose disk reads may start now."""
+        tensors merged next, whose disk reads may start now. ``out`` is not used (PyTorch's ops
+        allocate their results; the writer copies them)."""
         self.prefetch(nxt, ([self.base] if self.base else []) + self.experts)
         job = TensorJob(self, name)
         merged = self.method.torch(job)
