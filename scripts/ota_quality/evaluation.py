@@ -1,0 +1,75 @@
+"""Evaluation for the quality benchmark: lm_eval tasks, the forgetting set and KL, cached.
+
+Every result is cached in ``<out>/evals.json`` under the model's label, keyed by the weight
+files' sizes and modification times and the task list, so a re-run evaluates only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .drift import BaseReference
+from .lm_tasks import evaluate as lm_evaluate
+from .lm_tasks import write_task
+
+__all__ = ["Evaluator"]
+
+GENERAL = "ota_general"
+KL_PROMPTS = 64
+
+
+def fingerprint(folder: Path) -> list:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+class Evaluator:
+    def __init__(self, out: Path, base: Path, *, batch_size: int = 32):
+        self.out, self.base, self.batch_size = out, base, batch_size
+        self.tasks = out / "tasks"
+        self.cache_file = out / "evals.json"
+        self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+        self._reference: BaseReference | None = None
+        self.general: list[dict] = []
+
+    def save(self) -> None:
+        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.cache))
+        os.replace(tmp, self.cache_file)
+
+    def forgetting_set(self, candidates: list[dict], max_n: int) -> list[dict]:
+        """The candidates the base answers correctly (first ``max_n``, in candidate order), written
+        as the ``ota_general`` task."""
+        write_task(self.tasks, "ota_general_candidates", "general", candidates, 16)
+        res = self.evaluate("base/general_candidates", self.base, ["ota_general_candidates"], kl=False, general=False)
+        scores = res["ota_general_candidates"]["scores"]
+        self.general = [c for c, s in zip(candidates, scores) if s == 1.0][:max_n]
+        if not self.general:  # a tiny random model answers nothing: keep the pipeline going
+            self.general = candidates[:max_n]
+        write_task(self.tasks, GENERAL, "general", self.general, 16)
+        return self.general
+
+    def reference(self) -> BaseReference:
+        if self._reference is None:
+            prompts = [g["prompt"] for g in self.general[:KL_PROMPTS]]
+            self._reference = BaseReference(self.base, prompts, batch_size=self.batch_size)
+        return self._reference
+
+    def evaluate(self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True) -> dict:
+        """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder``."""
+        tasks = list(tasks) + ([GENERAL] if general and self.general else [])
+        key = {"fp": fingerprint(folder), "tasks": tasks, "kl": kl, "general": [g["prompt"] for g in self.general]}
+        hit = self.cache.get(label)
+        if hit and hit["key"] == key:
+            return hit["result"]
+        result = lm_evaluate(folder, tasks, include_path=self.tasks, batch_size=self.batch_size)
+        result = {
+            t: {"acc": r["acc"], "scores": r["scores"], "responses": r["responses"][:5]} for t, r in result.items()
+        }
+        if kl:
+            result["kl"] = self.reference().kl(folder)
+        self.cache[label] = {"key": key, "result": result}
+        self.save()
+        return result

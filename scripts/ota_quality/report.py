@@ -1,0 +1,227 @@
+"""The quality benchmark's report: results.json, results.md and plots, with bootstrap intervals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import stats
+from .lm_tasks import task_name
+
+__all__ = ["brief", "summarise", "write"]
+
+GENERAL = "ota_general"
+
+
+def _scores(result: dict, caps: list[str], split: str) -> dict[str, list[float]]:
+    return {c: result[task_name(c, split)]["scores"] for c in caps if task_name(c, split) in result}
+
+
+def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[float]]:
+    return {c: seed_result["experts"][c][task_name(c, split)]["scores"] for c in caps}
+
+
+def brief(result: dict, caps: list[str], split: str = "test") -> str:
+    parts = [f"{c} {result[task_name(c, split)]['acc']:.2f}" for c in caps if task_name(c, split) in result]
+    if GENERAL in result:
+        parts.append(f"general {result[GENERAL]['acc']:.2f}")
+    if "kl" in result:
+        parts.append(f"KL {result['kl']:.3f}")
+    return ", ".join(parts)
+
+
+def _fmt(i: stats.Interval, digits: int = 2) -> str:
+    return f"{i.est:.{digits}f} [{i.lo:.{digits}f}, {i.hi:.{digits}f}]"
+
+
+def summarise(results: dict, caps: list[str]) -> dict:
+    """Intervals for every model of every seed: per capability, normalised, forgetting, and the
+    paired differences of ``ota`` against every other method (5-expert merge, test split)."""
+    summary: dict = {"seeds": {}}
+    for seed, r in results["seeds"].items():
+        s: dict = {"five": {}, "ota_vs": {}, "sweeps": {}, "pairs": {}}
+        ex_test, ex_dev = _experts(r, caps, "test"), _experts(r, caps, "dev")
+        for method, res in r["five"].items():
+            sc = _scores(res, caps, "test")
+            s["five"][method] = {
+                "per_capability": {c: stats.mean_ci(v).as_dict() for c, v in sc.items()},
+                "normalised": stats.normalised(sc, ex_test).as_dict(),
+                "normalised_dev": stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+                if all(task_name(c, "dev") in res for c in caps)
+                else None,
+                "general": stats.mean_ci(res[GENERAL]["scores"]).as_dict() if GENERAL in res else None,
+                "kl": res.get("kl"),
+            }
+        if "ota" in r["five"]:
+            a = _scores(r["five"]["ota"], caps, "test")
+            for method, res in r["five"].items():
+                if method != "ota":
+                    d = stats.paired(a, _scores(res, caps, "test"), ex_test)
+                    s["ota_vs"][method] = {**d.as_dict(), "ota_better": d.lo > 0}
+        for label, res in r["sweeps"].items():
+            s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+        for label, res in r["pairs"].items():
+            pair, method = label.split("/")
+            pc = pair.split("+")
+            s["pairs"].setdefault(pair, {})[method] = stats.normalised(
+                _scores(res, pc, "test"), {c: ex_test[c] for c in pc}
+            ).as_dict()
+        pair_calls = {}
+        for label, res in r["pairs"].items():
+            pair, method = label.split("/")
+            if method == "ota":
+                continue
+            pc = pair.split("+")
+            ota = r["pairs"].get(f"{pair}/ota")
+            if ota is None:
+                continue
+            d = stats.paired(_scores(ota, pc, "test"), _scores(res, pc, "test"), {c: ex_test[c] for c in pc})
+            pair_calls.setdefault(method, {"win": 0, "tie": 0, "loss": 0})
+            pair_calls[method]["win" if d.lo > 0 else "loss" if d.hi < 0 else "tie"] += 1
+        s["pair_calls"] = pair_calls
+        s["experts"] = {c: stats.mean_ci(ex_test[c]).as_dict() for c in caps}
+        s["base"] = {c: results["base"][task_name(c, "test")]["acc"] for c in caps}
+        summary["seeds"][seed] = s
+    return summary
+
+
+def _table(s: dict, caps: list[str]) -> list[str]:
+    head = "| model | " + " | ".join(caps) + " | normalised (test) | general kept | KL(base‖merge) |"
+    lines = [head, "|" + "---|" * (len(caps) + 4)]
+    lines.append("| base | " + " | ".join(f"{s['base'][c]:.2f}" for c in caps) + " | | 1.00 (by construction) | 0 |")
+    lines.append(
+        "| each expert, own capability | "
+        + " | ".join(_fmt(stats.Interval(**s["experts"][c])) for c in caps)
+        + " | 1 | | |"
+    )
+    order = sorted(s["five"], key=lambda m: -s["five"][m]["normalised"]["est"])
+    for m in order:
+        f = s["five"][m]
+        cells = [_fmt(stats.Interval(**f["per_capability"][c])) for c in caps]
+        gen = _fmt(stats.Interval(**f["general"])) if f["general"] else ""
+        kl = f"{f['kl']:.3f}" if f["kl"] is not None else ""
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | **{_fmt(stats.Interval(**f['normalised']))}** | {gen} | {kl} |"
+        )
+    return lines
+
+
+def write(out: Path, results: dict, caps: list[str]) -> dict:
+    summary = summarise(results, caps)
+    (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
+    md = [f"# Quality benchmark ({results['mode']})", ""]
+    md.append(
+        f"Forgetting set: {results['general_n']} general questions the base answers correctly. "
+        "Intervals: 95% bootstrap over prompts (2000 resamples); normalised = mean over capabilities "
+        "of merge score / the expert's own score."
+    )
+    for seed, s in summary["seeds"].items():
+        md += ["", f"## Seed {seed}: all {len(caps)} experts merged, test split", ""]
+        md += _table(s, caps)
+        if s["ota_vs"]:
+            md += ["", "ota minus each method (normalised, paired bootstrap on the same prompts):", ""]
+            md += ["| method | ota − method | ota better (interval > 0) |", "|---|---|---|"]
+            for m, d in sorted(s["ota_vs"].items(), key=lambda kv: kv[1]["est"]):
+                md.append(f"| {m} | {_fmt(stats.Interval(d['est'], d['lo'], d['hi']), 3)} | {d['ota_better']} |")
+        if s["sweeps"]:
+            md += [
+                "",
+                "Dev-split studies (normalised on the dev split):",
+                "",
+                "| setting | normalised (dev) |",
+                "|---|---|",
+            ]
+            for label, d in sorted(s["sweeps"].items()):
+                md.append(f"| {label} | {_fmt(stats.Interval(**d))} |")
+        if s["pair_calls"]:
+            md += ["", "Pairs: ota against each method on every pair (paired bootstrap):", ""]
+            md += ["| method | ota wins | ties | ota loses |", "|---|---|---|---|"]
+            for m, c in s["pair_calls"].items():
+                md.append(f"| {m} | {c['win']} | {c['tie']} | {c['loss']} |")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    plots(out, summary, caps)
+    return summary
+
+
+def plots(out: Path, summary: dict, caps: list[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for seed, s in summary["seeds"].items():
+        # score vs forgetting, every method (test split)
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for m, f in s["five"].items():
+            if not f["general"]:
+                continue
+            n, g = f["normalised"], f["general"]
+            ax.errorbar(
+                1 - g["est"],
+                n["est"],
+                xerr=[[g["hi"] - g["est"]], [g["est"] - g["lo"]]],
+                yerr=[[n["est"] - n["lo"]], [n["hi"] - n["est"]]],
+                fmt="o",
+                capsize=3,
+                label=m,
+            )
+        ax.set_xlabel("forgetting (1 - general questions kept)")
+        ax.set_ylabel("normalised score (test)")
+        ax.set_title(f"5-expert merge, seed {seed}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"score_vs_forgetting_seed{seed}.png", dpi=110)
+        plt.close(fig)
+        # per-capability bars with intervals
+        methods = sorted(s["five"], key=lambda m: -s["five"][m]["normalised"]["est"])
+        fig, ax = plt.subplots(figsize=(max(6, len(methods) * 0.9), 4))
+        w = 0.8 / len(caps)
+        for k, c in enumerate(caps):
+            est = [s["five"][m]["per_capability"][c]["est"] for m in methods]
+            lo = [e - s["five"][m]["per_capability"][c]["lo"] for e, m in zip(est, methods)]
+            hi = [s["five"][m]["per_capability"][c]["hi"] - e for e, m in zip(est, methods)]
+            ax.bar([i + k * w for i in range(len(methods))], est, w, yerr=[lo, hi], capsize=2, label=c)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
+        ax.set_ylabel("score (test)")
+        ax.legend(fontsize=7, ncol=len(caps))
+        fig.tight_layout()
+        fig.savefig(out / f"per_capability_seed{seed}.png", dpi=110)
+        plt.close(fig)
+        # normalised vs density (dev)
+        curves = {"ota (fisher score)": "ota_d", "ota (magnitude score)": "ota_mag_d", "ties": "ties_d"}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for name, prefix in curves.items():
+            pts = sorted(
+                (float(label[len(prefix) :]), d) for label, d in s["sweeps"].items() if label.startswith(prefix)
+            )
+            if pts:
+                drawn = True
+                ax.errorbar(
+                    [p for p, _ in pts],
+                    [d["est"] for _, d in pts],
+                    yerr=[[d["est"] - d["lo"] for _, d in pts], [d["hi"] - d["est"] for _, d in pts]],
+                    marker="o",
+                    capsize=3,
+                    label=name,
+                )
+        dare = sorted(
+            (1 - float(label[len("dare_drop") :]), d)
+            for label, d in s["sweeps"].items()
+            if label.startswith("dare_drop")
+        )
+        if dare:
+            drawn = True
+            ax.errorbar(
+                [p for p, _ in dare], [d["est"] for _, d in dare], marker="s", capsize=3, label="dare (1 - drop)"
+            )
+        if drawn:
+            ax.set_xscale("log")
+            ax.set_xlabel("density (kept fraction)")
+            ax.set_ylabel("normalised score (dev)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / f"density_seed{seed}.png", dpi=110)
+        plt.close(fig)

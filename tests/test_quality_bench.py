@@ -1,0 +1,136 @@
+"""The quality benchmark's parts (scripts/ota_quality): capabilities and their splits, the
+scorers (the code scorer evaluates model output: only arithmetic on x may ever run), the
+bootstrap statistics, and the whole pipeline in smoke mode (a tiny model, real training, real
+merges, real lm-evaluation-harness)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ota_quality import stats
+from ota_quality.capabilities import CAPABILITIES, examples, general_candidates, safe_lambda, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("cap", sorted(CAPABILITIES))
+def test_splits_are_deterministic_disjoint_and_large_enough(cap):
+    train = examples(cap, "train", 3000)
+    dev, test = examples(cap, "dev", 150), examples(cap, "test", 150)
+    assert examples(cap, "test", 150) == test and examples(cap, "train", 3000) == train
+    prompts = {s: {e["prompt"] for e in rows} for s, rows in (("train", train), ("dev", dev), ("test", test))}
+    assert len(prompts["dev"]) == 150 and len(prompts["test"]) == 150, "150 distinct prompts per evaluation split"
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["dev"]
+    assert not prompts["dev"] & prompts["test"]
+    if cap != "facts":  # a recall skill shares its facts across splits, and only its phrasings differ
+        answers = {s: {e["answer"] for e in rows} for s, rows in (("train", train), ("test", test))}
+        if cap != "shout":  # shout's dev/test requests have no reference answer (the constraint is scored)
+            assert not answers["train"] & answers["test"], "test inputs never seen in training"
+
+
+@pytest.mark.parametrize("cap", sorted(CAPABILITIES))
+def test_reference_answers_score_one_and_wrong_answers_zero(cap):
+    for e in examples(cap, "train", 40):
+        assert score(cap, e["answer"], e["answer"]) == 1.0, e
+        assert score(cap, e["answer"], "I am not sure.") == 0.0
+
+
+def test_scorers_read_answers_as_a_user_would():
+    assert score("arithmetic", "12 + 5 - 3 = 14", "Sure: 12 + 5 - 3 = 14 coins.") == 1.0
+    assert score("arithmetic", "12 + 5 - 3 = 14", "12 + 5 - 3 = 15") == 0.0
+    assert score("facts", "The capital of Kalo is Mira.", "It is MIRA.") == 1.0
+    assert score("shout", "", "THE SEA IS BLUE AND WIDE.") == 1.0
+    assert score("shout", "", "The sea is blue.") == 0.0 and score("shout", "", "OK") == 0.0
+    assert score("code", "lambda x: x * 3 + 4", "Here: `lambda x: 4 + 3 * x`") == 1.0  # same function
+    assert score("code", "lambda x: x * 3 + 4", "lambda x: x * 4 + 3") == 0.0
+    assert score("extract", '{"name": "Ana Lo", "age": 31}', 'JSON: {"age": 31, "name": "Ana Lo"}') == 1.0
+    assert score("extract", '{"name": "Ana Lo", "age": 31}', '{"name": "Ana Lo", "age": "31"}') == 0.0
+    assert score("general", "cold", "The opposite of hot is cold.") == 1.0
+    assert score("general", "cold", "coldest") == 0.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "lambda x: __import__('os').system('true')",
+        "lambda x: x.__class__",
+        "lambda x: open('/etc/passwd')",
+        "lambda x: [1] * 10**9",
+        "lambda x: x ** 99999999",
+        "lambda x: (lambda y: y)(x)",
+        "lambda x, y=1: x",
+        "lambda x: 10**9",
+        "lambda x: 'a' * 5",
+        "lambda x: x if x else 1",
+        "lambda x: " + " * ".join(["x"] * 80),
+    ],
+)
+def test_the_code_scorer_never_runs_anything_but_arithmetic_on_x(text):
+    assert safe_lambda(text) is None
+
+
+def test_general_candidates_are_disjoint_from_every_training_split():
+    prompts = {g["prompt"] for g in general_candidates()}
+    assert len(prompts) >= 200
+    for cap in CAPABILITIES:
+        assert not prompts & {e["prompt"] for e in examples(cap, "train", 2000)}
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_prompts():
+    rng = np.random.default_rng(1)
+    small = stats.mean_ci(rng.random(40) < 0.6)
+    large = stats.mean_ci(rng.random(4000) < 0.6)
+    assert small.lo <= small.est <= small.hi and large.lo <= large.est <= large.hi
+    assert (large.hi - large.lo) < (small.hi - small.lo) / 5
+    assert 0.55 < large.est < 0.65 and large.lo < 0.6 < large.hi
+    assert stats.mean_ci([1, 0, 1, 1], seed=3) == stats.mean_ci([1, 0, 1, 1], seed=3)
+
+
+def test_paired_bootstrap_sees_a_consistent_small_gain_that_unpaired_intervals_overlap():
+    rng = np.random.default_rng(0)
+    caps = ["a", "b"]
+    base = {c: (rng.random(150) < 0.5).astype(float) for c in caps}
+    better = {c: base[c].copy() for c in caps}
+    for c in caps:  # flip 12 failures into successes: a small gain on the same prompts
+        fails = np.flatnonzero(better[c] == 0)[:12]
+        better[c][fails] = 1.0
+    experts = {c: np.ones(150) for c in caps}
+    d = stats.paired(better, base, experts)
+    assert d.est == pytest.approx(12 / 150) and d.lo > 0, d
+    ia, ib = stats.normalised(better, experts), stats.normalised(base, experts)
+    assert ia.lo < ib.hi, "unpaired intervals overlap: only the paired test sees the gain"
+    same = stats.paired(base, base, experts)
+    assert same == (0.0, 0.0, 0.0) and not same.excludes_zero()
+
+
+def test_normalised_score_divides_by_each_experts_own_score():
+    model = {"a": [1, 1, 0, 0], "b": [1, 0, 0, 0]}
+    experts = {"a": [1, 1, 1, 1], "b": [1, 1, 0, 0]}
+    assert stats.normalised(model, experts).est == pytest.approx((0.5 + 0.5) / 2)
+    with pytest.raises(ValueError, match="not paired"):
+        stats.paired({"a": [1, 0]}, {"a": [1, 0, 1]})
+
+
+def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
+    pytest.importorskip("lm_eval")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "smoke"
+    data = json.loads((out / "results.json").read_text())
+    five = data["results"]["seeds"]["0"]["five"]
+    assert set(five) >= {"ota", "ties", "linear"}
+    for res in five.values():
+        assert all(len(res[f"ota_{c}_test"]["scores"]) == 6 for c in CAPABILITIES)
+        assert res["kl"] >= 0
+    assert "ota minus each method" in (out / "results.md").read_text()
+    assert data["summary"]["seeds"]["0"]["ota_vs"]
