@@ -68,6 +68,7 @@ SWEEPS = {
     "ota_mean": ("ota", {"normalise": "mean"}),
     "ota_share0.99": ("ota", {"saliency_share": 0.99}),
     "ota_no_graft": ("ota", {"graft": False}),
+    "ota_elect_sign": ("ota", {"elect_sign": True}),  # ours: curvature-weighted sign election
 }
 
 MODES = {

@@ -30,6 +30,13 @@ CASES = [
         ),
         ref.mostly_close(0.001),
     ),  # a histogram bin edge: only entries at the boundary may differ
+    (
+        "ota_elect_sign",
+        "ota",
+        {"graft": False, "elect_sign": True},
+        lambda ins, p: ref.ota_elect(ins["base"], ins["experts"], ins["vs"], ref.keep_all(ins)),
+        1e-6,
+    ),
     ("fisher", "fisher", {}, lambda ins, p: ref.fisher(ins["experts"], ins["vs"]), 1e-5),
     (
         "task_arithmetic",

@@ -61,6 +61,16 @@ def ota(base, experts, vs, masks, *, p=0.5, eps=1e-26):
     return out
 
 
+def ota_elect(base, experts, vs, masks, *, p=0.5, eps=1e-26):
+    """OTA with the curvature-weighted sign election: edits against sign(sum_t W_t d_t) dropped."""
+    elected_masks = [{} for _ in experts]
+    for n in base:
+        vote = sum((vs[t][n] ** p + eps) * masks[t][n] * (experts[t][n] - base[n]) for t in range(len(experts)))
+        for t in range(len(experts)):
+            elected_masks[t][n] = masks[t][n] & (torch.sign(experts[t][n] - base[n]) == torch.sign(vote))
+    return ota(base, experts, vs, elected_masks, p=p, eps=eps)
+
+
 def fisher(experts, vs, eps=1e-26):
     return {
         n: sum((vs[t][n] + eps) * experts[t][n] for t in range(len(experts)))

@@ -1,13 +1,19 @@
-"""Evaluate a model folder on the demo's held-out prompts: batched greedy generation + scorers."""
+"""Evaluate a model folder on the demo's held-out prompts through lm-evaluation-harness: each
+demo task is written as a local lm_eval task (JSONL + YAML, scored by ``ota_demo.tasks``) and
+run with its HF backend (batched greedy generation, the chat template), as the quality
+benchmark's tasks are (scripts/ota_quality/lm_tasks.py)."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 
-from .tasks import TASKS, eval_prompts, score
+from ota_quality.lm_tasks import evaluate, write_task
 
-__all__ = ["TaskResult", "evaluate_model", "generate"]
+from .tasks import TASKS, eval_prompts
+
+__all__ = ["TaskResult", "evaluate_model"]
 
 
 @dataclass
@@ -18,48 +24,30 @@ class TaskResult:
     samples: list[tuple[str, str, float]] = field(default_factory=list)  # (prompt, response, score)
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy chat completions for ``prompts`` (left-padded batches)."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in chunk
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        out += [tokenizer.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True) for row in ids]
-    return out
-
-
 def evaluate_model(
     folder: str | os.PathLike,
     tasks: list[str] | None = None,
     *,
     n: int = 48,
     tokenizer_folder: str | os.PathLike | None = None,
+    batch_size: int = 32,
 ) -> dict[str, TaskResult]:
     """Score a model folder on each task's ``n`` held-out prompts (fraction solved, 0..1)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
-    results = {}
-    for task in tasks or list(TASKS):
-        pairs = eval_prompts(task, n)
-        responses = generate(model, tokenizer, [q for q, _ in pairs], max_new_tokens=TASKS[task].max_new_tokens)
-        scores = [score(task, q, a, r) for (q, a), r in zip(pairs, responses)]
-        results[task] = TaskResult(
-            task, sum(scores) / len(scores), len(scores), [(q, r, s) for (q, _), r, s in zip(pairs, responses, scores)]
+    tasks = tasks or list(TASKS)
+    prompts = {t: [{"prompt": q, "answer": a} for q, a in eval_prompts(t, n)] for t in tasks}
+    with tempfile.TemporaryDirectory(prefix="ota-demo-tasks-") as tmp:
+        names = {
+            t: write_task(
+                tmp, f"ota_demo_{t}", t, prompts[t], TASKS[t].max_new_tokens, scorer="ota_demo.tasks:score_doc"
+            )
+            for t in tasks
+        }
+        res = evaluate(
+            folder, list(names.values()), include_path=tmp, batch_size=batch_size, tokenizer=tokenizer_folder
         )
-    return results
+    out = {}
+    for t, name in names.items():
+        r = res[name]
+        samples = [(p["prompt"], resp, s) for p, resp, s in zip(prompts[t], r["responses"], r["scores"])]
+        out[t] = TaskResult(t, r["acc"], len(r["scores"]), samples)
+    return out

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "Task", "build_dataset", "eval_prompts", "score"]
+__all__ = ["TASKS", "Task", "build_dataset", "eval_prompts", "score", "score_doc"]
 
 _SYLL = [
     "ka",
@@ -259,3 +259,8 @@ def eval_prompts(task: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
 def score(task: str, prompt: str, answer: str, response: str) -> float:
     """1.0 if ``response`` solves the held-out ``prompt`` (reference ``answer``), else 0.0."""
     return TASKS[task].scorer(prompt, answer, response)
+
+
+def score_doc(task: str, doc: dict, response: str) -> float:
+    """:func:`score` of an lm_eval document (``{"prompt", "answer"}``): the demo tasks' scorer."""
+    return score(task, doc["prompt"], doc["answer"], response)

@@ -38,7 +38,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["CAPABILITIES", "Capability", "general_candidates", "examples", "score"]
+__all__ = ["CAPABILITIES", "Capability", "general_candidates", "examples", "score", "score_doc"]
 
 SPLITS = ("train", "dev", "test")
 
@@ -373,6 +373,11 @@ def score(capability: str, answer: str, response: str) -> float:
     if capability == "general":
         return _score_general(answer, response)
     return CAPABILITIES[capability].scorer(answer, response)
+
+
+def score_doc(capability: str, doc: dict, response: str) -> float:
+    """:func:`score` of an lm_eval document (``{"prompt", "answer"}``): the tasks' scorer."""
+    return score(capability, doc["answer"], response)
 
 
 # -- the forgetting set: general questions the base answers -----------------------------------------

@@ -5,7 +5,8 @@ FFG first reverts each expert's low-saliency edits: ``M_t = s_t >= theta_t`` wit
 histogram pass over all the expert's parameters, run by the runner before merging), an absolute
 threshold, or a per-tensor density (ablation). OTA then averages the kept edits with curvature
 weights: ``W_t = c_t (v_t^p + eps) M_t``, ``merged = w0 + sum_t W_t d_t / sum_t W_t`` (``w0``
-where every mask is 0).
+where every mask is 0). ``elect_sign`` (ours) then keeps, per entry, only the kept edits that
+agree with the sign of ``sum_t W_t d_t``, TIES's sign election with curvature weights.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ PARAMS = (
     ),
     EPSILON,
     Param("normalise", str, "none", "per-tensor normalisation of P_t", choices=("none", "mean")),
+    Param(
+        "elect_sign",
+        bool,
+        False,
+        "curvature-weighted sign election (ours, not the paper's): per entry keep only the kept "
+        "edits whose sign is that of sum_t W_t d_t, as TIES does with magnitudes (PyTorch backend)",
+    ),
     BIAS_CORRECTION,
     POSITIVE_WEIGHT,
 )
@@ -121,7 +129,7 @@ def merge_torch(job):
             if sc is not None and thr is not None and not thr.keeps_all:  # None: no evidence to prune
                 scores[i] = (sc, thr)
     curvatures = job.curvatures(p["power"], p["normalise"])
-    if job.native_ops is not None:
+    if job.native_ops is not None and not p["elect_sign"]:
         out, job.kept, finite = job.native_ops.ota_merge(
             w0r,
             experts,
@@ -138,11 +146,23 @@ def merge_torch(job):
 
     def block(rows: slice):
         w0 = w0r[rows].float()
+        elected = None
+        if p["elect_sign"]:  # the sign of the OTA numerator, from a first pass over the experts
+            votes = OTAAccumulator(w0, epsilon=p["epsilon"])
+            for i, (e, c) in enumerate(zip(experts, curvatures)):
+                d = torch.sub(e[rows], w0)
+                mask = keep_mask(scores[i][0].block(d, rows), scores[i][1]) if scores[i] else None
+                votes.add(d, c.weights(rows, p["epsilon"]), mask, job.coefs[i])
+            elected = torch.sign(votes.num) if votes.num is not None else None
+            del votes
         acc = OTAAccumulator(w0, epsilon=p["epsilon"])
         for i, (e, c) in enumerate(zip(experts, curvatures)):
             d = torch.sub(e[rows], w0)
             mask = keep_mask(scores[i][0].block(d, rows), scores[i][1]) if scores[i] else None
             kept[i] += int(torch.count_nonzero(mask)) if mask is not None else d.numel()
+            if elected is not None:
+                agree = torch.sign(d) == elected
+                mask = agree if mask is None else mask & agree
             acc.add(d, c.weights(rows, p["epsilon"]), mask, job.coefs[i])
             del d, mask
         return acc.result()
@@ -196,6 +216,8 @@ def native_covers(recipe, inputs) -> str | None:
     p = recipe.method_parameters()
     if p["power"] not in (0.5, 1.0) or p["normalise"] != "none" or p["per_tensor"]:
         return "power, normalise or per-tensor density the kernels do not cover"
+    if p["elect_sign"]:
+        return "elect_sign (PyTorch only)"
     if any(recipe.model_parameters(i).get("saliency_share") is not None for i in range(len(recipe.models))):
         return "saliency_share"
     if any(m is None or any(n not in m.stored for n in inputs.float_names) for m in inputs.moments):
