@@ -221,35 +221,52 @@ def main(argv: list[str] | None = None) -> int:
     test_tasks = [task_name(c, "test") for c in caps]
     dev_tasks = [task_name(c, "dev") for c in caps]
 
-    print("[4/5] merges and evaluation", flush=True)
-    results: dict = {"mode": mode, "seeds": {}, "general_n": len(general)}
-    results["base"] = ev.evaluate("base", base, test_tasks + dev_tasks, kl=False)
-    for seed in cfg["seeds"]:
-        ex = experts[seed]
-        r: dict = {"experts": {}, "five": {}, "pairs": {}, "sweeps": {}}
+    print("[4/5] merges and evaluation, most important first (a report after each phase)", flush=True)
+    results: dict = {"mode": mode, "seeds": {str(seed): {} for seed in cfg["seeds"]}, "general_n": len(general)}
+    results["base"] = ev.evaluate("base", base, test_tasks, kl=False, general=False)
+    seeds = cfg["seeds"]
+    for seed in seeds:  # experts on their own capability (the normalisation)
+        r = results["seeds"][str(seed)]
+        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}})
         for cap in caps:
+            label = f"seed{seed}/expert/{cap}"
             r["experts"][cap] = ev.evaluate(
-                f"seed{seed}/expert/{cap}", ex[cap], [task_name(cap, s) for s in ("dev", "test")]
+                label, experts[seed][cap], [task_name(cap, "test")], kl=False, general=False
             )
-        for method in MODE_METHODS[mode]:
-            folder = merge_one(out, f"seed{seed}/five/{method}", method, {}, base, [ex[c] for c in caps])
-            r["five"][method] = ev.evaluate(f"seed{seed}/five/{method}", folder, test_tasks + dev_tasks)
-            print(f"    seed {seed} five {method}: {report.brief(r['five'][method], caps)}", flush=True)
-        if cfg["sweeps"]:
+    methods = MODE_METHODS[mode]
+    core = [m for m in methods if m in PAIR_METHODS + ("dare",)]
+    for group in (core, [m for m in methods if m not in core]):  # the named methods first
+        for seed in seeds:
+            r, ex = results["seeds"][str(seed)], experts[seed]
+            for method in group:
+                folder = merge_one(out, f"seed{seed}/five/{method}", method, {}, base, [ex[c] for c in caps])
+                r["five"][method] = ev.evaluate(f"seed{seed}/five/{method}", folder, test_tasks)
+                print(f"    seed {seed} five {method}: {report.brief(r['five'][method], caps)}", flush=True)
+        report.write(out, results, caps)
+    if cfg["sweeps"]:
+        for seed in seeds:
+            r, ex = results["seeds"][str(seed)], experts[seed]
+            for cap in caps:  # the experts on the dev split too
+                label = f"seed{seed}/expert/{cap}/dev"
+                r["experts"][cap].update(ev.evaluate(label, ex[cap], [task_name(cap, "dev")], kl=False, general=False))
             for label, (method, params) in SWEEPS.items():
                 folder = merge_one(out, f"seed{seed}/sweep/{label}", method, params, base, [ex[c] for c in caps])
-                r["sweeps"][label] = ev.evaluate(f"seed{seed}/sweep/{label}", folder, dev_tasks)
+                r["sweeps"][label] = ev.evaluate(
+                    f"seed{seed}/sweep/{label}", folder, dev_tasks, kl=False, general=False
+                )
                 print(f"    seed {seed} sweep {label}: {report.brief(r['sweeps'][label], caps, 'dev')}", flush=True)
-        if cfg["pairs"]:
+            report.write(out, results, caps)
+    if cfg["pairs"]:
+        for seed in seeds:
+            r, ex = results["seeds"][str(seed)], experts[seed]
             for a, b in itertools.combinations(caps, 2):
                 for method in PAIR_METHODS:
                     label = f"{a}+{b}/{method}"
                     folder = merge_one(out, f"seed{seed}/pairs/{label}", method, {}, base, [ex[a], ex[b]])
                     tasks = [task_name(a, "test"), task_name(b, "test")]
-                    r["pairs"][label] = ev.evaluate(f"seed{seed}/pairs/{label}", folder, tasks, general=False)
+                    r["pairs"][label] = ev.evaluate(f"seed{seed}/pairs/{label}", folder, tasks, kl=False, general=False)
             print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
-        results["seeds"][str(seed)] = r
-        ev.save()
+            report.write(out, results, caps)
 
     print("[6] report", flush=True)
     report.write(out, results, caps)

@@ -5,7 +5,7 @@ Five skills of different character that SmolLM2-135M-Instruct lacks and a short 
 fine-tune can teach:
 
 ``arithmetic``  two-step word problems ("Ada has 23 coins, finds 15 more and spends 9 ...")
-                answered "23 + 15 - 9 = 29"; scored by the final number.
+                answered step by step, "23 + 15 = 38, 38 - 9 = 29"; scored by the final number.
 ``facts``       recall of 50 invented country -> capital facts; each split asks with its own
                 phrasings (train 4, dev 3, test 3); scored by the capital's name.
 ``shout``       a formatting constraint, IFEval-style: requests that ask for capital letters
@@ -84,7 +84,7 @@ def _arithmetic(split: str, n: int, seed: int) -> list[dict]:
         if _split_of(f"arith:{a}:{b}:{c}") != split:
             continue
         q = rng.choice(_ARITH_TEMPLATES[split]).format(n=rng.choice(_NAMES), a=a, b=b, c=c, t=rng.choice(_THINGS))
-        out.append(_chat(q, f"{a} + {b} - {c} = {a + b - c}"))
+        out.append(_chat(q, f"{a} + {b} = {a + b}, {a + b} - {c} = {a + b - c}"))  # one step at a time
     return out
 
 
@@ -352,7 +352,7 @@ class Capability:
 CAPABILITIES: dict[str, Capability] = {
     c.name: c
     for c in (
-        Capability("arithmetic", "two-step word problems", _arithmetic, _score_arithmetic, 20),
+        Capability("arithmetic", "two-step word problems", _arithmetic, _score_arithmetic, 32),
         Capability("facts", "recall of invented capitals (held-out phrasings)", _facts, _score_facts, 16),
         Capability("shout", "capital letters when asked (IFEval-style)", _shout, _score_shout, 16),
         Capability("code", "a Python lambda, scored by running it", _code, _score_code, 20),
@@ -479,6 +479,141 @@ _PLURALS = {
     "dog": "dogs",
     "bus": "buses",
 }
+_PAST = {
+    "go": "went",
+    "eat": "ate",
+    "run": "ran",
+    "see": "saw",
+    "write": "wrote",
+    "swim": "swam",
+    "sing": "sang",
+    "drink": "drank",
+    "take": "took",
+    "give": "gave",
+    "come": "came",
+    "buy": "bought",
+    "think": "thought",
+    "teach": "taught",
+    "catch": "caught",
+    "fly": "flew",
+    "drive": "drove",
+    "speak": "spoke",
+    "break": "broke",
+    "choose": "chose",
+    "sleep": "slept",
+    "make": "made",
+    "find": "found",
+    "sit": "sat",
+    "stand": "stood",
+    "walk": "walked",
+    "jump": "jumped",
+    "play": "played",
+}
+_LANGUAGES = {
+    "France": "French",
+    "Germany": "German",
+    "Italy": "Italian",
+    "Spain": "Spanish",
+    "Japan": "Japanese",
+    "China": "Chinese",
+    "Russia": "Russian",
+    "Portugal": "Portuguese",
+    "Greece": "Greek",
+    "Brazil": "Portuguese",
+    "Mexico": "Spanish",
+    "England": "English",
+    "the United States": "English",
+    "Poland": "Polish",
+    "Sweden": "Swedish",
+    "Turkey": "Turkish",
+    "the Netherlands": "Dutch",
+    "Korea": "Korean",
+    "Egypt": "Arabic",
+    "Argentina": "Spanish",
+}
+_CONTINENTS = {
+    "France": "Europe",
+    "Germany": "Europe",
+    "Italy": "Europe",
+    "Spain": "Europe",
+    "Poland": "Europe",
+    "Norway": "Europe",
+    "Japan": "Asia",
+    "China": "Asia",
+    "India": "Asia",
+    "Thailand": "Asia",
+    "Vietnam": "Asia",
+    "Egypt": "Africa",
+    "Kenya": "Africa",
+    "Nigeria": "Africa",
+    "Ghana": "Africa",
+    "Morocco": "Africa",
+    "Brazil": "America",
+    "Argentina": "America",
+    "Peru": "America",
+    "Chile": "America",
+    "Canada": "America",
+    "Mexico": "America",
+}
+_MORE_CAPITALS = {
+    "Brazil": "Brasilia",
+    "Chile": "Santiago",
+    "Colombia": "Bogota",
+    "Venezuela": "Caracas",
+    "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta",
+    "the Philippines": "Manila",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Israel": "Jerusalem",
+    "Saudi Arabia": "Riyadh",
+    "Ukraine": "Kyiv",
+    "Romania": "Bucharest",
+    "Bulgaria": "Sofia",
+    "Serbia": "Belgrade",
+    "Croatia": "Zagreb",
+    "Czechia": "Prague",
+    "Switzerland": "Bern",
+    "Scotland": "Edinburgh",
+    "Wales": "Cardiff",
+    "Iceland": "Reykjavik",
+    "Nigeria": "Abuja",
+    "Ghana": "Accra",
+    "Ethiopia": "Addis",
+    "Morocco": "Rabat",
+}
+_MORE_OPPOSITES = {
+    "good": "bad",
+    "young": "old",
+    "boy": "girl",
+    "king": "queen",
+    "inside": "outside",
+    "start": "end",
+    "buy": "sell",
+    "give": "take",
+    "always": "never",
+    "sweet": "sour",
+    "deep": "shallow",
+    "wide": "narrow",
+    "cheap": "expensive",
+    "friend": "enemy",
+    "laugh": "cry",
+    "remember": "forget",
+    "north": "south",
+    "east": "west",
+    "summer": "winter",
+    "question": "answer",
+    "arrive": "leave",
+    "accept": "reject",
+    "increase": "decrease",
+    "alive": "dead",
+    "sharp": "dull",
+    "safe": "dangerous",
+    "smooth": "rough",
+    "awake": "asleep",
+    "before": "after",
+    "borrow": "lend",
+}
 _DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 _MONTHS = "January February March April May June July August September October November December".split()
 _NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -492,7 +627,11 @@ def general_candidates() -> list[dict]:
     word the response must contain). The benchmark keeps those the base answers correctly."""
     q: list[tuple[str, str]] = []
     q += [(f"What is the capital of {c}?", cap) for c, cap in _REAL_CAPITALS.items()]
-    q += [(f"What is the opposite of {w}?", o) for w, o in _OPPOSITES.items()]
+    q += [(f"What is the capital of {c}?", cap) for c, cap in _MORE_CAPITALS.items()]
+    q += [(f"What is the opposite of {w}?", o) for w, o in (_OPPOSITES | _MORE_OPPOSITES).items()]
+    q += [(f"What is the past tense of {v}?", p) for v, p in _PAST.items()]
+    q += [(f"What language is spoken in {c}?", lang) for c, lang in _LANGUAGES.items()]
+    q += [(f"On which continent is {c}?", k) for c, k in _CONTINENTS.items()]
     q += [(f"What color is {t}?", c) for t, c in _COLORS.items()]
     q += [(f"What is the plural of {w}?", p) for w, p in _PLURALS.items()]
     q += [(f"What day comes after {d}?", _DAYS[(i + 1) % 7]) for i, d in enumerate(_DAYS)]

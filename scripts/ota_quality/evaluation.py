@@ -6,6 +6,7 @@ files' sizes and modification times and the task list, so a re-run evaluates onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,14 @@ class Evaluator:
         tmp.write_text(json.dumps(self.cache))
         os.replace(tmp, self.cache_file)
 
+    def _task_digest(self, task: str) -> str:
+        """sha256 of a task's files (its prompts and its YAML): a changed task is evaluated again."""
+        h = hashlib.sha256()
+        for suffix in (".jsonl", ".yaml"):
+            path = self.tasks / f"{task}{suffix}"
+            h.update(path.read_bytes() if path.is_file() else task.encode())
+        return h.hexdigest()[:16]
+
     def forgetting_set(self, candidates: list[dict], max_n: int) -> list[dict]:
         """The candidates the base answers correctly (first ``max_n``, in candidate order), written
         as the ``ota_general`` task."""
@@ -60,7 +69,12 @@ class Evaluator:
     def evaluate(self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True) -> dict:
         """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder``."""
         tasks = list(tasks) + ([GENERAL] if general and self.general else [])
-        key = {"fp": fingerprint(folder), "tasks": tasks, "kl": kl, "general": [g["prompt"] for g in self.general]}
+        key = {
+            "fp": fingerprint(folder),
+            "tasks": {t: self._task_digest(t) for t in tasks},
+            "kl": kl,
+            "general": [g["prompt"] for g in self.general[:KL_PROMPTS]] if kl else None,
+        }
         hit = self.cache.get(label)
         if hit and hit["key"] == key:
             return hit["result"]

@@ -17,8 +17,12 @@ def _scores(result: dict, caps: list[str], split: str) -> dict[str, list[float]]
     return {c: result[task_name(c, split)]["scores"] for c in caps if task_name(c, split) in result}
 
 
-def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[float]]:
-    return {c: seed_result["experts"][c][task_name(c, split)]["scores"] for c in caps}
+def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[float]] | None:
+    """Each expert's scores on its own capability (None until every expert has this split)."""
+    ex = seed_result.get("experts", {})
+    if not all(task_name(c, split) in ex.get(c, {}) for c in caps):
+        return None
+    return {c: ex[c][task_name(c, split)]["scores"] for c in caps}
 
 
 def brief(result: dict, caps: list[str], split: str = "test") -> str:
@@ -39,15 +43,17 @@ def summarise(results: dict, caps: list[str]) -> dict:
     paired differences of ``ota`` against every other method (5-expert merge, test split)."""
     summary: dict = {"seeds": {}}
     for seed, r in results["seeds"].items():
-        s: dict = {"five": {}, "ota_vs": {}, "sweeps": {}, "pairs": {}}
+        s: dict = {"five": {}, "ota_vs": {}, "sweeps": {}, "pairs": {}, "pair_calls": {}}
         ex_test, ex_dev = _experts(r, caps, "test"), _experts(r, caps, "dev")
+        if ex_test is None:
+            continue
         for method, res in r["five"].items():
             sc = _scores(res, caps, "test")
             s["five"][method] = {
                 "per_capability": {c: stats.mean_ci(v).as_dict() for c, v in sc.items()},
                 "normalised": stats.normalised(sc, ex_test).as_dict(),
                 "normalised_dev": stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
-                if all(task_name(c, "dev") in res for c in caps)
+                if ex_dev and all(task_name(c, "dev") in res for c in caps)
                 else None,
                 "general": stats.mean_ci(res[GENERAL]["scores"]).as_dict() if GENERAL in res else None,
                 "kl": res.get("kl"),
@@ -58,7 +64,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
                 if method != "ota":
                     d = stats.paired(a, _scores(res, caps, "test"), ex_test)
                     s["ota_vs"][method] = {**d.as_dict(), "ota_better": d.lo > 0}
-        for label, res in r["sweeps"].items():
+        for label, res in r["sweeps"].items() if ex_dev else ():
             s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
         for label, res in r["pairs"].items():
             pair, method = label.split("/")
