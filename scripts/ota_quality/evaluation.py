@@ -27,8 +27,8 @@ def fingerprint(folder: Path) -> list:
 
 
 class Evaluator:
-    def __init__(self, out: Path, base: Path, *, batch_size: int = 32):
-        self.out, self.base, self.batch_size = out, base, batch_size
+    def __init__(self, out: Path, base: Path, *, batch_size: int = 32, cached_only: bool = False):
+        self.out, self.base, self.batch_size, self.cached_only = out, base, batch_size, cached_only
         self.tasks = out / "tasks"
         self.cache_file = out / "evals.json"
         self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
@@ -53,7 +53,7 @@ class Evaluator:
         as the ``ota_general`` task."""
         write_task(self.tasks, "ota_general_candidates", "general", candidates, 16)
         res = self.evaluate("base/general_candidates", self.base, ["ota_general_candidates"], kl=False, general=False)
-        scores = res["ota_general_candidates"]["scores"]
+        scores = res["ota_general_candidates"]["scores"] if res else []
         self.general = [c for c, s in zip(candidates, scores) if s == 1.0][:max_n]
         if not self.general:  # a tiny random model answers nothing: keep the pipeline going
             self.general = candidates[:max_n]
@@ -66,8 +66,11 @@ class Evaluator:
             self._reference = BaseReference(self.base, prompts, batch_size=self.batch_size)
         return self._reference
 
-    def evaluate(self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True) -> dict:
-        """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder``."""
+    def evaluate(
+        self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True
+    ) -> dict | None:
+        """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder`` (None: not
+        cached, with ``cached_only``)."""
         tasks = list(tasks) + ([GENERAL] if general and self.general else [])
         key = {
             "fp": fingerprint(folder),
@@ -78,6 +81,8 @@ class Evaluator:
         hit = self.cache.get(label)
         if hit and hit["key"] == key:
             return hit["result"]
+        if self.cached_only:
+            return None
         result = lm_evaluate(folder, tasks, include_path=self.tasks, batch_size=self.batch_size)
         result = {
             t: {"acc": r["acc"], "scores": r["scores"], "responses": r["responses"][:5]} for t, r in result.items()
