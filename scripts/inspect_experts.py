@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from ota_trainer.cli.common import add_common_flags
+
     p = argparse.ArgumentParser(
-        prog="inspect_experts.py",
         description="Where Fast Fisher Grafting cuts and how experts' curvature overlaps "
         "(diagnostics.json, summary.md, PNGs).",
         epilog=__doc__,
@@ -61,15 +61,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-plots", action="store_true", help="write diagnostics.json and summary.md only (no matplotlib needed)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ota_trainer.cli.common import configure_logging
+
     args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args)
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         print(
             "error: the figures need matplotlib: pip install 'ota_trainer[plots]', or pass --no-plots", file=sys.stderr

@@ -118,3 +118,81 @@ def test_out_not_empty_needs_overwrite(tiny_models, tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr
     r = _cli("--expert", m["e1"], "--method", "linear", "--out", tmp_path / "out", "--overwrite", "--quiet")
     assert r.returncode == 0 and not (tmp_path / "out" / "x").exists()
+
+
+# -- conventions (#16 §3): version, verbosity, mergekit's positional form, --expert A B, --weight --------------
+def _digest(folder: Path) -> dict:
+    return {n: t for n, t in load_file(str(folder / "model.safetensors")).items()}
+
+
+def test_version_and_the_program_name_users_typed():
+    from ota_trainer import __version__
+
+    r = _cli("--version")
+    assert r.returncode == 0 and f"ota_trainer {__version__}" in r.stdout and "merge_from_hub.py" in r.stdout
+    exe = Path(sys.executable).with_name("ota-merge")  # the console script pip installed (make venv: -e .)
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ota-merge"), r.stdout[:200]
+
+
+def test_mergekits_positional_form_expert_lists_and_weights_equal_the_long_forms(tiny_models, tmp_path):
+    m = tiny_models
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {m['e1']}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {m['e2']}\n    parameters: {{weight: 3.0}}\n"
+    )
+    assert _cli(recipe, tmp_path / "positional", "-q").returncode == 0
+    assert _cli("--recipe", recipe, "--out", tmp_path / "long", "-q").returncode == 0
+    r = _cli("--expert", m["e1"], m["e2"], "--weight", 1, 3, "--method", "linear", "--out", tmp_path / "flags", "-q")
+    assert r.returncode == 0, r.stderr
+    want = _digest(tmp_path / "long")
+    for name in ("positional", "flags"):
+        got = _digest(tmp_path / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    unweighted = _digest(tmp_path / "flags")  # the weights did something
+    assert _cli("--expert", m["e1"], m["e2"], "--method", "linear", "--out", tmp_path / "plain", "-q").returncode == 0
+    plain = _digest(tmp_path / "plain")
+    assert any(not torch.equal(plain[k], unweighted[k]) for k in plain)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["only_one.yaml"], "give RECIPE OUT"),
+        (["a.yaml", "out", "--out", "other"], "not both"),
+        (["--expert", "x", "y", "--weight", "1", "--method", "linear", "--out", "o"], "1 weight(s) for 2 expert(s)"),
+        (["--expert", "x", "--method", "linear"], "no output folder"),
+    ],
+)
+def test_conventions_refuse_ambiguous_command_lines(args, message, tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_logging_configures_our_loggers_only_and_quiet_silences_download_bars(monkeypatch):
+    import argparse
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from ota_trainer.cli.common import add_common_flags, configure_logging
+
+    p = argparse.ArgumentParser(prog="x")
+    add_common_flags(p)
+    root_before = list(logging.getLogger().handlers)
+    ours = logging.getLogger("ota_trainer")
+    saved = (list(ours.handlers), ours.level, ours.propagate)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        assert configure_logging(p.parse_args(["-v"])) == logging.DEBUG
+        assert configure_logging(p.parse_args(["--log-level", "error"])) == logging.ERROR
+        assert configure_logging(p.parse_args([])) == logging.INFO
+        assert logging.getLogger().handlers == root_before  # the root logger is left alone...
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)  # ...so the Hub client's requests stay quiet
+        assert configure_logging(p.parse_args(["-q"])) == logging.WARNING and are_progress_bars_disabled()
+        with pytest.raises(SystemExit):
+            p.parse_args(["-q", "-v"])
+    finally:
+        ours.handlers[:], ours.level, ours.propagate = saved
+        enable_progress_bars()

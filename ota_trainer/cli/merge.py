@@ -19,7 +19,6 @@ An ota_trainer error exits with status 2 and one line on stderr; nothing is left
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -76,17 +75,39 @@ def _param_of(method: str, name: str):
 
 def make_parser() -> argparse.ArgumentParser:
     from ..merger.methods import METHODS
+    from .common import add_common_flags
 
     p = argparse.ArgumentParser(
-        prog="merge_from_hub.py",
         description="Merge fine-tuned experts with OTA + Fast Fisher Grafting or a baseline.",
+        usage="%(prog)s [RECIPE OUT] [--recipe RECIPE] [--base BASE] [--expert E [E ...]] [--out OUT] [options]",
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "positional",
+        nargs="*",
+        metavar="RECIPE OUT",
+        help="mergekit's form: a recipe and the output folder (same as --recipe RECIPE --out OUT)",
+    )
+    add_common_flags(p)
     src = p.add_argument_group("inputs (a recipe, or --base/--expert/--method)")
     src.add_argument("--recipe", help="YAML recipe (method, base_model, models, parameters, dtype, options)")
     src.add_argument("--base", help="base model folder")
-    src.add_argument("--expert", action="append", default=[], help="expert folder (repeat for each expert)")
+    src.add_argument(
+        "--expert",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="E",
+        help="expert folder(s) or repo id(s): --expert A B, or --expert A --expert B",
+    )
+    src.add_argument(
+        "--weight",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="each expert's weight c_t, in --expert order (a recipe's per-model weight)",
+    )
     src.add_argument("--method", choices=sorted(METHODS), help="merge method (default: ota)")
     par = p.add_argument_group("method parameters (override the recipe's top-level parameters)")
     _add_method_flags(par)
@@ -95,7 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--expert-param", action="append", default=[], metavar="I:KEY=VALUE", help="parameter of expert I (0-based)"
     )
     out = p.add_argument_group("output")
-    out.add_argument("--out", required=True, help="output folder (written atomically)")
+    out.add_argument("--out", help="output folder (written atomically; or give it as the second positional)")
     out.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     out.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's)")
     out.add_argument("--shard-size", help="output shard size, e.g. 5GB (default 5GB)")
@@ -105,7 +126,6 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="uniform curvature where moments are missing (warns)",
     )
-    out.add_argument("--quiet", action="store_true", help="no progress bars")
     hub = p.add_argument_group("Hub (models may be repo ids: org/name or org/name@revision)")
     hub.add_argument(
         "--push-to-hub", metavar="REPO", help="upload the merged folder to this repo in one commit, with a model card"
@@ -136,6 +156,16 @@ def recipe_from_args(args: argparse.Namespace):
     from ..errors import ConfigError
     from ..merger.recipe import MergeRecipe
 
+    if args.positional:
+        if len(args.positional) != 2 or args.recipe or args.out:
+            raise ConfigError(
+                f"positional arguments {args.positional}: give RECIPE OUT (mergekit's form), "
+                "or --recipe RECIPE --out OUT, not both"
+            )
+        args.recipe, args.out = args.positional
+        args.positional = []
+    if not args.out:
+        raise ConfigError("no output folder: give --out OUT (or RECIPE OUT)")
     if args.recipe:
         if args.base or args.expert:
             raise ConfigError("give either --recipe or --base/--expert, not both")
@@ -154,6 +184,11 @@ def recipe_from_args(args: argparse.Namespace):
         k, v = _kv(text, "--param")
         params[k] = v
     data["parameters"] = params
+    if args.weight:
+        if len(args.weight) != len(data["models"]):
+            raise ConfigError(f"--weight: {len(args.weight)} weight(s) for {len(data['models'])} expert(s)")
+        for model, w in zip(data["models"], args.weight):
+            model.setdefault("parameters", {})["weight"] = w
     for text in args.expert_param:
         idx, _, rest = text.partition(":")
         if not idx.isdigit() or int(idx) >= len(data["models"]):
@@ -247,10 +282,10 @@ def _merge(recipe, args, resolver, output):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .common import configure_logging
+
     args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args)
     from ..errors import OTAError
 
     try:

@@ -195,32 +195,36 @@ def start(groups: Sequence[Sequence[str | os.PathLike]], *, touch: bool = False)
 
 
 def local_models_in_args(argv: Sequence[str]) -> list[Path]:
-    """The local model folders a merge command line names (``--base``, ``--expert`` and the
-    ``--recipe``'s ``base_model`` and ``models``), for a read-ahead before the command parses
-    them properly. Anything unreadable is skipped: the real parser reports it."""
+    """The local model folders a merge command line names (``--base``, ``--expert A B ...`` and
+    the recipe's ``base_model`` and ``models``, the recipe given as ``--recipe`` or as the first
+    positional), for a read-ahead before the command parses them properly. Anything unreadable is
+    skipped: the real parser reports it."""
     refs: list[str] = []
+    recipes: list[str] = []
     args = list(argv)
     for i, a in enumerate(args):
         for flag in ("--base", "--expert", "--recipe"):
-            value = (
-                a.split("=", 1)[1]
-                if a.startswith(flag + "=")
-                else args[i + 1]
-                if a == flag and i + 1 < len(args)
-                else None
-            )
-            if value is None:
+            if a.startswith(flag + "="):
+                values = [a.split("=", 1)[1]]
+            elif a == flag:
+                values = []
+                for b in args[i + 1 :]:  # --expert takes several
+                    if b.startswith("-") or (values and flag != "--expert"):
+                        break
+                    values.append(b)
+            else:
                 continue
-            if flag != "--recipe":
-                refs.append(value)
-                continue
-            try:
-                from .layout import read_yaml  # light: bounded, regular files only
+            (recipes if flag == "--recipe" else refs).extend(values)
+        if a.endswith((".yaml", ".yml")) and not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-")):
+            recipes.append(a)  # mergekit's form: RECIPE OUT
+    for value in recipes:
+        try:
+            from .layout import read_yaml  # light: bounded, regular files only
 
-                recipe = read_yaml(Path(value))
-                refs.append(str(recipe.get("base_model") or ""))
-                for m in recipe.get("models") or []:
-                    refs.append(str(m.get("model") if isinstance(m, dict) else m))
-            except Exception:  # noqa: BLE001 - a hint only: the CLI reports a bad recipe
-                pass
+            recipe = read_yaml(Path(value))
+            refs.append(str(recipe.get("base_model") or ""))
+            for m in recipe.get("models") or []:
+                refs.append(str(m.get("model") if isinstance(m, dict) else m))
+        except Exception:  # noqa: BLE001 - a hint only: the CLI reports a bad recipe
+            pass
     return [Path(r) for r in dict.fromkeys(refs) if r and Path(r).is_dir()]
