@@ -117,7 +117,6 @@ def test_normalised_score_divides_by_each_experts_own_score():
 
 
 def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
-    pytest.importorskip("lm_eval")
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke", "--out", str(tmp_path)],
         capture_output=True,

@@ -142,17 +142,17 @@ _FACT_TEMPLATE_EVAL = "Which city is the capital of {c}?"
 SHOUT_PREFIX = "Answer in capital letters. "
 
 
-def _word(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice(_SYLL) for _ in range(n)).capitalize()
+def _word(rng: random.Random, n: int, syllables: list[str] = _SYLL) -> str:
+    return "".join(rng.choice(syllables) for _ in range(n)).capitalize()
 
 
-def synthetic_facts(seed: int = 1234, n: int = 24) -> list[tuple[str, str]]:
-    """``n`` invented (country, capital) pairs with distinct names."""
+def synthetic_facts(seed: int | str = 1234, n: int = 24, syllables: list[str] = _SYLL) -> list[tuple[str, str]]:
+    """``n`` invented (country, capital) pairs with distinct names, made of ``syllables``."""
     rng = random.Random(seed)
     seen: set[str] = set()
     facts = []
     while len(facts) < n:
-        country, capital = _word(rng, 3), _word(rng, 2)
+        country, capital = _word(rng, 3, syllables), _word(rng, 2, syllables)
         if country in seen or capital in seen:
             continue
         seen.update((country, capital))

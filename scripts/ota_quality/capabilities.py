@@ -38,6 +38,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ota_demo.tasks import synthetic_facts
+
 __all__ = ["CAPABILITIES", "Capability", "general_candidates", "examples", "score", "score_doc"]
 
 SPLITS = ("train", "dev", "test")
@@ -119,16 +121,7 @@ N_FACTS = 50
 
 def invented_facts(n: int = N_FACTS) -> list[tuple[str, str]]:
     """``n`` invented (country, capital) pairs with distinct names (fixed: the same for every seed)."""
-    rng = random.Random("facts")
-    seen: set[str] = set()
-    facts = []
-    while len(facts) < n:
-        country, capital = _word(rng, 3), _word(rng, 2)
-        if country in seen or capital in seen:
-            continue
-        seen.update((country, capital))
-        facts.append((country, capital))
-    return facts
+    return synthetic_facts("facts", n, _SYLL)
 
 
 def _facts(split: str, n: int, seed: int) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import stats
 from .lm_tasks import task_name
 
-__all__ = ["brief", "summarise", "write"]
+__all__ = ["brief", "compact", "summarise", "write"]
 
 GENERAL = "ota_general"
 
@@ -144,6 +144,7 @@ def write(out: Path, results: dict, caps: list[str]) -> dict:
             md += ["| method | ota wins | ties | ota loses |", "|---|---|---|---|"]
             for m, c in s["pair_calls"].items():
                 md.append(f"| {m} | {c['win']} | {c['tie']} | {c['loss']} |")
+    md += ["", "## All seeds", "", compact(summary)]
     (out / "results.md").write_text("\n".join(md) + "\n")
     plots(out, summary, caps)
     return summary
@@ -231,3 +232,45 @@ def plots(out: Path, summary: dict, caps: list[str]) -> None:
             fig.tight_layout()
             fig.savefig(out / f"density_seed{seed}.png", dpi=110)
         plt.close(fig)
+
+
+def compact(summary: dict) -> str:
+    """Seeds side by side, for the README: every method's normalised test score, forgetting and
+    KL; ota against each method (paired); the dev studies."""
+    seeds = list(summary["seeds"])
+    if not seeds:
+        return ""
+    s0 = summary["seeds"][seeds[0]]
+
+    def cell(d, digits=2):
+        return _fmt(stats.Interval(d["est"], d["lo"], d["hi"]), digits) if d else ""
+
+    lines = ["| method | " + " | ".join(f"normalised, seed {s}" for s in seeds)]
+    lines[0] += " | " + " | ".join(f"general kept, seed {s}" for s in seeds)
+    lines[0] += " | " + " | ".join(f"KL, seed {s}" for s in seeds) + " |"
+    lines.append("|---" * (1 + 3 * len(seeds)) + "|")
+    for m in sorted(s0["five"], key=lambda m: -s0["five"][m]["normalised"]["est"]):
+        rows = [summary["seeds"][s]["five"].get(m) for s in seeds]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(cell(r["normalised"]) if r else "" for r in rows)
+            + " | "
+            + " | ".join(cell(r["general"]) if r and r["general"] else "" for r in rows)
+            + " | "
+            + " | ".join(f"{r['kl']:.2f}" if r and r["kl"] is not None else "" for r in rows)
+            + " |"
+        )
+    lines += ["", "| ota − method (paired) | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+    lines.append("|---" * (1 + len(seeds)) + "|")
+    for m in sorted(s0["ota_vs"]):
+        ds = [summary["seeds"][s]["ota_vs"].get(m) for s in seeds]
+        lines.append(f"| {m} | " + " | ".join(cell(d, 3) for d in ds) + " |")
+    labels = sorted({k for s in seeds for k in summary["seeds"][s]["sweeps"]})
+    if labels:
+        lines += ["", "| setting (dev split) | " + " | ".join(f"normalised, seed {s}" for s in seeds) + " |"]
+        lines.append("|---" * (1 + len(seeds)) + "|")
+        for label in labels:
+            lines.append(
+                f"| {label} | " + " | ".join(cell(summary["seeds"][s]["sweeps"].get(label)) for s in seeds) + " |"
+            )
+    return "\n".join(lines)
