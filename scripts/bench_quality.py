@@ -60,17 +60,17 @@ DEFAULT_METHODS = (
 )
 PAIR_METHODS = ("ota", "fisher", "ties", "task_arithmetic", "linear")
 # dev-split studies: label -> ota parameters (or another method's)
-SWEEPS = {
+SWEEPS = {  # ota's own studies first (the default is chosen from them), then the other methods' densities
     **{f"ota_d{d}": ("ota", {"density": d}) for d in (0.05, 0.1, 0.2, 0.4, 0.6)},
     **{f"ota_mag_d{d}": ("ota", {"density": d, "score": "magnitude"}) for d in (0.1, 0.4)},
-    **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
-    **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
-    "fisher": ("fisher", {}),
     "ota_p1": ("ota", {"power": 1.0}),
     "ota_mean": ("ota", {"normalise": "mean"}),
     "ota_share0.99": ("ota", {"saliency_share": 0.99}),
     "ota_no_graft": ("ota", {"graft": False}),
     "ota_elect_sign": ("ota", {"elect_sign": True}),  # ours: curvature-weighted sign election
+    "fisher": ("fisher", {}),
+    **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
+    **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
 }
 
 MODES = {
