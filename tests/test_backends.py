@@ -247,7 +247,7 @@ def test_when_pytorch_merges_the_kernels_count_the_ffg_pass_meanwhile(tiny_model
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe.to_yaml())
     with caplog.at_level(logging.INFO, logger="ota_trainer"):
-        assert cli_main(["--recipe", str(path), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+        assert cli_main(["--recipe", str(path), "--out", str(tmp_path / "cli")]) == 0  # INFO: not --quiet
     assert "saliencies counted by the native kernels while PyTorch loaded" in caplog.text
     _run(recipe, tmp_path / "torch", "torch", monkeypatch)  # PyTorch counts itself
     _same(tmp_path / "cli", tmp_path / "torch")

@@ -44,9 +44,8 @@ def configure_logging(args: argparse.Namespace, *names: str) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     for name in ("ota_trainer", *names):
         log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(level)
-        log.propagate = False
+        log.handlers[:] = [handler]  # records still propagate: to nothing in a CLI (the root logger has no
+        log.setLevel(level)  # handler there), to the application's handlers when main() is called in-process
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         try:
