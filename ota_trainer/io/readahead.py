@@ -200,9 +200,19 @@ def local_models_in_args(argv: Sequence[str]) -> list[Path]:
     positional), for a read-ahead before the command parses them properly. Anything unreadable is
     skipped: the real parser reports it."""
     refs: list[str] = []
-    recipes: list[str] = []
+
+    def recipe_models(value: str) -> list[str]:
+        try:
+            from .layout import read_yaml  # light: bounded, regular files only
+
+            recipe = read_yaml(Path(value))
+            models = [str(recipe.get("base_model") or "")]
+            return models + [str(m.get("model") if isinstance(m, dict) else m) for m in recipe.get("models") or []]
+        except Exception:  # noqa: BLE001 - a hint only: the CLI reports a bad recipe
+            return []
+
     args = list(argv)
-    for i, a in enumerate(args):
+    for i, a in enumerate(args):  # in command-line order: the order the merge reads them
         for flag in ("--base", "--expert", "--recipe"):
             if a.startswith(flag + "="):
                 values = [a.split("=", 1)[1]]
@@ -214,17 +224,8 @@ def local_models_in_args(argv: Sequence[str]) -> list[Path]:
                     values.append(b)
             else:
                 continue
-            (recipes if flag == "--recipe" else refs).extend(values)
+            for v in values:
+                refs.extend(recipe_models(v) if flag == "--recipe" else [v])
         if a.endswith((".yaml", ".yml")) and not a.startswith("-") and (i == 0 or not args[i - 1].startswith("-")):
-            recipes.append(a)  # mergekit's form: RECIPE OUT
-    for value in recipes:
-        try:
-            from .layout import read_yaml  # light: bounded, regular files only
-
-            recipe = read_yaml(Path(value))
-            refs.append(str(recipe.get("base_model") or ""))
-            for m in recipe.get("models") or []:
-                refs.append(str(m.get("model") if isinstance(m, dict) else m))
-        except Exception:  # noqa: BLE001 - a hint only: the CLI reports a bad recipe
-            pass
+            refs.extend(recipe_models(a))  # mergekit's form: RECIPE OUT
     return [Path(r) for r in dict.fromkeys(refs) if r and Path(r).is_dir()]

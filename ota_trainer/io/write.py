@@ -178,7 +178,7 @@ class _OutputFile:
         """The next ``n`` bytes of the file as writable staging memory, when they fit in the free
         part of the current buffer (direct I/O only), else None. Whoever fills it calls
         :meth:`commit` before any other write: a producer that writes there saves the copy."""
-        if self._fd < 0 or n > STAGING_BYTES - self._fill:
+        if self._fd < 0 or n == 0 or n > STAGING_BYTES - self._fill:  # (nothing to produce for an empty tensor)
             return None
         return self._views[self._cur][self._fill : self._fill + n]
 

@@ -336,7 +336,7 @@ class NativeBackend:
         w0, m, n, experts = self._tensor(name, self.experts)
         dto = self.out_dtype(name)
         nbytes = m * n * DTYPE_SIZES[dto]
-        if out is not None:
+        if out is not None and nbytes > 0:  # (an empty tensor: the arena, which is never empty)
             if out.nbytes != nbytes or out.readonly:
                 raise ValueError(f"{name}: the output buffer must be {nbytes} writable bytes")
             anchor = ctypes.c_char.from_buffer(out)  # keeps `out` exported while the kernels write
