@@ -438,6 +438,11 @@ def _arr(ctype, values):
     return (ctype * len(values))(*values)
 
 
+def _expert_arrays(experts: list[tuple[int, int]]):
+    """The experts' (address, dtype code) pairs as the two C arrays the kernels take."""
+    return _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+
+
 def library() -> ctypes.CDLL:
     """The loaded kernel library (call only after :func:`available` said True)."""
     lib = _load()
@@ -493,7 +498,7 @@ def raw_saliency_hist(
     ``workers(m, m * n, threads)`` counts into ``hists[k]`` (T int64[2^21] addresses)."""
     lib = library()
     T = len(experts)
-    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    eptr, edt = _expert_arrays(experts)
     sm, pa, pb, pv = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
     ranges = workers(m, m * n, threads)
     hp = [_arr(_ptr, hists[k]) for k in range(len(ranges))]
@@ -533,7 +538,7 @@ def raw_ota_merge(
     Returns (entries kept per expert, whether every merged value is finite)."""
     lib = library()
     T = len(experts)
-    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    eptr, edt = _expert_arrays(experts)
     sm, a, b, v = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
     wm, qa, qb, qv = _arr(_int, wmode), _arr(_ptr, pa), _arr(_ptr, pb), _arr(_ptr, wv)
     cut, div, coef = _arr(_f64, cuts), _arr(_f32, pdiv), _arr(_f32, coefs)
@@ -584,7 +589,7 @@ def raw_magnitude_cuts(
     (:func:`ota_trainer.backends.torch.ops.magnitude_cut`, exactly)."""
     lib = library()
     T = len(experts)
-    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    eptr, edt = _expert_arrays(experts)
     cuts: list[float | None] = []
     ks = []
     for p in densities:
@@ -648,7 +653,7 @@ def _bracketed_cuts(lib, w0, dt0, numel, experts, ks, cuts, todo, ranges, thread
     if numel < BRACKET_MIN or not todo:
         return todo
     T = len(experts)  # noqa: N806
-    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    eptr, edt = _expert_arrays(experts)
     sample = [(_i64 * (1 << 15))() for _ in range(T)]
     lib.ota_abs_sample(
         w0, dt0, T, eptr, edt, 0, numel, BRACKET_STRIDE, _arr(_ptr, [ctypes.addressof(h) for h in sample])
@@ -731,7 +736,7 @@ def raw_ties_merge(
     if len(experts) > MAX_TIES_EXPERTS:
         raise ValueError(f"native TIES merges at most {MAX_TIES_EXPERTS} experts")
     lib = library()
-    eptr, edt = _arr(_ptr, [e for e, _ in experts]), _arr(_int, [d for _, d in experts])
+    eptr, edt = _expert_arrays(experts)
     cut, coef, lam32 = _arr(_f32, cuts), _arr(_f32, coefs), float32(lam)
     bad = run(
         [
