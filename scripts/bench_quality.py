@@ -68,10 +68,18 @@ SWEEPS = {  # ota's own studies first (the default is chosen from them), then th
     "ota_share0.99": ("ota", {"saliency_share": 0.99}),
     "ota_no_graft": ("ota", {"graft": False}),
     "ota_elect_sign": ("ota", {"elect_sign": True}),  # ours: curvature-weighted sign election
+    # the settings that beat the default on dev in both seeds, combined (added after the first study)
+    "ota_d0.05_elect_sign": ("ota", {"density": 0.05, "elect_sign": True}),
+    "ota_d0.1_elect_sign": ("ota", {"density": 0.1, "elect_sign": True}),
+    "ota_mag_d0.1_elect_sign": ("ota", {"density": 0.1, "score": "magnitude", "elect_sign": True}),
+    "ota_share0.99_elect_sign": ("ota", {"saliency_share": 0.99, "elect_sign": True}),
+    "ota_d0.05_p1": ("ota", {"density": 0.05, "power": 1.0}),
     "fisher": ("fisher", {}),
     **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
     **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
 }
+
+DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
 MODES = {
     "full": {"seeds": (0, 1), "n_eval": 150, "steps": None, "general_max": 200, "pairs": True, "sweeps": True},
@@ -178,13 +186,40 @@ def merge_one(
     }
     folder = out / "merges" / label
     stamp = folder / "bench_quality_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+    want = {**recipe, "library_defaults": library_defaults(method)}  # a changed default re-merges
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return folder
     if cached_only:
         return None
     merge(recipe, folder, overwrite=True, quiet=True)
-    stamp.write_text(json.dumps(recipe))
+    stamp.write_text(json.dumps(want))
     return folder
+
+
+def library_defaults(method: str) -> dict:
+    """The library's defaults for ``method`` (what an empty ``parameters`` means today)."""
+    from ota_trainer.merger.methods import get_method
+    from ota_trainer.merger.recipe import DEFAULT_FFG_DENSITY
+
+    defaults = {p.name: p.default for p in get_method(method).params}
+    if get_method(method).grafts:
+        defaults["ffg_density"] = DEFAULT_FFG_DENSITY
+    return defaults
+
+
+def dev_choice(results: dict, caps: list[str]) -> str | None:
+    """The ota setting with the best dev-split normalised score, averaged over the seeds (None
+    until every seed has every ota study): the candidate default, then reported on the test split."""
+    means = {}
+    for label, (method, _) in SWEEPS.items():
+        if method != "ota":
+            continue
+        got = [report.dev_normalised(r, label, caps) for r in results["seeds"].values()]
+        if got and all(g is not None for g in got):
+            means[label] = sum(got) / len(got)
+    if len(means) < sum(1 for m, _ in SWEEPS.values() if m == "ota"):
+        return None
+    return max(means, key=means.get)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +324,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if res is not None:
                     print(f"    seed {seed} sweep {label}: {report.brief(res, caps, 'dev')}", flush=True)
+            report.write(out, results, caps)
+        chosen = dev_choice(results, caps)
+        if chosen is not None:  # the dev split's choice, reported on the test split beside the defaults
+            results["dev_choice"] = {"label": chosen, "parameters": SWEEPS[chosen][1]}
+            for seed in seeds:
+                r, ex = results["seeds"][str(seed)], experts[seed]
+                res = merged(
+                    r["five"],
+                    DEV_CHOICE,
+                    f"seed{seed}/five/dev_choice/{chosen}",
+                    "ota",
+                    SWEEPS[chosen][1],
+                    [ex[c] for c in caps],
+                    test_tasks,
+                )
+                if res is not None:
+                    print(f"    seed {seed} five ota dev choice ({chosen}): {report.brief(res, caps)}", flush=True)
             report.write(out, results, caps)
     five_way([m for m in methods if m not in core])
     if cfg["pairs"]:

@@ -11,6 +11,7 @@ from .lm_tasks import task_name
 __all__ = ["brief", "compact", "summarise", "write"]
 
 GENERAL = "ota_general"
+DEV_CHOICE = "ota_dev_choice"  # the five-way entry of the ota setting chosen on the dev split
 
 
 def _scores(result: dict, caps: list[str], split: str) -> dict[str, list[float]]:
@@ -23,6 +24,27 @@ def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[f
     if not all(task_name(c, split) in ex.get(c, {}) for c in caps):
         return None
     return {c: ex[c][task_name(c, split)]["scores"] for c in caps}
+
+
+def dev_normalised(seed_result: dict, label: str, caps: list[str]) -> float | None:
+    """The point estimate of a dev study's normalised score (None until it and the experts' dev runs exist)."""
+    ex_dev, res = _experts(seed_result, caps, "dev"), seed_result.get("sweeps", {}).get(label)
+    if ex_dev is None or res is None or not all(task_name(c, "dev") in res for c in caps):
+        return None
+    return stats.normalised(_scores(res, caps, "dev"), ex_dev).est
+
+
+def _versus(five: dict, name: str, caps: list[str], ex_test: dict) -> dict:
+    """``name`` minus every other method on the same test prompts (paired bootstrap)."""
+    if name not in five:
+        return {}
+    a = _scores(five[name], caps, "test")
+    out = {}
+    for method, res in five.items():
+        if method != name:
+            d = stats.paired(a, _scores(res, caps, "test"), ex_test)
+            out[method] = {**d.as_dict(), "ota_better": d.lo > 0}
+    return out
 
 
 def brief(result: dict, caps: list[str], split: str = "test") -> str:
@@ -58,12 +80,8 @@ def summarise(results: dict, caps: list[str]) -> dict:
                 "general": stats.mean_ci(res[GENERAL]["scores"]).as_dict() if GENERAL in res else None,
                 "kl": res.get("kl"),
             }
-        if "ota" in r["five"]:
-            a = _scores(r["five"]["ota"], caps, "test")
-            for method, res in r["five"].items():
-                if method != "ota":
-                    d = stats.paired(a, _scores(res, caps, "test"), ex_test)
-                    s["ota_vs"][method] = {**d.as_dict(), "ota_better": d.lo > 0}
+        s["ota_vs"] = _versus(r["five"], "ota", caps, ex_test)
+        s["dev_choice_vs"] = _versus(r["five"], DEV_CHOICE, caps, ex_test)
         for label, res in r["sweeps"].items() if ex_dev else ():
             s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
         for label, res in r["pairs"].items():
@@ -124,11 +142,12 @@ def write(out: Path, results: dict, caps: list[str]) -> dict:
     for seed, s in summary["seeds"].items():
         md += ["", f"## Seed {seed}: all {len(caps)} experts merged, test split", ""]
         md += _table(s, caps)
-        if s["ota_vs"]:
-            md += ["", "ota minus each method (normalised, paired bootstrap on the same prompts):", ""]
-            md += ["| method | ota − method | ota better (interval > 0) |", "|---|---|---|"]
-            for m, d in sorted(s["ota_vs"].items(), key=lambda kv: kv[1]["est"]):
-                md.append(f"| {m} | {_fmt(stats.Interval(d['est'], d['lo'], d['hi']), 3)} | {d['ota_better']} |")
+        for key, who in (("ota_vs", "ota"), ("dev_choice_vs", DEV_CHOICE)):
+            if s.get(key):
+                md += ["", f"{who} minus each method (normalised, paired bootstrap on the same prompts):", ""]
+                md += [f"| method | {who} − method | {who} better (interval > 0) |", "|---|---|---|"]
+                for m, d in sorted(s[key].items(), key=lambda kv: kv[1]["est"]):
+                    md.append(f"| {m} | {_fmt(stats.Interval(d['est'], d['lo'], d['hi']), 3)} | {d['ota_better']} |")
         if s["sweeps"]:
             md += [
                 "",
@@ -260,11 +279,14 @@ def compact(summary: dict) -> str:
             + " | ".join(f"{r['kl']:.2f}" if r and r["kl"] is not None else "" for r in rows)
             + " |"
         )
-    lines += ["", "| ota − method (paired) | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
-    lines.append("|---" * (1 + len(seeds)) + "|")
-    for m in sorted(s0["ota_vs"]):
-        ds = [summary["seeds"][s]["ota_vs"].get(m) for s in seeds]
-        lines.append(f"| {m} | " + " | ".join(cell(d, 3) for d in ds) + " |")
+    for key, who in (("ota_vs", "ota"), ("dev_choice_vs", DEV_CHOICE)):
+        if not s0.get(key):
+            continue
+        lines += ["", f"| {who} − method (paired) | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+        lines.append("|---" * (1 + len(seeds)) + "|")
+        for m in sorted(s0[key]):
+            ds = [summary["seeds"][s][key].get(m) for s in seeds]
+            lines.append(f"| {m} | " + " | ".join(cell(d, 3) for d in ds) + " |")
     labels = sorted({k for s in seeds for k in summary["seeds"][s]["sweeps"]})
     if labels:
         lines += ["", "| setting (dev split) | " + " | ".join(f"normalised, seed {s}" for s in seeds) + " |"]
