@@ -21,9 +21,24 @@ GENERAL = "ota_general"
 KL_PROMPTS = 64
 
 
-def fingerprint(folder: Path) -> list:
+def fingerprint(folder: Path) -> str:
+    """sha256 of the folder's weight files (names and bytes): a re-made merge with the same bytes
+    keeps its cached evaluation. Remembered per (name, size, mtime) in ``.ota_quality_fp.json``."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo = Path(folder) / ".ota_quality_fp.json"
+    if memo.is_file():
+        saved = json.loads(memo.read_text())
+        if saved.get("stat") == stat:
+            return saved["sha256"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    memo.write_text(json.dumps({"stat": stat, "sha256": h.hexdigest()}))
+    return h.hexdigest()
 
 
 class Evaluator:
