@@ -196,3 +196,59 @@ def test_logging_configures_our_loggers_only_and_quiet_silences_download_bars(mo
     finally:
         ours.handlers[:], ours.level, ours.propagate = saved
         enable_progress_bars()
+
+
+def _dry(capsys, *args):
+    from ota_trainer.cli.merge import main
+
+    code = main(["--dry-run", "-q", *map(str, args)])
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def test_dry_run_runs_every_check_on_local_folders(tiny_models, bf16_models, tmp_path, capsys):
+    """--dry-run runs the merge's checks (configs and headers only) and exits 2 on what the merge
+    would refuse: another architecture, an adapter folder without full weights, moments of another model."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    m = tiny_models
+    code, out, _ = _dry(capsys, "--base", m["base"], "--expert", m["e1"], m["e2"], "--out", tmp_path / "o")
+    assert code == 0 and "checks passed" in out and "moments" in out
+    assert "(cached)" not in out and "(local folder)" in out  # local files are not "cached"
+    assert not (tmp_path / "o").exists()
+
+    qwen = tmp_path / "qwen"
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(qwen)
+    code, _, err = _dry(
+        capsys, "--base", m["base"], "--expert", m["e1"], qwen, "--method", "ties", "--out", tmp_path / "o"
+    )
+    assert code == 2 and "Qwen2" in err
+
+    lora = tmp_path / "lora"  # what PEFT's save_pretrained writes: an adapter, no full weights
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": str(m["base"])})
+    )
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
+        str(lora / "adapter_model.safetensors"),
+    )
+    code, _, err = _dry(capsys, "--base", m["base"], "--expert", m["e1"], lora, "--out", tmp_path / "o")
+    assert code == 2 and "lora" in err
+
+    other = tmp_path / "other_moments"  # e1's weights with the moments of a model of another width
+    shutil.copytree(m["e1"], other)
+    shutil.copyfile(bf16_models["e1"] / "ota" / "moments.safetensors", other / "ota" / "moments.safetensors")
+    code, _, err = _dry(capsys, "--base", m["base"], "--expert", other, m["e2"], "--out", tmp_path / "o")
+    assert code == 2 and "other_moments" in err and "moments" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -140,6 +139,7 @@ def test_dry_run_downloads_nothing(local_hub, tiny, tmp_path, capsys):
     assert merge_main(_merge_args(tmp_path / "out", "--dry-run")) == 0
     out = capsys.readouterr().out
     assert "org/e1 ->" in out and "ota/moments.safetensors" in out and "estimated peak memory" in out
+    assert "architectures agree" in out and "once they are downloaded" in out  # configs only, so far
     assert not (tmp_path / "out").exists()
     from huggingface_hub import constants
 
@@ -291,11 +291,9 @@ def test_trained_experts_pushed_by_the_trainer_merge_from_the_hub(local_hub, tmp
     """The whole story: two tiny experts trained with OTACallback and push_to_hub=True, merged from their repo ids."""
     from huggingface_hub import HfApi
 
+    from ota_trainer.cli import train_sft
     from ota_trainer.hub import publish_folder
 
-    spec = importlib.util.spec_from_file_location("train_sft_hub", ROOT / "scripts" / "train_sft.py")
-    train_sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_sft)
     base = make_tiny_base(tmp_path / "base", seed=0)
     make_tiny_tokenizer(base)
     publish_folder(base, "org/tiny-base")
@@ -354,3 +352,41 @@ def test_trained_experts_pushed_by_the_trainer_merge_from_the_hub(local_hub, tmp
     pulled = AutoModelForCausalLM.from_pretrained("org/tiny-merged")
     local = _tensors(tmp_path / "merged")
     assert all(torch.equal(t, local[n]) for n, t in pulled.state_dict().items() if n in local)
+
+
+def test_written_recipe_pins_commits_and_reproduces_after_the_repo_moves_on(local_hub, tiny, tmp_path):
+    import yaml
+
+    from ota_trainer.hub import publish_folder
+
+    _publish(tiny)
+    assert merge_main(["--base", "org/base", "--expert", "org/e1", "org/e2", "--out", str(tmp_path / "a"), "-q"]) == 0
+    pinned = yaml.safe_load((tmp_path / "a" / "ota_merge.yaml").read_text())
+    from huggingface_hub import HfApi
+
+    sha = HfApi().model_info("org/e1").sha
+    assert pinned["models"][0]["model"] == f"org/e1@{sha}" and pinned["parameters"]["density"] == 0.4
+    # org/e1 gets new weights: the pinned recipe still merges the commit it named
+    moved = make_tiny_expert(tiny["base"], tmp_path / "e1_moved", seed=7)
+    publish_folder(moved, "org/e1")
+    assert HfApi().model_info("org/e1").sha != sha
+    assert merge_main([str(tmp_path / "a" / "ota_merge.yaml"), str(tmp_path / "b"), "-q"]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    # cached now: a dry run of the same merge runs every check
+    assert (
+        merge_main(
+            [
+                "--base",
+                "org/base",
+                "--expert",
+                f"org/e1@{sha}",
+                "org/e2",
+                "--out",
+                str(tmp_path / "c"),
+                "--dry-run",
+                "-q",
+            ]
+        )
+        == 0
+    )

@@ -185,7 +185,73 @@ def test_recipe_yaml_round_trip(ins, tmp_path):
     p.write_text(r.to_yaml())
     assert MergeRecipe.from_yaml(p) == r
     merge(p, tmp_path / "out", quiet=True)
-    assert MergeRecipe.from_yaml(tmp_path / "out" / "ota_merge.yaml") == r
+    written = MergeRecipe.from_yaml(tmp_path / "out" / "ota_merge.yaml")  # pinned: every value used, spelled out
+    assert written.method_parameters() == {**r.method_parameters(), "density": 0.2}
+    assert [written.model_parameters(i) for i in range(3)] == [r.model_parameters(i) for i in range(3)]
+
+
+def _weights(out):
+    return {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+
+
+def test_written_recipe_pins_every_default_and_reproduces_the_bytes(ins, tmp_path):
+    import yaml
+
+    from ota_trainer import __version__
+    from ota_trainer.cli.merge import main as merge_main
+
+    merge(_recipe(ins, "ota"), tmp_path / "first", quiet=True)  # every parameter at its default
+    pinned = yaml.safe_load((tmp_path / "first" / "ota_merge.yaml").read_text())
+    assert pinned["parameters"]["density"] == 0.4 and pinned["parameters"]["power"] == 0.5
+    assert pinned["parameters"]["graft"] is True and pinned["parameters"]["score"] == "fisher"
+    assert pinned["ota_trainer_version"] == __version__
+    # mergekit's positional form, with the written recipe: the same bytes
+    assert merge_main([str(tmp_path / "first" / "ota_merge.yaml"), str(tmp_path / "again"), "-q"]) == 0
+    assert _weights(tmp_path / "again") == _weights(tmp_path / "first")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "`ota-merge ota_merge.yaml merged/`" in card and f"ota_trainer=={__version__}" in card
+    assert "density: 0.4" in card  # the card shows the pinned recipe
+
+
+def test_card_tags_and_base_model_of_local_folders(tiny_models, tmp_path):
+    import json as _json
+
+    import yaml
+
+    m = tiny_models
+    base = tmp_path / "base"  # a local copy of a Hub model names its repo in config.json
+    import shutil
+
+    shutil.copytree(m["base"], base)
+    cfg = _json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(_json.dumps({**cfg, "_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    rec = {"base_model": str(base), "models": [str(m["e1"]), str(m["e2"])]}
+    merge({**rec, "method": "ties"}, tmp_path / "ties", quiet=True)
+    front = yaml.safe_load((tmp_path / "ties" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == ["HuggingFaceTB/SmolLM2-135M"] and front["base_model_relation"] == "merge"
+    assert "ota" not in front["tags"] and {"merge", "ties", "ota_trainer"} <= set(front["tags"])
+    merge({**rec, "method": "ota"}, tmp_path / "ota", quiet=True)
+    front = yaml.safe_load((tmp_path / "ota" / "README.md").read_text().split("---")[1])
+    assert "ota" in front["tags"]
+
+
+def test_missing_moments_report_says_ffg_was_not_applied(bf16_models, tmp_path, caplog):
+    import logging
+
+    m = bf16_models
+    recipe = {
+        "method": "ota",
+        "base_model": str(m["base"]),
+        "models": [str(m["e1"]), str(m["e3"])],  # e3 has no moments
+        "options": {"allow_missing_moments": True},
+    }
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        report = merge(recipe, tmp_path / "out", quiet=True)
+    assert report.experts[0].grafted and abs(report.experts[0].density - 0.4) < 0.01
+    assert not report.experts[1].grafted and report.experts[1].no_moments
+    assert "keeps 0.0000 of 0 entries" not in caplog.text and "no moments: FFG is not applied" in caplog.text
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "no moments: FFG not applied, every edit kept" in card
 
 
 def test_ota_saliency_share_rule(ins, tmp_path):

@@ -69,7 +69,8 @@ def digest(folder) -> str:
     for f in sorted(p for p in folder.iterdir() if p.suffix == ".safetensors"):
         h.update(f.read_bytes())
     rep = json.loads((folder / "ota_merge_report.json").read_text())
-    experts = [{k: v for k, v in e.items() if k != "model"} for e in rep["experts"]]
+    # the FFG figures (not the labels, nor the no_moments flag added after the hashes were pinned)
+    experts = [{k: v for k, v in e.items() if k not in ("model", "no_moments")} for e in rep["experts"]]
     h.update(json.dumps([experts, rep["tensor_density"]], sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -9,9 +9,9 @@ data instead of the dataset, and CPU-safe overrides. The run must leave
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,10 +49,9 @@ TINY_CHAT_TEMPLATE = (
 
 
 def _load_train_sft():
-    spec = importlib.util.spec_from_file_location("train_sft_under_test", ROOT / "scripts" / "train_sft.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from ota_trainer.cli import train_sft
+
+    return train_sft
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +130,26 @@ def test_config_trains_two_steps(path, train_sft, tiny_model_dir, tmp_path):
     assert trainer.state.global_step == 2
     assert (out / "ota" / "moments.safetensors").is_file()
     assert (out / "ota_train_config.yaml").is_file()
+
+
+def test_console_scripts_are_installed_and_share_the_conventions(tmp_path):
+    """pip users get ota-merge, ota-inspect and ota-train-sft, with --version; outside a checkout a
+    builtin (demo) dataset is refused with what to do instead."""
+    import shutil
+    import subprocess
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("ota-")}
+    assert scripts == {
+        "ota-merge": "ota_trainer.cli.merge:main",
+        "ota-inspect": "ota_trainer.cli.inspect:main",
+        "ota-train-sft": "ota_trainer.cli.train_sft:main",
+    }
+    exe = shutil.which("ota-train-sft", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ota-train-sft (ota_trainer " in r.stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: some/model\ndataset: {builtin: arithmetic}\nsft: {output_dir: out, max_steps: 1}\n")
+    r = subprocess.run([exe, "--config", str(cfg)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "dataset.builtin='arithmetic'" in r.stderr and "dataset.path" in r.stderr

@@ -132,7 +132,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     hub.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
     hub.add_argument(
-        "--dry-run", action="store_true", help="print the plan (resolved shas, files, bytes, memory); download nothing"
+        "--dry-run",
+        action="store_true",
+        help="print the plan (resolved shas, files, bytes, memory) and run every check that needs no tensor "
+        "data; downloads configs only",
     )
     return p
 
@@ -216,11 +219,15 @@ def describe_plan(recipe, resolver) -> str:
     for role, ref in refs:
         sha = resolver.sha(ref)
         files = resolver.plan(ref)
-        todo = sum(size or 0 for _, size, cached in files if not cached)
-        total += todo
-        lines.append(f"{role}: {ref} -> {sha or 'local folder'}; {len(files)} files, {_fmt(todo)} to download")
+        if resolver.ref(ref).is_local:
+            lines.append(f"{role}: {ref} (local folder); {len(files)} files")
+        else:
+            todo = sum(size or 0 for _, size, cached in files if not cached)
+            total += todo
+            lines.append(f"{role}: {ref} -> {sha}; {len(files)} files, {_fmt(todo)} to download")
         for name, size, cached in files:
-            lines.append(f"    {name}  {_fmt(size or 0)}{'  (cached)' if cached else ''}")
+            tag = "" if resolver.ref(ref).is_local else "  (cached)" if cached else ""
+            lines.append(f"    {name}  {_fmt(size or 0)}{tag}")
         if role.startswith("expert"):
             lines.append(f"    options: {recipe.model_parameters(int(role.split()[1]))}")
     lines.append(f"total to download: {_fmt(total)}")
@@ -235,6 +242,32 @@ def describe_plan(recipe, resolver) -> str:
     else:
         lines.append("estimated peak memory: unknown (tensor headers not readable)")
     return "\n".join(lines)
+
+
+def dry_run_checks(recipe, resolver) -> str:
+    """Every check the merge runs before it reads tensor data, on configs and headers only:
+    architectures (configs), then - when every input is a local folder or fully cached - names,
+    shapes, dtypes and the moments (presence, names, shapes, metadata, scale) through the same
+    :func:`~ota_trainer.merger.inputs.open_inputs` the merge uses. Downloads configs only.
+
+    Raises:
+        IncompatibleModelsError, MissingMomentsError, FormatError, ...: what the merge would raise.
+    """
+    from ..hub import check_architectures
+    from ..merger.inputs import open_inputs
+
+    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
+    absent = [r for r in refs if not resolver.ref(r).is_local and not all(c for _, _, c in resolver.plan(r))]
+    if absent:
+        return (
+            "checks: architectures agree; names, shapes, dtypes and moments are checked from the weight files' "
+            f"headers once they are downloaded (not in the cache: {', '.join(absent)})"
+        )
+    open_inputs(recipe, resolver)  # headers only: no tensor data is read
+    return "checks passed: architectures, tensor names, shapes and dtypes" + (
+        ", moments (present, for these weights, valid metadata, comparable scale)" if recipe.spec.needs_moments else ""
+    )
 
 
 def _fmt(n: int) -> str:
@@ -296,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:
             print(describe_plan(recipe, resolver))
+            print(dry_run_checks(recipe, resolver))
             return 0
         # --out is checked (never an input, the HF cache or a file) and locked before anything is read
         with output_for(

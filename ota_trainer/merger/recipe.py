@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,14 @@ from ..io.layout import DTYPES, OUTPUT_DTYPES, read_yaml
 from ..io.write import parse_size
 from .methods import MergeMethod, get_method
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
 
 DTYPE_NAMES = tuple(DTYPES[c].name for c in OUTPUT_DTYPES)  # what `dtype:` may be
 DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
-_TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options"}
+_TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options", "ota_trainer_version"}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
 
 
@@ -207,6 +210,17 @@ class MergeRecipe:
             if not isinstance(e.get("parameters") or {}, dict):
                 raise ConfigError(f"models[{i}]: parameters must be a mapping, got {brief(e['parameters'])}")
             models.append(ModelEntry(e["model"], dict(e.get("parameters") or {})))
+        written_by = data.get("ota_trainer_version")
+        if written_by is not None:
+            from .. import __version__
+
+            if str(written_by) != __version__:
+                logger.info(
+                    "recipe written by ota_trainer %s, merged with %s (its parameters are pinned: same method, "
+                    "same values)",
+                    written_by,
+                    __version__,
+                )
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"'parameters' must be a mapping, got {brief(params)}")
@@ -250,3 +264,30 @@ class MergeRecipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def pinned(self, shas: dict[str, str | None]) -> dict[str, Any]:
+        """This recipe as it ran, for ``ota_merge.yaml`` and the card: every Hub reference pinned
+        to the commit it resolved to (``shas``: reference -> sha, None for folders), every
+        method parameter with the value used (defaults included, FFG's default density too) and
+        the library version, so re-running it gives the same bytes after our defaults change."""
+        from .. import __version__
+
+        def pin(ref: str) -> str:
+            sha = shas.get(ref)
+            return f"{ref.split('@')[0]}@{sha}" if sha else ref
+
+        d = self.to_dict()
+        if self.base_model:
+            d["base_model"] = pin(self.base_model)
+        for entry, m in zip(d["models"], self.models):
+            entry["model"] = pin(m.model)
+        params = {k: v for k, v in self.method_parameters().items() if v is not None}
+        if self.grafting() and not any(params.get(k) is not None for k in FFG_RULES):
+            params["density"] = DEFAULT_FFG_DENSITY
+        d["parameters"] = params
+        d["ota_trainer_version"] = __version__
+        return {
+            k: d[k]
+            for k in ("method", "base_model", "models", "parameters", "dtype", "options", "ota_trainer_version")
+            if k in d
+        }

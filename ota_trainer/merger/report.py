@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .. import __version__
 from ..errors import FormatError
 from ..io.write import output_errors
-from .inputs import ModelLayout
+from .inputs import MergeInputs, ModelLayout
 from .methods import get_method
 from .recipe import MergeRecipe
 
@@ -48,6 +50,7 @@ class ExpertReport:
     total: int = 0
     saliency_share: float | None = None
     grafted: bool = False  # FFG ran on this expert (density is then the achieved kept fraction)
+    no_moments: bool = False  # a grafting merge kept all of this expert's edits: it has no moments
 
     @property
     def density(self) -> float:
@@ -65,6 +68,7 @@ class MergeReport:
     tensor_density: dict[str, list[float]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     sources: dict[str, str | None] = field(default_factory=dict)
+    pinned_recipe: dict[str, Any] = field(default_factory=dict)  # ota_merge.yaml: shas and every value used
     seconds: float = 0.0
     library_version: str = __version__
 
@@ -112,6 +116,7 @@ def finish(
     files: list[str],
     resolver: Resolver,
     start: float,
+    inputs: MergeInputs,
 ) -> MergeReport:
     """Write the recipe, the model card and the report into ``tmp``; returns the report."""
     report = MergeReport(
@@ -125,9 +130,11 @@ def finish(
     sha = getattr(resolver, "sha", None)
     refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
     report.sources = {r: (sha(r) if sha else None) for r in refs}
+    report.pinned_recipe = recipe.pinned(report.sources)
     with output_errors(tmp):
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        (tmp / CARD_FILE).write_text(render_model_card(report.to_dict(), report.sources))
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(report.pinned_recipe, sort_keys=False))
+        card = render_model_card(report.to_dict(), report.sources, base_id=named_base(inputs))
+        (tmp / CARD_FILE).write_text(card)
         report.seconds = time.perf_counter() - start
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return report
@@ -138,26 +145,57 @@ def _is_repo_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~")) and not Path(ref).exists()
 
 
-def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *, title: str | None = None) -> str:
+def named_base(inputs: MergeInputs) -> str | None:
+    """The Hub id a local base names for itself: its config's ``_name_or_path`` when that is a
+    repo id, else the ``base_model`` the experts' own cards agree on (None when nothing does)."""
+    base = inputs.base
+    if base is None:
+        return None
+    own = base.config.get("_name_or_path")
+    if isinstance(own, str) and _is_repo_id(own):
+        return own
+    named = {card_base_model(e.path) for e in inputs.experts}
+    return named.pop() if len(named) == 1 and None not in named else None
+
+
+def card_base_model(folder: Path) -> str | None:
+    """The single ``base_model`` repo id in a folder's README.md front matter (None otherwise)."""
+    import yaml
+
+    readme = Path(folder) / CARD_FILE
+    try:
+        text = readme.read_text(encoding="utf-8")[:65536] if readme.is_file() and not readme.is_symlink() else ""
+        front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") and text.count("---") >= 2 else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = front.get("base_model") if isinstance(front, dict) else None
+    value = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return value if isinstance(value, str) and _is_repo_id(value) else None
+
+
+def render_model_card(
+    report: dict[str, Any], sources: dict[str, str | None], *, title: str | None = None, base_id: str | None = None
+) -> str:
     """The merged model's README.md: Hub model-card YAML front matter and a Markdown body.
 
     Args:
         report: :meth:`MergeReport.to_dict` output (method, recipe, experts' achieved density).
         sources: model reference -> resolved commit sha (``None`` for local folders).
+        base_id: the Hub id of a local base (see :func:`named_base`), for ``base_model``.
     """
-    import yaml
-
     recipe = report["recipe"]
     method = get_method(report["method"])
     base = recipe.get("base_model")
     refs = ([base] if base else []) + [m["model"] for m in recipe["models"]]
     hub_refs = [r.split("@")[0] for r in refs if _is_repo_id(r)]
+    if base_id and base and not _is_repo_id(base):
+        hub_refs.insert(0, base_id)
     front: dict[str, Any] = {}
     if hub_refs:
         front["base_model"] = list(dict.fromkeys(hub_refs))
         front["base_model_relation"] = "merge"
     front["library_name"] = "transformers"
-    front["tags"] = list(dict.fromkeys(["merge", "ota", "ota_trainer", method.name]))
+    front["tags"] = list(dict.fromkeys(["merge", "ota_trainer", method.name]))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     lines.append(f"# {title or 'Merged model'}")
     lines.append("")
@@ -169,9 +207,20 @@ def render_model_card(report: dict[str, Any], sources: dict[str, str | None], *,
     if base:
         lines.append(f"| base | `{base}` | `{sources.get(base) or 'local'}` | - |")
     for m, e in zip(recipe["models"], report["experts"]):
-        dens = f"{e['density']:.4f}" if e.get("grafted") else "-"
+        dens = (
+            f"{e['density']:.4f}"
+            if e.get("grafted")
+            else "1 (no moments: FFG not applied, every edit kept)"
+            if e.get("no_moments")
+            else "-"
+        )
         lines.append(f"| expert | `{m['model']}` | `{sources.get(m['model']) or 'local'}` | {dens} |")
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
-    lines.append("Reproduce: `python scripts/merge_from_hub.py --recipe ota_merge.yaml --out merged/`")
+    pinned = report.get("pinned_recipe") or recipe
+    lines += ["", "## Recipe", "", "Every source pinned to its commit, every parameter with the value used:"]
+    lines += ["", "```yaml", yaml.safe_dump(pinned, sort_keys=False).strip(), "```", ""]
+    lines.append(
+        f"Reproduce (`pip install ota_trainer=={report.get('library_version', __version__)}`): "
+        f"`ota-merge {RECIPE_FILE} merged/`"
+    )
     lines.append("")
     return "\n".join(lines)

@@ -77,9 +77,10 @@ def run(
             p.get("density") if grafting else None,
             None,
             saliency_share=p.get("saliency_share") if grafting else None,
-            grafted=grafting,
+            grafted=grafting and not _ungraftable(recipe, inputs, i),
+            no_moments=grafting and _ungraftable(recipe, inputs, i),
         )
-        for m, p in zip(recipe.models, model_params)
+        for i, (m, p) in enumerate(zip(recipe.models, model_params))
     ]
     gc_was_on = gc.isenabled()
     gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
@@ -93,12 +94,17 @@ def run(
         with output.stage() as tmp:
             files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet)
             files += copy_side_files(inputs.template, tmp, recipe.dtype)
-            return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start)
+            return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start, inputs)
     finally:
         if backend is not None:
             backend.close()
         if gc_was_on:
             gc.enable()
+
+
+def _ungraftable(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> bool:
+    """Expert ``i`` has no moments (allowed missing) and FFG's saliency needs them: its edits are all kept."""
+    return inputs.moments[i] is None and recipe.model_parameters(i).get("score") != "magnitude"
 
 
 def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool):
@@ -114,7 +120,10 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         for i, p in enumerate(model_params):
             if p.get("threshold") is not None:
                 thresholds[i] = Threshold.absolute(p["threshold"])
-    todo = recipe.global_threshold_experts()
+    todo = [i for i in recipe.global_threshold_experts() if not _ungraftable(recipe, inputs, i)]
+    for i in recipe.global_threshold_experts():
+        if i not in todo:
+            logger.info("%s: no moments: FFG is not applied, every edit is kept", inputs.experts[i].label)
     counted: list[Histogram] = []
     if cls is NativeBackend:
         backend = NativeBackend(recipe, inputs, quiet=quiet)
@@ -197,7 +206,7 @@ def _merge_pass(
             if name in floats:
                 dest = writer.reserve(name, t.shape, code)  # room in the writer's staging memory, if it fits
                 data, kept = backend.merge_tensor(name, names[k + 1 : k + 2], out=dest)
-                if reports[0].grafted and kept is not None:
+                if kept is not None and any(r.grafted for r in reports):
                     numel = math.prod(t.shape)
                     for report, n_kept in zip(reports, kept):
                         report.kept += n_kept

@@ -1,0 +1,164 @@
+"""Train a capability expert with TRL's SFTTrainer and OTACallback (merge-ready checkpoints).
+
+    ota-train-sft --config sft_configs/smollm2_cpu_arithmetic.yaml
+    ota-train-sft --config sft_configs/smollm2_cpu_facts.yaml \\
+        --model path/to/base --sft.max_steps 20 --sft.output_dir out/facts --ota.compression full
+
+A config is a YAML file with four sections:
+
+``model``    model id or local folder (the base the expert is fine-tuned from)
+``dataset``  ``{builtin: arithmetic|facts|shout, n, seed}`` (the demo's local generators), or
+             ``{path: <datasets name or local dir>, name?, split?, data_files?, columns?}``, or
+             ``{mixture: [{path, name?, split?, data_files?, fraction?}]}``; rows need a
+             ``messages`` column (chat) or ``prompt``/``completion`` or ``text``
+``sft``      ``trl.SFTConfig`` fields (output_dir, max_steps, learning_rate, ...)
+``ota``      ``OTACallback`` options (compression, save_on_checkpoint, ...)
+``tokenizer`` optional ``{path, chat_template}``
+
+Overrides: ``--section.key value`` (YAML-parsed), or ``--model X``. The resolved config is
+written to ``<output_dir>/ota_train_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+SECTIONS = ("model", "dataset", "sft", "ota", "tokenizer")
+
+
+def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Read a config and apply ``--section.key value`` overrides.
+
+    Raises:
+        ota_trainer.ConfigError: unknown section or malformed override.
+    """
+    import yaml
+
+    from ..errors import ConfigError
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read training config {path}: {e}") from e
+    unknown = set(cfg) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; known: {list(SECTIONS)}")
+    it = iter(overrides)
+    for flag in it:
+        if not flag.startswith("--"):
+            raise ConfigError(f"override {flag!r}: expected --section.key value")
+        try:
+            value = yaml.safe_load(next(it))
+        except StopIteration:
+            raise ConfigError(f"override {flag} has no value") from None
+        keys = flag[2:].split(".")
+        if keys[0] not in SECTIONS:
+            raise ConfigError(f"override {flag}: unknown section {keys[0]!r}; known: {list(SECTIONS)}")
+        node = cfg
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    if not cfg.get("model"):
+        raise ConfigError(f"{path}: 'model' is required")
+    return cfg
+
+
+def load_training_data(spec: dict[str, Any]):
+    """The training ``datasets.Dataset`` a config's ``dataset`` section describes."""
+    from datasets import concatenate_datasets, load_dataset
+
+    from ..errors import ConfigError
+
+    if "builtin" in spec:
+        try:  # the demo's generators live in a checkout's scripts/ (on the path when run as scripts/train_sft.py)
+            from ota_demo.tasks import TASKS, build_dataset
+        except ModuleNotFoundError:
+            raise ConfigError(
+                f"dataset.builtin={spec['builtin']!r} uses the demo's generators (scripts/ota_demo in a checkout of "
+                "ota_trainer): run `python scripts/train_sft.py` there, or give dataset.path (a datasets name or a "
+                "local folder of JSONL/Parquet files)"
+            ) from None
+
+        if spec["builtin"] not in TASKS:
+            raise ConfigError(f"unknown builtin dataset {spec['builtin']!r}; known: {sorted(TASKS)}")
+        return build_dataset(spec["builtin"], split="train", n=int(spec.get("n", 2000)), seed=int(spec.get("seed", 0)))
+    parts = spec.get("mixture") or [spec]
+    sets = []
+    for part in parts:
+        if "path" not in part:
+            raise ConfigError(f"dataset entry {part!r} needs 'builtin', 'path' or 'mixture'")
+        ds = load_dataset(
+            part["path"], part.get("name"), split=part.get("split", "train"), data_files=part.get("data_files")
+        )
+        if part.get("filter_source"):
+            ds = ds.filter(lambda r, s=part["filter_source"]: r.get("source") in s)
+        if part.get("fraction") is not None:
+            ds = ds.shuffle(seed=int(spec.get("seed", 0))).select(range(int(len(ds) * float(part["fraction"]))))
+        if part.get("columns"):
+            ds = ds.select_columns(part["columns"])
+        sets.append(ds)
+    return sets[0] if len(sets) == 1 else concatenate_datasets(sets).shuffle(seed=int(spec.get("seed", 0)))
+
+
+def train(cfg: dict[str, Any]):
+    """Run SFTTrainer with OTACallback as the config says; returns the trainer."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from ..capture import OTACallback
+
+    data = load_training_data(cfg.get("dataset") or {})  # a bad dataset section fails before any model loads
+    sft = dict(cfg.get("sft") or {})
+    args = SFTConfig(**sft)
+    tok_cfg = cfg.get("tokenizer") or {}
+    tokenizer = AutoTokenizer.from_pretrained(tok_cfg.get("path", cfg["model"]))
+    if tok_cfg.get("chat_template"):  # e.g. the paper's tulu_v3 template with generation tags
+        tokenizer.chat_template = tok_cfg["chat_template"]
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[OTACallback(**(cfg.get("ota") or {}))],
+    )
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "ota_train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    trainer.train(resume_from_checkpoint=sft.get("resume_from_checkpoint"))
+    trainer.save_model(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .common import add_common_flags, configure_logging
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="training config YAML (see sft_configs/)")
+    ap.add_argument("--model", help="override the config's model")
+    add_common_flags(ap)
+    args, rest = ap.parse_known_args(argv)
+    configure_logging(args)
+    from ..errors import OTAError
+
+    try:
+        cfg = load_config(args.config, rest)
+        if args.model:
+            cfg["model"] = args.model
+        train(cfg)
+    except OTAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
