@@ -16,6 +16,7 @@ __all__ = [
     "ModelEntry",
     "MergeReport",
     "merge",
+    "HubResolver",
     "save_moments",
     "load_moments",
     "METHODS",
@@ -39,7 +40,8 @@ _LAZY = {
     "METHODS": "merger.methods",
     "load_moments": "moments.format",
     "save_moments": "moments.format",
-    "merge": "merger",
+    "merge": "hub",  # folders or Hub repo ids (ota_trainer.merger.merge: folders only)
+    "HubResolver": "hub",
     "MergeReport": "merger.report",
     "OTACallback": "capture",
     "save_optimizer_moments": "capture",  # pulls in transformers' Trainer

@@ -252,3 +252,52 @@ def test_dry_run_runs_every_check_on_local_folders(tiny_models, bf16_models, tmp
     shutil.copyfile(bf16_models["e1"] / "ota" / "moments.safetensors", other / "ota" / "moments.safetensors")
     code, _, err = _dry(capsys, "--base", m["base"], "--expert", other, m["e2"], "--out", tmp_path / "o")
     assert code == 2 and "other_moments" in err and "moments" in err
+
+
+def test_without_pytorch_a_method_that_needs_it_says_install_torch(tiny_models, tmp_path):
+    """In an environment without PyTorch, ota runs on the native kernels and linear (no native
+    implementation) fails with one clear line instead of a ModuleNotFoundError."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(SCRIPT.parents[1])]))
+    m = tiny_models
+
+    def run(method, out):
+        return subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--base",
+                m["base"],
+                "--expert",
+                m["e1"],
+                m["e2"],
+                "--method",
+                method,
+                "--out",
+                tmp_path / out,
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+
+    r = run("ota", "ota")
+    if "native kernels are unavailable" in r.stderr:
+        pytest.skip("no C compiler: the native kernels are unavailable")
+    assert r.returncode == 0, r.stderr
+    r = run("linear", "linear")
+    assert r.returncode == 2 and "needs PyTorch" in r.stderr and "pip install torch" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "linear").exists()

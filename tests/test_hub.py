@@ -390,3 +390,20 @@ def test_written_recipe_pins_commits_and_reproduces_after_the_repo_moves_on(loca
         )
         == 0
     )
+
+
+def test_python_api_merges_repo_ids_like_the_cli(local_hub, tiny, tmp_path):
+    """ota_trainer.merge takes Hub repo ids (pinned or not) as the CLI does; HubResolver is exported."""
+    import ota_trainer
+
+    _publish(tiny)
+    recipe = {"method": "ota", "base_model": "org/base", "models": ["org/e1", "org/e2"]}
+    report = ota_trainer.merge(recipe, tmp_path / "api", quiet=True)
+    assert report.sources["org/e1"] == __import__("huggingface_hub").HfApi().model_info("org/e1").sha
+    local = {"method": "ota", "base_model": str(tiny["base"]), "models": [str(tiny["e1"]), str(tiny["e2"])]}
+    ota_trainer.merge(local, tmp_path / "local", quiet=True)  # folders still work
+    a, b = _tensors(tmp_path / "api"), _tensors(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resolver = ota_trainer.HubResolver(need_moments=False)
+    ota_trainer.merge({**recipe, "method": "linear"}, tmp_path / "linear", quiet=True, resolver=resolver)
+    assert (tmp_path / "linear" / "model.safetensors").is_file()

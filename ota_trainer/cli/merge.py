@@ -304,16 +304,6 @@ def _numel(shape) -> int:
     return n
 
 
-def _merge(recipe, args, resolver, output):
-    """The merge through the one runner: the native kernels when they cover the recipe (no
-    PyTorch), else PyTorch, loaded only then (FFG's first pass counted meanwhile)."""
-    from ..merger import merge
-    from ..merger.inputs import open_inputs
-
-    inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
-    return merge(recipe, args.out, quiet=args.quiet, resolver=resolver, output=output, inputs=inputs)
-
-
 def main(argv: list[str] | None = None) -> int:
     from .common import configure_logging
 
@@ -323,21 +313,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = recipe_from_args(args)
-        from ..hub import HubResolver, check_architectures, publish_folder
-        from ..io.write import output_for
+        from ..hub import HubResolver, merge, publish_folder
 
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:
             print(describe_plan(recipe, resolver))
             print(dry_run_checks(recipe, resolver))
             return 0
-        # --out is checked (never an input, the HF cache or a file) and locked before anything is read
-        with output_for(
-            recipe, args.out, overwrite=args.overwrite, resolver=resolver, extra=[args.recipe] if args.recipe else []
-        ) as output:
-            # configs only: an incompatible expert fails before any weights are downloaded
-            check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-            report = _merge(recipe, args, resolver, output)
+        # --out checked (never an input, the HF cache or a file) and locked before anything is read;
+        # configs compared before any weights are downloaded; then the one runner (native kernels
+        # when they cover the recipe, no PyTorch; else PyTorch, loaded only then)
+        report = merge(
+            recipe,
+            args.out,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            resolver=resolver,
+            extra_inputs=[args.recipe] if args.recipe else [],
+        )
         if args.push_to_hub:
             sha = publish_folder(
                 report.out_dir,

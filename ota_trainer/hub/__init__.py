@@ -36,6 +36,7 @@ __all__ = [
     "ModelRef",
     "parse_ref",
     "HubResolver",
+    "merge",
     "WEIGHT_PATTERNS",
     "MOMENT_PATTERNS",
     "MERGE_READY_TAG",
@@ -312,6 +313,44 @@ def check_architectures(resolver: HubResolver, base: str | None, experts: list[s
                 "experts must be fine-tuned from the same base",
                 model=r,
             )
+
+
+def merge(
+    recipe,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    resolver: HubResolver | None = None,
+    fast_path: bool = True,
+    extra_inputs: Iterable[str | os.PathLike] = (),
+):
+    """:func:`ota_trainer.merger.merge` with models given as local folders or Hub repo ids
+    (``org/name[@revision]``, resolved to commit shas once): ``ota_trainer.merge`` is this.
+
+    In order: ``out_dir`` checked and locked; every architecture compared from ``config.json``
+    (before any weights are downloaded); the inputs downloaded (only what the method needs),
+    opened and checked; the merge run. Same arguments, returns and errors as
+    :func:`ota_trainer.merger.merge`, plus :class:`~ota_trainer.errors.HubError`.
+
+    Args:
+        resolver: default ``HubResolver(need_moments=...)`` as the method needs (a token or
+            cache folder of your own: pass one).
+        extra_inputs: more paths ``out_dir`` must not touch (e.g. the recipe file).
+    """
+    from ..io.write import output_for
+    from ..merger import as_recipe
+    from ..merger import merge as merge_resolved
+    from ..merger.inputs import open_inputs
+
+    recipe = as_recipe(recipe)
+    resolver = resolver or HubResolver(need_moments=recipe.spec.needs_moments)
+    with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver, extra=list(extra_inputs)) as output:
+        check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
+        inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
+        return merge_resolved(
+            recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs
+        )
 
 
 def publish_folder(

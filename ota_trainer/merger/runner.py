@@ -31,6 +31,7 @@ from typing import Any
 from .. import __version__
 from ..backends.native.backend import NativeBackend
 from ..backends.thresholds import Histogram, Threshold
+from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from .inputs import MergeInputs
@@ -47,8 +48,18 @@ def choose_backend(recipe: MergeRecipe, inputs: MergeInputs, *, fast_path: bool 
     reason = NativeBackend.covers(recipe, inputs) if fast_path else "fast_path=False"
     if reason is None:
         return NativeBackend, None
-    from ..backends.torch import TorchBackend
+    try:
+        from ..backends.torch import TorchBackend
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        from .methods import METHODS
 
+        native = [m.name for m in METHODS.values() if m.native is not None]
+        raise ConfigError(
+            f"this merge needs PyTorch (the native kernels do not cover it: {reason}), and PyTorch is not installed: "
+            f"pip install torch (without it, the native kernels run {' and '.join(native)} recipes they cover)"
+        ) from None
     return TorchBackend, reason
 
 
