@@ -6,6 +6,7 @@ Deliberately does not call ota_trainer's own math helpers: the engine is checked
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -210,4 +211,83 @@ def della(base, experts, density, epsilon, seed, lam):
         stacked = torch.stack(pruned)
         agree = (torch.sign(stacked) == torch.sign(stacked.sum(0))) & (stacked != 0)
         out[n] = base[n] + lam * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out
+
+
+# -- mergekit's semantics, written from its documented formulas (for tests/mergekit_recipes/) ----------
+def mergekit_setting(value, name, t):
+    """A mergekit parameter setting for tensor ``name`` at layer position ``t``: a scalar, a
+    gradient (list of numbers, linearly interpolated), or a list of {filter, value} (first
+    whose filter is a substring of the name, or has none)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return value
+    if all(isinstance(v, dict) for v in value):
+        for cond in value:
+            if cond.get("filter") in (None, "*") or cond["filter"] in name:
+                return mergekit_setting(cond["value"], name, t)
+        return None
+    pos = t * (len(value) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(value) - 1)
+    return value[lo] + (pos - lo) * (value[hi] - value[lo])
+
+
+def mergekit_t(name, layers):
+    """0 outside the decoder layers; i / (layers - 1) in layer i."""
+    parts = name.split(".")
+    if "layers" not in parts:
+        return 0.0
+    i = int(parts[parts.index("layers") + 1])
+    return i / (layers - 1) if layers > 1 else 1.0
+
+
+def mergekit_linear(experts, params, layers, normalize=True):
+    out = {}
+    for n in experts[0]:
+        t = mergekit_t(n, layers)
+        w = [mergekit_setting(p["weight"], n, t) for p in params]
+        total = sum(wi * e[n] for wi, e in zip(w, experts))
+        out[n] = total / sum(w) if normalize else total
+    return out
+
+
+def mergekit_gta(base, experts, params, layers, *, sparsify, consensus, normalize, lam=1.0, seed=0):
+    """mergekit's generalized task arithmetic: sparsify each task vector (``magnitude``: the
+    int(density * numel) largest |d|; ``random``: ota_trainer's documented DARE stream, kept
+    edits / density), weight it, optionally elect signs (``sum``: sign of the weighted sum, ties
+    to +), sum, optionally divide by the contributing weights' sum, scale by lambda."""
+    out = {}
+    for n in base:
+        t = mergekit_t(n, layers)
+        deltas, weights = [], []
+        for i, (e, p) in enumerate(zip(experts, params)):
+            d = e[n] - base[n]
+            density = mergekit_setting(p.get("density", 1.0), n, t)
+            if sparsify == "magnitude" and density < 1:
+                flat = d.reshape(-1)
+                keep = torch.zeros_like(flat, dtype=torch.bool)
+                keep[torch.argsort(flat.abs(), descending=True)[: int(density * flat.numel())]] = True
+                d = (flat * keep).reshape(d.shape)
+            elif sparsify == "random" and density < 1:
+                d = d * bernoulli_keep(seed, n, i, d.shape, 1 - density) / density
+            deltas.append(d)
+            weights.append(mergekit_setting(p["weight"], n, t))
+        stacked = torch.stack(deltas)
+        w = torch.tensor(weights, dtype=stacked.dtype).reshape((-1,) + (1,) * (stacked.dim() - 1))
+        weighted = stacked * w
+        if consensus:
+            majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+            mask = torch.sign(weighted) == majority
+            mixed = (weighted * mask).sum(0)
+            divisor = (w * mask).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(0)
+            divisor = w.sum(0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed = mixed / divisor
+        out[n] = base[n] + lam * mixed
     return out

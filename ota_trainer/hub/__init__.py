@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import HubError, IncompatibleModelsError
+from ..errors import FormatError, HubError, IncompatibleModelsError
 from ..io.layout import (
     CONFIG_NAME,
     MERGE_READY_TAG,
@@ -75,13 +75,14 @@ def parse_ref(text: str) -> ModelRef:
     """``"path/to/folder"`` (an existing folder) or ``"org/name[@revision]"``.
 
     Raises:
+        FormatError: a path (``.``, ``/``, ``~``, or deeper than ``org/name``) to no folder.
         HubError: neither an existing folder nor a valid repo id.
     """
     p = Path(text).expanduser()
     if p.is_dir():
         return ModelRef(text, local=p)
     if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
-        raise HubError(f"{text!r}: no such folder (and not a Hub repo id like 'org/name[@revision]')", repo_id=text)
+        raise FormatError(f"{text!r}: no such folder (and not a Hub repo id like 'org/name[@revision]')", path=text)
     repo, _, rev = text.partition("@")
     parts = repo.split("/")
     if text.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or (rev == "" and "@" in text):
@@ -321,7 +322,7 @@ def merge(
     *,
     overwrite: bool = False,
     quiet: bool = False,
-    resolver: HubResolver | None = None,
+    resolver: HubResolver | Callable[[str], Path] | None = None,
     fast_path: bool = True,
     extra_inputs: Iterable[str | os.PathLike] = (),
 ):
@@ -335,7 +336,7 @@ def merge(
 
     Args:
         resolver: default ``HubResolver(need_moments=...)`` as the method needs (a token or
-            cache folder of your own: pass one).
+            cache folder of your own: pass one); any callable ``reference -> folder`` works too.
         extra_inputs: more paths ``out_dir`` must not touch (e.g. the recipe file).
     """
     from ..io.write import output_for
@@ -346,7 +347,8 @@ def merge(
     recipe = as_recipe(recipe)
     resolver = resolver or HubResolver(need_moments=recipe.spec.needs_moments)
     with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver, extra=list(extra_inputs)) as output:
-        check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
+        if isinstance(resolver, HubResolver):  # configs only (a callable resolver: the headers' checks below)
+            check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
         inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
         return merge_resolved(
             recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs

@@ -39,7 +39,20 @@ __all__ = ["ModelEntry", "MergeRecipe", "DTYPE_NAMES", "DEFAULT_FFG_DENSITY"]
 DTYPE_NAMES = tuple(DTYPES[c].name for c in OUTPUT_DTYPES)  # what `dtype:` may be
 DEFAULT_FFG_DENSITY = 0.4
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
-_TOP_KEYS = {"method", "merge_method", "base_model", "models", "parameters", "dtype", "options", "ota_trainer_version"}
+_TOP_KEYS = {
+    "method",
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "options",
+    "ota_trainer_version",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+}
 _OPTION_KEYS = {"allow_missing_moments", "shard_size"}
 
 
@@ -77,6 +90,7 @@ class MergeRecipe:
     dtype: str | None = None
     allow_missing_moments: bool = False
     shard_size: str | int = "5GB"
+    chat_template: str | None = None  # the merged tokenizer's chat template (None: the base's)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -133,11 +147,52 @@ class MergeRecipe:
             p = self.spec.param(key) if isinstance(key, str) else None
             if p is None:
                 known = [q.name for q in self.spec.params if q.per_model or not per_model]
-                raise ConfigError(f"{where}: unknown parameter {brief(key)} for method {self.method!r}; known: {known}")
+                from .mergekit import declined
+
+                reason = declined([key])
+                raise ConfigError(
+                    f"{where}: {reason}"
+                    if reason
+                    else f"{where}: unknown parameter {brief(key)} for method {self.method!r}; known: {known}"
+                )
             if per_model and not p.per_model:
                 raise ConfigError(f"{where}: {key!r} is method-wide; set it under the top-level 'parameters'")
-            out[key] = p.coerce(value, where)
+            if isinstance(value, (list, dict)):
+                if not p.varies:
+                    raise ConfigError(
+                        f"{where}: {key}={brief(value)}: {key!r} takes one value for method {self.method!r} "
+                        "(it cannot vary per layer or tensor)"
+                    )
+                from .mergekit import setting
+
+                out[key] = setting(value, lambda v, p=p: p.coerce(v, where), f"{where}: {key}")
+            else:
+                out[key] = p.coerce(value, where)
         return out
+
+    def per_tensor(self, names: list[str]):
+        """``f(name) -> [each expert's parameters for that tensor]``: per-tensor settings
+        (mergekit's gradients over the layers and name filters) evaluated; ``names``: the
+        template's tensor names (the layer count comes from them)."""
+        from .mergekit import count_layers, evaluate, layer_t
+
+        fixed = [self.model_parameters(i) for i in range(len(self.models))]
+        varying = [k for p in fixed for k, v in p.items() if isinstance(v, list)]
+        if not varying:
+            return lambda name: fixed
+        layers = count_layers(names)
+
+        def at(name: str) -> list[dict[str, Any]]:
+            t = layer_t(name, layers)
+            return [
+                {
+                    k: evaluate(v, name, t, self.spec.param(k).default) if isinstance(v, list) else v
+                    for k, v in p.items()
+                }
+                for p in fixed
+            ]
+
+        return at
 
     def method_parameters(self) -> dict[str, Any]:
         """Method-wide parameters with defaults filled in."""
@@ -180,11 +235,14 @@ class MergeRecipe:
     # -- (de)serialisation ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MergeRecipe:
+        from .mergekit import declined, translate
+
         if not isinstance(data, dict):
             raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
         unknown = [k for k in data if k not in _TOP_KEYS]
         if unknown:
-            raise ConfigError(f"unknown recipe keys {brief(unknown)}; known: {sorted(_TOP_KEYS)}")
+            raise ConfigError(declined(unknown) or f"unknown recipe keys {brief(unknown)}; known: {sorted(_TOP_KEYS)}")
+        data = translate(data)  # mergekit's spellings and keys, with their meaning (merger/mergekit.py)
         method = data.get("method") or data.get("merge_method")
         if not method:
             raise ConfigError("a recipe needs 'method' (e.g. method: ota)")
@@ -232,6 +290,7 @@ class MergeRecipe:
             dtype=data.get("dtype"),
             allow_missing_moments=bool(options.get("allow_missing_moments", False)),
             shard_size=options.get("shard_size", "5GB"),
+            chat_template=data.get("chat_template"),
         )
 
     @classmethod
@@ -259,6 +318,8 @@ class MergeRecipe:
             d["parameters"] = dict(self.parameters)
         if self.dtype:
             d["dtype"] = self.dtype
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template
         d["options"] = {"allow_missing_moments": self.allow_missing_moments, "shard_size": self.shard_size}
         return d
 

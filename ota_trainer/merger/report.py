@@ -88,9 +88,37 @@ def local_resolver(ref: str) -> Path:
     return p
 
 
-def copy_side_files(model: ModelLayout, tmp: Path, dtype: str | None) -> list[str]:
+def chat_template_of(model: ModelLayout) -> str | None:
+    """A model's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (its ``default`` entry when it names several); None when it has none."""
+    try:
+        if "chat_template.jinja" in model.side:
+            return model.side["chat_template.jinja"].read_text(encoding="utf-8")[:65536] or None
+        if "tokenizer_config.json" in model.side:
+            t = json.loads(model.side["tokenizer_config.json"].read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(t, list):
+                t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+            return t if isinstance(t, str) and t else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise FormatError(f"{model.label}: unreadable tokenizer files ({e})", path=str(model.path)) from None
+    return None
+
+
+def resolve_chat_template(choice: str | None, inputs: MergeInputs) -> str | None:
+    """The recipe's ``chat_template`` as text: ``auto`` is the template most experts share (None:
+    keep the template's own), anything else is the text itself."""
+    if choice != "auto":
+        return choice
+    from collections import Counter
+
+    counts = Counter(t for t in (chat_template_of(e) for e in inputs.experts) if t)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def copy_side_files(model: ModelLayout, tmp: Path, dtype: str | None, chat_template: str | None = None) -> list[str]:
     """config.json (with the output dtype) and the model's tokenizer/generation files (as
-    validated and confined when it was opened) into ``tmp``."""
+    validated and confined when it was opened) into ``tmp``; ``chat_template`` (text) replaces
+    the tokenizer's chat template."""
     files = []
     config = dict(model.config)
     with output_errors(tmp):
@@ -104,6 +132,15 @@ def copy_side_files(model: ModelLayout, tmp: Path, dtype: str | None) -> list[st
         for name, real in model.side.items():
             shutil.copyfile(real, tmp / name)
             files.append(name)
+        if chat_template is not None:
+            (tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            files += [] if "chat_template.jinja" in files else ["chat_template.jinja"]
+            tok = tmp / "tokenizer_config.json"
+            if tok.is_file():
+                cfg = json.loads(tok.read_text(encoding="utf-8"))
+                if "chat_template" in cfg:  # one template, not two that disagree
+                    cfg["chat_template"] = chat_template
+                    tok.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return files
 
 

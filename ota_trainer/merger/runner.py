@@ -36,7 +36,7 @@ from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from .inputs import MergeInputs
 from .recipe import MergeRecipe
-from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish
+from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def run(
         backend.set_thresholds(thresholds)
         with output.stage() as tmp:
             files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet)
-            files += copy_side_files(inputs.template, tmp, recipe.dtype)
+            chat = resolve_chat_template(recipe.chat_template, inputs)
+            files += copy_side_files(inputs.template, tmp, recipe.dtype, chat_template=chat)
             return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start, inputs)
     finally:
         if backend is not None:

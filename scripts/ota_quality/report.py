@@ -26,6 +26,14 @@ def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[f
     return {c: ex[c][task_name(c, split)]["scores"] for c in caps}
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def dev_normalised(seed_result: dict, label: str, caps: list[str]) -> float | None:
     """The point estimate of a dev study's normalised score (None until it and the experts' dev runs exist)."""
     ex_dev, res = _experts(seed_result, caps, "dev"), seed_result.get("sweeps", {}).get(label)
@@ -221,7 +229,9 @@ def plots(out: Path, summary: dict, caps: list[str]) -> None:
         drawn = False
         for name, prefix in curves.items():
             pts = sorted(
-                (float(label[len(prefix) :]), d) for label, d in s["sweeps"].items() if label.startswith(prefix)
+                (float(label[len(prefix) :]), d)
+                for label, d in s["sweeps"].items()
+                if label.startswith(prefix) and _is_number(label[len(prefix) :])  # not the combined studies
             )
             if pts:
                 drawn = True

@@ -210,8 +210,7 @@ class NativeBackend:
     def __init__(self, recipe, inputs, *, quiet: bool = False):
         self.recipe, self.method, self.quiet = recipe, recipe.spec, quiet
         self.params = recipe.method_parameters()
-        self.model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
-        self.coefs = [p["weight"] for p in self.model_params]
+        self.tensor_params = recipe.per_tensor(inputs.template.names)  # each expert's, per tensor
         self.inputs = inputs
         self.base, self.experts, self.moments = inputs.base, inputs.experts, inputs.moments
         self.scales = [None if m is None else m.scale(self.params.get("bias_correction", True)) for m in self.moments]
@@ -443,7 +442,8 @@ class NativeJob:
             out,
             out_code,
         )
-        self.params, self.model_params, self.coefs = backend.params, backend.model_params, backend.coefs
+        self.params, self.model_params = backend.params, backend.tensor_params(name)
+        self.coefs = [p["weight"] for p in self.model_params]
         self.cuts, self.threads = backend.cuts, backend.threads
         self.kept: list[int] | None = None
 

@@ -70,8 +70,7 @@ class TorchBackend:
     def __init__(self, recipe, inputs, *, quiet: bool = False):
         self.recipe, self.method, self.quiet = recipe, recipe.spec, quiet
         self.params = recipe.method_parameters()
-        self.model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
-        self.coefs = [p["weight"] for p in self.model_params]
+        self.tensor_params = recipe.per_tensor(inputs.template.names)  # each expert's, per tensor
         self.experts = [ModelFolder(e) for e in inputs.experts]
         self.base = ModelFolder(inputs.base) if inputs.base else None
         self.template = self.base or self.experts[0]
@@ -264,7 +263,8 @@ class TensorJob:
         self.m, self.n = matrix_view(backend.template.tensors[name].shape)
         self.w0 = backend.raw(backend.base, name) if backend.base else None
         self.experts = [backend.raw(e, name) for e in backend.experts]
-        self.params, self.model_params, self.coefs = backend.params, backend.model_params, backend.coefs
+        self.params, self.model_params = backend.params, backend.tensor_params(name)
+        self.coefs = [p["weight"] for p in self.model_params]
         self.out_dtype = backend.out_dtype(name)
         self.grafting, self.thresholds = backend.grafting, backend.thresholds
         self.native_ops = backend.native_ops(

@@ -38,6 +38,8 @@ __all__ = [
     "LAMBDA",
     "EPSILON",
     "BIAS_CORRECTION",
+    "NORMALIZE",
+    "weight_divisor",
     "in_unit",
     "drop_rate",
     "positive",
@@ -74,7 +76,10 @@ def curvature_epsilon(x: Any) -> str | None:
 
 
 def weights_sum(params: list[dict[str, Any]]) -> str | None:
-    """Methods that divide by the sum of the per-expert weights: it must not be zero."""
+    """Methods that divide by the sum of the per-expert weights: it must not be zero (unless
+    ``normalize: false`` says not to divide)."""
+    if any(p.get("normalize") is False for p in params) or any(isinstance(p["weight"], list) for p in params):
+        return None  # per-tensor weights: checked tensor by tensor (the merge names the tensor)
     total = sum(p["weight"] for p in params)
     return None if abs(total) > 1e-12 else f"the experts' weights sum to {total:g}, and the merge divides by that sum"
 
@@ -91,6 +96,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], str | None] | None = None
     optional: bool = False  # None is an accepted value
+    varies: bool = False  # may vary per tensor (mergekit's gradients and filters; per_model only)
 
     def coerce(self, value: Any, where: str) -> Any:
         """``value`` as this parameter's type, checked.
@@ -144,6 +150,8 @@ class MergeMethod:
     native: Callable[[Any], bool] | None = None
     native_covers: Callable[[Any, Any], str | None] | None = None
     check_recipe: Callable[[list[dict[str, Any]]], str | None] | None = None
+    # mergekit's spellings of this method's parameters -> ours: (parameters, where) -> parameters
+    translate: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
     grafts: bool = False
     order: int = 100
 
@@ -152,9 +160,9 @@ class MergeMethod:
 
 
 # parameters several methods share
-WEIGHT = Param("weight", float, 1.0, "per-model scale of its contribution", per_model=True, check=finite)
+WEIGHT = Param("weight", float, 1.0, "per-model scale of its contribution", per_model=True, check=finite, varies=True)
 POSITIVE_WEIGHT = Param(
-    "weight", float, 1.0, "per-model scale of its curvature weights (> 0)", per_model=True, check=positive
+    "weight", float, 1.0, "per-model scale of its curvature weights (> 0)", per_model=True, check=positive, varies=True
 )
 LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector", check=finite)
 EPSILON = Param(
@@ -163,3 +171,26 @@ EPSILON = Param(
 BIAS_CORRECTION = Param(
     "bias_correction", bool, True, "divide v by 1 - beta2**step (Adam's bias correction) per expert"
 )
+NORMALIZE = Param(
+    "normalize",
+    bool,
+    None,
+    "mergekit's normalize: true divides the summed weighted edits by the sum of the weights of the experts "
+    "that contribute to each entry, false does not divide; unset: this method's own rule (its formula)",
+    optional=True,
+)
+
+
+def weight_divisor(weights, contributes=None):
+    """mergekit's ``normalize: true`` divisor: ``sum_t c_t`` over the experts that contribute to
+    each entry (``contributes``: a bool ``(T, ...)`` mask; None: all of them), 1 where that is 0
+    (``|sum| < 1e-8`` without a mask), float32."""
+    import torch
+
+    w = torch.tensor([float(c) for c in weights], dtype=torch.float32)
+    if contributes is None:
+        total = float(w.sum())
+        return torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    w = w.reshape((-1,) + (1,) * (contributes.dim() - 1))
+    div = (w * contributes).sum(dim=0)
+    return div.masked_fill_(div == 0, 1.0)

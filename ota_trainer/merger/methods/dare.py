@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import zlib
 
-from .base import LAMBDA, WEIGHT, MergeMethod, Param, drop_rate
+from .base import LAMBDA, WEIGHT, MergeMethod, Param, drop_rate, in_unit
 
-DROP_RATE = Param("drop_rate", float, 0.5, "probability q of dropping each edit", per_model=True, check=drop_rate)
+DROP_RATE = Param(
+    "drop_rate", float, 0.5, "probability q of dropping each edit", per_model=True, check=drop_rate, varies=True
+)
 SEED = Param("seed", int, 0, "random seed (the result is deterministic given it)")
+
+
+def mergekit_density(params: dict, where: str) -> dict:
+    """mergekit's DARE ``density`` (the kept fraction) as our ``drop_rate = 1 - density``."""
+    from ...errors import ConfigError
+
+    if "density" not in params:
+        return params
+    if "drop_rate" in params:
+        raise ConfigError(f"{where}: density (mergekit's kept fraction) and drop_rate (1 - density) both set; give one")
+    density = Param("density", float, None, "", check=in_unit).coerce(params.pop("density"), where)
+    params["drop_rate"] = 1.0 - density
+    return params
 
 
 def generators(seed: int, name: str, count: int):
@@ -70,5 +85,6 @@ METHOD = MergeMethod(
     needs_moments=False,
     params=(DROP_RATE, SEED, LAMBDA, WEIGHT),
     torch=merge_torch,
+    translate=mergekit_density,
     order=60,
 )

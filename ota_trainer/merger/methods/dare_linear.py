@@ -9,17 +9,18 @@ unit weights this is ``dare`` with ``lambda / T``.
 
 from __future__ import annotations
 
-from .base import LAMBDA, WEIGHT, MergeMethod, weights_sum
+from .base import LAMBDA, NORMALIZE, WEIGHT, MergeMethod, weights_sum
 from .dare import SEED
 from .dare_ties import DENSITY, dare_rescale, merge_dared
 
 
-def dare_linear_merge(base, deltas, keeps, weights, densities, lam: float):
+def dare_linear_merge(base, deltas, keeps, weights, densities, lam: float, normalize=None):
     """``w0 + lam * sum_t c_t d_t B_t / density_t / sum_t c_t`` of float32 tensors (or row
-    blocks, with the matching blocks of the keep masks ``B_t``)."""
+    blocks, with the matching blocks of the keep masks ``B_t``); ``normalize: false`` (mergekit's
+    default for ``dare_linear``) does not divide by ``sum_t c_t``."""
     import torch
 
-    total = float(sum(weights))
+    total = float(sum(weights)) if normalize is not False else 1.0
     if total == 0:
         raise ValueError("dare_linear merge: the model weights sum to zero")
     out = base.to(torch.float32).clone()
@@ -40,7 +41,7 @@ METHOD = MergeMethod(
     "w0 + λ Σ c_t d̃_t / Σ c_t",
     needs_base=True,
     needs_moments=False,
-    params=(DENSITY, SEED, LAMBDA, WEIGHT),
+    params=(DENSITY, SEED, LAMBDA, WEIGHT, NORMALIZE),
     torch=merge_torch,
     check_recipe=weights_sum,
     order=62,

@@ -11,12 +11,13 @@ Conventions (mergekit's parameter names, our semantics):
   mergekit instead rescales to the task vector's L1 norm). ``density = 1`` keeps everything.
 - The sign election and the mean of the agreeing edits are :func:`.ties.elect_and_sum`'s
   (weights applied before the election; the mean divides by the number of agreeing edits, as
-  our ``ties``; mergekit's ``dare_ties`` sums them by default, ``normalize: false``).
+  our ``ties``; mergekit's ``dare_ties`` sums them by default: ``normalize: false`` here does
+  that, ``normalize: true`` divides by the agreeing experts' weights, as mergekit's).
 """
 
 from __future__ import annotations
 
-from .base import LAMBDA, WEIGHT, MergeMethod, Param, in_unit
+from .base import LAMBDA, NORMALIZE, WEIGHT, MergeMethod, Param, in_unit
 from .dare import SEED, generators
 
 DENSITY = Param(
@@ -26,6 +27,7 @@ DENSITY = Param(
     "probability of keeping each edit (DARE's 1 - drop rate); kept edits are rescaled by 1/density",
     per_model=True,
     check=in_unit,
+    varies=True,
 )
 
 
@@ -44,12 +46,13 @@ def dare_rescale(d, keep, density: float):
     return d if keep is None else d * keep / density
 
 
-def dare_ties_merge(base, deltas, keeps, weights, densities, lam: float):
+def dare_ties_merge(base, deltas, keeps, weights, densities, lam: float, normalize=None):
     """DARE-TIES of float32 tensors (or row blocks of them, with the matching blocks of ``keeps``):
 
     1. drop and rescale: ``d~_t = c_t * d_t * B_t / density_t``, ``B_t`` the keep mask
     2. elect: ``gamma = sign(sum_t d~_t)``
     3. disjoint mean: ``tau = sum_t d~_t [sign(d~_t) == gamma] / #{t: sign(d~_t) == gamma, d~_t != 0}``
+       (``normalize``: as :func:`.ties.ties_merge`)
     4. ``w0 + lam * tau``
     """
     import torch
@@ -59,13 +62,13 @@ def dare_ties_merge(base, deltas, keeps, weights, densities, lam: float):
     dropped = torch.stack(
         [dare_rescale(d, k, p) * c for d, k, p, c in zip(deltas, keeps, densities, weights)]
     )  # (T, ...)
-    total, count = elect_and_sum(dropped)
+    total, count = elect_and_sum(dropped, weights, normalize)
     return base.to(torch.float32) + lam * total / count
 
 
 def merge_dared(job, combine):
     """Every expert's edits DARE-dropped (the masks drawn on the whole tensor, :func:`dare_keeps`),
-    then ``combine(w0, deltas, keeps, coefs, densities, lam)`` row block by row block."""
+    then ``combine(w0, deltas, keeps, coefs, densities, lam, normalize)`` row block by row block."""
     import torch
 
     densities = [p["density"] for p in job.model_params]
@@ -75,7 +78,7 @@ def merge_dared(job, combine):
         w0 = job.w0[rows].float()
         deltas = [torch.sub(e[rows], w0) for e in job.experts]
         blocks = [k if k is None else k[rows] for k in keeps]
-        return combine(w0, deltas, blocks, job.coefs, densities, job.params["lambda"])
+        return combine(w0, deltas, blocks, job.coefs, densities, job.params["lambda"], job.params["normalize"])
 
     return job.blockwise(block)
 
@@ -92,7 +95,7 @@ METHOD = MergeMethod(
     "elect a sign per entry, mean of the agreeing d̃_t, × λ",
     needs_base=True,
     needs_moments=False,
-    params=(DENSITY, SEED, LAMBDA, WEIGHT),
+    params=(DENSITY, SEED, LAMBDA, WEIGHT, NORMALIZE),
     torch=merge_torch,
     order=61,
 )

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from .base import LAMBDA, WEIGHT, MergeMethod
+from .base import LAMBDA, NORMALIZE, WEIGHT, MergeMethod, weight_divisor
 
 
-def task_arithmetic_merge(base, deltas, weights, lam: float):
-    """``w0 + lam * sum_t c_t d_t``, float32."""
+def task_arithmetic_merge(base, deltas, weights, lam: float, normalize=None):
+    """``w0 + lam * sum_t c_t d_t``, float32 (``normalize`` true: the sum divided by ``sum_t c_t``,
+    mergekit's ``normalize: true``)."""
     import torch
 
+    scale = lam / float(weight_divisor(weights)) if normalize else lam
     out = base.to(torch.float32).clone()
     for d, c in zip(deltas, weights):
-        out.add_(d, alpha=lam * c)
+        out.add_(d, alpha=scale * c)
     return out
 
 
@@ -20,7 +22,8 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return task_arithmetic_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], job.coefs, job.params["lambda"])
+        deltas = [torch.sub(e[rows], w0) for e in job.experts]
+        return task_arithmetic_merge(w0, deltas, job.coefs, job.params["lambda"], job.params["normalize"])
 
     return job.blockwise(block)
 
@@ -32,7 +35,7 @@ METHOD = MergeMethod(
     description="w0 + λ Σ c_t d_t",
     needs_base=True,
     needs_moments=False,
-    params=(LAMBDA, WEIGHT),
+    params=(LAMBDA, WEIGHT, NORMALIZE),
     torch=merge_torch,
     order=30,
 )

@@ -3,19 +3,27 @@ edits that agree with it."""
 
 from __future__ import annotations
 
-from .base import LAMBDA, WEIGHT, MergeMethod, Param, in_unit
+from .base import LAMBDA, NORMALIZE, WEIGHT, MergeMethod, Param, in_unit, weight_divisor
 
 DENSITY = Param(
-    "density", float, 0.2, "fraction of each tensor's edits kept by magnitude", per_model=True, check=in_unit
+    "density",
+    float,
+    0.2,
+    "fraction of each tensor's edits kept by magnitude",
+    per_model=True,
+    check=in_unit,
+    varies=True,
 )
 
 
-def ties_merge(base, deltas, weights, densities, lam: float, *, cuts=None):
+def ties_merge(base, deltas, weights, densities, lam: float, *, cuts=None, normalize=None):
     """TIES of float32 tensors:
 
     1. trim: ``d_t' = c_t * d_t * topk(|d_t|, density_t)``
     2. elect: ``gamma = sign(sum_t d_t')``
     3. disjoint mean: ``tau = sum_t d_t' [sign(d_t') == gamma] / #{t: sign(d_t') == gamma, d_t' != 0}``
+       (``normalize``: true divides by the agreeing experts' ``sum_t c_t`` instead, mergekit's
+       rule; false does not divide)
     4. ``w0 + lam * tau``
 
     ``cuts``: each task vector's trim threshold computed on its whole tensor
@@ -29,18 +37,22 @@ def ties_merge(base, deltas, weights, densities, lam: float, *, cuts=None):
     trimmed = torch.stack(
         [d * topk_mask(d, p, k) * c for d, c, p, k in zip(deltas, weights, densities, cuts)]
     )  # (T, ...)
-    total, count = elect_and_sum(trimmed)
+    total, count = elect_and_sum(trimmed, weights, normalize)
     return base.to(torch.float32) + lam * total / count
 
 
-def elect_and_sum(trimmed):
+def elect_and_sum(trimmed, weights=None, normalize=None):
     """Sign election over dim 0 of stacked task vectors ``(T, ...)``: ``gamma = sign(sum_t d_t)``,
-    then the sum of the edits agreeing with it and their count (at least 1)."""
+    then the sum of the edits agreeing with it and its divisor: their count (at least 1), or
+    with ``normalize`` true the agreeing experts' ``sum_t c_t`` (mergekit), false 1."""
     import torch
 
     elected = torch.sign(trimmed.sum(dim=0))  # (...)
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (T, ...)
-    return (trimmed * agree).sum(dim=0), agree.sum(dim=0).clamp_(min=1)
+    total = (trimmed * agree).sum(dim=0)
+    if normalize is None:
+        return total, agree.sum(dim=0).clamp_(min=1)
+    return total, weight_divisor(weights, agree) if normalize else torch.tensor(1.0)
 
 
 def merge_torch(job):
@@ -51,7 +63,7 @@ def merge_torch(job):
 
     densities = [p.get("density") for p in job.model_params]
     lam = job.params["lambda"]
-    if job.native_ops is not None and len(job.experts) <= MAX_TIES_EXPERTS:
+    if job.native_ops is not None and len(job.experts) <= MAX_TIES_EXPERTS and job.params["normalize"] is None:
         ops = job.native_ops
         out, finite = ops.ties_merge(
             job.w0,
@@ -69,7 +81,8 @@ def merge_torch(job):
 
     def block(rows):
         w0 = job.w0[rows].float()
-        return ties_merge(w0, [torch.sub(e[rows], w0) for e in job.experts], job.coefs, densities, lam, cuts=cuts)
+        deltas = [torch.sub(e[rows], w0) for e in job.experts]
+        return ties_merge(w0, deltas, job.coefs, densities, lam, cuts=cuts, normalize=job.params["normalize"])
 
     return job.blockwise(block)
 
@@ -98,6 +111,8 @@ def merge_native(job) -> bool:
 def native_covers(recipe, inputs) -> str | None:
     from ...backends.native import MAX_TIES_EXPERTS
 
+    if recipe.method_parameters().get("normalize") is not None:
+        return "normalize is set (mergekit's rule: PyTorch)"
     return None if len(inputs.experts) <= MAX_TIES_EXPERTS else f"more than {MAX_TIES_EXPERTS} experts"
 
 
@@ -109,7 +124,7 @@ METHOD = MergeMethod(
     "mean of the agreeing edits, × λ",
     needs_base=True,
     needs_moments=False,
-    params=(DENSITY, LAMBDA, WEIGHT),
+    params=(DENSITY, LAMBDA, WEIGHT, NORMALIZE),
     torch=merge_torch,
     native=merge_native,
     native_covers=native_covers,
