@@ -645,6 +645,36 @@ def test_moments_of_another_scale_are_warned_about(trio, tmp_path, caplog):
     assert re.search(r"differ in scale by [78]\.\d+e\+03x", caplog.text) and "normalise: mean" in caplog.text
 
 
+def test_experts_trained_with_different_settings_are_warned_about(trio, tmp_path, caplog):
+    """lr, clipping and batch size from the moments' metadata (as OTACallback records them) are
+    compared: a difference is named with the experts, the values and the ratio, and the remedy."""
+    import logging
+
+    from ota_trainer import load_moments, save_moments
+
+    for key, lr, clip in (("e3", 1e-4, 1.0), ("e4", 1e-5, 0.01)):
+        m = load_moments(trio[key])
+        meta = {k: m.metadata[k] for k in ("step", "beta2", "optimizer")}
+        meta["training"] = {
+            "learning_rate": lr,
+            "max_grad_norm": clip,
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "world_size": 1,
+        }
+        save_moments(trio[key], {n: m[n] for n in m}, compression="rank1", metadata=meta)
+    with caplog.at_level(logging.WARNING):
+        merge(_recipe(trio, ("e3", "e4")), tmp_path / "out", quiet=True)
+    text = caplog.text
+    assert "trained with different settings" in text and "normalise: mean" in text
+    assert re.search(r"learning_rate 0\.0001 \(\S*e3\) vs 1e-05 \(\S*e4\), 10x", text), text
+    assert re.search(r"max_grad_norm 1 \(\S*e3\) vs 0\.01 \(\S*e4\), 100x", text) and "batch size" not in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the remedy applied: nothing to warn about
+        merge({**_recipe(trio, ("e3", "e4")), "parameters": {"normalise": "mean"}}, tmp_path / "out2", quiet=True)
+    assert "trained with different settings" not in caplog.text
+
+
 # -- 8. leftovers of killed merges --------------------------------------------------------------------------
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])

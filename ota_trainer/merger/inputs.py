@@ -308,6 +308,45 @@ def check_moments_scales(labels: Sequence[str], levels: Sequence[tuple[bool, dic
         )
 
 
+def training_settings(moments: MomentsLayout) -> dict[str, float]:
+    """What the capture recorded of an expert's training that sets the scale of Adam's second
+    moments: learning rate, ``max_grad_norm`` and the effective batch size (numbers only: the
+    metadata is untrusted; a key that is missing or not a finite number is left out)."""
+    t = moments.metadata.get("training")
+    if not isinstance(t, dict):
+        return {}
+
+    def num(key: str) -> float | None:
+        v = t.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    out = {k: v for k in ("learning_rate", "max_grad_norm") if (v := num(k)) is not None}
+    parts = [num(k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")]
+    if all(p is not None for p in parts):
+        out["effective batch size"] = math.prod(parts)
+    return out
+
+
+def check_training_settings(labels: Sequence[str], settings: Sequence[dict[str, float]]) -> None:
+    """A warning naming the experts and values when they were trained with different learning
+    rates, gradient clipping or batch sizes: their second moments, OTA's curvature, are then on
+    different scales and the merge weighs their edits unevenly."""
+    diffs = []
+    for key in ("learning_rate", "max_grad_norm", "effective batch size"):
+        values = [(label, s[key]) for label, s in zip(labels, settings) if key in s]
+        if len(values) >= 2 and len({v for _, v in values}) > 1:
+            (lo_l, lo), (hi_l, hi) = min(values, key=lambda x: x[1]), max(values, key=lambda x: x[1])
+            ratio = f"{hi / lo:.3g}x" if lo > 0 else "unbounded"
+            diffs.append(f"{key} {hi:g} ({hi_l}) vs {lo:g} ({lo_l}), {ratio}")
+    if diffs:
+        logger.warning(
+            "the experts were trained with different settings (%s): Adam's second moments, OTA's curvature, then "
+            "differ in scale between experts, and the merge weighs one expert's edits above another's for that "
+            "reason alone; `normalise: mean` (--normalise mean) rescales each expert's curvature per tensor",
+            "; ".join(diffs),
+        )
+
+
 # -- a merge's inputs, all together --------------------------------------------------------------------
 @dataclass
 class MergeInputs:
@@ -371,4 +410,6 @@ def open_inputs(recipe, resolver) -> MergeInputs:
             check_moments_belong(e, moments[i])
         found = [(e.label, m) for e, m in zip(experts, moments) if m is not None]
         check_moments_scales([label for label, _ in found], [moments_level(m, bias) for _, m in found])
+        if recipe.method_parameters().get("normalise") != "mean":
+            check_training_settings([label for label, _ in found], [training_settings(m) for _, m in found])
     return MergeInputs(base, experts, moments, float_names)
