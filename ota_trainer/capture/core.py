@@ -19,7 +19,8 @@ import torch
 
 from ..errors import CaptureError, ConfigError, OTAError
 from ..moments.format import COMPRESSIONS, Rank1Factors, bias_correction_factor, save_moments
-from .names import NamedParameter, named_trainable_parameters
+from .conversion import SavedLayout
+from .names import NamedParameter, clean_parameter_name, named_trainable_parameters
 from .sources import (
     CapturedMoment,
     OptimizerInfo,
@@ -147,6 +148,26 @@ def capture_metadata(
     return meta
 
 
+def _frozen_shapes(model: torch.nn.Module, frozen: list[str]) -> dict[str, tuple[int, ...]]:
+    """The frozen parameters' shapes, by the names :func:`named_trainable_parameters` gave them."""
+    want = set(frozen)
+    return {
+        n: tuple(p.shape)
+        for raw, p in model.named_parameters()
+        if (n := clean_parameter_name(raw)) in want and not p.requires_grad
+    }
+
+
+def _saved(layout: SavedLayout, names: list[str], skip: set[str] = frozenset()) -> list[str]:
+    """``names`` as saved (converted names in their place), each once, in order; ``skip``: held
+    names left out."""
+    out: dict[str, None] = {}
+    for n in names:
+        if n not in skip:
+            out.update(dict.fromkeys(layout.saved_names(n)))
+    return list(out)
+
+
 def save_optimizer_moments(
     folder: str | os.PathLike,
     model: torch.nn.Module,
@@ -215,6 +236,8 @@ def save_optimizer_moments(
     engine = detect_engine(params)
     if engine == "local" and not write:
         return None  # every rank holds the full state (DDP): nothing to do off the writer
+    # moments follow the weights through save_pretrained's conversion (fused MoE experts saved per expert)
+    layout = SavedLayout(model, {**_frozen_shapes(model, frozen), **{p.name: p.shape for p in params}})
     stored = "rank1" if info.family == "adafactor" else compression
     if engine == "deepspeed":
         without_state: list[str] = []
@@ -227,7 +250,10 @@ def save_optimizer_moments(
             len(without_state),
             without_state[:3],
         )
-    entries = iter_second_moments(params, info, engine, compression=stored)
+    converted = {p.name for p in params if layout.saved_names(p.name) != [p.name]}
+    entries = layout.convert(iter_second_moments(params, info, engine, compression=stored, whole=converted))
+    no_state = set(without_state)  # held names
+    frozen, without_state = _saved(layout, frozen), _saved(layout, without_state)
     if not write:
         for _ in entries:  # keep the collectives in step with the writer
             pass
@@ -238,9 +264,7 @@ def save_optimizer_moments(
     meta.setdefault("captured_at", captured_at)
     if tied_aliases is None:
         tied_aliases = saves_tied_aliases(params)
-    names = [
-        n for p in params if p.name not in set(without_state) for n in (p.name, *(p.aliases if tied_aliases else ()))
-    ]
+    names = _saved(layout, [n for p in params for n in (p.name, *(p.aliases if tied_aliases else ()))], skip=no_state)
     scale = 1.0
     if bias_correction == "apply":
         scale = bias_correction_scale(meta.get("beta2"), meta.get("step"), optimizer=info.class_name)

@@ -371,7 +371,12 @@ def _read_deepspeed(info: OptimizerInfo, np_: NamedParameter, compression: str) 
 
 
 def iter_second_moments(
-    params: list[NamedParameter], info: OptimizerInfo, engine: str, *, compression: str = "rank1"
+    params: list[NamedParameter],
+    info: OptimizerInfo,
+    engine: str,
+    *,
+    compression: str = "rank1",
+    whole: frozenset[str] | set[str] = frozenset(),
 ) -> Iterator[CapturedMoment | None]:
     """Yield each trainable parameter's second moment, in ``params`` order.
 
@@ -385,6 +390,8 @@ def iter_second_moments(
         engine: from :func:`detect_engine`.
         compression: ``"rank1"`` lets sharded engines reduce row/column sums instead of
             gathering whole tensors; ``"full"`` reads every tensor whole.
+        whole: names read whole whatever ``compression`` says (saved split: their moments are
+            converted as the weights are, :mod:`~ota_trainer.capture.conversion`).
 
     Raises:
         CaptureError: a state lacks the expected keys or has the wrong shape.
@@ -397,9 +404,9 @@ def iter_second_moments(
         if engine == "local":
             entry = _read_local(info, np_)
         elif engine == "fsdp2":
-            entry = _read_fsdp2(info, np_, compression)
+            entry = _read_fsdp2(info, np_, "full" if np_.name in whole else compression)
         else:
-            entry = _read_deepspeed(info, np_, compression)
+            entry = _read_deepspeed(info, np_, "full" if np_.name in whole else compression)
         if entry is not None:
             entry.aliases = np_.aliases
         yield entry
