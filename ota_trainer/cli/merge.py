@@ -206,6 +206,11 @@ def recipe_from_args(args: argparse.Namespace):
     data["options"] = options
     if args.dtype:
         data["dtype"] = args.dtype
+    if not data.get("base_model"):  # LoRA adapter experts name their base (adapter_config.json only is read)
+        from ..hub import HubResolver
+        from ..merger.adapters import fill_base_model
+
+        data = fill_base_model(data, HubResolver(need_moments=False).adapter_config)
     return MergeRecipe.from_dict(data)
 
 
@@ -264,9 +269,25 @@ def dry_run_checks(recipe, resolver) -> str:
             "checks: architectures agree; names, shapes, dtypes and moments are checked from the weight files' "
             f"headers once they are downloaded (not in the cache: {', '.join(absent)})"
         )
-    open_inputs(recipe, resolver)  # headers only: no tensor data is read
-    return "checks passed: architectures, tensor names, shapes and dtypes" + (
-        ", moments (present, for these weights, valid metadata, comparable scale)" if recipe.spec.needs_moments else ""
+    adapters = [r for r in refs[1:] if resolver.adapter_config(r) is not None]
+    if adapters:  # LoRA adapters: their factors against the base's tensors (headers only)
+        import dataclasses
+
+        from ..io.folders import open_model
+        from ..merger.adapters import check_adapter, open_adapter
+
+        base = open_model(resolver(recipe.base_model), recipe.base_model)
+        for r in adapters:
+            check_adapter(open_adapter(resolver(r), r), base)
+        rest = tuple(m for m in recipe.models if m.model not in adapters)
+        recipe = dataclasses.replace(recipe, models=rest) if rest else None
+    if recipe is not None:
+        open_inputs(recipe, resolver)  # headers only: no tensor data is read
+    moments = recipe is not None and recipe.spec.needs_moments
+    return (
+        "checks passed: architectures, tensor names, shapes and dtypes"
+        + (", moments (present, for these weights, valid metadata, comparable scale)" if moments else "")
+        + (f"; {len(adapters)} LoRA adapter(s) against the base's tensors" if adapters else "")
     )
 
 

@@ -28,6 +28,7 @@ from ..io.layout import (
     SAFE_WEIGHTS_NAME,
     SIDE_FILES,
     read_config,
+    read_json_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ WEIGHT_PATTERNS = (
     "trainer_state.json",
 )  # the training step the weights are at: checked against the moments'
 MOMENT_PATTERNS = ("ota/moments.safetensors",)
+ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors")  # LoRA adapters (ota_trainer.merger.adapters)
 # Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
 EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]
 _RETRIES = 3
@@ -232,17 +234,45 @@ class HubResolver:
         from huggingface_hub import hf_hub_download
 
         sha = self.sha(text)
-        path = self._retry(
-            ref,
-            "config.json",
-            lambda: hf_hub_download(
-                ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token
-            ),
-        )
+        try:
+            path = self._retry(
+                ref,
+                "config.json",
+                lambda: hf_hub_download(
+                    ref.repo_id, "config.json", revision=sha, cache_dir=self.cache_dir, token=self.token
+                ),
+            )
+        except HubError:
+            if self.adapter_config(text) is not None:
+                return {}  # a LoRA adapter: its base's architecture; the adapter is checked against the base's tensors
+            raise
         return read_config(Path(path).parent, text)
 
     def patterns(self) -> list[str]:
-        return list(WEIGHT_PATTERNS) + (list(MOMENT_PATTERNS) if self.need_moments else [])
+        return list(WEIGHT_PATTERNS) + list(ADAPTER_PATTERNS) + (list(MOMENT_PATTERNS) if self.need_moments else [])
+
+    def adapter_config(self, text: str) -> dict[str, Any] | None:
+        """A LoRA adapter's ``adapter_config.json`` (downloads only that file), None when the
+        reference is not an adapter."""
+        from ..merger.adapters import ADAPTER_CONFIG, is_adapter_folder, open_adapter
+
+        ref = self.ref(text)
+        if ref.is_local:
+            return open_adapter(ref.local, text).config if is_adapter_folder(ref.local) else None
+        from huggingface_hub import hf_hub_download
+
+        sha = self.sha(text)
+        try:
+            path = self._retry(
+                ref,
+                ADAPTER_CONFIG,
+                lambda: hf_hub_download(
+                    ref.repo_id, ADAPTER_CONFIG, revision=sha, cache_dir=self.cache_dir, token=self.token
+                ),
+            )
+        except HubError:
+            return None
+        return read_json_file(Path(path), f"{text}: {ADAPTER_CONFIG}")
 
     def plan(self, text: str) -> list[tuple[str, int | None, bool]]:
         """Files a merge would download: ``(path, size, already cached)``; downloads nothing."""
@@ -342,17 +372,17 @@ def merge(
     from ..io.write import output_for
     from ..merger import as_recipe
     from ..merger import merge as merge_resolved
-    from ..merger.inputs import open_inputs
+    from ..merger.adapters import fill_base_model
 
+    if isinstance(recipe, dict) and not recipe.get("base_model"):  # LoRA adapters name their base
+        recipe = fill_base_model(recipe, (resolver or HubResolver(need_moments=False)).adapter_config)
     recipe = as_recipe(recipe)
     resolver = resolver or HubResolver(need_moments=recipe.spec.needs_moments)
     with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver, extra=list(extra_inputs)) as output:
         if isinstance(resolver, HubResolver):  # configs only (a callable resolver: the headers' checks below)
             check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-        inputs = open_inputs(recipe, resolver)  # every input opened and checked, once, for whichever backend runs
-        return merge_resolved(
-            recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs
-        )
+        # every input opened and checked, once, for whichever backend runs; adapters made full experts first
+        return merge_resolved(recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output)
 
 
 def publish_folder(

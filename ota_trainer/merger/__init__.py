@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ..io.write import OutputDir, output_for
@@ -77,8 +78,15 @@ def merge(
             return merge(
                 recipe, out_dir, quiet=quiet, resolver=resolver, fast_path=fast_path, output=output, inputs=inputs
             )
-    if inputs is None:
-        inputs = open_inputs(recipe, resolver)
+    from .adapters import AdapterExperts
     from .runner import run
 
-    return run(recipe, inputs, output, quiet=quiet, resolver=resolver, fast_path=fast_path, start=start)
+    # LoRA adapter experts merge as the full experts they stand for, written beside the output (removed after)
+    out = Path(out_dir)
+    adapters = AdapterExperts(resolver, recipe.base_model, out.parent / f".{out.name}.ota-adapters-{os.getpid()}")
+    try:
+        if inputs is None:
+            inputs = open_inputs(recipe, adapters)
+        return run(recipe, inputs, output, quiet=quiet, resolver=adapters, fast_path=fast_path, start=start)
+    finally:
+        adapters.cleanup()

@@ -1,0 +1,374 @@
+"""PEFT LoRA adapters as merge experts.
+
+An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as PEFT's
+``save_pretrained`` writes it, locally or from a Hub repo) is merged as the full expert it
+stands for: ``W = W0 + scale * B A`` for every adapted weight (``scale = lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with rsLoRA; per-module ``rank_pattern`` / ``alpha_pattern``
+honoured), ``W0`` everywhere else. :func:`materialize` writes that expert tensor by tensor (one
+weight in memory at a time) into a working folder beside the output, with its moments: the
+adapter's own ``ota/moments.safetensors`` (curvature of the adapted weights, keyed by the base
+weight names, as :class:`~ota_trainer.capture.OTACallback` captures it during LoRA training),
+and zero curvature for every weight the adapter leaves alone, so FFG and OTA give it no say
+there. Then every method, backend and check runs on it unchanged.
+
+Refused by name, with why: DoRA (``use_dora``), ``modules_to_save``, trained biases, and any
+adapter type but LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, FormatError, IncompatibleModelsError, brief
+from ..io.layout import (
+    CONFIG_NAME,
+    MOMENTS_DIR,
+    MOMENTS_FILE,
+    confined_file,
+    read_json_file,
+    read_safetensors_layout,
+    real_folder,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "is_adapter_folder", "open_adapter", "materialize"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])$"
+)
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A PEFT adapter folder: ``adapter_config.json`` and no full model weights."""
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and not (
+        (p / "model.safetensors").exists() or (p / "model.safetensors.index.json").exists()
+    )
+
+
+@dataclass
+class LoraModule:
+    """One adapted weight: ``W0 + scale * B A`` (``transpose``: ``(B A)^T``, for embeddings and
+    ``fan_in_fan_out`` layers)."""
+
+    weight: str  # the base weight's name
+    a: str  # the adapter tensors' names
+    b: str
+    scale: float
+    transpose: bool = False
+    shape: tuple[int, ...] = ()  # of the update (the base weight's shape)
+
+
+@dataclass
+class LoraAdapter:
+    """A validated LoRA adapter folder (:func:`open_adapter`)."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    weights: Path
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> module
+
+    @property
+    def base_model(self) -> str | None:
+        b = self.config.get("base_model_name_or_path")
+        return b if isinstance(b, str) and b else None
+
+
+def _pattern_value(patterns: Any, module: str, default: float, what: str, label: str) -> float:
+    """PEFT's per-module ``rank_pattern`` / ``alpha_pattern``: the value of the first pattern the
+    module name ends with (as a regex), else ``default``."""
+    if not patterns:
+        return default
+    if not isinstance(patterns, dict):
+        raise FormatError(f"{label}: {ADAPTER_CONFIG}: {what} must be a mapping, got {brief(patterns)}")
+    for pattern, value in patterns.items():
+        if not isinstance(pattern, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FormatError(f"{label}: {ADAPTER_CONFIG}: {what} entry {brief(pattern)}: {brief(value)}")
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return float(value)
+        except re.error as e:
+            raise FormatError(f"{label}: {ADAPTER_CONFIG}: {what} pattern {brief(pattern)}: {e}") from None
+    return default
+
+
+def open_adapter(path: str | os.PathLike, label: str | None = None) -> LoraAdapter:
+    """Open and check a LoRA adapter folder: its config (type, rank, alpha, options) and its
+    weights' header (every tensor a pair of LoRA factors of consistent rank).
+
+    Raises:
+        FormatError: a missing or malformed file, naming it.
+        ConfigError: an adapter kind we do not merge (DoRA, ``modules_to_save``, biases, not LoRA).
+    """
+    label = label or str(path)
+    root = real_folder(path, label)
+    cfg_path = confined_file(root, ADAPTER_CONFIG, label)
+    if cfg_path is None:
+        raise FormatError(f"{label}: no {ADAPTER_CONFIG}", path=str(root))
+    config = read_json_file(cfg_path, f"{label}: {ADAPTER_CONFIG}")
+    if not isinstance(config, dict):
+        raise FormatError(f"{label}: {ADAPTER_CONFIG} is not a JSON object", path=str(cfg_path))
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise ConfigError(f"{label}: a {brief(kind)} adapter; only LoRA adapters (peft_type LORA) are merged")
+    if config.get("use_dora"):
+        raise ConfigError(
+            f"{label}: a DoRA adapter (use_dora: true): its magnitude vector rescales every column of W0 + BA, "
+            "which a merge of edits does not represent; merge it into its base first (merge_and_unload) and give "
+            "the resulting folder"
+        )
+    if config.get("modules_to_save"):
+        raise ConfigError(
+            f"{label}: modules_to_save {brief(config['modules_to_save'])}: full copies of modules inside an adapter "
+            "are not merged; merge it into its base first (merge_and_unload) and give the resulting folder"
+        )
+    if config.get("bias", "none") != "none":
+        raise ConfigError(f"{label}: bias={brief(config.get('bias'))}: adapters with trained biases are not merged")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise FormatError(f"{label}: {ADAPTER_CONFIG}: r={brief(r)} is not a positive integer", path=str(cfg_path))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise FormatError(f"{label}: {ADAPTER_CONFIG}: lora_alpha={brief(alpha)} is not a number", path=str(cfg_path))
+    weights = confined_file(root, ADAPTER_WEIGHTS, label)
+    if weights is None:
+        raise FormatError(f"{label}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)", path=str(root))
+    header, _ = read_safetensors_layout(weights)
+    parts: dict[str, dict[str, str]] = {}
+    for key in header:
+        if key == "__metadata__":
+            continue
+        m = _KEY.match(key)
+        if m is None:
+            raise FormatError(
+                f"{weights}: tensor {brief(key)} is not a LoRA factor (lora_A / lora_B)", path=str(weights)
+            )
+        module = m.group("module") or m.group("emodule")
+        part = (m.group("part") or m.group("epart")).replace("lora_embedding_", "lora_")
+        module = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
+        parts.setdefault(module, {})[part] = key
+    adapter = LoraAdapter(root, label, config, weights)
+    for module, pair in sorted(parts.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise FormatError(
+                f"{weights}: {module} has {sorted(pair)} but not both lora_A and lora_B", path=str(weights)
+            )
+        a, b = header[pair["lora_A"]], header[pair["lora_B"]]
+        embedding = "lora_embedding_A" in pair["lora_A"]
+        rank = a["shape"][0] if not embedding else a["shape"][0]
+        if len(a["shape"]) != 2 or len(b["shape"]) != 2 or b["shape"][1] != rank:
+            raise FormatError(
+                f"{weights}: {module}: lora_A {a['shape']} and lora_B {b['shape']} are not factors of one rank",
+                path=str(weights),
+            )
+        want_r = _pattern_value(config.get("rank_pattern"), module, r, "rank_pattern", label)
+        if rank != int(want_r):
+            raise FormatError(
+                f"{weights}: {module}: rank {rank}, but {ADAPTER_CONFIG} says {int(want_r)}", path=str(weights)
+            )
+        a_alpha = _pattern_value(config.get("alpha_pattern"), module, float(alpha), "alpha_pattern", label)
+        scale = a_alpha / math.sqrt(rank) if config.get("use_rslora") else a_alpha / rank
+        transpose = embedding or bool(config.get("fan_in_fan_out"))
+        shape = (b["shape"][0], a["shape"][1])
+        adapter.modules[module + ".weight"] = LoraModule(
+            module + ".weight", pair["lora_A"], pair["lora_B"], scale, transpose, shape[::-1] if transpose else shape
+        )
+    if not adapter.modules:
+        raise FormatError(f"{weights}: no LoRA factors", path=str(weights))
+    return adapter
+
+
+def check_adapter(adapter: LoraAdapter, base) -> None:
+    """Every weight the adapter updates is in the base (a :class:`~ota_trainer.io.folders.ModelLayout`),
+    floating, with the update's shape (headers only).
+
+    Raises:
+        IncompatibleModelsError: naming the adapter and the weight.
+    """
+    from ..io.layout import DTYPES
+
+    for name, mod in adapter.modules.items():
+        t = base.tensors.get(name)
+        if t is None or tuple(t.shape) != tuple(mod.shape) or not DTYPES[t.dtype].floating:
+            have = "does not have" if t is None else f"has as {tuple(t.shape)} {t.dtype}"
+            raise IncompatibleModelsError(
+                f"{adapter.label}: updates {name!r} as {tuple(mod.shape)}, which the base {base.label} {have}: "
+                "an adapter of another model",
+                model=adapter.label,
+            )
+
+
+def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
+    """Write the full expert ``adapter`` stands for into ``dest`` (a new folder): the base's
+    tensors, ``W0 + scale * B A`` (float32 arithmetic, the base's dtype) for each adapted weight;
+    the base's ``config.json``; and moments for every floating weight (the adapter's where it has
+    them, zero curvature where it leaves the weight alone). One tensor in memory at a time.
+
+    Args:
+        base: the base's :class:`~ota_trainer.io.folders.ModelLayout`.
+
+    Raises:
+        IncompatibleModelsError: an adapted weight the base lacks, or of another shape.
+        FormatError: the adapter's moments name weights it does not adapt.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from ..io.checkpoint import ModelFolder
+    from ..io.layout import DTYPES
+    from ..io.write import StreamingSafetensorsWriter
+    from ..moments.format import Rank1Factors, load_moments, save_moments
+
+    check_adapter(adapter, base)
+    dest.mkdir(parents=True)
+    folder = ModelFolder(base)
+    names = base.names
+    writer = StreamingSafetensorsWriter(
+        dest, [(n, base.tensors[n].shape, base.tensors[n].dtype) for n in names], max_shard_bytes=1 << 50
+    )
+    try:
+        with safe_open(str(adapter.weights), "pt") as f:
+            for n in names:
+                w0 = folder.get(n)
+                mod = adapter.modules.get(n)
+                if mod is not None:
+                    a, b = f.get_tensor(mod.a).float(), f.get_tensor(mod.b).float()
+                    delta = (b @ a) * mod.scale
+                    delta = delta.T if mod.transpose else delta
+                    if tuple(delta.shape) != tuple(w0.shape):
+                        raise IncompatibleModelsError(
+                            f"{adapter.label}: its update of {n!r} has shape {tuple(delta.shape)}, the base's weight "
+                            f"{tuple(w0.shape)}: an adapter of another model",
+                            model=adapter.label,
+                        )
+                    w0 = (w0.float() + delta).to(w0.dtype)
+                writer.write_bytes(
+                    n, tuple(w0.shape), base.tensors[n].dtype, memoryview(w0.reshape(-1).view(torch.uint8).numpy())
+                )
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        folder.close()
+    shutil.copyfile(base.path / CONFIG_NAME, dest / CONFIG_NAME)
+    own = confined_file(adapter.path, f"{MOMENTS_DIR}/{MOMENTS_FILE}", adapter.label)
+    if own is None:
+        return dest  # no moments: the merge says what to do (as for any expert without them)
+    moments = load_moments(own)
+    extra = [n for n in moments.shapes if n not in adapter.modules and n not in base.tensors]
+    if extra:
+        raise FormatError(
+            f"{own}: moments for {brief(extra[:3])}, which neither the adapter nor its base has", path=str(own)
+        )
+    floats = [n for n in names if DTYPES[base.tensors[n].dtype].floating]
+
+    class _All:
+        def items(self):
+            for n in floats:
+                shape = tuple(base.tensors[n].shape)
+                if n in moments.shapes:
+                    yield n, moments[n]
+                elif len(shape) >= 2:
+                    m = shape[0]
+                    yield n, Rank1Factors(torch.zeros(m), torch.zeros(math.prod(shape) // max(m, 1)), shape)
+                else:
+                    yield n, torch.zeros(shape)
+
+        def __iter__(self):
+            return iter(floats)
+
+        def __len__(self):
+            return len(floats)
+
+    meta = {k: v for k, v in moments.metadata.items() if k not in _FORMAT_KEYS}
+    meta["written_before_weights"] = False  # these weights are written now, from the adapter
+    meta["adapter"] = {"path": str(adapter.path), "r": adapter.config.get("r"), "modules": len(adapter.modules)}
+    save_moments(dest, _All(), compression="rank1", metadata=meta)
+    return dest
+
+
+_FORMAT_KEYS = ("format_version", "compression", "parameters", "written_before_weights")
+
+
+class AdapterExperts:
+    """A resolver (``reference -> folder``) that gives the full expert an adapter stands for:
+    adapter folders are materialized (:func:`materialize`) into ``workdir`` on first use; other
+    references pass through. Every other attribute (``sha``, ``config``, ...) is ``resolver``'s.
+    Remove ``workdir`` with :meth:`cleanup` (the merge does, whatever happens)."""
+
+    def __init__(self, resolver, base_ref: str | None, workdir: Path):
+        self._resolver, self._base_ref, self.workdir = resolver, base_ref, workdir
+        self._done: dict[str, Path] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._resolver, name)
+
+    def __call__(self, ref: str) -> Path:
+        folder = Path(self._resolver(ref))
+        if not is_adapter_folder(folder):
+            return folder
+        if ref not in self._done:
+            from ..io.folders import open_model
+
+            if self._base_ref is None:
+                raise ConfigError(f"{ref}: a LoRA adapter needs its base model (base_model)")
+            adapter = open_adapter(folder, ref)
+            base = open_model(self._resolver(self._base_ref), self._base_ref)
+            logger.info("%s: a LoRA adapter of %d weights: merged as W0 + scale * B A", ref, len(adapter.modules))
+            self._done[ref] = materialize(adapter, base, self.workdir / f"expert-{len(self._done)}")
+        return self._done[ref]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def fill_base_model(data: dict[str, Any], adapter_config) -> dict[str, Any]:
+    """A recipe mapping whose ``base_model`` is the one its adapter experts name
+    (``base_model_name_or_path``) when it gives none; when it gives one and an adapter names
+    another Hub repo, that is an error. ``adapter_config(ref)``: an expert's adapter config, or
+    None when it is not an adapter (reads only that file). Other recipes are returned as they are.
+
+    Raises:
+        ConfigError: adapters naming different bases, or one the recipe contradicts.
+    """
+    models = data.get("models")
+    if not isinstance(models, list):
+        return data
+    named = {}
+    for m in models:
+        ref = m.get("model") if isinstance(m, dict) else m
+        if not isinstance(ref, str):
+            continue
+        try:
+            cfg = adapter_config(ref)
+        except (FormatError, ConfigError):
+            raise
+        except Exception:  # noqa: BLE001 - an unresolvable reference is reported where the merge resolves it
+            continue
+        if isinstance(cfg, dict):
+            b = cfg.get("base_model_name_or_path")
+            named[ref] = b if isinstance(b, str) and b else None
+    bases = {b for b in named.values() if b}
+    given = data.get("base_model")
+    if not given:
+        if len(bases) > 1:
+            raise ConfigError(f"the adapters name different bases ({sorted(bases)}); give base_model (--base)")
+        return {**data, "base_model": bases.pop()} if bases else data
+    repo_like = re.compile(r"^[\w.-]+/[\w.-]+$")
+    for ref, b in named.items():
+        if b and isinstance(given, str) and repo_like.match(b) and repo_like.match(given.split("@")[0]):
+            if b != given.split("@")[0]:
+                raise ConfigError(f"{ref}: an adapter of {b}, but base_model is {given}")
+    return data

@@ -1,0 +1,202 @@
+"""LoRA / PEFT adapters as merge experts (#17): real PEFT adapters of a tiny Llama, merged as the
+full experts they stand for (``W0 + scale * B A``), checked against PEFT's own merge_and_unload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ota_trainer import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, merge
+from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+
+peft = pytest.importorskip("peft")
+
+
+def _adapter(base: Path, out: Path, seed: int, **lora) -> Path:
+    """A LoRA adapter of ``base`` with random (non-zero) factors, saved by PEFT; and its
+    merge_and_unload'ed full model beside it (``out.with_name(out.name + '_full')``)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **lora)
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(out)
+    full = out.with_name(out.name + "_full")
+    pm.merge_and_unload().save_pretrained(full)
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_tiny_base(root / "base", seed=0)
+    a1 = _adapter(base, root / "a1", 1)
+    a2 = _adapter(base, root / "a2", 2, use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 16})
+    return {"root": root, "base": base, "a1": a1, "a2": a2}
+
+
+def _add_moments(adapter: Path, base: Path, seed: int) -> None:
+    """Moments as a LoRA capture stores them: keyed by the adapted base weights' names."""
+    from ota_trainer import save_moments
+    from ota_trainer.merger.adapters import open_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    w = _weights(base)
+    mods = open_adapter(adapter).modules
+    moments = {n: torch.rand(w[n].shape, generator=g) * 1e-6 + 1e-9 for n in mods}
+    save_moments(
+        adapter, moments, compression="rank1", metadata={"optimizer": "adamw_torch", "beta2": 0.999, "step": 10}
+    )
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare"])
+def test_adapters_merge_as_their_merged_full_models(lora, tmp_path, method):
+    """Every method on two adapters gives what it gives on PEFT's merge_and_unload of each."""
+    recipe = {"method": method, "base_model": str(lora["base"])}
+    merge({**recipe, "models": [str(lora["a1"]), str(lora["a2"])]}, tmp_path / "adapters", quiet=True)
+    full = [str(lora["a1"].with_name("a1_full")), str(lora["a2"].with_name("a2_full"))]
+    merge({**recipe, "models": full}, tmp_path / "full", quiet=True)
+    got, want = _weights(tmp_path / "adapters"), _weights(tmp_path / "full")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert not list(tmp_path.glob(".*ota-adapters*"))  # the working folder is gone
+
+
+def test_ota_on_adapters_keeps_the_base_where_no_adapter_edits(lora, tmp_path):
+    for i, key in enumerate(("a1", "a2")):
+        shutil.copytree(lora[key], tmp_path / key)
+        _add_moments(tmp_path / key, lora["base"], i)
+    report = merge(
+        {"method": "ota", "base_model": str(lora["base"]), "models": [str(tmp_path / "a1"), str(tmp_path / "a2")]},
+        tmp_path / "out",
+        quiet=True,
+    )
+    got, base = _weights(tmp_path / "out"), _weights(lora["base"])
+    adapted = [k for k in base if any(m in k for m in ("q_proj", "v_proj", "down_proj"))]
+    assert adapted and all(not torch.equal(got[k], base[k]) for k in adapted)
+    for k in base:
+        if k not in adapted:
+            assert torch.equal(got[k], base[k]), k  # no edit: FFG keeps nothing, OTA keeps the base
+    assert all(0 < e.density <= 0.4 + 1e-3 for e in report.experts)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_full_experts_and_adapters_mix(lora, tiny_models, tmp_path):
+    """A full fine-tuned expert and an adapter in one merge; the base named by the adapter's
+    config when the recipe gives none."""
+    full = make_tiny_expert(lora["base"], tmp_path / "full", seed=5)
+    shutil.copytree(lora["a1"], tmp_path / "a1")
+    _add_moments(tmp_path / "a1", lora["base"], 7)
+    cfg = json.loads((tmp_path / "a1" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(lora["base"])
+    from ota_trainer.cli.merge import main
+
+    assert (
+        main(["--expert", str(full), str(tmp_path / "a1"), "--method", "ota", "--out", str(tmp_path / "o"), "-q"]) == 0
+    )
+    got, base, f = _weights(tmp_path / "o"), _weights(lora["base"]), _weights(full)
+    k = "model.layers.0.mlp.up_proj.weight"  # edited by the full expert only: its edits, where kept
+    assert not torch.equal(got[k], base[k]) and torch.isclose(got[k], f[k]).any()
+
+
+def test_adapter_without_moments_is_an_expert_without_moments(lora, tmp_path):
+    recipe = {"method": "ota", "base_model": str(lora["base"]), "models": [str(lora["a1"]), str(lora["a2"])]}
+    with pytest.raises(MissingMomentsError):
+        merge(recipe, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*ota-adapters*"))
+    merge({**recipe, "options": {"allow_missing_moments": True}}, tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"use_dora": True}, ConfigError, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, ConfigError, "modules_to_save"),
+        ({"bias": "all"}, ConfigError, "biases"),
+        ({"peft_type": "IA3"}, ConfigError, "only LoRA"),
+        ({"r": 0}, FormatError, "r=0"),
+        ({"r": 8}, FormatError, "rank 4"),
+    ],
+)
+def test_adapters_we_do_not_merge_are_refused_by_name(lora, tmp_path, change, error, words):
+    bad = tmp_path / "bad"
+    shutil.copytree(lora["a1"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(error, match=words):
+        merge({"method": "linear", "base_model": str(lora["base"]), "models": [str(bad)]}, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_another_model_is_refused(lora, tmp_path):
+    other = make_tiny_base(tmp_path / "wide", seed=0, hidden=96)
+    with pytest.raises(IncompatibleModelsError, match="another model"):
+        merge({"method": "linear", "base_model": str(other), "models": [str(lora["a1"])]}, tmp_path / "out", quiet=True)
+    assert not list(tmp_path.glob(".*ota-adapters*")) and not (tmp_path / "out").exists()
+
+
+def test_adapters_from_repo_ids(local_hub, lora, tmp_path):
+    from ota_trainer.hub import publish_folder
+
+    publish_folder(lora["base"], "org/base")
+    publish_folder(lora["a1"], "org/a1")
+    publish_folder(lora["a2"], "org/a2")
+    from ota_trainer.cli.merge import main
+
+    assert (
+        main(
+            [
+                "--base",
+                "org/base",
+                "--expert",
+                "org/a1",
+                "org/a2",
+                "--method",
+                "ties",
+                "--out",
+                str(tmp_path / "hub"),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    merge(
+        {"method": "ties", "base_model": str(lora["base"]), "models": [str(lora["a1"]), str(lora["a2"])]},
+        tmp_path / "local",
+        quiet=True,
+    )
+    a, b = _weights(tmp_path / "hub"), _weights(tmp_path / "local")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_dry_run_checks_adapters_against_the_base(lora, tmp_path, capsys):
+    from ota_trainer.cli.merge import main
+
+    args = ["--expert", str(lora["a1"]), str(lora["a2"]), "--method", "ties", "--dry-run", "-q"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0  # the base comes from the adapters' config
+    out = capsys.readouterr().out
+    assert "2 LoRA adapter(s) against the base" in out and not (tmp_path / "o").exists()
+    other = make_tiny_base(tmp_path / "wide", seed=0, hidden=96)
+    assert main([*args, "--base", str(other), "--out", str(tmp_path / "o")]) == 2
+    assert "an adapter of another model" in capsys.readouterr().err
