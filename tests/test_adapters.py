@@ -200,3 +200,28 @@ def test_dry_run_checks_adapters_against_the_base(lora, tmp_path, capsys):
     other = make_tiny_base(tmp_path / "wide", seed=0, hidden=96)
     assert main([*args, "--base", str(other), "--out", str(tmp_path / "o")]) == 2
     assert "an adapter of another model" in capsys.readouterr().err
+
+
+def test_push_expert_publishes_an_adapter_with_its_moments_and_refuses_factor_moments(local_hub, lora, tmp_path):
+    from huggingface_hub import HfApi, ModelCard
+
+    from ota_trainer import push_expert, save_moments
+
+    good = tmp_path / "good"
+    shutil.copytree(lora["a1"], good)
+    _add_moments(good, lora["base"], 3)
+    push_expert(good, "org/lora-good")
+    assert {"adapter_config.json", "adapter_model.safetensors", "ota/moments.safetensors"} <= set(
+        HfApi().list_repo_files("org/lora-good")
+    )
+    assert "ota-merge-ready" in ModelCard.load("org/lora-good").data.tags
+    bad = tmp_path / "bad"  # what a capture without LoRA support stored: the factors' own moments
+    shutil.copytree(lora["a1"], bad)
+    f = load_file(str(bad / "adapter_model.safetensors"))
+    save_moments(
+        bad, {k: torch.rand_like(v) for k, v in f.items()}, compression="full", metadata={"step": 1, "beta2": 0.999}
+    )
+    with pytest.raises(IncompatibleModelsError, match="adapter's own factors"):
+        push_expert(bad, "org/lora-bad")
+    with pytest.raises(MissingMomentsError):
+        push_expert(lora["a2"], "org/lora-none")

@@ -21,8 +21,10 @@ from ..moments.format import (
     has_moments,
     load_moments,
     moments_path,
+    save_moments,
 )
 from .core import BIAS_CORRECTION, save_optimizer_moments
+from .lora import ESTIMATORS, LoraCurvature, is_lora_model, optimizer_beta2
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
 
@@ -281,11 +283,16 @@ class OTACallback(TrainerCallback):
         base_model_revision: str | None = None,
         tag_model_card: bool = True,
         bias_correction: str = "record",
+        lora_estimator: str = "exact",
     ):
         if compression not in COMPRESSIONS:
             raise ConfigError(f"OTACallback(compression={compression!r}): choose one of {COMPRESSIONS}")
         if bias_correction not in BIAS_CORRECTION:
             raise ConfigError(f"OTACallback(bias_correction={bias_correction!r}): choose one of {BIAS_CORRECTION}")
+        if lora_estimator not in ESTIMATORS:
+            raise ConfigError(f"OTACallback(lora_estimator={lora_estimator!r}): choose one of {ESTIMATORS}")
+        self.lora_estimator = lora_estimator
+        self._lora: LoraCurvature | None = None  # a PEFT LoRA model: the frozen weights' curvature
         self.bias_correction = bias_correction
         self.compression = compression
         self.save_on_checkpoint = save_on_checkpoint
@@ -350,6 +357,21 @@ class OTACallback(TrainerCallback):
         captured_at: float | None = None,
     ) -> Path | None:
         captured_at = time.time() if captured_at is None else captured_at
+        if self._lora is not None:  # LoRA: the adapted weights' curvature, keyed by the base weights' names
+            meta = self._metadata(
+                args, state, model, captured_at=captured_at, written_before_weights=written_before_weights
+            )
+            meta.update(self._lora.metadata(model))
+            path = (
+                save_moments(folder, self._lora.factors(), compression="rank1", metadata=meta)
+                if _is_writer(args)
+                else None
+            )
+            if path is not None:
+                logger.info(
+                    "OTA: LoRA curvature (%s) of step %d written to %s", self._lora.estimator, state.global_step, path
+                )
+            return path
         path = save_optimizer_moments(
             folder,
             model,
@@ -466,11 +488,35 @@ class OTACallback(TrainerCallback):
         if _is_writer(args) and _staging_root(args).exists():
             logger.warning("OTA: removing %s left by an interrupted run", _staging_root(args))
             _remove_staging(args)
+        if self._lora is not None:
+            self._lora.remove()
+            self._lora = None
+        if is_lora_model(model):
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            self._lora = LoraCurvature(
+                model,
+                optimizer_beta2(optimizer),
+                estimator=self.lora_estimator,
+                accumulate=args.gradient_accumulation_steps > 1 or world > 1,
+            )
+            logger.info(
+                "OTA: LoRA run: estimating the curvature of %d adapted weights (%s)",
+                len(self._lora.layers),
+                self.lora_estimator,
+            )
         self._start_step = int(state.global_step)
         self._captured_steps.clear()
         self._captured_at.clear()
         self._pending_error = None
         self._training = True
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """LoRA: fold this step's squared full-weight gradient into the curvature estimate."""
+        if self._lora is not None:
+            self._lora.step()
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -522,7 +568,8 @@ class OTACallback(TrainerCallback):
                 "fix the cause and resume from it)"
             ) from err
         ckpt = _checkpoint_dir(args, state)
-        if self.save_on_checkpoint and _is_writer(args) and has_moments(ckpt):
+        # (a LoRA checkpoint holds an adapter, whose moments name the base weights: the merger checks them)
+        if self.save_on_checkpoint and _is_writer(args) and has_moments(ckpt) and self._lora is None:
             self._align(ckpt)
             try:
                 problems = check_moments_cover_weights(ckpt, self._frozen)
@@ -563,6 +610,8 @@ class OTACallback(TrainerCallback):
                 )
             )
             raise CaptureError(f"capturing second moments at the end of training failed; {where}. Cause: {e}") from e
+        if self._lora is not None:
+            self._lora.remove()  # the hooks go with the run
         return control
 
     def _save_model_after_failure(self, args: Any, model: Any, processing_class: Any) -> bool:

@@ -438,6 +438,41 @@ def mark_merge_ready(readme: str | os.PathLike, *, base_model: str | None = None
     path.write_text(str(card))
 
 
+def check_adapter_moments(folder: str | os.PathLike) -> str:
+    """A LoRA adapter folder's moments cover exactly the weights it adapts, under the base weights'
+    names and shapes (as OTACallback's LoRA capture writes them); returns the adapter's base.
+
+    Raises:
+        MissingMomentsError: no moments file.
+        IncompatibleModelsError: moments of other weights (e.g. of the adapter factors).
+    """
+    from ..errors import MissingMomentsError
+    from ..io.folders import open_moments_file
+    from ..io.layout import moments_path
+    from ..merger.adapters import open_adapter
+
+    adapter = open_adapter(folder)
+    path = moments_path(adapter.path)
+    if not path.is_file():
+        raise MissingMomentsError(
+            f"{adapter.label}: no ota/moments.safetensors: train the adapter with OTACallback() (it captures the "
+            "curvature of the adapted weights)",
+            model=adapter.label,
+        )
+    moments = open_moments_file(path, adapter.label)
+    want = {n: m.shape for n, m in adapter.modules.items()}
+    got = dict(moments.shapes)
+    if got != want:
+        other = sorted(set(got) ^ set(want))[:3]
+        raise IncompatibleModelsError(
+            f"{adapter.label}: its moments name {len(got)} weights, the adapter adapts {len(want)} (e.g. {other}): "
+            "moments of the adapter's own factors (lora_A/lora_B) or of another adapter; capture them again with "
+            "OTACallback() during LoRA training",
+            model=adapter.label,
+        )
+    return adapter.base_model
+
+
 def push_expert(
     folder: str | os.PathLike,
     repo_id: str,
@@ -461,9 +496,22 @@ def push_expert(
     Example:
         >>> push_expert("out/math-expert", "me/smollm2-math", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     """
+    from ..merger.adapters import is_adapter_folder
     from ..merger.inputs import check_moments, missing_moments_error, open_model, open_moments
     from ..moments.format import MomentsReader
 
+    if is_adapter_folder(folder):
+        named = check_adapter_moments(folder)  # the moments cover exactly the adapted weights
+        base_model = base_model or named
+        mark_merge_ready(Path(folder) / "README.md", base_model=base_model)
+        return publish_folder(
+            folder,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message="Upload LoRA expert with OTA moments",
+            ignore_patterns=EXPERT_IGNORE,
+        )
     model = open_model(folder)
     layout = open_moments(model)
     if layout is None:

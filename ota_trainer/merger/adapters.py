@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import ConfigError, FormatError, IncompatibleModelsError, brief
 from ..io.layout import (
     CONFIG_NAME,
+    MANAGED_KEYS,
     MOMENTS_DIR,
     MOMENTS_FILE,
     confined_file,
@@ -292,14 +293,11 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
         def __len__(self):
             return len(floats)
 
-    meta = {k: v for k, v in moments.metadata.items() if k not in _FORMAT_KEYS}
+    meta = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
     meta["written_before_weights"] = False  # these weights are written now, from the adapter
     meta["adapter"] = {"path": str(adapter.path), "r": adapter.config.get("r"), "modules": len(adapter.modules)}
     save_moments(dest, _All(), compression="rank1", metadata=meta)
     return dest
-
-
-_FORMAT_KEYS = ("format_version", "compression", "parameters", "written_before_weights")
 
 
 class AdapterExperts:

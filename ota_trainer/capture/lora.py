@@ -1,0 +1,218 @@
+"""The curvature of the frozen weights during LoRA training, rank-one.
+
+A LoRA run's optimizer holds moments of the adapter factors ``A`` and ``B``, not of the weight
+``W`` whose edit ``scale * B A`` the merger grafts and averages. What FFG and OTA need is what
+Adam's ``exp_avg_sq`` would hold for ``W``: an EMA with ``beta2`` of the squared full-weight
+gradient ``G = dL/dW``. For a linear layer ``G = delta^T X`` (the layer output's gradient times
+its input, summed over tokens). Only the row and column sums of ``EMA(G*G)`` are stored (format
+v1, rank-one); they are linear in ``G*G``, so the EMA of the sums is the sums of the EMA.
+
+Two estimators (:class:`LoraCurvature`):
+
+- ``exact``: ``G`` formed per adapted layer in a backward hook and reduced to row and column
+  sums of ``G*G`` at the optimizer step (one weight-gradient matmul per layer and step). With
+  gradient accumulation or several processes the step's ``G`` is accumulated (and summed over
+  the processes, then divided by their number, as DDP averages gradients) before squaring, as
+  Adam squares the gradient it steps with; else it is reduced at once and freed.
+- ``factored`` (K-FAC style, no ``G``): ``E[G_ij^2] ~ (sum_t delta_ti^2)(sum_t x_tj^2) / T`` over
+  the step's ``T`` tokens: two vector sums per layer and step.
+
+Gradient clipping is not applied (a full fine-tune's clipping coefficient is unknown here).
+Only the layers LoRA adapts are tracked (their ``W`` is the only one with an edit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CaptureError, ConfigError
+from .names import clean_parameter_name
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ESTIMATORS", "LoraCurvature", "is_lora_model"]
+
+ESTIMATORS = ("exact", "factored")
+_PEFT_PREFIX = "base_model.model."
+
+
+def is_lora_model(model: Any) -> bool:
+    """A PEFT model with LoRA layers."""
+    return getattr(model, "peft_config", None) is not None and any(_is_lora_linear(m) for m in model.modules())
+
+
+def _is_lora_linear(module: torch.nn.Module) -> bool:
+    base = getattr(module, "base_layer", None)
+    return isinstance(base, torch.nn.Linear) and hasattr(module, "lora_A")
+
+
+@dataclass
+class _Layer:
+    name: str  # the base weight's saved name
+    shape: tuple[int, int]  # (out, in)
+    row: torch.Tensor  # EMA of the row / column sums of G*G (float64 for the accumulation)
+    col: torch.Tensor
+    acc: torch.Tensor | None = None  # exact, accumulated: this step's G so far
+    pend_row: torch.Tensor | None = None  # exact, at once: this step's sums
+    pend_col: torch.Tensor | None = None
+    d2: torch.Tensor | None = None  # factored: this step's sum_t delta^2 and sum_t x^2, tokens
+    x2: torch.Tensor | None = None
+    tokens: int = 0
+    handles: list = field(default_factory=list)
+
+
+class LoraCurvature:
+    """Hooks on a PEFT LoRA model's adapted linear layers that estimate each frozen weight's
+    second moment (see the module docstring).
+
+    Args:
+        model: the PEFT model (wrappers allowed).
+        beta2: the optimizer's ``beta2`` (the EMA's decay).
+        estimator: ``"exact"`` or ``"factored"``.
+        accumulate: whether a step's gradient is accumulated over several backward passes or
+            processes (exact: ``G`` is then kept until the step).
+
+    Call :meth:`step` right before each optimizer step, :meth:`factors` for what to store and
+    :meth:`remove` when training ends.
+    """
+
+    def __init__(self, model: torch.nn.Module, beta2: float, *, estimator: str = "exact", accumulate: bool = False):
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"LoRA curvature estimator {estimator!r}: choose one of {ESTIMATORS}")
+        if not 0.0 <= float(beta2) < 1.0:
+            raise ConfigError(f"LoRA curvature needs Adam's beta2 in [0, 1), got {beta2!r}")
+        self.beta2, self.estimator, self.accumulate = float(beta2), estimator, accumulate
+        self.steps = 0
+        self.layers: list[_Layer] = []
+        for name, module in model.named_modules():
+            if not _is_lora_linear(module):
+                continue
+            saved = clean_parameter_name(name)
+            saved = saved[len(_PEFT_PREFIX) :] if saved.startswith(_PEFT_PREFIX) else saved
+            w = module.base_layer.weight
+            layer = _Layer(saved + ".weight", (int(w.shape[0]), int(w.shape[1])), *self._zeros(w.shape))
+            layer.handles.append(module.register_forward_hook(self._forward_hook(layer)))
+            self.layers.append(layer)
+        if not self.layers:
+            raise CaptureError("no LoRA-adapted linear layer found: nothing to estimate the curvature of")
+
+    @staticmethod
+    def _zeros(shape) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(shape[0], dtype=torch.float64), torch.zeros(shape[1], dtype=torch.float64)
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return None
+            x = args[0].detach()
+            out.register_hook(lambda delta: self._backward(layer, x, delta))
+            return None
+
+        return hook
+
+    @torch.no_grad()
+    def _backward(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor) -> None:
+        d = delta.detach().reshape(-1, delta.shape[-1]).to(torch.float32)  # (tokens, out)
+        xs = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        if self.estimator == "factored":
+            d2, x2 = (d * d).sum(0), (xs * xs).sum(0)
+            layer.d2 = d2 if layer.d2 is None else layer.d2 + d2
+            layer.x2 = x2 if layer.x2 is None else layer.x2 + x2
+            layer.tokens += d.shape[0]
+            return
+        g = d.T @ xs  # (out, in): this backward's dL/dW
+        if self.accumulate:
+            layer.acc = g if layer.acc is None else layer.acc.add_(g)
+            return
+        sq = g.mul_(g)
+        r, c = sq.sum(1, dtype=torch.float64).cpu(), sq.sum(0, dtype=torch.float64).cpu()
+        layer.pend_row = r if layer.pend_row is None else layer.pend_row + r
+        layer.pend_col = c if layer.pend_col is None else layer.pend_col + c
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Fold this step's squared gradient into the EMA (call before the optimizer steps)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        b = self.beta2
+        for layer in self.layers:  # the same order on every process (collectives)
+            if self.estimator == "factored":
+                d2 = layer.d2 if layer.d2 is not None else torch.zeros(layer.shape[0])
+                x2 = layer.x2 if layer.x2 is not None else torch.zeros(layer.shape[1])
+                t = torch.tensor([float(layer.tokens)], device=d2.device)
+                if world > 1:
+                    for v in (d2, x2, t):
+                        dist.all_reduce(v)
+                bx = x2.double().cpu() / max(float(t.item()), 1.0)
+                da = d2.double().cpu()
+                r, c = da * bx.sum(), bx * da.sum()
+                layer.d2 = layer.x2 = None
+                layer.tokens = 0
+            elif self.accumulate:
+                g = layer.acc if layer.acc is not None else torch.zeros(layer.shape)
+                if world > 1:
+                    dist.all_reduce(g)
+                    g.div_(world)  # DDP averages the processes' gradients
+                sq = g.mul_(g)
+                r, c = sq.sum(1, dtype=torch.float64).cpu(), sq.sum(0, dtype=torch.float64).cpu()
+                layer.acc = None
+            else:
+                r = layer.pend_row if layer.pend_row is not None else torch.zeros(layer.shape[0], dtype=torch.float64)
+                c = layer.pend_col if layer.pend_col is not None else torch.zeros(layer.shape[1], dtype=torch.float64)
+                layer.pend_row = layer.pend_col = None
+            layer.row.mul_(b).add_(r, alpha=1.0 - b)
+            layer.col.mul_(b).add_(c, alpha=1.0 - b)
+        self.steps += 1
+
+    def factors(self):
+        """``{base weight name: Rank1Factors}``: the EMA's row and column sums, float32."""
+        from ..moments.format import Rank1Factors
+
+        return {
+            layer.name: Rank1Factors(layer.row.to(torch.float32), layer.col.to(torch.float32), layer.shape)
+            for layer in self.layers
+        }
+
+    def metadata(self, model: Any) -> dict[str, Any]:
+        """What the moments file records of this capture."""
+        cfg = next(iter(getattr(model, "peft_config", {}).values()), None)
+        targets = getattr(cfg, "target_modules", None)
+        return {
+            "capture": "lora",
+            "lora_estimator": self.estimator,
+            "lora_steps": self.steps,
+            "beta2": self.beta2,
+            "step": self.steps,
+            "lora": {
+                "r": getattr(cfg, "r", None),
+                "lora_alpha": getattr(cfg, "lora_alpha", None),
+                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+                "use_rslora": bool(getattr(cfg, "use_rslora", False)),
+                "layers": len(self.layers),
+            },
+        }
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+
+
+def optimizer_beta2(optimizer: Any) -> float:
+    """``beta2`` of an Adam-family optimizer (its first parameter group's ``betas``)."""
+    groups = getattr(optimizer, "param_groups", None) or getattr(
+        getattr(optimizer, "optimizer", None), "param_groups", []
+    )
+    for g in groups:
+        betas = g.get("betas")
+        if isinstance(betas, (tuple, list)) and len(betas) == 2 and math.isfinite(float(betas[1])):
+            return float(betas[1])
+    raise CaptureError("LoRA curvature capture needs an Adam-family optimizer (betas in its parameter groups)")

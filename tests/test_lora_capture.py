@@ -1,0 +1,195 @@
+"""LoRA capture (#17): OTACallback on a PEFT LoRA model estimates the curvature of the frozen
+weights (what Adam's exp_avg_sq would hold for W), stores it under the base weights' names,
+and the adapters merge with ota from the Hub."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_scripts._common import tiny_dataset, tiny_model
+from safetensors import safe_open
+
+from ota_trainer.capture import OTACallback
+from ota_trainer.moments.format import load_moments, moments_path
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _lora_model(train_base: bool):
+    model = tiny_model(tie=True)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    if train_base:  # the truth test: the adapted weights train too, so Adam holds exp_avg_sq for W
+        for n, p in pm.named_parameters():
+            if n.endswith("base_layer.weight"):
+                p.requires_grad_(True)
+    return pm
+
+
+def _train(tmp_path, estimator: str, *, train_base: bool, accum: int = 2, steps: int = 4):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = _lora_model(train_base)
+    args = TrainingArguments(
+        str(tmp_path / estimator),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=100,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback(lora_estimator=estimator)]
+    )
+    trainer.train()
+    return trainer, tmp_path / estimator
+
+
+def _factors(folder):
+    with safe_open(str(moments_path(folder)), "pt") as f:
+        names = {k.split("::")[0] for k in f.keys()}
+        return {n: (f.get_tensor(n + "::row"), f.get_tensor(n + "::col")) for n in names}
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_exact_estimator_equals_adams_own_second_moment_of_w(tmp_path, accum):
+    """With W trained too (Adam on everything, no clipping), the exact estimator's factors are
+    the row and column sums of Adam's exp_avg_sq for W, to float32 rounding; with gradient
+    accumulation the accumulated gradient is squared, as Adam does."""
+    trainer, out = _train(tmp_path, "exact", train_base=True, accum=accum)
+    got = _factors(out)
+    named = dict(trainer.model.named_parameters())
+    assert len(got) == 2 * 2  # q_proj, v_proj of two layers, under the base weights' names
+    for name, (row, col) in got.items():
+        assert name.startswith("model.layers.") and name.endswith(("q_proj.weight", "v_proj.weight"))
+        module = name[: -len(".weight")]
+        v = trainer.optimizer.state[named[f"base_model.model.{module}.base_layer.weight"]]["exp_avg_sq"]
+        torch.testing.assert_close(row, v.sum(1), rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(col, v.sum(0), rtol=1e-5, atol=1e-12)
+    meta = load_moments(out).metadata
+    assert meta["capture"] == "lora" and meta["lora_estimator"] == "exact" and meta["step"] == 4
+    assert meta["lora"]["r"] == 4 and meta["lora"]["target_modules"] == sorted(TARGETS)
+    assert meta["beta2"] == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "factored"])
+def test_estimators_follow_their_formulas(estimator):
+    """One step by hand: the layer's output gradient and input read with autograd, independently
+    of the capture's hooks; exact: row/column sums of (1-b2) G*G with G = delta^T X; factored:
+    (1-b2) a sum(c) and (1-b2) c sum(a) with a = sum_t delta^2, c = sum_t x^2 / T."""
+    from ota_trainer.capture.lora import LoraCurvature
+
+    torch.manual_seed(0)
+    pm = _lora_model(False)
+    lc = LoraCurvature(pm, 0.9, estimator=estimator)
+    module = pm.base_model.model.model.layers[1].self_attn.v_proj
+    seen = {}
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        seen["x"], seen["out"] = args[0].detach(), out
+
+    h = module.register_forward_hook(keep)
+    ids = tiny_dataset(n=4)["input_ids"]
+    batch = torch.tensor(ids)
+    pm(input_ids=batch, labels=batch).loss.backward()
+    h.remove()
+    lc.step()
+    d = seen["out"].grad.reshape(-1, seen["out"].shape[-1]).double()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    if estimator == "exact":
+        g2 = (d.T @ x) ** 2
+        want_r, want_c = 0.1 * g2.sum(1), 0.1 * g2.sum(0)
+    else:
+        a, c = (d * d).sum(0), (x * x).sum(0) / x.shape[0]
+        want_r, want_c = 0.1 * a * c.sum(), 0.1 * c * a.sum()
+    layer = next(x for x in lc.layers if x.name == "model.layers.1.self_attn.v_proj.weight")
+    torch.testing.assert_close(layer.row, want_r, rtol=1e-4, atol=1e-14)
+    torch.testing.assert_close(layer.col, want_c, rtol=1e-4, atol=1e-14)
+    lc.remove()
+
+
+def test_sft_lora_adapters_pushed_to_the_hub_merge_with_ota(local_hub, tmp_path):
+    """The done-when story: TRL SFTTrainer + LoraConfig + OTACallback(), pushed to the loopback
+    Hub, merged from the repo ids with ota."""
+    from datasets import Dataset
+    from huggingface_hub import HfApi
+    from trl import SFTConfig, SFTTrainer
+
+    from ota_trainer.cli.merge import main
+    from ota_trainer.hub import publish_folder
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+    base = make_tiny_base(tmp_path / "base", seed=0)
+    tok = make_tiny_tokenizer(base)
+    publish_folder(base, "org/lbase")
+    for i, task in enumerate(("add", "mul")):
+        from transformers import AutoModelForCausalLM
+
+        data = Dataset.from_dict({"text": [f"{a} {task} {b}" for a in range(8) for b in range(4)]})
+        args = SFTConfig(
+            str(tmp_path / task),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=100,
+            disable_tqdm=True,
+            max_length=32,
+            seed=i,
+            push_to_hub=True,
+            hub_model_id=f"org/lora-{task}",
+        )
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(base),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+            callbacks=[OTACallback()],
+        )
+        trainer.train()
+        trainer.push_to_hub()
+        files = set(HfApi().list_repo_files(f"org/lora-{task}"))
+        assert {"adapter_config.json", "adapter_model.safetensors", "ota/moments.safetensors"} <= files
+    out = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "--base",
+                "org/lbase",
+                "--expert",
+                "org/lora-add",
+                "org/lora-mul",
+                "--method",
+                "ota",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    b = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    m = merged.state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(m[q], b[q]) and torch.equal(
+        m["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"]
+    )
