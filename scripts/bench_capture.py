@@ -184,6 +184,140 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
     return row
 
 
+LORA_TARGETS = ("q_proj", "v_proj")
+TARGET_EXACT, TARGET_FACTORED = 0.35, 0.05  # extra share of a LoRA step (issue #17)
+
+
+def _lora_run(name: str, *, estimators: tuple[str, ...], steps: int, batch: int, seq: int, seed: int, log):
+    """A LoRA run (r=16 on q_proj and v_proj, AdamW on the adapter) with the given estimators'
+    hooks installed: the median step time (forward + backward + the estimators' step +
+    optimizer step), the extra peak RSS over the untimed first step, and the estimators."""
+    import peft
+    import torch
+
+    from ota_trainer.capture.lora import LoraCurvature
+
+    model = peft.get_peft_model(
+        build(name, seed), peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS))
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    curv = [LoraCurvature(model, 0.999, estimator=e) for e in estimators]
+    g = torch.Generator().manual_seed(seed)
+    times, peak0 = [], None
+    for i in range(steps + 1):
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+        if i == 1:
+            exact_peak = _reset_peak()
+            peak0 = _rss_mb() if exact_peak else _status_kb("VmHWM") / 1024
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for c in curv:
+            c.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    extra = _status_kb("VmHWM") / 1024 - peak0
+    label = "+".join(estimators) or "off"
+    log(f"[{name} LoRA {label}] step {statistics.median(times):.3f}s, +{extra:.0f} MB peak")
+    return {"step_s": statistics.median(times), "extra_peak_mb": extra}, model, curv
+
+
+def lora_agreement(model, exact, factored, density: float = 0.4) -> dict:
+    """How the factored estimate agrees with the exact one on the same run: Pearson correlation
+    of the rank-one second moments (all adapted entries; and of their logs), and the Jaccard
+    index of the FFG masks (top ``density`` of v * d^2 over all adapted entries, d = scale B A)."""
+    import torch
+
+    deltas = {}
+    for mod_name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            key = mod_name.removeprefix("base_model.model.") + ".weight"
+            deltas[key] = (
+                module.get_delta_weight(
+                    module.active_adapter[0] if isinstance(module.active_adapter, list) else module.active_adapter
+                )
+                .detach()
+                .float()
+            )
+
+    def v_of(curv):
+        out = {}
+        for layer in curv.layers:
+            r, c = layer.row.float(), layer.col.float()
+            out[layer.name] = torch.outer(r, c) / r.sum().clamp_min(1e-30)
+        return out
+
+    ve, vf = v_of(exact), v_of(factored)
+    names = sorted(ve)
+    a = torch.cat([ve[n].reshape(-1) for n in names]).double()
+    b = torch.cat([vf[n].reshape(-1) for n in names]).double()
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    tiny = 1e-30
+    corr_log = float(torch.corrcoef(torch.stack([(a + tiny).log(), (b + tiny).log()]))[0, 1])
+    d2 = torch.cat([deltas[n].reshape(-1) ** 2 for n in names]).double()
+    k = int(density * a.numel())
+    me = torch.zeros_like(a, dtype=torch.bool)
+    mf = torch.zeros_like(a, dtype=torch.bool)
+    me[torch.topk(a * d2, k).indices] = True
+    mf[torch.topk(b * d2, k).indices] = True
+    jaccard = float((me & mf).sum() / (me | mf).sum())
+    return {"corr": corr, "corr_log": corr_log, "jaccard": jaccard}
+
+
+def bench_lora(name: str, *, steps: int, batch: int, seq: int, work: Path, seed: int, log) -> dict:
+    """LoRA step time with capture off / factored / exact, extra peak memory, file size, and the
+    factored estimate's agreement with the exact one."""
+    from ota_trainer.moments.format import save_moments
+
+    row = {"model": name}
+    # interleaved, twice each: the faster run counts (the first runs of a process pay for warming up)
+    for estimators in ((), ("factored",), ("exact",)) * 2:
+        label = estimators[0] if estimators else "off"
+        got, model, curv = _lora_run(name, estimators=estimators, steps=steps, batch=batch, seq=seq, seed=seed, log=log)
+        if label not in row or got["step_s"] < row[label]["step_s"]:
+            row[label] = {**row.get(label, {}), **got}
+        if curv:
+            out = work / f"{name}-{label}"
+            path = save_moments(out, curv[0].factors(), compression="rank1", metadata={"step": curv[0].steps})
+            row[label]["bytes"] = path.stat().st_size
+            shutil.rmtree(out, ignore_errors=True)
+            curv[0].remove()
+        del model
+    for label in ("factored", "exact"):
+        row[label]["vs_off"] = row[label]["step_s"] / row["off"]["step_s"] - 1
+        row[label]["extra_vs_off_mb"] = row[label]["extra_peak_mb"] - row["off"]["extra_peak_mb"]
+    _, model, (exact, factored) = _lora_run(
+        name, estimators=("exact", "factored"), steps=steps, batch=batch, seq=seq, seed=seed, log=log
+    )
+    row["agreement"] = lora_agreement(model, exact, factored)
+    return row
+
+
+def lora_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | LoRA step s (capture off) | factored: step s, extra | exact: step s, extra "
+        "| peak MB vs off (factored / exact) | moments file MB | factored vs exact: corr (log) | FFG Jaccard @0.4 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        f, e, a = r["factored"], r["exact"], r["agreement"]
+        lines.append(
+            f"| {r['model']} | {r['off']['step_s']:.3f} | {f['step_s']:.3f}, {f['vs_off']:+.1%} | {e['step_s']:.3f}, "
+            f"{e['vs_off']:+.1%} | {f['extra_vs_off_mb']:+.0f} / {e['extra_vs_off_mb']:+.0f} "
+            f"| {e['bytes'] / 2**20:.3f} "
+            f"| {a['corr']:.3f} ({a['corr_log']:.3f}) | {a['jaccard']:.3f} |"
+        )
+    for r in rows:
+        for label, target in (("exact", TARGET_EXACT), ("factored", TARGET_FACTORED)):
+            ok = "PASS" if r[label]["vs_off"] <= target else "FAIL"
+            extra = r[label]["vs_off"]
+            lines.append(
+                f"- {r['model']}: {label} capture {extra:+.1%} of a LoRA step vs target <= +{target:.0%}: {ok}"
+            )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | params | one training step s (opt.step s) | moments | capture+compress+save s | vs one step "
@@ -223,6 +357,7 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", action="store_true", help="LoRA capture instead: step time off / factored / exact")
     args = ap.parse_args()
 
     import torch
@@ -233,6 +368,24 @@ def main() -> int:
         print(msg, file=sys.stderr, flush=True)
 
     rows = []
+    if args.lora:
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            for name in args.models:
+                rows.append(
+                    bench_lora(
+                        name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp), seed=args.seed, log=log
+                    )
+                )
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        print(
+            f"bench_capture --lora: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
+            f"load average {load} at the end\n"
+        )
+        print(lora_table(rows))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name in args.models:
             rows.append(

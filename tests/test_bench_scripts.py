@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,18 @@ def test_bench_capture_runs_and_reports_every_figure(tmp_path):
     # full moments hold one fp32 value per parameter: about the fp32 weights' size; rank-one far less
     assert 0.9 < row["full"]["vs_fp32_weights"] < 1.2
     assert row["rank1"]["bytes"] < row["full"]["bytes"] / 5
+
+
+def test_bench_capture_lora_reports_step_cost_and_agreement(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_capture.py"), "--lora", "--models", "tiny", "--steps", "2"]
+    r = subprocess.run(
+        [*cmd, "--seq", "8", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| tiny |" in r.stdout and "exact capture" in r.stdout and "factored capture" in r.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["off"]["step_s"] > 0 and row["exact"]["bytes"] > 0
+    a = row["agreement"]
+    assert -1 <= a["corr"] <= 1 and 0 <= a["jaccard"] <= 1
