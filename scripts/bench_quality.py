@@ -186,7 +186,11 @@ def merge_one(
     }
     folder = out / "merges" / label
     stamp = folder / "bench_quality_recipe.json"
-    want = {**recipe, "library_defaults": library_defaults(method)}  # a changed default re-merges
+    # a changed default, or a retrained expert, re-merges (the stamp holds their weights' sha256)
+    from ota_quality.evaluation import fingerprint
+
+    inputs = {str(p): fingerprint(Path(p)) for p in [base, *experts]}
+    want = {**recipe, "library_defaults": library_defaults(method), "inputs": inputs}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return folder
     if cached_only:
@@ -199,11 +203,11 @@ def merge_one(
 def library_defaults(method: str) -> dict:
     """The library's defaults for ``method`` (what an empty ``parameters`` means today)."""
     from ota_trainer.merger.methods import get_method
-    from ota_trainer.merger.recipe import DEFAULT_FFG_DENSITY
+    from ota_trainer.merger.recipe import DEFAULT_FFG_RULE
 
     defaults = {p.name: p.default for p in get_method(method).params}
     if get_method(method).grafts:
-        defaults["ffg_density"] = DEFAULT_FFG_DENSITY
+        defaults["ffg_rule"] = list(DEFAULT_FFG_RULE)
     return defaults
 
 

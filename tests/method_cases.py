@@ -17,14 +17,14 @@ CASES = [
     (
         "ota",
         "ota",
-        {"graft": False},
+        {"graft": False, "elect_sign": False},
         lambda ins, p: ref.ota(ins["base"], ins["experts"], ins["vs"], ref.keep_all(ins)),
         1e-6,
     ),
     (
         "ota_density",
         "ota",
-        {"density": 0.3},
+        {"density": 0.3, "elect_sign": False},
         lambda ins, p: ref.ota(
             ins["base"], ins["experts"], ins["vs"], ref.ffg_masks_density(ins["base"], ins["experts"], ins["vs"], 0.3)
         ),

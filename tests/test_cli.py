@@ -272,7 +272,7 @@ def test_without_pytorch_a_method_that_needs_it_says_install_torch(tiny_models, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(SCRIPT.parents[1])]))
     m = tiny_models
 
-    def run(method, out):
+    def run(method, out, *extra):
         return subprocess.run(
             [
                 sys.executable,
@@ -287,6 +287,7 @@ def test_without_pytorch_a_method_that_needs_it_says_install_torch(tiny_models, 
                 "--out",
                 tmp_path / out,
                 "-q",
+                *extra,
             ],
             capture_output=True,
             text=True,
@@ -294,7 +295,7 @@ def test_without_pytorch_a_method_that_needs_it_says_install_torch(tiny_models, 
             env=env,
         )
 
-    r = run("ota", "ota")
+    r = run("ota", "ota", "--density", "0.4", "--no-elect-sign")  # the paper's OTA: the native kernels
     if "native kernels are unavailable" in r.stderr:
         pytest.skip("no C compiler: the native kernels are unavailable")
     assert r.returncode == 0, r.stderr

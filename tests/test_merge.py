@@ -50,6 +50,8 @@ def ins(tiny_models):
 
 
 def _recipe(ins, method, **params):
+    if method == "ota":  # the paper's OTA (the references below) unless a test says otherwise
+        params = {"elect_sign": False, **params}
     return {"method": method, "base_model": ins["base_path"], "models": ins["paths"], "parameters": params}
 
 
@@ -200,17 +202,19 @@ def test_written_recipe_pins_every_default_and_reproduces_the_bytes(ins, tmp_pat
     from ota_trainer import __version__
     from ota_trainer.cli.merge import main as merge_main
 
-    merge(_recipe(ins, "ota"), tmp_path / "first", quiet=True)  # every parameter at its default
+    recipe = {"method": "ota", "base_model": ins["base_path"], "models": ins["paths"]}
+    merge(recipe, tmp_path / "first", quiet=True)  # every parameter at its default
     pinned = yaml.safe_load((tmp_path / "first" / "ota_merge.yaml").read_text())
-    assert pinned["parameters"]["density"] == 0.4 and pinned["parameters"]["power"] == 0.5
+    assert pinned["parameters"]["saliency_share"] == 0.99 and pinned["parameters"]["power"] == 0.5
     assert pinned["parameters"]["graft"] is True and pinned["parameters"]["score"] == "fisher"
+    assert pinned["parameters"]["elect_sign"] is True and "density" not in pinned["parameters"]
     assert pinned["ota_trainer_version"] == __version__
     # mergekit's positional form, with the written recipe: the same bytes
     assert merge_main([str(tmp_path / "first" / "ota_merge.yaml"), str(tmp_path / "again"), "-q"]) == 0
     assert _weights(tmp_path / "again") == _weights(tmp_path / "first")
     card = (tmp_path / "again" / "README.md").read_text()
     assert "`ota-merge ota_merge.yaml merged/`" in card and f"ota_trainer=={__version__}" in card
-    assert "density: 0.4" in card  # the card shows the pinned recipe
+    assert "saliency_share: 0.99" in card  # the card shows the pinned recipe
 
 
 def test_card_tags_and_base_model_of_local_folders(tiny_models, tmp_path):
@@ -247,7 +251,7 @@ def test_missing_moments_report_says_ffg_was_not_applied(bf16_models, tmp_path, 
     }
     with caplog.at_level(logging.INFO, logger="ota_trainer"):
         report = merge(recipe, tmp_path / "out", quiet=True)
-    assert report.experts[0].grafted and abs(report.experts[0].density - 0.4) < 0.01
+    assert report.experts[0].grafted and 0 < report.experts[0].density < 1
     assert not report.experts[1].grafted and report.experts[1].no_moments
     assert "keeps 0.0000 of 0 entries" not in caplog.text and "no moments: FFG is not applied" in caplog.text
     card = (tmp_path / "out" / "README.md").read_text()

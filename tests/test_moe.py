@@ -138,7 +138,7 @@ def test_moe_moments_follow_the_saved_experts_and_merge_with_ota(family, bases, 
         tmp_path / "merged",
         quiet=True,
     )
-    assert all(abs(e.density - 0.4) < 0.01 for e in report.experts)
+    assert all(e.grafted and 0 < e.density < 1 for e in report.experts)
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
