@@ -1,8 +1,8 @@
 """The recipes whose merged bytes tests/test_pinned_outputs.py pins: every method and option the
 merger had before the one-runner redesign (#14), on tiny fp32 (three experts: full, full,
 rank-one moments) and bf16 (two experts: rank-one, full) models. The ota recipes spell out
-``elect_sign: False`` (the default before #15 made it true), so their bytes stay those pinned;
-``ota_default`` pins the defaults chosen on the quality benchmark (#15)."""
+``elect_sign: False``, so their bytes stay those pinned whatever the default; ``ota_default``
+pins the defaults themselves."""
 
 # name -> (model family, method, parameters, other recipe keys)
 RECIPES = {

@@ -34,7 +34,7 @@ PINNED = {
     "bf16_ties": "8bc47c3afc14011a",
     "bf16_fisher": "052ff8029ac77931",
     "bf16_ota_f32_out": "95418721fdc1a950",
-    "ota_default": "e47734b05081b1e2",  # the defaults chosen in #15: saliency share 0.99, sign election
+    "ota_default": "28e41e97a41f9f41",  # the defaults: the paper's recipe (the same bytes as "ota")
 }
 
 
