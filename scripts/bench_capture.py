@@ -367,40 +367,24 @@ def main() -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    bench, title = (bench_lora, "bench_capture --lora") if args.lora else (bench_model, "bench_capture")
     rows = []
-    if args.lora:
-        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-            for name in args.models:
-                rows.append(
-                    bench_lora(
-                        name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp), seed=args.seed, log=log
-                    )
-                )
-        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-        print(
-            f"bench_capture --lora: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
-            f"load average {load} at the end\n"
-        )
-        print(lora_table(rows))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-        return 0
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name in args.models:
             rows.append(
-                bench_model(
-                    name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp), seed=args.seed, log=log
-                )
+                bench(name, steps=args.steps, batch=args.batch, seq=args.seq, work=Path(tmp), seed=args.seed, log=log)
             )
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"bench_capture: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
+        f"{title}: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
         f"load average {load} at the end\n"
     )
-    print(table(rows))
-    print()
-    print("\n".join(verdicts(rows)))
+    if args.lora:
+        print(lora_table(rows))
+    else:
+        print(table(rows))
+        print()
+        print("\n".join(verdicts(rows)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

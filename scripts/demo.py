@@ -45,6 +45,8 @@ METHODS = {
     "ota_ffg_full": ("full", ["--method", "ota"]),
     "ota_ffg_rank1": ("rank1", ["--method", "ota"]),
     "ota_magnitude": ("rank1", ["--method", "ota", "--score", "magnitude"]),
+    # per-expert curvature scale normalisation (README, Experts on different scales): not the default
+    "ota_normalise_mean": ("rank1", ["--method", "ota", "--normalise", "mean"]),
     # the quality benchmark's dev-split choice (README, Quality): best there, not the default
     "ota_share_elect": ("rank1", ["--method", "ota", "--saliency-share", "0.99", "--elect-sign"]),
 }
@@ -93,7 +95,7 @@ def settings(args) -> dict:
     return {
         "steps": args.steps,
         "n_eval": args.n_eval,
-        "methods": tuple(METHODS),
+        "methods": tuple(args.methods or METHODS),
         "batch": 8,
         "n_train": 2000,
         "cross": True,
@@ -123,6 +125,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="training steps per expert (full run)")
     ap.add_argument("--n-eval", type=int, default=40, help="held-out prompts per capability (full run)")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="full run: only these merges (cached experts)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = settings(args)

@@ -500,33 +500,26 @@ def push_expert(
     from ..merger.inputs import check_moments, missing_moments_error, open_model, open_moments
     from ..moments.format import MomentsReader
 
-    if is_adapter_folder(folder):
-        named = check_adapter_moments(folder)  # the moments cover exactly the adapted weights
-        base_model = base_model or named
-        mark_merge_ready(Path(folder) / "README.md", base_model=base_model)
-        return publish_folder(
-            folder,
-            repo_id,
-            private=private,
-            token=token,
-            commit_message="Upload LoRA expert with OTA moments",
-            ignore_patterns=EXPERT_IGNORE,
-        )
-    model = open_model(folder)
-    layout = open_moments(model)
-    if layout is None:
-        raise missing_moments_error(model)
-    check_moments(model, layout, list(layout.shapes), allow_missing=False)
-    moments = MomentsReader(layout, model=model.label)
-    for name in moments:
-        moments[name]  # reads and checks every tensor (finite, non-negative)
-    base_model = base_model or moments.metadata.get("base_model")
+    if is_adapter_folder(folder):  # a LoRA adapter: its moments cover exactly the weights it adapts
+        base_model = base_model or check_adapter_moments(folder)
+        what = "LoRA expert"
+    else:
+        model = open_model(folder)
+        layout = open_moments(model)
+        if layout is None:
+            raise missing_moments_error(model)
+        check_moments(model, layout, list(layout.shapes), allow_missing=False)
+        moments = MomentsReader(layout, model=model.label)
+        for name in moments:
+            moments[name]  # reads and checks every tensor (finite, non-negative)
+        base_model = base_model or moments.metadata.get("base_model")
+        what = "expert"
     mark_merge_ready(Path(folder) / "README.md", base_model=base_model)
     return publish_folder(
         folder,
         repo_id,
         private=private,
         token=token,
-        commit_message="Upload expert with OTA moments",
+        commit_message=f"Upload {what} with OTA moments",
         ignore_patterns=EXPERT_IGNORE,
     )
