@@ -295,7 +295,7 @@ def test_without_pytorch_a_method_that_needs_it_says_install_torch(tiny_models, 
             env=env,
         )
 
-    r = run("ota", "ota", "--density", "0.4", "--no-elect-sign")  # the paper's OTA: the native kernels
+    r = run("ota", "ota")  # the default, the paper's OTA: the native kernels
     if "native kernels are unavailable" in r.stderr:
         pytest.skip("no C compiler: the native kernels are unavailable")
     assert r.returncode == 0, r.stderr
