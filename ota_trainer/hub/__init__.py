@@ -375,7 +375,8 @@ def merge(
     from ..merger.adapters import fill_base_model
 
     if isinstance(recipe, dict) and not recipe.get("base_model"):  # LoRA adapters name their base
-        recipe = fill_base_model(recipe, (resolver or HubResolver(need_moments=False)).adapter_config)
+        lookup = getattr(resolver, "adapter_config", None) or HubResolver(need_moments=False).adapter_config
+        recipe = fill_base_model(recipe, lookup)
     recipe = as_recipe(recipe)
     resolver = resolver or HubResolver(need_moments=recipe.spec.needs_moments)
     with output_for(recipe, out_dir, overwrite=overwrite, resolver=resolver, extra=list(extra_inputs)) as output:
