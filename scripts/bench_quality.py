@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="report the cached evaluations; merge and evaluate nothing"
     )
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--only-pairs", action="store_true", help="full mode: only the pair merges (the rest as cached)")
     ap.add_argument("--batch-size", type=int, default=32, help="lm_eval generation batch")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    seed {seed} five {method}: {report.brief(res, caps)}", flush=True)
         report.write(out, results, caps)
 
+    if args.only_pairs:
+        core, cfg["sweeps"], methods = [], False, []
     five_way(core)  # the methods the issue names first, then the default study, then the others
     if cfg["sweeps"]:
         for seed in seeds:
