@@ -24,7 +24,7 @@ from ..moments.format import (
     save_moments,
 )
 from .core import BIAS_CORRECTION, save_optimizer_moments
-from .lora import ESTIMATORS, LoraCurvature, is_lora_model, optimizer_beta2
+from .lora import ESTIMATORS, LoraCurvature, is_lora_model
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
 
@@ -495,9 +495,14 @@ class OTACallback(TrainerCallback):
             import torch.distributed as dist
 
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            beta2 = optimizer_hyperparameters(info).get("beta2")  # what the metadata records too
+            if beta2 is None:
+                raise CaptureError(
+                    "LoRA curvature capture needs an Adam-family optimizer (betas in its parameter groups)"
+                )
             self._lora = LoraCurvature(
                 model,
-                optimizer_beta2(optimizer),
+                beta2,
                 estimator=self.lora_estimator,
                 accumulate=args.gradient_accumulation_steps > 1 or world > 1,
             )

@@ -24,7 +24,6 @@ Only the layers LoRA adapts are tracked (their ``W`` is the only one with an edi
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,15 +203,3 @@ class LoraCurvature:
             for h in layer.handles:
                 h.remove()
             layer.handles.clear()
-
-
-def optimizer_beta2(optimizer: Any) -> float:
-    """``beta2`` of an Adam-family optimizer (its first parameter group's ``betas``)."""
-    groups = getattr(optimizer, "param_groups", None) or getattr(
-        getattr(optimizer, "optimizer", None), "param_groups", []
-    )
-    for g in groups:
-        betas = g.get("betas")
-        if isinstance(betas, (tuple, list)) and len(betas) == 2 and math.isfinite(float(betas[1])):
-            return float(betas[1])
-    raise CaptureError("LoRA curvature capture needs an Adam-family optimizer (betas in its parameter groups)")

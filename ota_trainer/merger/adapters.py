@@ -227,7 +227,7 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
     from safetensors import safe_open
 
     from ..io.checkpoint import ModelFolder
-    from ..io.layout import DTYPES
+    from ..io.layout import DTYPES, matrix_shape
     from ..io.write import StreamingSafetensorsWriter
     from ..moments.format import Rank1Factors, load_moments, save_moments
 
@@ -245,15 +245,8 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
                 mod = adapter.modules.get(n)
                 if mod is not None:
                     a, b = f.get_tensor(mod.a).float(), f.get_tensor(mod.b).float()
-                    delta = (b @ a) * mod.scale
-                    delta = delta.T if mod.transpose else delta
-                    if tuple(delta.shape) != tuple(w0.shape):
-                        raise IncompatibleModelsError(
-                            f"{adapter.label}: its update of {n!r} has shape {tuple(delta.shape)}, the base's weight "
-                            f"{tuple(w0.shape)}: an adapter of another model",
-                            model=adapter.label,
-                        )
-                    w0 = (w0.float() + delta).to(w0.dtype)
+                    delta = (b @ a) * mod.scale  # its shape checked against the base's by check_adapter
+                    w0 = (w0.float() + (delta.T if mod.transpose else delta)).to(w0.dtype)
                 writer.write_bytes(
                     n, tuple(w0.shape), base.tensors[n].dtype, memoryview(w0.reshape(-1).view(torch.uint8).numpy())
                 )
@@ -280,10 +273,10 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
             for n in floats:
                 shape = tuple(base.tensors[n].shape)
                 if n in moments.shapes:
-                    yield n, moments[n]
+                    yield n, moments.raw(n)  # as stored: rank-one sums stay exact
                 elif len(shape) >= 2:
-                    m = shape[0]
-                    yield n, Rank1Factors(torch.zeros(m), torch.zeros(math.prod(shape) // max(m, 1)), shape)
+                    m, k = matrix_shape(shape)
+                    yield n, Rank1Factors(torch.zeros(m), torch.zeros(k), shape)
                 else:
                     yield n, torch.zeros(shape)
 
