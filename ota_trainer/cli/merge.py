@@ -214,7 +214,7 @@ def recipe_from_args(args: argparse.Namespace):
     return MergeRecipe.from_dict(data)
 
 
-def describe_plan(recipe, resolver) -> str:
+def describe_plan(recipe, resolver, plans: dict[str, list]) -> str:
     """The --dry-run text: resolved shas, files and bytes to download, options, peak memory estimate."""
     lines = [f"method: {recipe.method} ({recipe.spec.pretty_name})", f"method parameters: {recipe.method_parameters()}"]
     refs = ([("base", recipe.base_model)] if recipe.base_model else []) + [
@@ -223,7 +223,7 @@ def describe_plan(recipe, resolver) -> str:
     total = 0
     for role, ref in refs:
         sha = resolver.sha(ref)
-        files = resolver.plan(ref)
+        files = plans[ref]
         if resolver.ref(ref).is_local:
             lines.append(f"{role}: {ref} (local folder); {len(files)} files")
         else:
@@ -249,7 +249,7 @@ def describe_plan(recipe, resolver) -> str:
     return "\n".join(lines)
 
 
-def dry_run_checks(recipe, resolver) -> str:
+def dry_run_checks(recipe, resolver, plans: dict[str, list]) -> str:
     """Every check the merge runs before it reads tensor data, on configs and headers only:
     architectures (configs), then - when every input is a local folder or fully cached - names,
     shapes, dtypes and the moments (presence, names, shapes, metadata, scale) through the same
@@ -261,9 +261,9 @@ def dry_run_checks(recipe, resolver) -> str:
     from ..hub import check_architectures
     from ..merger.inputs import open_inputs
 
-    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    refs = recipe.refs
     check_architectures(resolver, recipe.base_model, [m.model for m in recipe.models])
-    absent = [r for r in refs if not resolver.ref(r).is_local and not all(c for _, _, c in resolver.plan(r))]
+    absent = [r for r in refs if not resolver.ref(r).is_local and not all(c for _, _, c in plans[r])]
     if absent:
         return (
             "checks: architectures agree; names, shapes, dtypes and moments are checked from the weight files' "
@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
         resolver = HubResolver(need_moments=recipe.spec.needs_moments)
         if args.dry_run:
-            print(describe_plan(recipe, resolver))
-            print(dry_run_checks(recipe, resolver))
+            plans = {r: resolver.plan(r) for r in recipe.refs}  # files per input, listed once
+            print(describe_plan(recipe, resolver, plans))
+            print(dry_run_checks(recipe, resolver, plans))
             return 0
         # --out checked (never an input, the HF cache or a file) and locked before anything is read;
         # configs compared before any weights are downloaded; then the one runner (native kernels

@@ -675,7 +675,7 @@ def output_for(
 ) -> OutputDir:
     """The :class:`OutputDir` of a merge of ``recipe`` (a :class:`~ota_trainer.merger.recipe.MergeRecipe`):
     its local models, ``extra`` paths (the recipe file) and the Hugging Face cache protected."""
-    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    refs = recipe.refs
     return OutputDir(
         out_dir, overwrite=overwrite, protect=protected_paths(refs, list(extra), getattr(resolver, "cache_dir", None))
     )

@@ -139,6 +139,11 @@ class MergeRecipe:
                 raise ConfigError(f"method {m.name!r}: {problem}")
 
     @property
+    def refs(self) -> list[str]:
+        """Every model reference the recipe reads: the base (when it has one), then the experts."""
+        return ([self.base_model] if self.base_model else []) + [m.model for m in self.models]
+
+    @property
     def spec(self) -> MergeMethod:
         return get_method(self.method)
 

@@ -165,7 +165,7 @@ def finish(
         files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
     )
     sha = getattr(resolver, "sha", None)
-    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    refs = recipe.refs
     report.sources = {r: (sha(r) if sha else None) for r in refs}
     report.pinned_recipe = recipe.pinned(report.sources)
     with output_errors(tmp):
