@@ -49,6 +49,12 @@ __all__ = ["available", "why_unavailable", "MAX_TIES_EXPERTS", "NativeUnavailabl
 SOURCE = Path(__file__).with_name("kernels.c")
 # the target flag (-march=native, or -mcpu=native on Arm; see _target_flags) comes before these
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+# x86: use 512-bit vectors where the target has them. gcc's tuning for recent Intel cores
+# (icelake, sapphirerapids) keeps 256-bit vectors by default; with 512 the merge loop took 20%
+# less time (merge pass 1.04-1.08 s vs 1.30-1.34 s, 0.5B ota, two threads, warm cache, Xeon with
+# AVX-512, 2026-12-02) with the same bits (every lane computes its own entry; no float reduction
+# crosses lanes). Without AVX-512 the flag changes nothing.
+_X86_WIDTH = ("-mprefer-vector-width=512",)
 # OTA_TRAINER_MARCH: the instruction set to build for instead of this CPU's (e.g. x86-64-v3: AVX2)
 MARCH_ENV = "OTA_TRAINER_MARCH"
 _MARCH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
@@ -108,19 +114,24 @@ def _arm() -> bool:
     return platform.machine().lower() in ("aarch64", "arm64")
 
 
+def _width() -> tuple[str, ...]:
+    """The vector-width preference (x86 only: other compilers' targets do not know the flag)."""
+    return _X86_WIDTH if platform.machine().lower() in ("x86_64", "amd64") else ()
+
+
 def _target_flags() -> tuple[str, ...]:
     """The compiler's target: ``-march=native`` (``-mcpu=native`` on 64-bit Arm, where gcc does not
     take ``-march=native`` everywhere), or ``-march=$OTA_TRAINER_MARCH`` when that is set (e.g.
     ``x86-64-v3`` for AVX2 only, ``x86-64`` for the baseline; ``native`` is the default)."""
     value = os.environ.get(MARCH_ENV, "").strip()
     if value in ("", "native"):
-        return ("-mcpu=native",) if _arm() else ("-march=native",)
+        return ("-mcpu=native",) if _arm() else ("-march=native", *_width())
     if len(value) > 64 or not set(value) <= _MARCH_CHARS:
         raise OSError(
             f"{MARCH_ENV}={value!r} is not a target name (letters, digits, '-', '.' and '_' only, "
             "e.g. native, x86-64-v3, armv8.2-a)"
         )
-    return (f"-march={value}",)
+    return (f"-march={value}", *_width())
 
 
 def _cpu_signature() -> str:
