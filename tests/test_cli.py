@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,18 @@ def test_logging_configures_our_loggers_only_and_quiet_silences_download_bars(mo
     finally:
         ours.handlers[:], ours.level, ours.propagate = saved
         enable_progress_bars()
+    # before huggingface_hub is imported (a local merge never imports it): the bars are off once it is
+    code = (
+        "import argparse, sys\n"
+        "from ota_trainer.cli.common import add_common_flags, configure_logging\n"
+        "p = argparse.ArgumentParser(prog='x'); add_common_flags(p); configure_logging(p.parse_args(['-q']))\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+        "from huggingface_hub.utils import are_progress_bars_disabled\n"
+        "assert are_progress_bars_disabled()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def _dry(capsys, *args):

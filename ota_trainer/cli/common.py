@@ -47,11 +47,9 @@ def configure_logging(args: argparse.Namespace, *names: str) -> int:
         log.handlers[:] = [handler]  # records still propagate: to nothing in a CLI (the root logger has no
         log.setLevel(level)  # handler there), to the application's handlers when main() is called in-process
     if args.quiet:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        try:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+        if "huggingface_hub" in sys.modules:  # already imported: tell it (a local merge never imports it: 80 ms)
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
-        except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-            pass
     return level
