@@ -192,3 +192,88 @@ def test_sft_lora_adapters_pushed_to_the_hub_merge_with_ota(local_hub, tmp_path)
     adapted = [k for k in b if k.endswith(("q_proj.weight", "v_proj.weight"))]
     assert any(not torch.equal(m[k], b[k]) for k in adapted)  # the adapters' kept edits
     assert all(torch.equal(m[k], b[k]) for k in b if k not in adapted)  # no edit elsewhere: the base
+
+
+@pytest.mark.parametrize("estimator", ["exact", "factored"])
+def test_a_capture_schedule_weighs_each_captured_step_as_adam_would(estimator):
+    """One step in 3 of the last 7 of 10: each captured step's g^2 stands for the steps since the
+    previous capture (and the last one for the steps after it), with Adam's weights, and the
+    factors are scaled so that the merger's correction 1/(1 - b2^T) is the window's. The steps'
+    own g^2 come from a second, independent capture with beta2 = 0 (every step, no window)."""
+    from ota_trainer.capture.lora import LoraCurvature
+
+    torch.manual_seed(0)
+    pm = _lora_model(False)
+    b, total, every, window = 0.9, 10, 3, 7
+    lc = LoraCurvature(pm, b, estimator=estimator, every=every, window=window, total_steps=total)
+    each = LoraCurvature(pm, 0.0, estimator=estimator)  # row = that step's g^2 row sums
+    name = "model.layers.1.self_attn.v_proj.weight"
+    g2, saved = {}, {}
+    ids = torch.tensor(tiny_dataset(n=4)["input_ids"])
+    for t in range(1, total + 1):
+        batch = ids.roll(t, dims=1)
+        pm(input_ids=batch, labels=batch).loss.backward()
+        pm.zero_grad()
+        lc.step()
+        each.step()
+        g2[t] = next(x for x in each.layers if x.name == name).row.clone()
+        if t in (5, 8, total):
+            saved[t] = lc.factors()[name].row.double()
+    assert lc.captured == 3 and lc.steps == total
+    t0 = total - window
+    captured = [t for t in range(t0 + 1, total + 1) if (total - t) % every == 0]
+    assert captured == [4, 7, 10]
+    for T, got in saved.items():
+        want, prev = torch.zeros_like(g2[1]), t0
+        caps = [s for s in captured if s <= T]
+        for j, s in enumerate(caps):
+            end = T if j == len(caps) - 1 else s  # the last capture also stands for the steps after it
+            want += (b ** (T - end) - b ** (T - prev)) * g2[s]
+            prev = s
+        want *= (1 - b**T) / (1 - b ** (T - t0))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-14)
+    meta = lc.metadata(pm)
+    assert (meta["lora_every"], meta["lora_window"], meta["lora_captured_steps"], meta["step"]) == (3, 7, 3, 10)
+    lc.remove()
+    each.remove()
+
+
+def test_capture_schedule_errors_and_checkpoints_before_the_window(tmp_path):
+    """A checkpoint saved before the window holds no curvature (and training goes on); a schedule
+    that can never fire, or a bad value, is refused before training starts."""
+    from transformers import Trainer, TrainingArguments
+
+    from ota_trainer.errors import ConfigError
+
+    for bad in ({"lora_every": 0}, {"lora_every": 1.5}, {"lora_window": 0}, {"lora_window": True}):
+        with pytest.raises(ConfigError, match="LoRA capture"):
+            OTACallback(**bad)
+
+    def run(name, **kw):
+        torch.manual_seed(0)
+        args = TrainingArguments(
+            str(tmp_path / name),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=1,
+            logging_steps=100,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=_lora_model(False), args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback(**kw)]
+        )
+        trainer.train()
+        return tmp_path / name
+
+    with pytest.raises(ConfigError, match="never fires"):
+        run("never", lora_every=5)
+    out = run("window", lora_every=2, lora_window=3)  # captures steps 2 and 4
+    assert not moments_path(out / "checkpoint-1").exists()
+    for step in (2, 3, 4):
+        meta = load_moments(out / f"checkpoint-{step}").metadata
+        assert meta["lora_captured_steps"] == (1 if step < 4 else 2) and meta["step"] == step
+    assert load_moments(out).metadata["lora_window"] == 3

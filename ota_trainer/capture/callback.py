@@ -24,7 +24,7 @@ from ..moments.format import (
     save_moments,
 )
 from .core import BIAS_CORRECTION, save_optimizer_moments
-from .lora import ESTIMATORS, LoraCurvature, is_lora_model
+from .lora import ESTIMATORS, LoraCurvature, check_schedule, is_lora_model
 from .names import named_trainable_parameters
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
 
@@ -260,6 +260,13 @@ class OTACallback(TrainerCallback):
         bias_correction: ``"record"`` (store raw ``exp_avg_sq`` with ``beta2`` and ``step``;
             the merger corrects it) or ``"apply"`` (store ``exp_avg_sq / (1 - beta2**step)``,
             ``bias_corrected: true``; Adam-family optimizers only).
+        lora_estimator: on a PEFT LoRA model, how the frozen weights' curvature is estimated:
+            ``"exact"`` (the full-weight gradient per adapted layer) or ``"factored"`` (K-FAC-style
+            row and column factors, cheaper); see :mod:`ota_trainer.capture.lora`.
+        lora_every: LoRA: capture one optimizer step in this many (1: every step); the steps
+            between take the captured step's squared gradient with Adam's weights.
+        lora_window: LoRA: capture only the run's last this many steps (None: the whole run);
+            the stored factors are scaled so that the merger's bias correction is the window's.
 
     Bias correction is recorded by default, not applied: files hold the raw ``exp_avg_sq``
     with ``bias_corrected: false``, ``beta2`` and ``step``; the merger divides by
@@ -284,6 +291,8 @@ class OTACallback(TrainerCallback):
         tag_model_card: bool = True,
         bias_correction: str = "record",
         lora_estimator: str = "exact",
+        lora_every: int = 1,
+        lora_window: int | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ConfigError(f"OTACallback(compression={compression!r}): choose one of {COMPRESSIONS}")
@@ -291,7 +300,9 @@ class OTACallback(TrainerCallback):
             raise ConfigError(f"OTACallback(bias_correction={bias_correction!r}): choose one of {BIAS_CORRECTION}")
         if lora_estimator not in ESTIMATORS:
             raise ConfigError(f"OTACallback(lora_estimator={lora_estimator!r}): choose one of {ESTIMATORS}")
+        check_schedule(lora_every, lora_window, 1 << 62)  # (the run's length is checked when it starts)
         self.lora_estimator = lora_estimator
+        self.lora_every, self.lora_window = lora_every, lora_window
         self._lora: LoraCurvature | None = None  # a PEFT LoRA model: the frozen weights' curvature
         self.bias_correction = bias_correction
         self.compression = compression
@@ -396,6 +407,13 @@ class OTACallback(TrainerCallback):
         """
         step = int(state.global_step)
         if step in self._captured_steps:
+            return
+        if self._lora is not None and not self._lora.captured:
+            logger.info(
+                "OTA: checkpoint-%d saved without LoRA curvature: no step captured yet (%s)",
+                step,
+                self._lora.describe(),
+            )
             return
         self._captured_steps.add(step)
         captured_at, before = time.time(), not saved
@@ -505,11 +523,15 @@ class OTACallback(TrainerCallback):
                 beta2,
                 estimator=self.lora_estimator,
                 accumulate=args.gradient_accumulation_steps > 1 or world > 1,
+                every=self.lora_every,
+                window=self.lora_window,
+                total_steps=state.max_steps,
             )
             logger.info(
-                "OTA: LoRA run: estimating the curvature of %d adapted weights (%s)",
+                "OTA: LoRA run: estimating the curvature of %d adapted weights (%s, %s)",
                 len(self._lora.layers),
                 self.lora_estimator,
+                self._lora.describe(),
             )
         self._start_step = int(state.global_step)
         self._captured_steps.clear()

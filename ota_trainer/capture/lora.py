@@ -17,6 +17,19 @@ Two estimators (:class:`LoraCurvature`):
 - ``factored`` (K-FAC style, no ``G``): ``E[G_ij^2] ~ (sum_t delta_ti^2)(sum_t x_tj^2) / T`` over
   the step's ``T`` tokens: two vector sums per layer and step.
 
+Cost control: ``every=k`` captures one step in ``k``, ``window=N`` only the last ``N`` steps of
+the run (both together: one in ``k`` of the last ``N``); steps not captured cost nothing (no
+hook fires). A captured step's squared gradient stands for the steps since the previous
+capture, with the weights Adam gives them: at capture ``s`` after ``s'``,
+``v <- beta2^(s-s') v + (1 - beta2^(s-s')) g_s^2``, and at a save ``T`` steps in, the steps since
+the last capture take its ``g^2`` the same way. With every step captured this is Adam's own
+``exp_avg_sq``; in general ``v`` holds total weight ``1 - beta2^(T-T0)`` over the window
+``(T0, T]`` (``T0 = 0`` without a window). **Bias correction for a window:** the factors are
+stored multiplied by ``(1 - beta2^T) / (1 - beta2^(T-T0))``, so that the merger's usual
+correction ``1 / (1 - beta2^T)`` (``step = T`` in the metadata) divides by the window's own total
+weight. The captured steps align with the run's end (``T - t`` a multiple of ``k``) when the
+run's length is known, so the last step is always among them.
+
 Gradient clipping is not applied (a full fine-tune's clipping coefficient is unknown here).
 Only the layers LoRA adapts are tracked (their ``W`` is the only one with an edit).
 """
@@ -34,7 +47,7 @@ from .names import clean_parameter_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ESTIMATORS", "LoraCurvature", "is_lora_model"]
+__all__ = ["ESTIMATORS", "LoraCurvature", "check_schedule", "is_lora_model"]
 
 ESTIMATORS = ("exact", "factored")
 _PEFT_PREFIX = "base_model.model."
@@ -62,7 +75,22 @@ class _Layer:
     d2: torch.Tensor | None = None  # factored: this step's sum_t delta^2 and sum_t x^2, tokens
     x2: torch.Tensor | None = None
     tokens: int = 0
+    last_row: torch.Tensor | None = None  # the last captured step's sums
+    last_col: torch.Tensor | None = None
     handles: list = field(default_factory=list)
+
+
+def check_schedule(every: Any, window: Any, total_steps: int | None = None) -> None:
+    """ConfigError unless ``every`` (>= 1) and ``window`` (None or >= 1) are a schedule that
+    captures at least one of ``total_steps`` steps (when known)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"LoRA capture every={every!r}: a whole number of steps >= 1")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(f"LoRA capture window={window!r}: None (the whole run) or a whole number of steps >= 1")
+    if window is not None and not (total_steps and total_steps > 0):
+        raise ConfigError("LoRA capture window: the run's length (max_steps) must be known to find its last steps")
+    if total_steps and total_steps > 0 and window is None and every > total_steps:
+        raise ConfigError(f"LoRA capture every={every} steps never fires in a run of {total_steps} steps")
 
 
 class LoraCurvature:
@@ -75,18 +103,39 @@ class LoraCurvature:
         estimator: ``"exact"`` or ``"factored"``.
         accumulate: whether a step's gradient is accumulated over several backward passes or
             processes (exact: ``G`` is then kept until the step).
+        every: capture one optimizer step in ``every`` (1: all).
+        window: capture only the last ``window`` steps (None: all); needs ``total_steps``.
+        total_steps: the run's optimizer steps (the Trainer's ``max_steps``; None: unknown, and
+            the captured steps are then ``every``, ``2 every``, ...).
 
     Call :meth:`step` right before each optimizer step, :meth:`factors` for what to store and
     :meth:`remove` when training ends.
     """
 
-    def __init__(self, model: torch.nn.Module, beta2: float, *, estimator: str = "exact", accumulate: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        beta2: float,
+        *,
+        estimator: str = "exact",
+        accumulate: bool = False,
+        every: int = 1,
+        window: int | None = None,
+        total_steps: int | None = None,
+    ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"LoRA curvature estimator {estimator!r}: choose one of {ESTIMATORS}")
         if not 0.0 <= float(beta2) < 1.0:
             raise ConfigError(f"LoRA curvature needs Adam's beta2 in [0, 1), got {beta2!r}")
+        check_schedule(every, window, total_steps)
         self.beta2, self.estimator, self.accumulate = float(beta2), estimator, accumulate
-        self.steps = 0
+        self.every, self.window = int(every), window
+        self.total = int(total_steps) if total_steps and total_steps > 0 else None
+        self.start = max(self.total - window, 0) if window is not None and self.total else 0  # T0
+        self.steps = 0  # optimizer steps seen
+        self.captured = 0  # of which captured
+        self.last = self.start  # the step of the last capture (T0 before the first)
+        self.active = self._captures(1)
         self.layers: list[_Layer] = []
         for name, module in model.named_modules():
             if not _is_lora_linear(module):
@@ -100,6 +149,12 @@ class LoraCurvature:
         if not self.layers:
             raise CaptureError("no LoRA-adapted linear layer found: nothing to estimate the curvature of")
 
+    def _captures(self, t: int) -> bool:
+        """Whether optimizer step ``t`` (1-based) is captured."""
+        if t <= self.start:
+            return False
+        return (self.total - t) % self.every == 0 if self.total else t % self.every == 0
+
     @staticmethod
     def _zeros(shape) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(shape[0], dtype=torch.float64), torch.zeros(shape[1], dtype=torch.float64)
@@ -107,7 +162,9 @@ class LoraCurvature:
     def _forward_hook(self, layer: _Layer):
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            if not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            if not self.active or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor):
+                return None  # a step not captured, or no backward: nothing to do
+            if not out.requires_grad:
                 return None
             x = args[0].detach()
             out.register_hook(lambda delta: self._backward(layer, x, delta))
@@ -136,11 +193,20 @@ class LoraCurvature:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Fold this step's squared gradient into the EMA (call before the optimizer steps)."""
+        """Fold this step's squared gradient into the EMA (call before the optimizer steps; a step
+        not captured only counts)."""
+        self.steps += 1
+        if self.active:
+            self._fold()
+        self.active = self._captures(self.steps + 1)
+
+    def _fold(self) -> None:
         import torch.distributed as dist
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        b = self.beta2
+        b = self.beta2 ** (self.steps - self.last)  # the steps since the last capture take this one's g^2
+        self.last = self.steps
+        self.captured += 1
         for layer in self.layers:  # the same order on every process (collectives)
             if self.estimator == "factored":
                 d2 = layer.d2 if layer.d2 is not None else torch.zeros(layer.shape[0])
@@ -168,16 +234,33 @@ class LoraCurvature:
                 layer.pend_row = layer.pend_col = None
             layer.row.mul_(b).add_(r, alpha=1.0 - b)
             layer.col.mul_(b).add_(c, alpha=1.0 - b)
-        self.steps += 1
+            layer.last_row, layer.last_col = r, c
 
     def factors(self):
-        """``{base weight name: Rank1Factors}``: the EMA's row and column sums, float32."""
+        """``{base weight name: Rank1Factors}``: the EMA's row and column sums at this step, float32,
+        scaled for Adam's bias correction at this step (see the module docstring).
+
+        Raises:
+            CaptureError: no step captured yet.
+        """
         from ..moments.format import Rank1Factors
 
-        return {
-            layer.name: Rank1Factors(layer.row.to(torch.float32), layer.col.to(torch.float32), layer.shape)
-            for layer in self.layers
-        }
+        if not self.captured:
+            raise CaptureError(f"no LoRA step captured yet ({self.describe()}; {self.steps} steps so far)")
+        b, t, t0 = self.beta2, self.steps, self.start
+        trail = b ** (t - self.last)  # steps after the last capture: its g^2 stands for them
+        fix = (1.0 - b**t) / (1.0 - b ** (t - t0)) if t0 and b > 0 else 1.0
+        out = {}
+        for layer in self.layers:
+            row = (layer.row * trail + layer.last_row * (1.0 - trail)) * fix
+            col = (layer.col * trail + layer.last_col * (1.0 - trail)) * fix
+            out[layer.name] = Rank1Factors(row.to(torch.float32), col.to(torch.float32), layer.shape)
+        return out
+
+    def describe(self) -> str:
+        """The schedule in words, e.g. ``every step`` or ``1 step in 4 of the last 100``."""
+        what = "every step" if self.every == 1 else f"1 step in {self.every}"
+        return what + (f" of the last {self.window}" if self.window is not None else "")
 
     def metadata(self, model: Any) -> dict[str, Any]:
         """What the moments file records of this capture."""
@@ -187,6 +270,9 @@ class LoraCurvature:
             "capture": "lora",
             "lora_estimator": self.estimator,
             "lora_steps": self.steps,
+            "lora_captured_steps": self.captured,
+            "lora_every": self.every,
+            "lora_window": self.window,
             "beta2": self.beta2,
             "step": self.steps,
             "lora": {
