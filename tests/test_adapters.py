@@ -225,3 +225,62 @@ def test_push_expert_publishes_an_adapter_with_its_moments_and_refuses_factor_mo
         push_expert(bad, "org/lora-bad")
     with pytest.raises(MissingMomentsError):
         push_expert(lora["a2"], "org/lora-none")
+
+
+def test_out_adapter_rank_writes_the_merged_edit_as_a_lora_adapter(lora, tmp_path):
+    """``--out-adapter-rank``: adapter/ holds B A = the best rank-r approximation of each adapted
+    module's merged edit; at a rank that holds the whole edit, PEFT's merge of it onto the base
+    is the merged model; at a lower one, the reported error is the adapter's real error."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer.cli.merge import main
+
+    experts = [str(lora["a1"]), str(lora["a2"])]
+    args = ["--base", str(lora["base"]), "--expert", *experts, "--method", "linear", "-q"]
+    assert main([*args, "--out", str(tmp_path / "r8"), "--out-adapter-rank", "8"]) == 0
+    report = json.loads((tmp_path / "r8" / "ota_merge_report.json").read_text())["adapter"]
+    assert report["rank"] == 8 and report["rel_error"] < 1e-5 and len(report["modules"]) == 3 * 2
+    assert report["modules"]["model.layers.0.self_attn.v_proj.weight"]["rank"] == 6  # 4 + rank_pattern 2
+    cfg = json.loads((tmp_path / "r8" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 8 and cfg["base_model_name_or_path"] == str(lora["base"])
+    base = AutoModelForCausalLM.from_pretrained(lora["base"], dtype=torch.float32)
+    rebuilt = PeftModel.from_pretrained(base, tmp_path / "r8" / "adapter").merge_and_unload().state_dict()
+    merged = _weights(tmp_path / "r8")
+    for k, v in merged.items():
+        torch.testing.assert_close(rebuilt[k], v, atol=2e-6, rtol=1e-5, msg=k)
+    # rank 2: the error the report gives is the adapter's, and no rank-2 factor pair does better
+    assert main([*args, "--out", str(tmp_path / "r2"), "--out-adapter-rank", "2"]) == 0
+    report = json.loads((tmp_path / "r2" / "ota_merge_report.json").read_text())["adapter"]
+    ad, w0 = load_file(str(tmp_path / "r2" / "adapter" / "adapter_model.safetensors")), _weights(lora["base"])
+    for name, got in report["modules"].items():
+        mod = name[: -len(".weight")]
+        edit = merged[name] - w0[name]
+        ba = ad[f"base_model.model.{mod}.lora_B.weight"] @ ad[f"base_model.model.{mod}.lora_A.weight"]
+        err = float((edit - ba).norm() / edit.norm())
+        assert got["rank"] == 2 and err == pytest.approx(got["rel_error"], rel=1e-3) and err > 0.05
+        u, s, vh = torch.linalg.svd(edit.double())
+        other = (u[:, 1:3] * s[1:3]) @ vh[1:3]  # another rank-2 approximation: worse
+        assert float((edit - other).norm() / edit.norm()) > err
+
+
+def test_out_adapter_rank_errors_and_mixed_experts(lora, tmp_path, caplog):
+    import logging
+
+    from ota_trainer.merger.recipe import MergeRecipe
+
+    for bad in (0, True, "4", 1.5):
+        with pytest.raises(ConfigError, match="out_adapter_rank"):
+            MergeRecipe.from_dict(
+                {"method": "linear", "models": ["a", "b"], "options": {"out_adapter_rank": bad}, "base_model": "x"}
+            )
+    full = make_tiny_expert(lora["base"], tmp_path / "full", seed=5)
+    recipe = {"method": "linear", "base_model": str(lora["base"]), "options": {"out_adapter_rank": 4}}
+    with pytest.raises(ConfigError, match="no expert is a LoRA adapter"):
+        merge({**recipe, "models": [str(full)]}, tmp_path / "none", quiet=True)
+    assert not (tmp_path / "none").exists()
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        report = merge({**recipe, "models": [str(full), str(lora["a1"])]}, tmp_path / "mixed", quiet=True)
+    assert report.adapter["rank"] == 4 and (tmp_path / "mixed" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "full fine-tuned experts' edits of other weights" in caplog.text
+    assert "adapter/adapter_config.json" in report.files

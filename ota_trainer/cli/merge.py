@@ -121,6 +121,13 @@ def make_parser() -> argparse.ArgumentParser:
     out.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the base's)")
     out.add_argument("--shard-size", help="output shard size, e.g. 5GB (default 5GB)")
     out.add_argument(
+        "--out-adapter-rank",
+        type=int,
+        metavar="R",
+        help="LoRA experts: also write <out>/adapter/, a rank-R LoRA adapter of the merged edit (truncated SVD per "
+        "module; the report gives each module's reconstruction error)",
+    )
+    out.add_argument(
         "--allow-missing-moments",
         action="store_true",
         default=None,
@@ -203,6 +210,8 @@ def recipe_from_args(args: argparse.Namespace):
         options["allow_missing_moments"] = True
     if args.shard_size:
         options["shard_size"] = args.shard_size
+    if args.out_adapter_rank is not None:
+        options["out_adapter_rank"] = args.out_adapter_rank
     data["options"] = options
     if args.dtype:
         data["dtype"] = args.dtype

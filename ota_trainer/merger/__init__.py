@@ -87,6 +87,13 @@ def merge(
     try:
         if inputs is None:
             inputs = open_inputs(recipe, adapters)
+        if recipe.out_adapter_rank is not None and not adapters.modules:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                "out_adapter_rank: no expert is a LoRA adapter; the output adapter holds the merged edit of the "
+                "weights LoRA experts update"
+            )
         return run(recipe, inputs, output, quiet=quiet, resolver=adapters, fast_path=fast_path, start=start)
     finally:
         adapters.cleanup()

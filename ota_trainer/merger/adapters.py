@@ -11,6 +11,11 @@ weight names, as :class:`~ota_trainer.capture.OTACallback` captures it during Lo
 and zero curvature for every weight the adapter leaves alone, so FFG and OTA give it no say
 there. Then every method, backend and check runs on it unchanged.
 
+:func:`export_adapter` goes the other way for the output (``out_adapter_rank``): the merged
+edit ``W - W0`` of each weight the LoRA experts update, as a rank-``r`` LoRA adapter (truncated
+SVD, the best rank-``r`` approximation in the Frobenius norm), with each module's relative
+reconstruction error.
+
 Refused by name, with why: DoRA (``use_dora``), ``modules_to_save``, trained biases, and any
 adapter type but LoRA.
 """
@@ -40,7 +45,15 @@ from ..io.layout import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraAdapter", "is_adapter_folder", "open_adapter", "materialize"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LoraAdapter",
+    "is_adapter_folder",
+    "open_adapter",
+    "materialize",
+    "export_adapter",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -293,6 +306,102 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
     return dest
 
 
+ADAPTER_DIR = "adapter"  # the merged edit as a LoRA adapter, inside the output (out_adapter_rank)
+
+
+def export_adapter(
+    out: Path, base, modules: dict[str, LoraModule], rank: int, base_model: str | None
+) -> tuple[list[str], dict[str, Any]]:
+    """Write ``out/adapter/``: a PEFT LoRA adapter of rank ``rank`` whose ``B A`` is the best
+    rank-``rank`` approximation (truncated SVD) of each module's merged edit ``W - W0`` (``W``
+    read from the merged weights in ``out``, ``W0`` from ``base``, float32 arithmetic). Factors
+    are balanced (``B = U sqrt(S)``, ``A = sqrt(S) V^T``), ``lora_alpha = r`` (scale 1), float32;
+    an edit of lower rank is padded with zero factors.
+
+    Args:
+        out: the merged model folder (in its staging place).
+        base: the base's :class:`~ota_trainer.io.folders.ModelLayout`.
+        modules: the weights to export (base weight name -> the LoRA experts' module).
+
+    Returns:
+        The files written (relative to ``out``) and the report: rank, and per module the edit's
+        rank kept and ``rel_error = ||dW - B A||_F / ||dW||_F`` (0 for an edit that is all zero).
+
+    Raises:
+        ConfigError: fan-in-fan-out and ordinary linear layers mixed (one adapter cannot hold both).
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ..io.checkpoint import ModelFolder
+
+    linear = {n: m for n, m in modules.items() if ".lora_embedding_" not in m.a}
+    flipped = {m.transpose for m in linear.values()}
+    if len(flipped) > 1:
+        raise ConfigError(
+            "out_adapter_rank: the LoRA experts update both fan-in-fan-out (Conv1D) and ordinary linear layers; "
+            "one adapter cannot hold both"
+        )
+    merged, original = ModelFolder(out), ModelFolder(base)
+    tensors: dict[str, torch.Tensor] = {}
+    per_module: dict[str, dict[str, Any]] = {}
+    total_err = total_norm = 0.0
+    try:
+        for name in sorted(modules):
+            mod = modules[name]
+            edit = merged.get(name).float() - original.get(name).float()
+            if mod.transpose:  # (B A)^T is stored: embeddings, fan-in-fan-out layers
+                edit = edit.T
+            u, sv, vh = torch.linalg.svd(edit, full_matrices=False)
+            # the edit's numerical rank (numpy's matrix_rank tolerance): directions below it are rounding
+            tol = float(sv[0]) * max(edit.shape) * torch.finfo(torch.float32).eps if len(sv) else 0.0
+            k = min(rank, int((sv > tol).sum()))
+            root = sv[:k].sqrt()
+            b = torch.zeros(edit.shape[0], rank)
+            a = torch.zeros(rank, edit.shape[1])
+            b[:, :k], a[:k] = u[:, :k] * root, root[:, None] * vh[:k]
+            s2 = sv.double().square()
+            norm, err = float(s2.sum()), float(s2[k:].sum())
+            total_norm, total_err = total_norm + norm, total_err + err
+            per_module[name] = {"rank": k, "rel_error": math.sqrt(err / norm) if norm > 0 else 0.0}
+            module = name[: -len(".weight")] if name.endswith(".weight") else name
+            if ".lora_embedding_" in mod.a:
+                tensors[f"{_PREFIX}{module}.lora_embedding_A"], tensors[f"{_PREFIX}{module}.lora_embedding_B"] = a, b
+            else:
+                tensors[f"{_PREFIX}{module}.lora_A.weight"], tensors[f"{_PREFIX}{module}.lora_B.weight"] = a, b
+    finally:
+        merged.close()
+        original.close()
+    dest = out / ADAPTER_DIR
+    dest.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,  # scale 1: B A is the edit
+        "lora_dropout": 0.0,
+        "target_modules": sorted(n[: -len(".weight")] if n.endswith(".weight") else n for n in modules),
+        "fan_in_fan_out": bool(flipped and flipped.pop()),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    report = {
+        "path": ADAPTER_DIR,
+        "rank": rank,
+        "rel_error": math.sqrt(total_err / total_norm) if total_norm > 0 else 0.0,
+        "modules": per_module,
+    }
+    return [f"{ADAPTER_DIR}/{ADAPTER_CONFIG}", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"], report
+
+
 class AdapterExperts:
     """A resolver (``reference -> folder``) that gives the full expert an adapter stands for:
     adapter folders are materialized (:func:`materialize`) into ``workdir`` on first use; other
@@ -302,6 +411,7 @@ class AdapterExperts:
     def __init__(self, resolver, base_ref: str | None, workdir: Path):
         self._resolver, self._base_ref, self.workdir = resolver, base_ref, workdir
         self._done: dict[str, Path] = {}
+        self.modules: dict[str, LoraModule] = {}  # every adapted weight of the adapters materialized
 
     def __getattr__(self, name: str):
         return getattr(self._resolver, name)
@@ -319,7 +429,13 @@ class AdapterExperts:
             base = open_model(self._resolver(self._base_ref), self._base_ref)
             logger.info("%s: a LoRA adapter of %d weights: merged as W0 + scale * B A", ref, len(adapter.modules))
             self._done[ref] = materialize(adapter, base, self.workdir / f"expert-{len(self._done)}")
+            for name, mod in adapter.modules.items():
+                self.modules.setdefault(name, mod)
         return self._done[ref]
+
+    def materialized(self) -> list[str]:
+        """The references that were adapters."""
+        return list(self._done)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -56,7 +56,7 @@ _TOP_KEYS = {
     "tokenizer",
     "chat_template",
 }
-_OPTION_KEYS = {"allow_missing_moments", "shard_size"}
+_OPTION_KEYS = {"allow_missing_moments", "shard_size", "out_adapter_rank"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ class MergeRecipe:
         allow_missing_moments: fall back to uniform curvature, with a warning, for parameters
             without second moments (default: error).
         shard_size: output shard size, e.g. ``"5GB"``.
+        out_adapter_rank: also write ``adapter/``, a LoRA adapter of this rank holding the merged
+            edit of the weights the LoRA experts update (truncated SVD per module; None: no adapter).
 
     Raises:
         ConfigError: unknown method, option or parameter; values out of range; density and
@@ -94,6 +96,7 @@ class MergeRecipe:
     allow_missing_moments: bool = False
     shard_size: str | int = "5GB"
     chat_template: str | None = None  # the merged tokenizer's chat template (None: the base's)
+    out_adapter_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -117,6 +120,9 @@ class MergeRecipe:
                 f"options.allow_missing_moments must be true or false, got {brief(self.allow_missing_moments)}"
             )
         parse_size(self.shard_size)
+        r = self.out_adapter_rank
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ConfigError(f"options.out_adapter_rank must be a whole number >= 1, got {brief(r)}")
         object.__setattr__(self, "parameters", self._coerce(self.parameters, "parameters", per_model=False))
         models = []
         for i, e in enumerate(self.models):
@@ -299,6 +305,7 @@ class MergeRecipe:
             allow_missing_moments=bool(options.get("allow_missing_moments", False)),
             shard_size=options.get("shard_size", "5GB"),
             chat_template=data.get("chat_template"),
+            out_adapter_rank=options.get("out_adapter_rank"),
         )
 
     @classmethod
@@ -329,6 +336,8 @@ class MergeRecipe:
         if self.chat_template is not None:
             d["chat_template"] = self.chat_template
         d["options"] = {"allow_missing_moments": self.allow_missing_moments, "shard_size": self.shard_size}
+        if self.out_adapter_rank is not None:
+            d["options"]["out_adapter_rank"] = self.out_adapter_rank
         return d
 
     def to_yaml(self) -> str:

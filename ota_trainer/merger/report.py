@@ -71,6 +71,7 @@ class MergeReport:
     pinned_recipe: dict[str, Any] = field(default_factory=dict)  # ota_merge.yaml: shas and every value used
     seconds: float = 0.0
     library_version: str = __version__
+    adapter: dict[str, Any] | None = None  # out_adapter_rank: the output adapter's rank and errors per module
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -154,6 +155,7 @@ def finish(
     resolver: Resolver,
     start: float,
     inputs: MergeInputs,
+    adapter: dict[str, Any] | None = None,
 ) -> MergeReport:
     """Write the recipe, the model card and the report into ``tmp``; returns the report."""
     report = MergeReport(
@@ -163,6 +165,7 @@ def finish(
         experts=experts,
         tensor_density=tensor_density,
         files=files + [RECIPE_FILE, REPORT_FILE, CARD_FILE],
+        adapter=adapter,
     )
     sha = getattr(resolver, "sha", None)
     refs = recipe.refs

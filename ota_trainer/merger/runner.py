@@ -106,12 +106,44 @@ def run(
             files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet)
             chat = resolve_chat_template(recipe.chat_template, inputs)
             files += copy_side_files(inputs.template, tmp, recipe.dtype, chat_template=chat)
-            return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start, inputs)
+            adapter = None
+            if recipe.out_adapter_rank is not None:  # the merged edit as a LoRA adapter (PyTorch's SVD)
+                from .adapters import export_adapter
+
+                written, adapter = export_adapter(
+                    tmp, inputs.base, resolver.modules, recipe.out_adapter_rank, recipe.base_model
+                )
+                files += written
+                _log_adapter(adapter, len(inputs.experts) > len(_adapter_experts(recipe, resolver)))
+            return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start, inputs, adapter)
     finally:
         if backend is not None:
             backend.close()
         if gc_was_on:
             gc.enable()
+
+
+def _adapter_experts(recipe: MergeRecipe, resolver) -> list[str]:
+    done = getattr(resolver, "materialized", lambda: [])()
+    return [m.model for m in recipe.models if m.model in done]
+
+
+def _log_adapter(adapter: dict[str, Any], full_experts: bool) -> None:
+    worst = max(adapter["modules"].items(), key=lambda kv: kv[1]["rel_error"])
+    logger.info(
+        "LoRA adapter of the merged edit (rank %d, %d modules) in %s/: relative error %.4f overall, at most %.4f (%s)",
+        adapter["rank"],
+        len(adapter["modules"]),
+        adapter["path"],
+        adapter["rel_error"],
+        worst[1]["rel_error"],
+        worst[0],
+    )
+    if full_experts:
+        logger.warning(
+            "the output adapter holds the merged edit of the weights the LoRA experts update; the full fine-tuned "
+            "experts' edits of other weights are in the merged model only"
+        )
 
 
 def _ungraftable(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> bool:
