@@ -130,6 +130,25 @@ def test_config_trains_two_steps(path, train_sft, tiny_model_dir, tmp_path):
     assert trainer.state.global_step == 2
     assert (out / "ota" / "moments.safetensors").is_file()
     assert (out / "ota_train_config.yaml").is_file()
+    if cfg.get("lora"):  # a LoRA recipe: an adapter, with the adapted weights' curvature
+        from ota_trainer.moments.format import load_moments
+
+        assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+        meta = load_moments(out).metadata
+        assert meta["capture"] == "lora" and meta["lora"]["r"] == cfg["lora"]["r"]
+
+
+def test_a_bad_lora_section_is_a_config_error(train_sft, tiny_model_dir, tmp_path):
+    from ota_trainer.errors import ConfigError
+
+    cfg = {
+        "model": str(tiny_model_dir),
+        "dataset": {"builtin": "facts", "n": 16},
+        "sft": {**CPU_OVERRIDES, "output_dir": str(tmp_path / "o"), "max_steps": 1},
+        "lora": {"r": 4, "no_such_field": 1},
+    }
+    with pytest.raises(ConfigError, match="'lora' section"):
+        train_sft.train(cfg)
 
 
 def test_console_scripts_are_installed_and_share_the_conventions(tmp_path):

@@ -14,6 +14,9 @@ A config is a YAML file with four sections:
 ``sft``      ``trl.SFTConfig`` fields (output_dir, max_steps, learning_rate, ...)
 ``ota``      ``OTACallback`` options (compression, save_on_checkpoint, ...)
 ``tokenizer`` optional ``{path, chat_template}``
+``lora``     optional ``peft.LoraConfig`` fields (r, lora_alpha, target_modules, ...): train a LoRA
+             adapter instead of the full model; OTACallback then stores the adapted weights'
+             curvature (``ota: {lora_estimator: exact|factored, lora_every, lora_window}``)
 
 Overrides: ``--section.key value`` (YAML-parsed), or ``--model X``. The resolved config is
 written to ``<output_dir>/ota_train_config.yaml``.
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-SECTIONS = ("model", "dataset", "sft", "ota", "tokenizer")
+SECTIONS = ("model", "dataset", "sft", "ota", "tokenizer", "lora")
 
 
 def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -113,6 +116,7 @@ def train(cfg: dict[str, Any]):
     from trl import SFTConfig, SFTTrainer
 
     from ..capture import OTACallback
+    from ..errors import ConfigError
 
     data = load_training_data(cfg.get("dataset") or {})  # a bad dataset section fails before any model loads
     sft = dict(cfg.get("sft") or {})
@@ -121,13 +125,27 @@ def train(cfg: dict[str, Any]):
     tokenizer = AutoTokenizer.from_pretrained(tok_cfg.get("path", cfg["model"]))
     if tok_cfg.get("chat_template"):  # e.g. the paper's tulu_v3 template with generation tags
         tokenizer.chat_template = tok_cfg["chat_template"]
+    peft_config = None
+    if cfg.get("lora"):
+        try:
+            from peft import LoraConfig
+        except ModuleNotFoundError:
+            raise ConfigError("the config's 'lora' section needs PEFT: pip install 'ota_trainer[lora]'") from None
+        lora = dict(cfg["lora"])
+        lora.setdefault("task_type", "CAUSAL_LM")
+        try:
+            peft_config = LoraConfig(**lora)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"the config's 'lora' section: {e}") from None
+    callback = OTACallback(**(cfg.get("ota") or {}))  # bad options fail before the model loads
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
-        callbacks=[OTACallback(**(cfg.get("ota") or {}))],
+        peft_config=peft_config,
+        callbacks=[callback],
     )
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "ota_train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
