@@ -52,6 +52,24 @@ METHODS = {
 }
 QUICK_METHODS = ("linear", "ota_ffg_rank1")
 SMOKE_METHODS = ("linear", "ties", "ota_no_ffg", "ota_ffg_rank1")
+# --lora: the same capabilities trained as LoRA adapters (the recipe of sft_configs/smollm2_cpu_facts_lora.yaml),
+# each twice, once per curvature estimator (the same seed: the same adapter, only the moments differ).
+# label -> (estimator whose moments the merge reads, flags)
+LORA_RECIPE = ROOT / "sft_configs" / "smollm2_cpu_facts_lora.yaml"
+ESTIMATORS = ("exact", "factored")
+LORA_METHODS = {
+    "linear": ("exact", ["--method", "linear"]),
+    "task_arithmetic": ("exact", ["--method", "task_arithmetic"]),
+    "ties": ("exact", ["--method", "ties"]),
+    "dare": ("exact", ["--method", "dare"]),
+    "fisher_exact": ("exact", ["--method", "fisher"]),
+    "fisher_factored": ("factored", ["--method", "fisher"]),
+    "ota_no_ffg": ("exact", ["--method", "ota", "--no-graft"]),
+    "ota_exact": ("exact", ["--method", "ota"]),
+    "ota_factored": ("factored", ["--method", "ota"]),
+    "ota_magnitude": ("exact", ["--method", "ota", "--score", "magnitude"]),
+}
+LORA_QUICK_METHODS = ("linear", "ota_exact", "ota_factored")
 
 log = logging.getLogger("demo")
 
@@ -88,18 +106,34 @@ def run(cmd: list[str], env: dict[str, str], log_file: Path) -> None:
 def settings(args) -> dict:
     # cross: also score each expert on the other capabilities (the full table); QUICK scores
     # experts on their own capability only, which is all the normalised score needs.
+    lora = bool(getattr(args, "lora", False))
     if args.smoke:
-        return {"steps": 2, "n_eval": 4, "methods": SMOKE_METHODS, "batch": 4, "n_train": 64, "cross": True}
+        methods = LORA_QUICK_METHODS if lora else SMOKE_METHODS
+        return {"steps": 2, "n_eval": 4, "methods": methods, "batch": 4, "n_train": 64, "cross": True, "lora": lora}
     if args.quick:
-        return {"steps": 8, "n_eval": 12, "methods": QUICK_METHODS, "batch": 8, "n_train": 256, "cross": False}
+        methods = LORA_QUICK_METHODS if lora else QUICK_METHODS
+        return {"steps": 8, "n_eval": 12, "methods": methods, "batch": 8, "n_train": 256, "cross": False, "lora": lora}
     return {
         "steps": args.steps,
         "n_eval": args.n_eval,
-        "methods": tuple(args.methods or METHODS),
+        "methods": tuple(args.methods or (LORA_METHODS if lora else METHODS)),
         "batch": 8,
         "n_train": 2000,
         "cross": True,
+        "lora": lora,
     }
+
+
+def lora_overrides() -> list[str]:
+    """train_sft.py overrides that make a demo capability's recipe a LoRA one: the LoRA recipe's
+    ``lora`` section and learning rate."""
+    import yaml
+
+    recipe = yaml.safe_load(LORA_RECIPE.read_text())
+    flags = []
+    for key, value in recipe["lora"].items():
+        flags += [f"--lora.{key}", json.dumps(value)]
+    return flags + ["--sft.learning_rate", str(recipe["sft"]["learning_rate"])]
 
 
 def prepare_base(args, out: Path) -> Path:
@@ -125,12 +159,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="training steps per expert (full run)")
     ap.add_argument("--n-eval", type=int, default=40, help="held-out prompts per capability (full run)")
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="full run: only these merges (cached experts)")
+    ap.add_argument(
+        "--methods", nargs="+", choices=sorted({*METHODS, *LORA_METHODS}), help="only these merges (cached experts)"
+    )
+    ap.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA experts (PEFT adapters; both curvature estimators) instead of full fine-tunes: demo_out/<mode>-lora",
+    )
     args = ap.parse_args()
+    table = LORA_METHODS if args.lora else METHODS
+    if args.methods and [m for m in args.methods if m not in table]:
+        ap.error(f"--methods {[m for m in args.methods if m not in table]}: not a merge of this variant")
     logging.basicConfig(level=logging.WARNING)
     cfg = settings(args)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    out = Path(args.out) / mode
+    out = Path(args.out) / (mode + ("-lora" if args.lora else ""))
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         print("QUICK mode: few training steps and prompts; the numbers are rough.")
@@ -183,8 +227,15 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
         print(f"      {base} -> {hub.url}/{base_repo}")
 
     experts: dict[str, dict[str, str]] = {}
-    with stage(f"train {len(TASK_NAMES)} experts with OTACallback ({cfg['steps']} steps each), push to the Hub"):
-        for task in TASK_NAMES:
+    what = (
+        f"{len(TASK_NAMES)} LoRA experts x {len(ESTIMATORS)} estimators"
+        if cfg["lora"]
+        else f"{len(TASK_NAMES)} experts"
+    )
+    with stage(f"train {what} with OTACallback ({cfg['steps']} steps each), push to the Hub"):
+        if cfg["lora"]:
+            experts = _train_lora_experts(args, cfg, out, env, base, base_repo)
+        for task in () if cfg["lora"] else TASK_NAMES:
             folder = out / "experts" / task
             repo = f"{NS}/expert-{task}"
             stamp = folder / "ota_demo_stamp.json"
@@ -195,38 +246,8 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
             if not cached:
                 shutil.rmtree(folder, ignore_errors=True)
                 t = time.perf_counter()
-                run(
-                    [
-                        sys.executable,
-                        str(ROOT / "scripts" / "train_sft.py"),
-                        "--config",
-                        str(ROOT / "sft_configs" / f"smollm2_cpu_{task}.yaml"),
-                        "--model",
-                        str(base),
-                        "--sft.output_dir",
-                        str(folder),
-                        "--sft.max_steps",
-                        str(cfg["steps"]),
-                        "--sft.warmup_steps",
-                        str(max(1, cfg["steps"] // 10)),
-                        "--sft.per_device_train_batch_size",
-                        str(cfg["batch"]),
-                        "--dataset.n",
-                        str(cfg["n_train"]),
-                        "--sft.push_to_hub",
-                        "true",
-                        "--sft.hub_model_id",
-                        repo,
-                        "--sft.logging_steps",
-                        "5",
-                        "--ota.compression",
-                        "full",
-                        "--ota.base_model",
-                        base_repo,
-                    ],
-                    env,
-                    out / "logs" / f"train_{task}.log",
-                )
+                cmd = _train_cmd(task, base, folder, cfg, repo, base_repo, ["--ota.compression", "full"])
+                run(cmd, env, out / "logs" / f"train_{task}.log")
                 stamp.write_text(json.dumps(want))
                 print(f"      {task}: trained in {time.perf_counter() - t:.0f}s -> {repo}")
             else:
@@ -242,9 +263,10 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
             experts[task] = {"full": repo, "rank1": f"{repo}-rank1", "folder": str(folder)}
 
     merged: dict[str, Path] = {}
+    table = LORA_METHODS if cfg["lora"] else METHODS
     with stage(f"merge from the Hub with {len(cfg['methods'])} methods (scripts/merge_from_hub.py)"):
         for label in cfg["methods"]:
-            variant, flags = METHODS[label]
+            variant, flags = table[label]
             dest = out / "merged" / label
             cmd = [
                 sys.executable,
@@ -302,12 +324,94 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
     with stage("publish the best merge to the Hub"):
         best = max((m for m in merged), key=lambda m: _avg_norm(rows, m))
         repo = f"{NS}/smollm2-merged" if not args.smoke else f"{NS}/tiny-merged"
+        repo += "-lora" if cfg["lora"] else ""
         sha = publish_folder(merged[best], repo, commit_message=f"Best demo merge: {best}")
         print(f"      {best} -> {hub.url}/{repo} (commit {sha[:10]})")
 
     with stage("summary"):
         print(f"      total {time.perf_counter() - t0:.0f}s; outputs in {out}")
     return 0
+
+
+def _train_cmd(task: str, base: Path, folder: Path, cfg: dict, repo: str, base_repo: str, extra: list[str]):
+    return [
+        sys.executable,
+        str(ROOT / "scripts" / "train_sft.py"),
+        "--config",
+        str(ROOT / "sft_configs" / f"smollm2_cpu_{task}.yaml"),
+        "--model",
+        str(base),
+        "--sft.output_dir",
+        str(folder),
+        "--sft.max_steps",
+        str(cfg["steps"]),
+        "--sft.warmup_steps",
+        str(max(1, cfg["steps"] // 10)),
+        "--sft.per_device_train_batch_size",
+        str(cfg["batch"]),
+        "--dataset.n",
+        str(cfg["n_train"]),
+        "--sft.push_to_hub",
+        "true",
+        "--sft.hub_model_id",
+        repo,
+        "--sft.logging_steps",
+        "5",
+        "--ota.base_model",
+        base_repo,
+        *extra,
+    ]
+
+
+def _train_lora_experts(args, cfg, out: Path, env, base: Path, base_repo: str) -> dict[str, dict[str, str]]:
+    """Each capability trained as a LoRA adapter once per curvature estimator (cached by a stamp),
+    pushed to the loopback Hub (adapter + moments, one commit); each adapter also materialised
+    as a full model folder (a one-expert linear merge: W0 + scale B A) for its evaluation."""
+    from huggingface_hub import HfApi
+
+    from ota_trainer import merge
+    from ota_trainer.hub import push_expert
+    from ota_trainer.moments.format import has_moments
+
+    experts: dict[str, dict[str, str]] = {}
+    overrides = lora_overrides()
+    for task in TASK_NAMES:
+        experts[task] = {}
+        adapters = {}
+        for est in ESTIMATORS:
+            folder = out / "experts" / f"{task}-{est}"
+            repo = f"{NS}/lora-{task}-{est}"
+            stamp = folder / "ota_demo_stamp.json"
+            want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
+            want["lora"] = overrides
+            cached = (
+                not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
+            )
+            if not cached:
+                shutil.rmtree(folder, ignore_errors=True)
+                t = time.perf_counter()
+                cmd = _train_cmd(task, base, folder, cfg, repo, base_repo, [*overrides, "--ota.lora_estimator", est])
+                run(cmd, env, out / "logs" / f"train_{task}_{est}.log")
+                stamp.write_text(json.dumps(want))
+                print(f"      {task} ({est}): trained in {time.perf_counter() - t:.0f}s -> {repo}")
+            else:
+                print(f"      {task} ({est}): cached adapter reused ({folder}); --retrain to train again")
+            if not HfApi().repo_exists(repo):
+                push_expert(folder, repo)
+            experts[task][est] = repo
+            adapters[est] = (folder / "adapter_model.safetensors").read_bytes()
+        same = adapters["exact"] == adapters["factored"]
+        print(f"      {task}: the two runs' adapters are {'identical' if same else 'DIFFERENT'} (same seed)")
+        full = out / "experts" / f"{task}-full"
+        if not (full / "ota_merge_report.json").is_file() or not cached:
+            merge(
+                {"method": "linear", "base_model": str(base), "models": [str(out / "experts" / f"{task}-exact")]},
+                full,
+                overwrite=True,
+                quiet=True,
+            )
+        experts[task]["folder"] = str(full)
+    return experts
 
 
 def _norm(rows, model, task):

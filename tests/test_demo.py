@@ -111,3 +111,33 @@ def test_demo_smoke_run(tmp_path):
     for task in ("arithmetic", "facts", "shout"):
         assert (out / "experts" / task / "ota" / "moments.safetensors").is_file()
     assert "[7/7]" in r.stdout and "tiny-merged" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_lora_smoke_run(tmp_path):
+    """--lora: the capabilities trained as LoRA adapters once per curvature estimator (the same
+    adapter both times), pushed with their moments, merged from repo ids, evaluated."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", "--lora", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "smoke-lora"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scores"]) == {
+        "base",
+        "expert:arithmetic",
+        "expert:facts",
+        "expert:shout",
+        "linear",
+        "ota_exact",
+        "ota_factored",
+    }
+    for task in ("arithmetic", "facts", "shout"):
+        for est in ("exact", "factored"):
+            folder = out / "experts" / f"{task}-{est}"
+            assert (folder / "adapter_config.json").is_file() and (folder / "ota" / "moments.safetensors").is_file()
+    assert r.stdout.count("adapters are identical") == 3
+    assert "[7/7]" in r.stdout and "tiny-merged-lora" in r.stdout
