@@ -159,3 +159,22 @@ def test_deepspeed_zero(tmp_path, stage):
     frozen = full.metadata["frozen_parameters"]
     assert check_moments_cover_weights(out, frozen) == []
     assert check_moments_cover_weights(out / "checkpoint-3", frozen) == []
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_lora_exact_estimator_under_two_processes_is_adams_second_moment(tmp_path, mode):
+    """The LoRA truth test on 2 ranks (DDP through the Trainer; FSDP2 with fully_shard): the
+    step's G is summed over the ranks and averaged, as the optimizer sees the gradient, so the
+    exact factors equal the row and column sums of Adam's exp_avg_sq for each adapted W."""
+    pytest.importorskip("peft")
+    out = tmp_path / mode
+    run("lora_capture.py", mode, str(out))
+    ref = torch.load(out / "reference.pt")
+    assert ref["world"] == 2
+    t = raw(out)
+    assert {k.split("::")[0] for k in t} == set(ref["ref"]) and len(ref["ref"]) == 4
+    for name, (r, c) in ref["ref"].items():
+        torch.testing.assert_close(t[name + "::row"], r, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(t[name + "::col"], c, rtol=1e-5, atol=1e-12)
+    meta = load_moments(out).metadata
+    assert meta["capture"] == "lora" and meta["step"] == 3
