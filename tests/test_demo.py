@@ -84,19 +84,24 @@ def test_scorers(task, prompt, answer, response, expected):
     assert score(task, prompt, answer, response) == expected
 
 
-@pytest.mark.slow
-def test_demo_smoke_run(tmp_path):
-    """The whole pipeline on a tiny random model: hub, training with OTACallback, merges from repo ids,
-    eval, publish."""
+def _smoke(tmp_path, *flags: str):
+    """``demo.py --smoke`` run to the end: its output, folder and results.json."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", *flags, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "smoke"
-    results = json.loads((out / "results.json").read_text())
+    out = tmp_path / ("smoke-lora" if "--lora" in flags else "smoke")
+    return r, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_demo_smoke_run(tmp_path):
+    """The whole pipeline on a tiny random model: hub, training with OTACallback, merges from repo ids,
+    eval, publish."""
+    r, out, results = _smoke(tmp_path)
     assert set(results["scores"]) == {
         "base",
         "expert:arithmetic",
@@ -117,15 +122,7 @@ def test_demo_smoke_run(tmp_path):
 def test_demo_lora_smoke_run(tmp_path):
     """--lora: the capabilities trained as LoRA adapters once per curvature estimator (the same
     adapter both times), pushed with their moments, merged from repo ids, evaluated."""
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--smoke", "--lora", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "smoke-lora"
-    results = json.loads((out / "results.json").read_text())
+    r, out, results = _smoke(tmp_path, "--lora")
     assert set(results["scores"]) == {
         "base",
         "expert:arithmetic",

@@ -27,7 +27,9 @@ def _lora_model(train_base: bool):
     return pm
 
 
-def _train(tmp_path, estimator: str, *, train_base: bool, accum: int = 2, steps: int = 4):
+def _train(tmp_path, estimator: str, *, train_base: bool, accum: int = 2, steps: int = 4, save_steps: int = 0, **ota):
+    """A Trainer run of the tiny LoRA model with OTACallback(lora_estimator=estimator, **ota) into
+    tmp_path/<estimator>; checkpoints every ``save_steps`` steps (0: none)."""
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -42,14 +44,14 @@ def _train(tmp_path, estimator: str, *, train_base: bool, accum: int = 2, steps:
         use_cpu=True,
         bf16=False,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         logging_steps=100,
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback(lora_estimator=estimator)]
-    )
+    callback = OTACallback(lora_estimator=estimator, **ota)
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=[callback])
     trainer.train()
     return trainer, tmp_path / estimator
 
@@ -241,37 +243,16 @@ def test_a_capture_schedule_weighs_each_captured_step_as_adam_would(estimator):
 def test_capture_schedule_errors_and_checkpoints_before_the_window(tmp_path):
     """A checkpoint saved before the window holds no curvature (and training goes on); a schedule
     that can never fire, or a bad value, is refused before training starts."""
-    from transformers import Trainer, TrainingArguments
-
     from ota_trainer.errors import ConfigError
 
     for bad in ({"lora_every": 0}, {"lora_every": 1.5}, {"lora_window": 0}, {"lora_window": True}):
         with pytest.raises(ConfigError, match="LoRA capture"):
             OTACallback(**bad)
 
-    def run(name, **kw):
-        torch.manual_seed(0)
-        args = TrainingArguments(
-            str(tmp_path / name),
-            max_steps=4,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="steps",
-            save_steps=1,
-            logging_steps=100,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(
-            model=_lora_model(False), args=args, train_dataset=tiny_dataset(), callbacks=[OTACallback(**kw)]
-        )
-        trainer.train()
-        return tmp_path / name
-
     with pytest.raises(ConfigError, match="never fires"):
-        run("never", lora_every=5)
-    out = run("window", lora_every=2, lora_window=3)  # captures steps 2 and 4
+        _train(tmp_path, "exact", train_base=False, accum=1, lora_every=5)
+    # captures steps 2 and 4
+    _, out = _train(tmp_path, "factored", train_base=False, accum=1, save_steps=1, lora_every=2, lora_window=3)
     assert not moments_path(out / "checkpoint-1").exists()
     for step in (2, 3, 4):
         meta = load_moments(out / f"checkpoint-{step}").metadata
