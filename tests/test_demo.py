@@ -84,6 +84,9 @@ def test_scorers(task, prompt, answer, response, expected):
     assert score(task, prompt, answer, response) == expected
 
 
+MODELS = {"base", "expert:arithmetic", "expert:facts", "expert:shout"}  # every smoke table's rows, and its merges
+
+
 def _smoke(tmp_path, *flags: str):
     """``demo.py --smoke`` run to the end: its output, folder and results.json."""
     r = subprocess.run(
@@ -102,16 +105,7 @@ def test_demo_smoke_run(tmp_path):
     """The whole pipeline on a tiny random model: hub, training with OTACallback, merges from repo ids,
     eval, publish."""
     r, out, results = _smoke(tmp_path)
-    assert set(results["scores"]) == {
-        "base",
-        "expert:arithmetic",
-        "expert:facts",
-        "expert:shout",
-        "linear",
-        "ties",
-        "ota_no_ffg",
-        "ota_ffg_rank1",
-    }
+    assert set(results["scores"]) == {*MODELS, "linear", "ties", "ota_no_ffg", "ota_ffg_rank1"}
     assert (out / "results.md").is_file() and (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     for task in ("arithmetic", "facts", "shout"):
         assert (out / "experts" / task / "ota" / "moments.safetensors").is_file()
@@ -123,15 +117,7 @@ def test_demo_lora_smoke_run(tmp_path):
     """--lora: the capabilities trained as LoRA adapters once per curvature estimator (the same
     adapter both times), pushed with their moments, merged from repo ids, evaluated."""
     r, out, results = _smoke(tmp_path, "--lora")
-    assert set(results["scores"]) == {
-        "base",
-        "expert:arithmetic",
-        "expert:facts",
-        "expert:shout",
-        "linear",
-        "ota_exact",
-        "ota_factored",
-    }
+    assert set(results["scores"]) == {*MODELS, "linear", "ota_exact", "ota_factored"}
     for task in ("arithmetic", "facts", "shout"):
         for est in ("exact", "factored"):
             folder = out / "experts" / f"{task}-{est}"
