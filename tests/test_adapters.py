@@ -284,3 +284,25 @@ def test_out_adapter_rank_errors_and_mixed_experts(lora, tmp_path, caplog):
     assert report.adapter["rank"] == 4 and (tmp_path / "mixed" / "adapter" / "adapter_model.safetensors").is_file()
     assert "full fine-tuned experts' edits of other weights" in caplog.text
     assert "adapter/adapter_config.json" in report.files
+
+
+def test_fisher_on_adapters_keeps_the_base_as_anchor(lora, tmp_path):
+    """Fisher has no base, yet on adapters the weights no adapter edits stay the base's (each
+    materialised expert holds W0 there), and each adapted weight is a curvature-weighted average
+    of the experts' W0 + scale B A: between the two, and not their plain mean."""
+    for i, key in enumerate(("a1", "a2")):
+        shutil.copytree(lora[key], tmp_path / key)
+        _add_moments(tmp_path / key, lora["base"], i)
+    models = [str(tmp_path / "a1"), str(tmp_path / "a2")]
+    merge({"method": "fisher", "base_model": str(lora["base"]), "models": models}, tmp_path / "f", quiet=True)
+    merge({"method": "linear", "base_model": str(lora["base"]), "models": models}, tmp_path / "l", quiet=True)
+    got, mean, base = _weights(tmp_path / "f"), _weights(tmp_path / "l"), _weights(lora["base"])
+    w1, w2 = _weights(lora["root"] / "a1_full"), _weights(lora["root"] / "a2_full")
+    adapted = [k for k in base if any(m in k for m in ("q_proj", "v_proj", "down_proj"))]
+    for k in base:
+        if k in adapted:
+            lo, hi = torch.minimum(w1[k], w2[k]), torch.maximum(w1[k], w2[k])
+            assert bool(((got[k] >= lo - 1e-6) & (got[k] <= hi + 1e-6)).all()), k
+            assert not torch.allclose(got[k], mean[k], atol=1e-6), k  # the curvature had a say
+        else:
+            torch.testing.assert_close(got[k], base[k], atol=0, rtol=1e-6, msg=k)
