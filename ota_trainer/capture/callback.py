@@ -525,7 +525,7 @@ class OTACallback(TrainerCallback):
                 accumulate=args.gradient_accumulation_steps > 1 or world > 1,
                 every=self.lora_every,
                 window=self.lora_window,
-                total_steps=state.max_steps,
+                total_steps=state.max_steps - state.global_step,  # the steps this run makes (resumed: the rest)
             )
             logger.info(
                 "OTA: LoRA run: estimating the curvature of %d adapted weights (%s, %s)",
