@@ -122,6 +122,21 @@ class Histogram:
             bins.extend(base + j for j, c in enumerate(chunk.cast("q")) if c)
         return bins, [self.counts[b] for b in bins]
 
+    def without_zeros(self, n: int) -> Histogram:
+        """This histogram less ``n`` entries of saliency 0 (bin 0): entries an expert does not edit
+        at all (a LoRA adapter's untouched weights), which a density should not count.
+
+        Raises:
+            ValueError: bin 0 holds fewer than ``n`` entries.
+        """
+        if n == 0:
+            return self
+        counts = memoryview(bytearray(self.counts.cast("B"))).cast("q")
+        if not 0 <= n <= counts[0]:
+            raise ValueError(f"cannot remove {n} zero saliencies from a bin 0 of {counts[0]}")
+        counts[0] -= n
+        return Histogram(counts, self.total - n, keep=counts)
+
     def density_threshold(self, density: float) -> tuple[Threshold, int]:
         """The bin-edge threshold whose kept fraction is nearest ``density``, and the entries it keeps."""
         bins, counts = self.nonzero()

@@ -412,6 +412,7 @@ class AdapterExperts:
         self._resolver, self._base_ref, self.workdir = resolver, base_ref, workdir
         self._done: dict[str, Path] = {}
         self.modules: dict[str, LoraModule] = {}  # every adapted weight of the adapters materialized
+        self.edited: dict[str, frozenset[str]] = {}  # reference -> the weights its adapter edits
 
     def __getattr__(self, name: str):
         return getattr(self._resolver, name)
@@ -431,6 +432,7 @@ class AdapterExperts:
             self._done[ref] = materialize(adapter, base, self.workdir / f"expert-{len(self._done)}")
             for name, mod in adapter.modules.items():
                 self.modules.setdefault(name, mod)
+            self.edited[ref] = frozenset(adapter.modules)
         return self._done[ref]
 
     def materialized(self) -> list[str]:

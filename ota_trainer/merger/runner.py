@@ -93,17 +93,20 @@ def run(
         )
         for i, (m, p) in enumerate(zip(recipe.models, model_params))
     ]
+    # a LoRA adapter edits only its adapted weights: FFG's density and the report count those alone
+    edited = getattr(resolver, "edited", {})
+    scopes = [edited.get(m.model) for m in recipe.models]
     gc_was_on = gc.isenabled()
     gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
     backend = None
     try:
-        backend, thresholds = _start(recipe, inputs, quiet, fast_path)
+        backend, thresholds = _start(recipe, inputs, quiet, fast_path, scopes)
         for report, threshold in zip(reports, thresholds):
             if threshold is not None:
                 report.threshold_log2 = threshold.log2_value
         backend.set_thresholds(thresholds)
         with output.stage() as tmp:
-            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet)
+            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes)
             chat = resolve_chat_template(recipe.chat_template, inputs)
             files += copy_side_files(inputs.template, tmp, recipe.dtype, chat_template=chat)
             adapter = None
@@ -151,8 +154,9 @@ def _ungraftable(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> bool:
     return inputs.moments[i] is None and recipe.model_parameters(i).get("score") != "magnitude"
 
 
-def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool):
-    """The merge backend, started, and every expert's FFG threshold (None: per tensor, or none)."""
+def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool, scopes: list):
+    """The merge backend, started, and every expert's FFG threshold (None: per tensor, or none).
+    ``scopes``: per expert, the weights it edits (None: all); the density counts those alone."""
     cls, reason = choose_backend(recipe, inputs, fast_path=fast_path)
     if reason is None:
         logger.info("merging with the native kernels (no PyTorch)")
@@ -204,6 +208,14 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         elif todo:
             counted = backend.histograms(todo, inputs.float_names)
     for i, hist in zip(todo, counted):
+        if scopes[i] is not None:  # its other weights are the base's: saliency 0, no edit to count
+            moments = inputs.moments[i]
+            untouched = sum(
+                math.prod(inputs.template.tensors[n].shape)
+                for n in inputs.float_names
+                if n not in scopes[i] and n in moments.stored
+            )
+            hist = hist.without_zeros(untouched)
         p = model_params[i]
         share = p.get("saliency_share")
         if share is not None:
@@ -224,7 +236,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
 
 
 def _merge_pass(
-    recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport], quiet: bool
+    recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport], quiet: bool, scopes: list
 ) -> tuple[list[str], dict[str, list[float]]]:
     """Every tensor merged (or copied) and written, in the template's on-disk order."""
     template = inputs.template
@@ -252,9 +264,10 @@ def _merge_pass(
                 data, kept = backend.merge_tensor(name, names[k + 1 : k + 2], out=dest)
                 if kept is not None and any(r.grafted for r in reports):
                     numel = math.prod(t.shape)
-                    for report, n_kept in zip(reports, kept):
-                        report.kept += n_kept
-                        report.total += numel
+                    for report, n_kept, scope in zip(reports, kept, scopes):
+                        if scope is None or name in scope:  # (an adapter keeps nothing elsewhere: no edit)
+                            report.kept += n_kept
+                            report.total += numel
                     tensor_density[name] = [n_kept / max(numel, 1) for n_kept in kept]
             else:
                 data = backend.raw_bytes(name)  # integer buffers: the base's bytes
