@@ -258,3 +258,42 @@ def test_capture_schedule_errors_and_checkpoints_before_the_window(tmp_path):
         meta = load_moments(out / f"checkpoint-{step}").metadata
         assert meta["lora_captured_steps"] == (1 if step < 4 else 2) and meta["step"] == step
     assert load_moments(out).metadata["lora_window"] == 3
+
+
+def test_qlora_4bit_base_layers_are_estimated_at_their_real_shape():
+    """QLoRA: the adapted layers are bitsandbytes 4-bit linears, whose weight is stored packed
+    ((n, 1) bytes); the estimate has the layer's (out, in) shape and follows its formula."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from ota_trainer.capture.lora import LoraCurvature
+
+    torch.manual_seed(0)
+    model = tiny_model(tie=True)
+    for layer in model.model.layers:
+        for name in TARGETS:
+            old = getattr(layer.self_attn, name)
+            q = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="fp4")
+            setattr(layer.self_attn, name, q.to("cpu"))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    module = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert module.base_layer.weight.shape != (module.base_layer.out_features, module.base_layer.in_features)
+    lc = LoraCurvature(pm, 0.5, estimator="exact")
+    seen = {}
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        seen["x"], seen["out"] = args[0].detach(), out
+
+    h = module.register_forward_hook(keep)
+    batch = torch.tensor(tiny_dataset(n=4)["input_ids"])
+    pm(input_ids=batch, labels=batch).loss.backward()
+    h.remove()
+    lc.step()
+    d = seen["out"].grad.reshape(-1, seen["out"].shape[-1]).double()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    g2 = (d.T @ x) ** 2
+    got = lc.factors()["model.layers.0.self_attn.q_proj.weight"]
+    assert got.shape == (module.base_layer.out_features, module.base_layer.in_features)
+    torch.testing.assert_close(got.row.double(), 0.5 * g2.sum(1), rtol=1e-4, atol=1e-14)
+    torch.testing.assert_close(got.col.double(), 0.5 * g2.sum(0), rtol=1e-4, atol=1e-14)
+    lc.remove()

@@ -142,8 +142,9 @@ class LoraCurvature:
                 continue
             saved = clean_parameter_name(name)
             saved = saved[len(_PEFT_PREFIX) :] if saved.startswith(_PEFT_PREFIX) else saved
-            w = module.base_layer.weight
-            layer = _Layer(saved + ".weight", (int(w.shape[0]), int(w.shape[1])), *self._zeros(w.shape))
+            base = module.base_layer  # (out, in) from the layer: a 4-bit (QLoRA) weight is stored packed
+            shape = (int(base.out_features), int(base.in_features))
+            layer = _Layer(saved + ".weight", shape, *self._zeros(shape))
             layer.handles.append(module.register_forward_hook(self._forward_hook(layer)))
             self.layers.append(layer)
         if not self.layers:
