@@ -315,3 +315,28 @@ def test_fisher_on_adapters_keeps_the_base_as_anchor(lora, tmp_path):
             assert not torch.allclose(got[k], mean[k], atol=1e-6), k  # the curvature had a say
         else:
             torch.testing.assert_close(got[k], base[k], atol=0, rtol=1e-6, msg=k)
+
+
+def test_an_adapted_weight_without_moments_is_missing_not_zero_curvature(lora, tmp_path):
+    """Moments covering only some of the adapted weights (e.g. a capture that had no estimator
+    for some layers): the others are missing moments (an error naming them, or uniform curvature
+    with allow_missing_moments), never zero curvature, which would have FFG revert every edit."""
+    from ota_trainer import save_moments
+    from ota_trainer.merger.adapters import open_adapter
+
+    shutil.copytree(lora["a1"], tmp_path / "a1")
+    w = _weights(lora["base"])
+    mods = [n for n in open_adapter(tmp_path / "a1").modules if "q_proj" in n]
+    save_moments(
+        tmp_path / "a1",
+        {n: torch.rand(w[n].shape) * 1e-6 + 1e-9 for n in mods},
+        compression="rank1",
+        metadata={"optimizer": "adamw_torch", "beta2": 0.999, "step": 10},
+    )
+    recipe = {"method": "ota", "base_model": str(lora["base"]), "models": [str(tmp_path / "a1")]}
+    with pytest.raises(MissingMomentsError, match="v_proj"):
+        merge(recipe, tmp_path / "out", quiet=True)
+    merge({**recipe, "options": {"allow_missing_moments": True}}, tmp_path / "out", quiet=True)
+    got, base = _weights(tmp_path / "out"), _weights(lora["base"])
+    k = "model.layers.0.self_attn.v_proj.weight"
+    assert (got[k] != base[k]).float().mean() > 0.2  # uniform curvature: FFG keeps a share of the edit

@@ -149,6 +149,20 @@ class LoraCurvature:
             self.layers.append(layer)
         if not self.layers:
             raise CaptureError("no LoRA-adapted linear layer found: nothing to estimate the curvature of")
+        other = [  # LoRA on embeddings or Conv1D layers: adapted, but no estimator for them here
+            clean_parameter_name(n)
+            for n, m in model.named_modules()
+            if hasattr(m, "base_layer")
+            and (hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A"))
+            and not _is_lora_linear(m)
+        ]
+        if other:
+            logger.warning(
+                "LoRA curvature is estimated for linear layers only: %d adapted layer(s) get none (%s); a merge "
+                "of this adapter then needs allow_missing_moments (uniform curvature there)",
+                len(other),
+                ", ".join(other[:3]) + (", ..." if len(other) > 3 else ""),
+            )
 
     def _captures(self, t: int) -> bool:
         """Whether optimizer step ``t`` (1-based) is captured."""

@@ -279,7 +279,11 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
         raise FormatError(
             f"{own}: moments for {brief(extra[:3])}, which neither the adapter nor its base has", path=str(own)
         )
-    floats = [n for n in names if DTYPES[base.tensors[n].dtype].floating]
+    # an edited weight without moments is left without them (the merge then says so, or takes uniform
+    # curvature with allow_missing_moments): zero curvature would have FFG revert every edit there
+    floats = [
+        n for n in names if DTYPES[base.tensors[n].dtype].floating and (n in moments.shapes or n not in adapter.modules)
+    ]
 
     class _All:
         def items(self):
