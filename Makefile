@@ -27,7 +27,7 @@ demo: $(DEMO_STAMP)
 	$(PY) scripts/demo.py $(if $(QUICK),--quick,) $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --timeout=900 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 # DeepSpeed on a CPU machine: its full dependency set pulls GPU packages, so --no-deps + what it needs.
 deepspeed: $(STAMP)
