@@ -300,7 +300,7 @@ class OTACallback(TrainerCallback):
             raise ConfigError(f"OTACallback(bias_correction={bias_correction!r}): choose one of {BIAS_CORRECTION}")
         if lora_estimator not in ESTIMATORS:
             raise ConfigError(f"OTACallback(lora_estimator={lora_estimator!r}): choose one of {ESTIMATORS}")
-        check_schedule(lora_every, lora_window, 1 << 62)  # (the run's length is checked when it starts)
+        check_schedule(lora_every, lora_window)  # (against the run's length when it starts)
         self.lora_estimator = lora_estimator
         self.lora_every, self.lora_window = lora_every, lora_window
         self._lora: LoraCurvature | None = None  # a PEFT LoRA model: the frozen weights' curvature

@@ -80,17 +80,13 @@ class _Layer:
     handles: list = field(default_factory=list)
 
 
-def check_schedule(every: Any, window: Any, total_steps: int | None = None) -> None:
-    """ConfigError unless ``every`` (>= 1) and ``window`` (None or >= 1) are a schedule that
-    captures at least one of ``total_steps`` steps (when known)."""
+def check_schedule(every: Any, window: Any) -> None:
+    """ConfigError unless ``every`` (>= 1) and ``window`` (None or >= 1) are a capture schedule
+    (:class:`LoraCurvature` checks it against the run's length)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"LoRA capture every={every!r}: a whole number of steps >= 1")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ConfigError(f"LoRA capture window={window!r}: None (the whole run) or a whole number of steps >= 1")
-    if window is not None and not (total_steps and total_steps > 0):
-        raise ConfigError("LoRA capture window: the run's length (max_steps) must be known to find its last steps")
-    if total_steps and total_steps > 0 and window is None and every > total_steps:
-        raise ConfigError(f"LoRA capture every={every} steps never fires in a run of {total_steps} steps")
 
 
 class LoraCurvature:
@@ -127,10 +123,14 @@ class LoraCurvature:
             raise ConfigError(f"LoRA curvature estimator {estimator!r}: choose one of {ESTIMATORS}")
         if not 0.0 <= float(beta2) < 1.0:
             raise ConfigError(f"LoRA curvature needs Adam's beta2 in [0, 1), got {beta2!r}")
-        check_schedule(every, window, total_steps)
+        check_schedule(every, window)
         self.beta2, self.estimator, self.accumulate = float(beta2), estimator, accumulate
         self.every, self.window = int(every), window
         self.total = int(total_steps) if total_steps and total_steps > 0 else None
+        if window is not None and self.total is None:
+            raise ConfigError("LoRA capture window: the run's length (max_steps) must be known to find its last steps")
+        if self.total is not None and window is None and every > self.total:
+            raise ConfigError(f"LoRA capture every={every} steps never fires in a run of {self.total} steps")
         self.start = max(self.total - window, 0) if window is not None and self.total else 0  # T0
         self.steps = 0  # optimizer steps seen
         self.captured = 0  # of which captured

@@ -351,6 +351,7 @@ def export_adapter(
     merged, original = ModelFolder(out), ModelFolder(base)
     tensors: dict[str, torch.Tensor] = {}
     per_module: dict[str, dict[str, Any]] = {}
+    targets: list[str] = []
     total_err = total_norm = 0.0
     try:
         for name in sorted(modules):
@@ -371,6 +372,7 @@ def export_adapter(
             total_norm, total_err = total_norm + norm, total_err + err
             per_module[name] = {"rank": k, "rel_error": math.sqrt(err / norm) if norm > 0 else 0.0}
             module = name[: -len(".weight")] if name.endswith(".weight") else name
+            targets.append(module)
             if ".lora_embedding_" in mod.a:
                 tensors[f"{_PREFIX}{module}.lora_embedding_A"], tensors[f"{_PREFIX}{module}.lora_embedding_B"] = a, b
             else:
@@ -388,7 +390,7 @@ def export_adapter(
         "r": rank,
         "lora_alpha": rank,  # scale 1: B A is the edit
         "lora_dropout": 0.0,
-        "target_modules": sorted(n[: -len(".weight")] if n.endswith(".weight") else n for n in modules),
+        "target_modules": targets,  # (in name order)
         "fan_in_fan_out": bool(flipped and flipped.pop()),
         "bias": "none",
         "use_rslora": False,
@@ -438,10 +440,6 @@ class AdapterExperts:
                 self.modules.setdefault(name, mod)
             self.edited[ref] = frozenset(adapter.modules)
         return self._done[ref]
-
-    def materialized(self) -> list[str]:
-        """The references that were adapters."""
-        return list(self._done)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

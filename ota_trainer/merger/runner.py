@@ -117,18 +117,13 @@ def run(
                     tmp, inputs.base, resolver.modules, recipe.out_adapter_rank, recipe.base_model
                 )
                 files += written
-                _log_adapter(adapter, len(inputs.experts) > len(_adapter_experts(recipe, resolver)))
+                _log_adapter(adapter, full_experts=any(scope is None for scope in scopes))
             return finish(tmp, recipe, output.dest, reports, tensor_density, files, resolver, start, inputs, adapter)
     finally:
         if backend is not None:
             backend.close()
         if gc_was_on:
             gc.enable()
-
-
-def _adapter_experts(recipe: MergeRecipe, resolver) -> list[str]:
-    done = getattr(resolver, "materialized", lambda: [])()
-    return [m.model for m in recipe.models if m.model in done]
 
 
 def _log_adapter(adapter: dict[str, Any], full_experts: bool) -> None:
