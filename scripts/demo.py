@@ -106,7 +106,7 @@ def run(cmd: list[str], env: dict[str, str], log_file: Path) -> None:
 def settings(args) -> dict:
     # cross: also score each expert on the other capabilities (the full table); QUICK scores
     # experts on their own capability only, which is all the normalised score needs.
-    lora = bool(getattr(args, "lora", False))
+    lora = args.lora
     if args.smoke:
         methods = LORA_QUICK_METHODS if lora else SMOKE_METHODS
         return {"steps": 2, "n_eval": 4, "methods": methods, "batch": 4, "n_train": 64, "cross": True, "lora": lora}
@@ -215,10 +215,7 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from huggingface_hub import HfApi
-
-    from ota_trainer.hub import publish_folder, push_expert
-    from ota_trainer.moments.format import convert_moments, has_moments
+    from ota_trainer.hub import publish_folder
 
     with stage("base model"):
         base = prepare_base(args, Path(args.out))
@@ -226,41 +223,14 @@ def _pipeline(args, cfg, out, env, stage, t0, hub) -> int:
         publish_folder(base, base_repo, commit_message="Upload base model")
         print(f"      {base} -> {hub.url}/{base_repo}")
 
-    experts: dict[str, dict[str, str]] = {}
     what = (
         f"{len(TASK_NAMES)} LoRA experts x {len(ESTIMATORS)} estimators"
         if cfg["lora"]
         else f"{len(TASK_NAMES)} experts"
     )
     with stage(f"train {what} with OTACallback ({cfg['steps']} steps each), push to the Hub"):
-        if cfg["lora"]:
-            experts = _train_lora_experts(args, cfg, out, env, base, base_repo)
-        for task in () if cfg["lora"] else TASK_NAMES:
-            folder = out / "experts" / task
-            repo = f"{NS}/expert-{task}"
-            stamp = folder / "ota_demo_stamp.json"
-            want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
-            cached = (
-                not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
-            )
-            if not cached:
-                shutil.rmtree(folder, ignore_errors=True)
-                t = time.perf_counter()
-                cmd = _train_cmd(task, base, folder, cfg, repo, base_repo, ["--ota.compression", "full"])
-                run(cmd, env, out / "logs" / f"train_{task}.log")
-                stamp.write_text(json.dumps(want))
-                print(f"      {task}: trained in {time.perf_counter() - t:.0f}s -> {repo}")
-            else:
-                print(f"      {task}: cached expert reused ({folder}); --retrain to train again")
-            if not HfApi().repo_exists(repo):  # cached expert, fresh Hub: push it (weights + moments, one commit)
-                push_expert(folder, repo)
-            rank1 = out / "experts" / f"{task}-rank1"
-            if not has_moments(rank1) or not cached:
-                shutil.rmtree(rank1, ignore_errors=True)
-                shutil.copytree(folder, rank1, ignore=shutil.ignore_patterns("ota", "checkpoint-*", "runs"))
-                convert_moments(folder, rank1, compression="rank1")
-            push_expert(rank1, f"{repo}-rank1")
-            experts[task] = {"full": repo, "rank1": f"{repo}-rank1", "folder": str(folder)}
+        train = _train_lora_experts if cfg["lora"] else _train_full_experts
+        experts = train(args, cfg, out, env, base, base_repo)
 
     merged: dict[str, Path] = {}
     table = LORA_METHODS if cfg["lora"] else METHODS
@@ -363,47 +333,70 @@ def _train_cmd(task: str, base: Path, folder: Path, cfg: dict, repo: str, base_r
     ]
 
 
-def _train_lora_experts(args, cfg, out: Path, env, base: Path, base_repo: str) -> dict[str, dict[str, str]]:
-    """Each capability trained as a LoRA adapter once per curvature estimator (cached by a stamp),
-    pushed to the loopback Hub (adapter + moments, one commit); each adapter also materialised
-    as a full model folder (a one-expert linear merge: W0 + scale B A) for its evaluation."""
+def _train_expert(args, cfg, out: Path, env, base: Path, base_repo: str, task: str, name: str, repo: str, extra):
+    """Expert ``name`` of ``task`` trained into ``out/experts/<name>`` unless a stamp says the same
+    settings made it, and pushed when the loopback Hub lacks it. Returns whether it was cached."""
     from huggingface_hub import HfApi
 
-    from ota_trainer import merge
     from ota_trainer.hub import push_expert
     from ota_trainer.moments.format import has_moments
+
+    folder = out / "experts" / name
+    stamp = folder / "ota_demo_stamp.json"
+    want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
+    if cfg["lora"]:
+        want["lora"] = extra
+    cached = not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
+    if not cached:
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
+        run(_train_cmd(task, base, folder, cfg, repo, base_repo, extra), env, out / "logs" / f"train_{name}.log")
+        stamp.write_text(json.dumps(want))
+        print(f"      {name}: trained in {time.perf_counter() - t:.0f}s -> {repo}")
+    else:
+        print(f"      {name}: cached expert reused ({folder}); --retrain to train again")
+    if not HfApi().repo_exists(repo):  # cached expert, fresh Hub: push it (weights + moments, one commit)
+        push_expert(folder, repo)
+    return cached
+
+
+def _train_full_experts(args, cfg, out: Path, env, base: Path, base_repo: str) -> dict[str, dict[str, str]]:
+    """Each capability fully fine-tuned (full moments), pushed, and a rank-one copy pushed beside it."""
+    from ota_trainer.hub import push_expert
+    from ota_trainer.moments.format import convert_moments, has_moments
+
+    experts: dict[str, dict[str, str]] = {}
+    for task in TASK_NAMES:
+        repo, folder = f"{NS}/expert-{task}", out / "experts" / task
+        cached = _train_expert(args, cfg, out, env, base, base_repo, task, task, repo, ["--ota.compression", "full"])
+        rank1 = out / "experts" / f"{task}-rank1"
+        if not has_moments(rank1) or not cached:
+            shutil.rmtree(rank1, ignore_errors=True)
+            shutil.copytree(folder, rank1, ignore=shutil.ignore_patterns("ota", "checkpoint-*", "runs"))
+            convert_moments(folder, rank1, compression="rank1")
+        push_expert(rank1, f"{repo}-rank1")
+        experts[task] = {"full": repo, "rank1": f"{repo}-rank1", "folder": str(folder)}
+    return experts
+
+
+def _train_lora_experts(args, cfg, out: Path, env, base: Path, base_repo: str) -> dict[str, dict[str, str]]:
+    """Each capability trained as a LoRA adapter once per curvature estimator, pushed to the
+    loopback Hub (adapter + moments, one commit); the exact run's adapter also materialised as a
+    full model folder (a one-expert linear merge: W0 + scale B A) for its evaluation."""
+    from ota_trainer import merge
 
     experts: dict[str, dict[str, str]] = {}
     overrides = lora_overrides()
     for task in TASK_NAMES:
-        experts[task] = {}
-        adapters = {}
+        experts[task], cached = {}, {}
         for est in ESTIMATORS:
-            folder = out / "experts" / f"{task}-{est}"
-            repo = f"{NS}/lora-{task}-{est}"
-            stamp = folder / "ota_demo_stamp.json"
-            want = {"steps": cfg["steps"], "batch": cfg["batch"], "n_train": cfg["n_train"], "base": str(base)}
-            want["lora"] = overrides
-            cached = (
-                not args.retrain and has_moments(folder) and stamp.is_file() and json.loads(stamp.read_text()) == want
-            )
-            if not cached:
-                shutil.rmtree(folder, ignore_errors=True)
-                t = time.perf_counter()
-                cmd = _train_cmd(task, base, folder, cfg, repo, base_repo, [*overrides, "--ota.lora_estimator", est])
-                run(cmd, env, out / "logs" / f"train_{task}_{est}.log")
-                stamp.write_text(json.dumps(want))
-                print(f"      {task} ({est}): trained in {time.perf_counter() - t:.0f}s -> {repo}")
-            else:
-                print(f"      {task} ({est}): cached adapter reused ({folder}); --retrain to train again")
-            if not HfApi().repo_exists(repo):
-                push_expert(folder, repo)
+            repo, extra = f"{NS}/lora-{task}-{est}", [*overrides, "--ota.lora_estimator", est]
+            cached[est] = _train_expert(args, cfg, out, env, base, base_repo, task, f"{task}-{est}", repo, extra)
             experts[task][est] = repo
-            adapters[est] = (folder / "adapter_model.safetensors").read_bytes()
-        same = adapters["exact"] == adapters["factored"]
-        print(f"      {task}: the two runs' adapters are {'identical' if same else 'DIFFERENT'} (same seed)")
+        same = len({(out / "experts" / f"{task}-{e}" / "adapter_model.safetensors").read_bytes() for e in ESTIMATORS})
+        print(f"      {task}: the two runs' adapters are {'identical' if same == 1 else 'DIFFERENT'} (same seed)")
         full = out / "experts" / f"{task}-full"
-        if not (full / "ota_merge_report.json").is_file() or not cached:
+        if not (full / "ota_merge_report.json").is_file() or not cached["exact"]:
             merge(
                 {"method": "linear", "base_model": str(base), "models": [str(out / "experts" / f"{task}-exact")]},
                 full,
