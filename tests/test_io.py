@@ -50,6 +50,8 @@ def test_tensors_produced_in_the_writers_staging_memory_give_the_same_files(dire
     monkeypatch.setattr(write, "STAGING_BYTES", 16384)  # some tensors fit in the free part, some do not
     ts = _tensors()
     ts["d"] = torch.randn(700, generator=torch.Generator().manual_seed(1))
+    ts["e"] = torch.randn(2500, generator=torch.Generator().manual_seed(2))  # 10000 bytes: fits a buffer
+    ts["f"] = torch.randn(2000, generator=torch.Generator().manual_seed(3))  # 8000: not in what e leaves free
     plan = [(n, tuple(t.shape), t.dtype) for n, t in ts.items()]
     w = StreamingSafetensorsWriter(tmp_path / "copied", plan, max_shard_bytes=20_000)
     (tmp_path / "copied").mkdir()
@@ -58,10 +60,13 @@ def test_tensors_produced_in_the_writers_staging_memory_give_the_same_files(dire
     want = w.close()
     (tmp_path / "in_place").mkdir()
     w = StreamingSafetensorsWriter(tmp_path / "in_place", plan, max_shard_bytes=20_000)
-    in_place = []
+    in_place, early_flush = [], []
     for n, t in ts.items():
         code = write.dtype_code(t.dtype)
+        free = write.STAGING_BYTES - getattr(w._fh, "_fill", 0)  # (before the first reserve opens the file: all)
         dest = w.reserve(n, tuple(t.shape), code)
+        if dest is not None and len(dest) > free:
+            early_flush.append(n)  # the buffer's aligned part was written early, its tail moved on
         raw = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         if dest is None:
             w.write_bytes(n, tuple(t.shape), code, raw)
@@ -71,6 +76,7 @@ def test_tensors_produced_in_the_writers_staging_memory_give_the_same_files(dire
             in_place.append(n)
     assert w.close() == want
     assert (len(in_place) > 0) == (direct == "1") and len(in_place) < len(ts)  # both paths taken
+    assert (early_flush == ["f"]) == (direct == "1"), early_flush
     for f in want:
         assert (tmp_path / "in_place" / f).read_bytes() == (tmp_path / "copied" / f).read_bytes(), f
 

@@ -84,7 +84,7 @@ def test_merged_bytes_are_pinned(families, tmp_path, monkeypatch, name, backend)
     if backend == "torch":  # the PyTorch code path only: no native kernels, no fast path
         monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
     if backend == "small-staging":  # most tensors merged into the backend's arena, a few in the writer's memory
-        monkeypatch.setattr(write, "STAGING_BYTES", 4096)
+        monkeypatch.setattr(write, "STAGING_BYTES", 8192)
     recipe = {
         "method": method,
         "base_model": str(base),

@@ -175,11 +175,21 @@ class _OutputFile:
                 self._submit(STAGING_BYTES)
 
     def reserve(self, n: int) -> memoryview | None:
-        """The next ``n`` bytes of the file as writable staging memory, when they fit in the free
-        part of the current buffer (direct I/O only), else None. Whoever fills it calls
-        :meth:`commit` before any other write: a producer that writes there saves the copy."""
-        if self._fd < 0 or n == 0 or n > STAGING_BYTES - self._fill:  # (nothing to produce for an empty tensor)
+        """The next ``n`` bytes of the file as writable staging memory (direct I/O only), else
+        None. Whoever fills it calls :meth:`commit` before any other write: a producer that
+        writes there saves the copy. When they do not fit in the current buffer's free part, the
+        buffer's aligned part goes to the disk early and its unaligned tail moves to the other
+        buffer, so any ``n`` up to a buffer less one block fits (measured: a 0.5B merge copied
+        54 of its 309 tensors, 0.15 s, before)."""
+        if self._fd < 0 or n == 0 or n > STAGING_BYTES - _ALIGN:  # (nothing to produce for an empty tensor)
             return None
+        if n > STAGING_BYTES - self._fill:
+            k, fill = self._cur, self._fill
+            aligned = fill - fill % _ALIGN  # >= _ALIGN, as fill > STAGING_BYTES - n >= _ALIGN
+            self._submit(aligned)  # (waits until the other buffer is free)
+            tail = fill - aligned
+            self._views[self._cur][:tail] = self._views[k][aligned:fill]  # (the disk reads only [:aligned] of k)
+            self._fill = tail
         return self._views[self._cur][self._fill : self._fill + n]
 
     def commit(self, n: int) -> None:
