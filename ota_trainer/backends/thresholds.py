@@ -116,7 +116,7 @@ class Histogram:
         zero = bytes(step)
         for off in range(0, len(raw), step):
             chunk = raw[off : off + step]
-            if chunk == zero[: len(chunk)]:
+            if chunk.tobytes() == zero[: len(chunk)]:  # (a memoryview compares byte by byte: 10x slower)
                 continue
             base = off // 8
             bins.extend(base + j for j, c in enumerate(chunk.cast("q")) if c)
