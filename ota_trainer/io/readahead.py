@@ -114,11 +114,26 @@ def wait(path: str | os.PathLike, end: int, timeout: float = 60.0) -> None:
     of this process reads that file, or it is past it). A reader that waits instead of faulting
     the pages in itself does not send the disk a second stream of requests competing with the
     read-ahead's (measured: that made both slower)."""
-    real = os.path.realpath(path)
     with _progress_changed:
+        if not _pending:
+            return
+        real = _real(path)
         if real not in _pending:
             return
         _progress_changed.wait_for(lambda: _progress.get(real, 0) >= end, timeout=timeout)
+
+
+_realpaths: dict[str, str] = {}
+
+
+def _real(path: str | os.PathLike) -> str:
+    """``os.path.realpath``, remembered: :func:`wait` is asked about the same few files once per
+    tensor and input (resolving each time took ~0.2 s of a 0.5B merge)."""
+    key = os.fspath(path)
+    real = _realpaths.get(key)
+    if real is None:
+        real = _realpaths[key] = os.path.realpath(key)
+    return real
 
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
