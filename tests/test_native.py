@@ -414,3 +414,39 @@ def test_a_target_name_is_checked(monkeypatch):
     monkeypatch.setenv("OTA_TRAINER_MARCH", "native")
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert native._target_flags() == ("-mcpu=native",)  # gcc on Arm does not take -march=native everywhere
+
+
+def test_meanwhile_work_runs_while_the_kernels_run_and_never_outlives_them():
+    """The calling thread's work (the next tensor's moments) runs once, between handing the calls to
+    the pool and collecting them; its error surfaces only after every call has finished."""
+    import threading
+
+    started, release = threading.Barrier(3, timeout=10), threading.Event()
+    done, seen = [], []
+
+    def call(k):
+        started.wait()  # both calls run at once, and the work below runs beside them
+        assert release.wait(10)
+        done.append(k)
+        return k
+
+    def work():
+        started.wait()
+        seen.append(len(done))
+        release.set()
+        raise ValueError("bad moments of the next tensor")
+
+    with pytest.raises(ValueError, match="next tensor"):
+        with native.meanwhile(work):
+            native.run([lambda: call(0), lambda: call(1)], 2)
+    assert seen == [0] and sorted(done) == [0, 1]  # ran beside the calls; raised after both finished
+
+    ran = []
+    with native.meanwhile(lambda: ran.append("end")):
+        assert native.run([lambda: 7], 2) == [7]  # one call runs inline: the work waits for the block's end
+        assert ran == []
+    assert ran == ["end"]
+    with native.meanwhile(lambda: ran.append("once")):
+        native.run([lambda: 1, lambda: 2], 2)
+        native.run([lambda: 1, lambda: 2], 2)
+    assert ran == ["end", "once"]

@@ -481,15 +481,40 @@ def workers(rows: int, numel: int, threads: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
+_ahead = threading.local()  # .work: what this thread does while its next kernels run (see meanwhile)
+
+
+@contextlib.contextmanager
+def meanwhile(work):
+    """Run ``work()`` (no arguments) on this thread while the block's first kernels run on the
+    pool, or at the end of the block if none ran there: a caller prepares its next tensor while
+    the kernels merge this one (the kernels release the GIL; the calling thread would only wait)."""
+    _ahead.work = work
+    try:
+        yield
+    finally:
+        pending, _ahead.work = getattr(_ahead, "work", None), None
+        if pending is not None:
+            pending()
+
+
 def run(calls: list, threads: int) -> list:
-    """Run zero-argument callables on the thread pool (ctypes releases the GIL) and return their results."""
+    """Run zero-argument callables on the thread pool (ctypes releases the GIL) and return their
+    results; the calling thread does the :func:`meanwhile` work in the meantime."""
     global _pool
     if len(calls) == 1:
         return [calls[0]()]
     with _lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="ota-native")
-    return [f.result() for f in [_pool.submit(c) for c in calls]]
+    futures = [_pool.submit(c) for c in calls]
+    work, _ahead.work = getattr(_ahead, "work", None), None
+    try:
+        if work is not None:
+            work()
+    finally:  # (the kernels use memory their caller frees: never leave before they are done)
+        results = [f.result() for f in futures]
+    return results
 
 
 def raw_saliency_hist(

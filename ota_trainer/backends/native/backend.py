@@ -37,6 +37,7 @@ from . import (
     available,
     float32,
     library,
+    meanwhile,
     raw_saliency_hist,
     why_unavailable,
 )
@@ -220,7 +221,11 @@ class NativeBackend:
         self.cuts: list[float | None] = [None] * len(self.experts)  # FFG: None keeps every edit
         self._arena: mmap.mmap | None = None
         self._arena_view = None
-        self._factors: dict[tuple[int, str], Factors] = {}
+        self._factors: dict[tuple[int, str], Factors] = {}  # (expert, tensor): this tensor's and the next one's
+        self._released: list[
+            tuple[Path, int, int]
+        ] = []  # spans of tensors done, dropped from the maps at the next kernels
+        self._floats = set(inputs.float_names)
 
     def set_thresholds(self, thresholds) -> None:
         """Each expert's FFG threshold (:class:`~ota_trainer.merger.thresholds.Threshold`, None: none)."""
@@ -286,6 +291,7 @@ class NativeBackend:
         magnitude = self.params.get("score") == "magnitude"
         folders = [self.experts[i] for i in experts]
         lib = library()
+        nxt = dict(zip(names, names[1:]))
         try:
             for name in self._progress(names, "FFG thresholds"):
                 w0, m, n, tensors = self._tensor(name, folders)
@@ -299,21 +305,23 @@ class NativeBackend:
                         sc.append(self.factors(i, name, m, n).score(False))
                     if sc[-1][0] != S_NONE:
                         totals[k] += m * n
-                raw_saliency_hist(
-                    w0[0],
-                    w0[1],
-                    m,
-                    n,
-                    tensors,
-                    [s[0] for s in sc],
-                    [s[1] for s in sc],
-                    [s[2] for s in sc],
-                    [s[3] for s in sc],
-                    addrs,
-                    self.threads,
-                )
+                with meanwhile(lambda name=name: self._ahead(nxt.get(name), [] if magnitude else experts)):
+                    raw_saliency_hist(
+                        w0[0],
+                        w0[1],
+                        m,
+                        n,
+                        tensors,
+                        [s[0] for s in sc],
+                        [s[1] for s in sc],
+                        [s[2] for s in sc],
+                        [s[3] for s in sc],
+                        addrs,
+                        self.threads,
+                    )
                 self.release(name, folders)
-                self._factors.clear()
+                self._done(name)
+            self._release_now()
             for k in range(1, self.threads):
                 for t in range(T):
                     lib.ota_add_i64(addrs[0][t], addrs[k][t], N_BINS)
@@ -347,11 +355,13 @@ class NativeBackend:
                 self._arena_view = ctypes.c_char.from_buffer(self._arena)
             anchor, data = self._arena_view, memoryview(self._arena)[:nbytes]
         job = NativeJob(self, name, m, n, w0, experts, ctypes.addressof(anchor), DTYPES[dto].kernel)
+        ahead = nxt[0] if nxt and self.method.needs_moments else None
         try:
-            finite = self.method.native(job)
+            with meanwhile(lambda: self._ahead(ahead, range(len(self.experts)))):
+                finite = self.method.native(job)
         finally:
             del anchor
-            self._factors.clear()
+            self._done(name)
         if not finite:
             from ..torch import TorchBackend  # PyTorch finds and names the input responsible
 
@@ -364,16 +374,39 @@ class NativeBackend:
         return self.maps.view(self.base.file(name), t.start, t.end)
 
     def release(self, name: str, folders=None) -> None:
-        """Drop ``name``'s pages from the maps (they stay in the page cache)."""
+        """Drop ``name``'s pages from the maps (they stay in the page cache): while the next
+        tensor's kernels run, or at :meth:`close`."""
         for f in [self.base] + list(folders if folders is not None else self.experts):
             t = f.tensors[name]
-            self.maps.release(f.file(name), t.start, t.end)
+            self._released.append((f.file(name), t.start, t.end))
+
+    def _release_now(self) -> None:
+        for path, start, end in self._released:
+            self.maps.release(path, start, end)
+        self._released.clear()
+
+    def _ahead(self, name: str | None, experts) -> None:
+        """The :func:`meanwhile` work: the pages of tensors done dropped from the maps, and the
+        moments of the next tensor ``name`` (None: none) prepared."""
+        self._release_now()
+        if name is None or name not in self._floats:
+            return
+        m, n = matrix_view(self.base.tensors[name].shape)
+        for i in experts:
+            if self.moments[i] is not None and name in self.moments[i].stored:
+                self.factors(i, name, m, n)
+
+    def _done(self, name: str) -> None:
+        """Forget the prepared moments of tensor ``name``."""
+        for key in [k for k in self._factors if k[1] == name]:
+            del self._factors[key]
 
     def out_dtype(self, name: str) -> str:
         dt = self.base.tensors[name].dtype
         return dtype_code(self.recipe.dtype) if self.recipe.dtype and DTYPES[dt].floating else dt
 
     def close(self) -> None:
+        self._released.clear()  # (the maps close whole)
         self._free_arena()
         self.maps.close()
 
