@@ -263,7 +263,7 @@ def test_when_pytorch_merges_the_kernels_count_the_ffg_pass_meanwhile(tiny_model
 def test_density_bin_is_the_argmin_over_all_bins():
     """Against the definition on the dense histogram: argmin_b |sum(counts[b:]) - target|, b >= 1."""
     g = torch.Generator().manual_seed(0)
-    for trial in range(40):
+    for trial in range(400):
         n = 64
         counts = torch.zeros(n, dtype=torch.int64)
         k = int(torch.randint(1, 12, (1,), generator=g))
@@ -274,6 +274,9 @@ def test_density_bin_is_the_argmin_over_all_bins():
         total = int(counts.sum())
         density = float(torch.rand((), generator=g)) * 0.98 + 0.01
         kept_from = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
+        if trial % 4 == 1:  # a target halfway between two kept counts: the tie goes to the lower bin
+            b = int(torch.randint(1, n - 1, (1,), generator=g))
+            density = min(1.0, max(1e-6, (int(kept_from[b]) + int(kept_from[b + 1])) / 2 / max(total, 1)))
         target = density * total
         zeros = int(counts[0])
         want = (

@@ -10,10 +10,12 @@ the zeros), and a histogram threshold keeps exactly the entries whose bin is at 
 
 from __future__ import annotations
 
+import bisect
 import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 __all__ = ["SCORES", "BIN_SHIFT", "N_BINS", "bin_edge", "density_bin", "Threshold", "KEEP_ALL", "Histogram"]
 
@@ -32,8 +34,12 @@ def density_bin(bins: Sequence[int], counts: Sequence[int], total: int, density:
     """The bin ``b >= 1`` whose kept count ``sum(counts[b:])`` is nearest ``density * total``
     (the lowest such bin on a tie), or None to keep everything.
 
-    ``bins``: the histogram's non-empty bins in increasing order, ``counts`` their counts
-    (empty bins change nothing: between two non-empty bins the kept count is constant).
+    ``bins``: the histogram's non-empty bins in increasing order, ``counts`` their (positive)
+    counts. Empty bins change nothing: between two non-empty bins the kept count is constant, so
+    the candidates are bin 1 and the bin after each non-empty one, and their kept counts fall
+    strictly from one to the next: the nearest is one of the two around the crossing of the
+    target, found by bisection (a loop over the ~30k non-empty bins of a model took 0.06 s per
+    expert).
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -41,24 +47,22 @@ def density_bin(bins: Sequence[int], counts: Sequence[int], total: int, density:
     zeros = counts[0] if bins and bins[0] == 0 else 0
     if density >= 1.0 or target >= (total - zeros) + 0.5 * zeros:
         return None
-    best, best_err = None, None
-    kept = sum(counts)
-    prev = -1
-    for b, c in zip(bins, counts):
-        # bins prev+1 .. b keep every non-empty bin from b on: `kept`
-        lo = max(1, prev + 1)
-        if lo <= b:
-            err = abs(float(kept) - target)
-            if best_err is None or err < best_err:
-                best, best_err = lo, err
-        kept -= c
-        prev = b
-    if prev + 1 < N_BINS:  # past the last non-empty bin nothing is kept
-        lo = max(1, prev + 1)
-        err = abs(0.0 - target)
-        if best_err is None or err < best_err:
-            best = lo
-    return best
+    n = len(bins)
+    top = list(accumulate(reversed(counts)))  # top[r]: the entries of the r + 1 highest non-empty bins
+
+    def candidate(i: int) -> tuple[int, float] | None:
+        """Candidate i (its lowest bin, its kept count): keeping non-empty bins i.. (i = n: none)."""
+        lo = max(1, bins[i - 1] + 1) if i > 0 else 1
+        if i < n:
+            return (lo, float(top[n - 1 - i])) if lo <= bins[i] else None  # (bin 0 is never a threshold)
+        return (lo, 0.0) if lo < N_BINS else None
+
+    j = n - bisect.bisect_left(top, target)  # the first candidate keeping fewer than the target
+    best = None
+    for c in (candidate(j - 1) if j > 0 else None, candidate(j) if j <= n else None):
+        if c is not None and (best is None or abs(c[1] - target) < abs(best[1] - target)):
+            best = c
+    return None if best is None else best[0]
 
 
 @dataclass(frozen=True)
@@ -143,4 +147,4 @@ class Histogram:
         b = density_bin(bins, counts, self.total, density)
         if b is None:
             return KEEP_ALL, self.total
-        return Threshold.at_bin(b), sum(c for x, c in zip(bins, counts) if x >= b)
+        return Threshold.at_bin(b), sum(counts[bisect.bisect_left(bins, b) :])
