@@ -3,7 +3,8 @@
 
 Builds synthetic Llama checkpoints (random bf16 weights: a base, two experts = base + small
 noise, rank-one second moments beside each expert), at a given size and at twice the depth,
-then measures in ONE run, each contender in a fresh subprocess with the same page-cache state:
+then measures in ONE run, each contender in a fresh subprocess with the same page-cache state, the
+repeats going round the contenders (so a drifting disk or VM pace reaches every contender alike):
 
 * copy limit: read every input file the merge reads once and write an output of the merged
   model's size (weights only for ties/mergekit; weights + moments for ota);
@@ -500,16 +501,24 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             cmd = [str(mergekit), str(cfg), str(out), *args.mergekit_flags]
         contenders.append(("mergekit: ties", cmd, input_files(ckpt, moments=False), out, mergekit_why))
 
-    runs = []
+    # the repeats go round the contenders (copy limit, ours, mergekit, then again): the disk's and
+    # the VM's pace drift over minutes (measured: the copy limit 2.7-4.0 s in one session), and
+    # round robin gives every contender the same spread of it
+    runs, todo, results = [], [], {}
     for name, cmd, files, out, why in contenders:
         run = Run(name, label, shape.params, command=" ".join(cmd) if cmd else "")
         runs.append(run)
         if cmd is None:
             run.error = why
             log(f"[{label}] {name}: n/a ({why})")
-            continue
-        results = []
-        for rep in range(args.repeat):
+        else:
+            todo.append((run, cmd, files, out))
+            results[name] = []
+    for rep in range(args.repeat):
+        for run, cmd, files, out in todo:
+            name = run.contender
+            if run.error is not None:
+                continue
             if out is not None and out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             if cache == "cold":
@@ -527,17 +536,18 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             if code != 0:
                 run.error = f"exit {code}: {_tail(log_file)[-400:]}"
                 log(f"[{label}] {name}: FAILED ({run.error})")
-                break
-            results.append((wall, sync, cpu, rss, anon))
+                continue
+            results[name].append((wall, sync, cpu, rss, anon))
             run.load.append(round(load, 2))
             log(
                 f"[{label}] {name}: {wall:.1f}s wall (+{sync:.1f}s sync), {cpu:.1f}s cpu, peak RSS {rss:.0f} MB, "
                 f"anon {anon:.0f} MB (load average {load:.1f} at start)"
             )
-        if results and run.error is None:
-            best = min(results)  # best wall of the repeats (least disturbed by other work), with that run's figures
+    for run, _, _, out in todo:
+        if results[run.contender] and run.error is None:
+            best = min(results[run.contender])  # best wall of the repeats (least disturbed), with that run's figures
             run.wall_s, run.sync_s, run.cpu_s, run.peak_rss_mb, run.peak_anon_mb = best
-            run.walls = [r[0] for r in results]
+            run.walls = [r[0] for r in results[run.contender]]
         if out is not None and out.exists() and not args.keep_outputs:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
     return runs
