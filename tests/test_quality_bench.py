@@ -133,3 +133,17 @@ def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
         assert res["kl"] >= 0
     assert "ota minus each method" in (out / "results.md").read_text()
     assert data["summary"]["seeds"]["0"]["ota_vs"]
+
+
+def testtask_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_needs_them(tmp_path):
+    """Our local tasks alone skip indexing lm_eval's thousands of built-in ones (6-12 s per
+    evaluation); a built-in task in the list brings them in (scripts/evaluate.py --tasks ... hellaswag)."""
+    from ota_quality.lm_tasks import task_manager, task_name, write_tasks
+
+    cap = next(iter(CAPABILITIES))
+    write_tasks(tmp_path, {(cap, "test"): examples(cap, "test", 4)})
+    ours = [task_name(cap, "test")]
+    local = task_manager(tmp_path, ours)
+    assert set(ours) <= set(local.all_tasks) and "hellaswag" not in local.all_tasks
+    both = task_manager(tmp_path, ours + ["hellaswag"])
+    assert set(ours) | {"hellaswag"} <= set(both.all_tasks)

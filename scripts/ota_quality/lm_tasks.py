@@ -90,7 +90,7 @@ def write_tasks(folder: str | os.PathLike, data: dict[tuple[str, str], list[dict
     ]
 
 
-def _task_manager(include_path: str | os.PathLike | None, tasks: list[str]):
+def task_manager(include_path: str | os.PathLike | None, tasks: list[str]):
     """lm_eval's TaskManager for ``tasks``: the local ones alone when they are all local (indexing
     lm_eval's thousands of built-in tasks took 6-12 s per evaluation here), else with the built-in
     ones too (a user's standard tasks)."""
@@ -117,7 +117,7 @@ def evaluate(
     prompt order], "responses": [...]}``."""
     import lm_eval
 
-    manager = _task_manager(include_path, tasks)
+    manager = task_manager(include_path, tasks)
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args={
