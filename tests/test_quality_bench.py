@@ -135,7 +135,7 @@ def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
     assert data["summary"]["seeds"]["0"]["ota_vs"]
 
 
-def testtask_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_needs_them(tmp_path):
+def test_task_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_needs_them(tmp_path):
     """Our local tasks alone skip indexing lm_eval's thousands of built-in ones (6-12 s per
     evaluation); a built-in task in the list brings them in (scripts/evaluate.py --tasks ... hellaswag)."""
     from ota_quality.lm_tasks import task_manager, task_name, write_tasks
