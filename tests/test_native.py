@@ -450,3 +450,15 @@ def test_meanwhile_work_runs_while_the_kernels_run_and_never_outlives_them():
         native.run([lambda: 1, lambda: 2], 2)
         native.run([lambda: 1, lambda: 2], 2)
     assert ran == ["end", "once"]
+
+
+def test_meanwhile_work_is_dropped_when_the_block_fails():
+    """The block's own error is what the caller sees: work not yet done is not run after it."""
+    ran = []
+    with pytest.raises(KeyError):
+        with native.meanwhile(lambda: ran.append("work")):
+            raise KeyError("the kernel's error")
+    assert ran == []
+    with native.meanwhile(lambda: ran.append("next")):
+        pass
+    assert ran == ["next"]  # (and nothing is left over from the failed block)

@@ -59,7 +59,7 @@ def density_bin(bins: Sequence[int], counts: Sequence[int], total: int, density:
 
     j = n - bisect.bisect_left(top, target)  # the first candidate keeping fewer than the target
     best = None
-    for c in (candidate(j - 1) if j > 0 else None, candidate(j) if j <= n else None):
+    for c in (candidate(j - 1) if j > 0 else None, candidate(j)):
         if c is not None and (best is None or abs(c[1] - target) < abs(best[1] - target)):
             best = c
     return None if best is None else best[0]

@@ -492,10 +492,12 @@ def meanwhile(work):
     _ahead.work = work
     try:
         yield
-    finally:
-        pending, _ahead.work = getattr(_ahead, "work", None), None
-        if pending is not None:
-            pending()
+    except BaseException:
+        _ahead.work = None  # (the block's error is the one to report: the work is dropped)
+        raise
+    pending, _ahead.work = getattr(_ahead, "work", None), None
+    if pending is not None:
+        pending()
 
 
 def run(calls: list, threads: int) -> list:

@@ -222,9 +222,8 @@ class NativeBackend:
         self._arena: mmap.mmap | None = None
         self._arena_view = None
         self._factors: dict[tuple[int, str], Factors] = {}  # (expert, tensor): this tensor's and the next one's
-        self._released: list[
-            tuple[Path, int, int]
-        ] = []  # spans of tensors done, dropped from the maps at the next kernels
+        # spans of the tensors done, dropped from the maps while the next kernels run
+        self._released: list[tuple[Path, int, int]] = []
         self._floats = set(inputs.float_names)
 
     def set_thresholds(self, thresholds) -> None:
