@@ -199,6 +199,30 @@ def test_adapters_from_repo_ids(local_hub, lora, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_adapters_from_repo_ids_merge_offline_from_the_cache(local_hub, lora, tmp_path, monkeypatch):
+    """Offline, an adapter repo's missing config.json in the cache means "an adapter" (its
+    adapter_config.json is cached), as online a missing config.json in the repo does."""
+    from huggingface_hub import constants
+
+    from ota_trainer.cli.merge import main
+    from ota_trainer.hub import publish_folder
+
+    publish_folder(lora["base"], "org/base")
+    publish_folder(lora["a1"], "org/a1")
+    publish_folder(lora["a2"], "org/a2")
+    args = ["--base", "org/base", "--expert", "org/a1", "org/a2", "--method", "ties", "-q"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert main([*args, "--out", str(tmp_path / "online")]) == 0  # fills the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local_hub.requests.clear()
+    assert main([*args, "--out", str(tmp_path / "offline")]) == 0
+    assert local_hub.requests == []
+    a, b = _weights(tmp_path / "online"), _weights(tmp_path / "offline")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dry_run_checks_adapters_against_the_base(lora, tmp_path, capsys):
     from ota_trainer.cli.merge import main
 
