@@ -5,6 +5,7 @@ Everything is built from a config with a seed: nothing is downloaded.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def make_tiny_expert(
     v = {}
     for name, p in model.named_parameters():
         p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
-        v[name] = torch.exp(torch.randn(p.shape, generator=g) * 2.0 - 20.0)
+        v[name] = _exp(torch.randn(p.shape, generator=g) * 2.0 - 20.0)
     model.save_pretrained(path)
     if moments is not None:
         save_moments(
@@ -78,6 +79,15 @@ def make_tiny_expert(
             metadata={"optimizer": "adamw_torch", "beta2": beta2, "step": step, "base_model": str(base)},
         )
     return Path(path)
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of each entry by the C library, in float64: the same bits on every x86 CPU.
+    PyTorch's vectorised float32 ``exp`` gives AVX-512 and AVX2 machines different last bits (so
+    the moments, and the pinned hashes of merges of them, changed from machine to machine); in
+    float64 the moments' rank-one sums are rounded to float32 only once, after any summation
+    order."""
+    return torch.tensor([math.exp(t) for t in x.flatten().tolist()], dtype=torch.float64).reshape(x.shape)
 
 
 CHAT_TEMPLATE = (
