@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ...io.cache import cache_root, open_private, private_folder, write_private
 from ...io.layout import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ MIN_PARALLEL = 1 << 16
 _VERSION = 8  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
-_POSIX = hasattr(os, "geteuid")  # owners and mode bits to check
-# cache files are opened for reading without following links (nor blocking on a planted FIFO)
-_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_CACHE_WHAT = "kernel cache"
 DT_CODES = {c: d.kernel for c, d in DTYPES.items() if d.kernel is not None}  # safetensors dtype -> the kernels' code
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
@@ -93,13 +91,6 @@ _warned = False
 def _mode() -> str:
     mode = os.environ.get("OTA_TRAINER_NATIVE", "auto").strip().lower()
     return {"": "auto", "true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(mode, mode)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("OTA_TRAINER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ota_trainer"
-    )
-    return Path(root) / "kernels"
 
 
 def _compiler() -> str | None:
@@ -150,90 +141,16 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
-def _make_private(path: Path) -> None:
-    """Create the folder owner-only (0o700 whatever the umask); one that exists is left as it is
-    (:func:`_check_folders` judges it)."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    os.chmod(path, 0o700)
+def _cache_dir() -> Path:
+    return cache_root() / "kernels"
 
 
-def _ours(st: os.stat_result) -> bool:
-    return not _POSIX or st.st_uid in (os.geteuid(), 0)
-
-
-def _check_folders(folder: Path) -> None:
-    """Refuse a cache others can write to (they could plant a library there for us to load): the
-    kernels folder must be a real folder (not a link) of ours (or root's) that only its owner can
-    write; so must the folder holding it (the cache root), unless that is sticky like ``/tmp``."""
-    if not _POSIX:
-        return
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode):
-        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-        raise OSError(
-            f"refusing the kernel cache {folder}: it is {what}; remove it (it is recreated) "
-            "or set OTA_TRAINER_CACHE to a folder of your own"
-        )
-    root = folder.parent  # followed if a link: the folder it names is judged
-    for path, info, fix in ((folder, st, f"chmod 700 {folder}"), (root, os.stat(root), f"chmod go-w {root}")):
-        if not _ours(info):
-            raise OSError(
-                f"refusing the kernel cache {path}: it belongs to another user (uid {info.st_uid}); "
-                "set OTA_TRAINER_CACHE to a folder of your own"
-            )
-        if info.st_mode & 0o022 and not (path != folder and info.st_mode & stat.S_ISVTX):
-            raise OSError(
-                f"refusing the kernel cache {path}: other users can write to it; run `{fix}` "
-                "(or set OTA_TRAINER_CACHE to a folder of your own)"
-            )
-
-
-def _open_private(path: Path) -> int:
-    """Open a cache file for reading if it is a regular file of ours that others cannot write (a
-    link is not followed); returns the descriptor."""
-
-    def check(st: os.stat_result) -> None:
-        problem = (
-            "is a symbolic link"
-            if stat.S_ISLNK(st.st_mode)
-            else "is not a regular file"
-            if not stat.S_ISREG(st.st_mode)
-            else f"belongs to another user (uid {st.st_uid})"
-            if not _ours(st)
-            else "is writable by other users"
-            if _POSIX and st.st_mode & 0o022
-            else None
-        )
-        if problem:
-            raise OSError(f"refusing the kernel library file {path}: it {problem}; delete it (it is rebuilt)")
-
-    check(os.lstat(path))
-    fd = os.open(path, _READ)
-    try:
-        check(os.fstat(fd))  # the file opened, not the name looked at
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _open_library(path: Path) -> int:
+    return open_private(path, "kernel library file", "delete it (it is rebuilt)")
 
 
 def _sidecar(lib: Path) -> Path:
     return lib.with_name(lib.name + ".sha256")
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically (beside it, then renamed), owner-only."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent)  # 0o600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -257,7 +174,7 @@ def _build(cc: str) -> Path:
     """Compile ``kernels.c`` into the cache (once per source, compiler, target flags and CPU);
     returns the library.
 
-    The cache folders are created owner-only and checked (:func:`_check_folders`); the library
+    The cache folders are created owner-only and checked (:func:`~ota_trainer.io.cache.check_folder`); the library
     is compiled beside its final name and renamed into place (concurrent builds are safe) after
     its sha256 is written to ``<name>.sha256``, which :func:`_open_verified` checks before
     loading it. A library in place is never rebuilt over: if it is not ours, it is refused."""
@@ -266,12 +183,8 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(
         src + cc.encode() + " ".join(flags).encode() + _cpu_signature().encode() + _CACHE_FORMAT
     ).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = private_folder("kernels", _CACHE_WHAT)
     out = folder / f"ota_kernels-{key}.so"
-    folder.parent.parent.mkdir(parents=True, exist_ok=True)  # e.g. ~/.cache: an ordinary folder
-    _make_private(folder.parent)
-    _make_private(folder)
-    _check_folders(folder)
     if os.path.lexists(out):
         return out
     with _build_lock(folder):
@@ -284,7 +197,7 @@ def _build(cc: str) -> Path:
             if r.returncode != 0:
                 raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
             os.chmod(tmp, 0o700)  # the linker made it with the umask's bits
-            _write_private(_sidecar(out), hashlib.sha256(Path(tmp).read_bytes()).hexdigest().encode())
+            write_private(_sidecar(out), hashlib.sha256(Path(tmp).read_bytes()).hexdigest().encode())
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
@@ -296,13 +209,13 @@ def _open_verified(path: Path) -> ctypes.CDLL:
     """Load the library only if it is a file of ours whose bytes hash to the sha256 its build
     recorded (a missing record counts as a mismatch). The bytes hashed are the bytes loaded: one
     descriptor is hashed and then loaded through ``/proc/self/fd`` (the path elsewhere)."""
-    fd = _open_private(path)
+    fd = _open_library(path)
     try:
         h = hashlib.sha256()
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
         try:
-            sfd = _open_private(_sidecar(path))
+            sfd = _open_library(_sidecar(path))
         except FileNotFoundError:
             raise OSError(
                 f"refusing the kernel library {path}: it has no checksum {_sidecar(path).name} "
