@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny tensors: one thread is faster than two (thread start-up dominates), also in CLI subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every merge counts FFG's histograms itself (test_ffg_cache.py turns the cache on): a cache shared
+# between tests would route later merges of the same inputs around the counting they test.
+os.environ.setdefault("OTA_TRAINER_FFG_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

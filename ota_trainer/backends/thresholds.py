@@ -104,17 +104,17 @@ KEEP_ALL = Threshold(0.0)
 
 @dataclass
 class Histogram:
-    """One expert's saliency histogram: ``counts`` (int64[N_BINS], any buffer) and how many
-    entries were counted; ``keep`` holds whatever owns the buffer."""
+    """One expert's saliency histogram: its non-empty ``bins`` in increasing order, their
+    (positive) ``counts``, and how many entries were counted (``total``, zeros included)."""
 
-    counts: memoryview
+    bins: list[int]
+    counts: list[int]
     total: int
-    keep: object = None
 
-    def nonzero(self) -> tuple[list[int], list[int]]:
-        """The non-empty bins in increasing order and their counts (scanning the buffer as bytes:
-        most of it is empty)."""
-        raw = self.counts.cast("B")
+    @classmethod
+    def from_dense(cls, counts: memoryview, total: int) -> Histogram:
+        """From ``counts`` (int64[N_BINS], any buffer), scanned as bytes: most of it is empty."""
+        raw = counts.cast("B")
         bins: list[int] = []
         step = 1 << 16  # bytes per probe
         zero = bytes(step)
@@ -124,7 +124,14 @@ class Histogram:
                 continue
             base = off // 8
             bins.extend(base + j for j, c in enumerate(chunk.cast("q")) if c)
-        return bins, [self.counts[b] for b in bins]
+        return cls(bins, [counts[b] for b in bins], total)
+
+    def dense(self) -> memoryview:
+        """The counts as int64[N_BINS]."""
+        out = memoryview(bytearray(N_BINS * 8)).cast("q")
+        for b, c in zip(self.bins, self.counts):
+            out[b] = c
+        return out
 
     def without_zeros(self, n: int) -> Histogram:
         """This histogram less ``n`` entries of saliency 0 (bin 0): entries an expert does not edit
@@ -135,16 +142,25 @@ class Histogram:
         """
         if n == 0:
             return self
-        counts = memoryview(bytearray(self.counts.cast("B"))).cast("q")
-        if not 0 <= n <= counts[0]:
-            raise ValueError(f"cannot remove {n} zero saliencies from a bin 0 of {counts[0]}")
+        zeros = self.counts[0] if self.bins and self.bins[0] == 0 else 0
+        if not 0 <= n <= zeros:
+            raise ValueError(f"cannot remove {n} zero saliencies from a bin 0 of {zeros}")
+        bins, counts = list(self.bins), list(self.counts)
         counts[0] -= n
-        return Histogram(counts, self.total - n, keep=counts)
+        if counts[0] == 0:
+            del bins[0], counts[0]
+        return Histogram(bins, counts, self.total - n)
+
+    def kept(self, threshold: Threshold) -> int:
+        """The entries a bin-edge threshold (or keep-everything) keeps."""
+        if threshold.keeps_all:
+            return self.total
+        if threshold.bin is None:
+            raise ValueError("an absolute threshold's kept count is not a histogram's")
+        return sum(self.counts[bisect.bisect_left(self.bins, threshold.bin) :])
 
     def density_threshold(self, density: float) -> tuple[Threshold, int]:
         """The bin-edge threshold whose kept fraction is nearest ``density``, and the entries it keeps."""
-        bins, counts = self.nonzero()
-        b = density_bin(bins, counts, self.total, density)
-        if b is None:
-            return KEEP_ALL, self.total
-        return Threshold.at_bin(b), sum(counts[bisect.bisect_left(bins, b) :])
+        b = density_bin(self.bins, self.counts, self.total, density)
+        threshold = KEEP_ALL if b is None else Threshold.at_bin(b)
+        return threshold, self.kept(threshold)

@@ -30,10 +30,11 @@ from typing import Any
 
 from .. import __version__
 from ..backends.native.backend import NativeBackend
-from ..backends.thresholds import Histogram, Threshold
+from ..backends.thresholds import SCORES, Histogram, Threshold
 from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
+from . import ffg_cache
 from .inputs import MergeInputs
 from .recipe import MergeRecipe
 from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish, resolve_chat_template
@@ -80,6 +81,16 @@ def run(
             or the output cannot be written; nothing is left at the output then.
     """
     start = time.perf_counter() if start is None else start
+    cached = ffg_cache.enabled()
+    try:
+        return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached)
+    except ffg_cache.StaleHistogram as e:
+        logger.warning("%s: merging again from a fresh count of the saliencies", e)
+        return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached=False)
+
+
+def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool) -> MergeReport:
+    """:func:`run`; ``cached``: FFG histograms may come from the cache (else counted, and cached)."""
     model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
     grafting = recipe.grafting()
     reports = [
@@ -100,13 +111,13 @@ def run(
     gc.disable()  # the merge makes no reference cycles; collections would only rescan the heap
     backend = None
     try:
-        backend, thresholds = _start(recipe, inputs, quiet, fast_path, scopes)
+        backend, thresholds, predicted = _start(recipe, inputs, quiet, fast_path, scopes, cached)
         for report, threshold in zip(reports, thresholds):
             if threshold is not None:
                 report.threshold_log2 = threshold.log2_value
         backend.set_thresholds(thresholds)
         with output.stage() as tmp:
-            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes)
+            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes, predicted)
             chat = resolve_chat_template(recipe.chat_template, inputs)
             files += copy_side_files(inputs.template, tmp, recipe.dtype, chat_template=chat)
             adapter = None
@@ -149,9 +160,31 @@ def _ungraftable(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> bool:
     return inputs.moments[i] is None and recipe.model_parameters(i).get("score") != "magnitude"
 
 
-def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool, scopes: list):
-    """The merge backend, started, and every expert's FFG threshold (None: per tensor, or none).
-    ``scopes``: per expert, the weights it edits (None: all); the density counts those alone."""
+def _domain(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> list[str]:
+    """The tensors whose saliencies expert ``i``'s FFG histogram counts (those with moments, or
+    every float tensor for the magnitude score)."""
+    if recipe.method_parameters().get("score") == "magnitude":
+        return list(inputs.float_names)
+    return [n for n in inputs.float_names if n in inputs.moments[i].stored]
+
+
+def _histogram_key(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> str | None:
+    params = recipe.method_parameters()
+    moments = inputs.moments[i]
+    magnitude = params.get("score") == "magnitude"
+    names = inputs.float_names
+    files = [inputs.base.file(n) for n in names] + [inputs.experts[i].file(n) for n in names]
+    if not magnitude:
+        files.append(moments.path)
+    scale = None if magnitude else moments.scale(params.get("bias_correction", True))
+    return ffg_cache.histogram_key(files, names, params.get("score") or SCORES[0], scale)
+
+
+def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool, scopes: list, cached: bool):
+    """The merge backend, started, every expert's FFG threshold (None: per tensor, or none), and,
+    for the histograms taken from the cache, the entries each threshold must keep ({expert: (key,
+    kept)}). ``scopes``: per expert, the weights it edits (None: all); the density counts those
+    alone. ``cached``: histograms may come from the cache (those counted are cached either way)."""
     cls, reason = choose_backend(recipe, inputs, fast_path=fast_path)
     if reason is None:
         logger.info("merging with the native kernels (no PyTorch)")
@@ -167,23 +200,33 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
     for i in recipe.global_threshold_experts():
         if i not in todo:
             logger.info("%s: no moments: FFG is not applied, every edit is kept", inputs.experts[i].label)
+    keys = {i: _histogram_key(recipe, inputs, i) for i in todo} if ffg_cache.enabled() else {}
+    hists: dict[int, Histogram] = {}
+    if cached:
+        for i, key in keys.items():
+            hist = ffg_cache.load(key) if key is not None else None
+            if hist is not None:
+                hists[i] = hist
+                logger.info("%s: FFG histogram from the cache (%s)", inputs.experts[i].label, key)
+    from_cache = set(hists)
+    need = [i for i in todo if i not in hists]
     counted: list[Histogram] = []
     if cls is NativeBackend:
         backend = NativeBackend(recipe, inputs, quiet=quiet)
         backend.start_reads()
-        if todo:
-            counted = backend.histograms(todo, inputs.float_names)
+        if need:
+            counted = backend.histograms(need, inputs.float_names)
     else:
         counter = thread = None
         failed: list[BaseException] = []
-        if todo and fast_path and NativeBackend.covers_histograms(recipe, inputs, todo) is None:
+        if need and fast_path and NativeBackend.covers_histograms(recipe, inputs, need) is None:
             # the native kernels count FFG's histograms (GIL released) while PyTorch loads
             counter = NativeBackend(recipe, inputs, quiet=True)
             counter.start_reads()
 
             def count() -> None:
                 try:
-                    counted.extend(counter.histograms(todo, inputs.float_names))
+                    counted.extend(counter.histograms(need, inputs.float_names))
                 except BaseException as e:  # noqa: BLE001 - raised in the merge's own thread below
                     failed.append(e)
 
@@ -200,9 +243,15 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             raise failed[0]
         if counter is not None:
             logger.info("FFG thresholds: saliencies counted by the native kernels while PyTorch loaded")
-        elif todo:
-            counted = backend.histograms(todo, inputs.float_names)
-    for i, hist in zip(todo, counted):
+        elif need:
+            counted = backend.histograms(need, inputs.float_names)
+    for i, hist in zip(need, counted):
+        hists[i] = hist
+        if keys.get(i) is not None:
+            ffg_cache.store(keys[i], hist)
+    predicted: dict[int, tuple[str, int]] = {}
+    for i in todo:
+        hist = hists[i]
         if scopes[i] is not None:  # its other weights are the base's: saliency 0, no edit to count
             moments = inputs.moments[i]
             untouched = sum(
@@ -219,6 +268,8 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             thresholds[i], kept = share_threshold(hist, share)
         else:
             thresholds[i], kept = hist.density_threshold(p["density"])
+        if i in from_cache:
+            predicted[i] = (keys[i], hists[i].kept(thresholds[i]))
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
             inputs.experts[i].label,
@@ -227,13 +278,24 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             hist.total,
             f"saliency share {share}" if share is not None else f"target density {p['density']}",
         )
-    return backend, thresholds
+    return backend, thresholds, predicted
 
 
 def _merge_pass(
-    recipe: MergeRecipe, inputs: MergeInputs, backend, tmp, reports: list[ExpertReport], quiet: bool, scopes: list
+    recipe: MergeRecipe,
+    inputs: MergeInputs,
+    backend,
+    tmp,
+    reports: list[ExpertReport],
+    quiet: bool,
+    scopes: list,
+    predicted: dict[int, tuple[str, int]],
 ) -> tuple[list[str], dict[str, list[float]]]:
-    """Every tensor merged (or copied) and written, in the template's on-disk order."""
+    """Every tensor merged (or copied) and written, in the template's on-disk order.
+
+    Raises:
+        ffg_cache.StaleHistogram: an expert's entries kept differ from what its cached histogram
+            predicted (``predicted``: {expert: (cache key, kept)}); the output is then discarded."""
     template = inputs.template
     floats = set(inputs.float_names)
 
@@ -249,6 +311,8 @@ def _merge_pass(
         metadata={"merged_by": f"ota_trainer {__version__}", "merge_method": recipe.method},
     )
     tensor_density: dict[str, list[float]] = {}
+    domains = {i: set(_domain(recipe, inputs, i)) for i in predicted}
+    seen = dict.fromkeys(predicted, 0)  # entries kept in each histogram's tensors
     try:
         for k, name in enumerate(_progress(names, f"merge ({recipe.method})", quiet)):
             t = template.tensors[name]
@@ -264,6 +328,8 @@ def _merge_pass(
                             report.kept += n_kept
                             report.total += numel
                     tensor_density[name] = [n_kept / max(numel, 1) for n_kept in kept]
+                for i in predicted:
+                    seen[i] += kept[i] if name in domains[i] else 0
             else:
                 data = backend.raw_bytes(name)  # integer buffers: the base's bytes
             if dest is not None and data is dest:
@@ -272,6 +338,16 @@ def _merge_pass(
                 writer.write_bytes(name, t.shape, code, data)
             del data, dest
             backend.release(name)
+        stale = [i for i in predicted if seen[i] != predicted[i][1]]
+        if stale:
+            raise ffg_cache.StaleHistogram(
+                "; ".join(
+                    f"{inputs.experts[i].label}: the cached FFG histogram predicted {predicted[i][1]} entries kept, "
+                    f"the merge kept {seen[i]}"
+                    for i in stale
+                ),
+                [predicted[i][0] for i in stale],
+            )
         files = writer.close()
     except BaseException:
         writer.abort()

@@ -324,12 +324,16 @@ class NativeBackend:
             for k in range(1, self.threads):
                 for t in range(T):
                     lib.ota_add_i64(addrs[0][t], addrs[k][t], N_BINS)
+            out = []
+            for t in range(T):
+                with memoryview(hists[0][t]) as raw, raw.cast("q") as counts:
+                    out.append(Histogram.from_dense(counts, totals[t]))
+            return out
         finally:
             del views
-            for hs in hists[1:]:
+            for hs in hists:
                 for h in hs:
                     h.close()
-        return [Histogram(memoryview(hists[0][t]).cast("q"), totals[t], keep=hists[0][t]) for t in range(T)]
 
     # -- the merge ------------------------------------------------------------------------------------
     def merge_tensor(

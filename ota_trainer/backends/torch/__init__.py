@@ -176,7 +176,7 @@ class TorchBackend:
         if counter is not None:
             counter.flush()
         return [
-            Histogram(memoryview(hists[i].counts.numpy()).cast("B").cast("q"), hists[i].total, keep=hists[i].counts)
+            Histogram.from_dense(memoryview(hists[i].counts.numpy()).cast("B").cast("q"), hists[i].total)
             for i in experts
         ]
 

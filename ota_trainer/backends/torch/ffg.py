@@ -217,6 +217,6 @@ def share_threshold(hist, share: float) -> tuple[Threshold, int]:
     """:meth:`SaliencyHistogram.threshold_for_share` of a :class:`~ota_trainer.merger.thresholds.Histogram`
     (whichever backend counted it), and the entries the threshold keeps."""
     h = SaliencyHistogram()
-    h.counts, h.total = torch.frombuffer(hist.counts, dtype=torch.int64), hist.total
+    h.counts, h.total = torch.frombuffer(hist.dense(), dtype=torch.int64), hist.total
     threshold = h.threshold_for_share(share)
     return threshold, h.kept(threshold)
