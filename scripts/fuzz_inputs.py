@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_description
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = e
         seconds = time.perf_counter() - start
     total = sum(outcomes.values())
-    print(f"{total} cases (seed {args.seed}) in {seconds:.0f} s; CPU: {_cpu()}")
+    print(f"{total} cases (seed {args.seed}) in {seconds:.0f} s; CPU: {cpu_description()}")
     for name, n in outcomes.most_common():
         print(f"  {name:<26} {n:>6}  ({n / max(total, 1):.0%})")
     if failed is not None:
@@ -73,18 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("found: nothing (every case ended in a clean OTAError or in the PyTorch engine's merge)")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown"
-    name = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown"
-    )
-    return f"{name}, {'AVX-512' if 'avx512f' in text else 'AVX2' if 'avx2' in text else 'no AVX2'}"
 
 
 if __name__ == "__main__":
