@@ -9,10 +9,12 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_backends import _same
 
 from ota_trainer import merge
-from ota_trainer.backends.thresholds import Histogram
+from ota_trainer.backends.thresholds import N_BINS, Histogram
 from ota_trainer.merger import ffg_cache
 from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 
@@ -213,3 +215,29 @@ def test_the_least_recently_used_histograms_are_evicted(cache, monkeypatch):
     assert ffg_cache.load("b" * 32) == hist  # used now: no longer the oldest
     ffg_cache.store("e" * 32, hist)
     assert sorted(p.stem[0] for p in cache.glob("*.hist")) == ["b", "d", "e"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hist=st.lists(st.tuples(st.integers(0, N_BINS - 1), st.integers(1, 2**40)), min_size=0, max_size=40),
+    cut=st.integers(0, 80),
+    flip=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+)
+def test_any_cache_file_bytes_decode_to_a_consistent_histogram_or_a_clear_error(hist, cut, flip):
+    """The decoder is the only judge of a cache file: every byte string either decodes to a
+    histogram whose bins are ordered and whose counts add up, or raises ValueError naming it."""
+    bins = sorted(dict(hist))
+    counts = [dict(hist)[b] for b in bins]
+    data = bytearray(ffg_cache.encode(Histogram(bins, counts, sum(counts))))
+    assert ffg_cache.decode(bytes(data), "f") == Histogram(bins, counts, sum(counts))
+    for pos, byte in flip:
+        if data:
+            data[pos % len(data)] = byte
+    data = data[: len(data) - cut] if cut else data
+    try:
+        got = ffg_cache.decode(bytes(data), "cache/f.hist")
+    except ValueError as e:
+        assert "cache/f.hist" in str(e)
+    else:
+        assert all(a < b for a, b in zip(got.bins, got.bins[1:])) and all(b < N_BINS for b in got.bins)
+        assert all(c > 0 for c in got.counts) and sum(got.counts) == got.total
