@@ -4,6 +4,7 @@ full experts they stand for (``W0 + scale * B A``), checked against PEFT's own m
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ota_trainer import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, merge
+from ota_trainer.merger import ffg_cache
 from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 
 peft = pytest.importorskip("peft")
@@ -127,6 +129,28 @@ def test_full_experts_and_adapters_mix(lora, tiny_models, tmp_path):
     got, base, f = _weights(tmp_path / "o"), _weights(lora["base"]), _weights(full)
     k = "model.layers.0.mlp.up_proj.weight"  # edited by the full expert only: its edits, where kept
     assert not torch.equal(got[k], base[k]) and torch.isclose(got[k], f[k]).any()
+
+
+def test_ffg_histograms_of_full_experts_are_cached_not_those_of_adapters(lora, tmp_path, monkeypatch, caplog):
+    """An adapter's expert is materialised afresh for every merge (new files): its histogram is
+    counted each time and never cached; the full expert beside it comes from the cache the second time."""
+    monkeypatch.setenv("OTA_TRAINER_FFG_CACHE", "1")
+    monkeypatch.setenv("OTA_TRAINER_CACHE", str(tmp_path / "cache"))
+    full = make_tiny_expert(lora["base"], tmp_path / "full", seed=5)
+    shutil.copytree(lora["a1"], tmp_path / "a1")
+    _add_moments(tmp_path / "a1", lora["base"], 7)
+    monkeypatch.setattr(ffg_cache, "RACY_S", 0.0)  # (else the adapter's fresh files alone keep it out)
+    recipe = {"method": "ota", "base_model": str(lora["base"]), "models": [str(full), str(tmp_path / "a1")]}
+    merge(recipe, tmp_path / "o1", quiet=True)
+    assert len(list((tmp_path / "cache" / "ffg").glob("*.hist"))) == 1
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        merge(recipe, tmp_path / "o2", quiet=True)
+    assert (
+        caplog.text.count("FFG histogram from the cache") == 1
+        and f"{full}: FFG histogram from the cache" in caplog.text
+    )
+    a, b = _weights(tmp_path / "o1"), _weights(tmp_path / "o2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapter_without_moments_is_an_expert_without_moments(lora, tmp_path):

@@ -200,7 +200,8 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
     for i in recipe.global_threshold_experts():
         if i not in todo:
             logger.info("%s: no moments: FFG is not applied, every edit is kept", inputs.experts[i].label)
-    keys = {i: _histogram_key(recipe, inputs, i) for i in todo} if ffg_cache.enabled() else {}
+    # (a LoRA adapter's expert is materialised afresh beside the output for each merge: not cached)
+    keys = {i: _histogram_key(recipe, inputs, i) for i in todo if scopes[i] is None} if ffg_cache.enabled() else {}
     hists: dict[int, Histogram] = {}
     if cached:
         for i, key in keys.items():
