@@ -87,11 +87,16 @@ def histogram_key(files: list[Path], names: list[str], score: str, scale: float 
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
+_warned: set[str] = set()
+
+
 def _folder() -> Path | None:
     try:
         return private_folder("ffg", _WHAT)
     except OSError as e:
-        logger.warning("FFG histograms are not cached: %s", e)
+        if str(e) not in _warned:  # once per process, not per expert and call
+            _warned.add(str(e))
+            logger.warning("FFG histograms are not cached: %s", e)
         return None
 
 

@@ -86,6 +86,8 @@ def run(
         return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached)
     except ffg_cache.StaleHistogram as e:
         logger.warning("%s: merging again from a fresh count of the saliencies", e)
+        for key in e.keys:
+            ffg_cache.forget(key)
         return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached=False)
 
 
