@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -376,8 +378,8 @@ def main() -> int:
             )
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"{title}: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, "
-        f"load average {load} at the end\n"
+        f"{title}: {time.strftime('%Y-%m-%d')}, {cpu_description()}, torch {torch.__version__}, "
+        f"{args.threads} threads, load average {load} at the end\n"
     )
     if args.lora:
         print(lora_table(rows))
