@@ -500,10 +500,13 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             ]
         contenders.append((f"ours: {method}", cmd, input_files(ckpt, moments=method == "ota"), out, "", first))
         if method == "ota" and args.remerge:
-            contenders.append((REMERGE, cmd, input_files(ckpt, moments=True), out, "", again))
+            from ota_trainer.merger.ffg_cache import RACY_S
+
+            files = input_files(ckpt, moments=True)
+            contenders.append((REMERGE, cmd, files, out, "", again))
             log(f"[{label}] {REMERGE}: a first merge, untimed, fills its FFG histogram cache")
-            newest = max(max(f.stat().st_mtime, f.stat().st_ctime) for f in input_files(ckpt, moments=True))
-            time.sleep(max(0.0, newest + 2.5 - time.time()))  # inputs changed within 2 s are not cached (racy)
+            newest = max(max(f.stat().st_mtime, f.stat().st_ctime) for f in files)
+            time.sleep(max(0.0, newest + RACY_S + 0.5 - time.time()))  # inputs changed just now are not cached
             measure(cmd, log_file=logs / "ours_ota_remerge.prime.log", env=again)
     if args.mergekit:
         cfg = logs / "mergekit_ties.yml"

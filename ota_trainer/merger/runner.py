@@ -271,8 +271,8 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             thresholds[i], kept = share_threshold(hist, share)
         else:
             thresholds[i], kept = hist.density_threshold(p["density"])
-        if i in from_cache:
-            predicted[i] = (keys[i], hists[i].kept(thresholds[i]))
+        if i in from_cache:  # (cached experts edit every weight: `hist` is the cached one)
+            predicted[i] = (keys[i], kept)
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
             inputs.experts[i].label,

@@ -65,7 +65,7 @@ MIN_PARALLEL = 1 << 16
 _VERSION = 8  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
-_CACHE_WHAT = "kernel cache"
+_CACHE_NAME, _CACHE_WHAT = "kernels", "kernel cache"  # its folder under the cache root; its name in errors
 DT_CODES = {c: d.kernel for c, d in DTYPES.items() if d.kernel is not None}  # safetensors dtype -> the kernels' code
 S_NONE, S_RANK1, S_FULL, S_MAGNITUDE = 0, 1, 2, 3
 W_UNIFORM, W_RANK1, W_FULL = 0, 1, 2
@@ -142,7 +142,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    return cache_root() / "kernels"
+    return cache_root() / _CACHE_NAME
 
 
 def _open_library(path: Path) -> int:
@@ -183,7 +183,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(
         src + cc.encode() + " ".join(flags).encode() + _cpu_signature().encode() + _CACHE_FORMAT
     ).hexdigest()[:16]
-    folder = private_folder("kernels", _CACHE_WHAT)
+    folder = private_folder(_CACHE_NAME, _CACHE_WHAT)
     out = folder / f"ota_kernels-{key}.so"
     if os.path.lexists(out):
         return out
