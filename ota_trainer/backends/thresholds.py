@@ -112,6 +112,25 @@ class Histogram:
     total: int
 
     @classmethod
+    def validated(cls, bins: Sequence[int], counts: Sequence[int], total: int, where: str) -> Histogram:
+        """A histogram read from a file (``where``), checked whole: bins increasing and in range,
+        counts positive and adding up to ``total``.
+
+        Raises:
+            ValueError: naming ``where``."""
+        if len(bins) != len(counts) or len(bins) > N_BINS:
+            raise ValueError(f"{where}: {len(bins)} bins for {len(counts)} counts")
+        if (
+            any(b >= N_BINS for b in bins[-1:])
+            or any(b < 0 for b in bins[:1])
+            or any(a >= b for a, b in zip(bins, bins[1:]))
+        ):
+            raise ValueError(f"{where}: bins out of order or range")
+        if any(c <= 0 for c in counts) or sum(counts) != total:
+            raise ValueError(f"{where}: counts are not positive or do not add up to {total}")
+        return cls(list(bins), list(counts), total)
+
+    @classmethod
     def from_dense(cls, counts: memoryview, total: int) -> Histogram:
         """From ``counts`` (int64[N_BINS], any buffer), scanned as bytes: most of it is empty."""
         raw = counts.cast("B")
@@ -158,6 +177,31 @@ class Histogram:
         if threshold.bin is None:
             raise ValueError("an absolute threshold's kept count is not a histogram's")
         return sum(self.counts[bisect.bisect_left(self.bins, threshold.bin) :])
+
+    def checks(self, threshold: Threshold) -> tuple[float, float, int, int] | None:
+        """What proves that :meth:`density_threshold` on *another* histogram of the same total
+        picks ``threshold`` (bin ``b``, taken from this one): the edges of bins ``b - 1`` and
+        ``b + 1`` and this histogram's kept counts at them, ``(lo, hi, K(b - 1), K(b + 1))``; or
+        None when ``threshold`` cannot be proved this way (keep-everything, or bins ``b - 1`` or
+        ``b`` empty here).
+
+        Why three counts suffice: kept counts ``K`` fall with the bin, and the rule picks the
+        lowest bin of the count nearest the target. With ``b - 1`` and ``b`` non-empty here, ``b``
+        and ``b + 1`` are neighbouring candidates, and so are ``b - 1``'s and ``b``; the rule chose
+        ``b`` over both (strictly over the lower one). If the other histogram has the same
+        ``K(b - 1)``, ``K(b)`` and ``K(b + 1)``, every bin below ``b - 1`` keeps at least
+        ``K(b - 1)`` and every bin above ``b + 1`` at most ``K(b + 1)``, ``b`` is still the lowest
+        bin of its count (``K(b - 1) > K(b)``), and the target is the same: it picks ``b`` too
+        (and not keep-everything: ``K(1) >= K(b - 1)`` keeps that below the target's bound).
+        (tests/test_ffg_shipped.py checks this against the rule on random histograms.)"""
+        b = threshold.bin
+        if b is None or not 2 <= b < N_BINS - 1:
+            return None
+        i = bisect.bisect_left(self.bins, b)
+        if i == 0 or i >= len(self.bins) or self.bins[i] != b or self.bins[i - 1] != b - 1:
+            return None
+        above = sum(self.counts[i:])
+        return bin_edge(b - 1), bin_edge(b + 1), above + self.counts[i - 1], above - self.counts[i]
 
     def density_threshold(self, density: float) -> tuple[Threshold, int]:
         """The bin-edge threshold whose kept fraction is nearest ``density``, and the entries it keeps."""

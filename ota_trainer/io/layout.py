@@ -78,6 +78,7 @@ MAX_DIMS = 64  # dimensions of a tensor shape; real ones have at most a handful
 MOMENTS_DIR = "ota"
 MERGE_READY_TAG = "ota-merge-ready"  # model-card tag of a checkpoint that carries moments
 MOMENTS_FILE = "moments.safetensors"
+FFG_HISTOGRAM_FILE = "ffg_histogram.safetensors"  # beside the moments (ota_trainer.merger.ffg_shipped)
 METADATA_KEY = "ota_moments"
 FORMAT_NAME = "ota-moments"
 FORMAT_VERSION = 1

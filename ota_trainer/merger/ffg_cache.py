@@ -123,11 +123,7 @@ def decode(data: bytes, where: str) -> Histogram:
     bins, counts = array("I"), array("q")
     bins.frombytes(data[_HEAD.size : _HEAD.size + 4 * n])
     counts.frombytes(data[_HEAD.size + 4 * n :])
-    if any(b >= N_BINS for b in bins[-1:]) or any(a >= b for a, b in zip(bins, bins[1:])):
-        raise ValueError(f"{where}: bins out of order or range")
-    if any(c <= 0 for c in counts) or sum(counts) != total:
-        raise ValueError(f"{where}: counts are not positive or do not add up to {total}")
-    return Histogram(bins.tolist(), counts.tolist(), total)
+    return Histogram.validated(bins.tolist(), counts.tolist(), total, where)
 
 
 def load(key: str) -> Histogram | None:

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, brief
@@ -359,12 +359,15 @@ class MergeInputs:
             and missing moments are allowed).
         float_names: the template's floating tensors in on-disk order (the ones merged;
             others are copied from the template).
+        shipped: each expert's FFG histogram shipped beside its moments, validated (None where
+            it ships none, or a grafting method does not use one: :mod:`.ffg_shipped`).
     """
 
     base: ModelLayout | None
     experts: list[ModelLayout]
     moments: list[MomentsLayout | None]
     float_names: list[str]
+    shipped: list = field(default_factory=list)
 
     @property
     def template(self) -> ModelLayout:
@@ -412,4 +415,10 @@ def open_inputs(recipe, resolver) -> MergeInputs:
         check_moments_scales([label for label, _ in found], [moments_level(m, bias) for _, m in found])
         if recipe.method_parameters().get("normalise") != "mean":
             check_training_settings([label for label, _ in found], [training_settings(m) for _, m in found])
-    return MergeInputs(base, experts, moments, float_names)
+    shipped = [None] * len(experts)
+    for i in recipe.global_threshold_experts():
+        if moments[i] is not None:
+            from .ffg_shipped import open_shipped
+
+            shipped[i] = open_shipped(experts[i])
+    return MergeInputs(base, experts, moments, float_names, shipped)

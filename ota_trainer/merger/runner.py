@@ -11,7 +11,11 @@ report, one atomic output. No PyTorch here: the PyTorch backend is imported only
 3. A grafting method (FFG) needs each expert's global threshold before the first tensor can be
    merged: a histogram pass over all the expert's saliencies. The native kernels count it when
    they read the inputs; when PyTorch does the merge, they count it on a thread while PyTorch
-   loads (the kernels release the GIL).
+   loads (the kernels release the GIL). A histogram counted before, of the same files (the
+   cache, :mod:`.ffg_cache`), or shipped by the expert (:mod:`.ffg_shipped`) saves that pass;
+   the merge pass then proves the threshold it gives (the entries kept at it, and with the
+   native kernels at its neighbouring bin edges too) and, if that fails, the output is discarded
+   and the merge redone from a fresh count.
 4. Tensor by tensor (one parameter name at a time across base and experts), the backend merges
    into a reused buffer and the streaming writer appends the bytes to the output; integer
    buffers are copied from the base.
@@ -35,13 +39,14 @@ from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from . import ffg_cache
+from .ffg_shipped import describe
 from .inputs import MergeInputs
 from .recipe import MergeRecipe
 from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "choose_backend"]
+__all__ = ["run", "choose_backend", "count_histograms", "domain_description"]
 
 
 def choose_backend(recipe: MergeRecipe, inputs: MergeInputs, *, fast_path: bool = True) -> tuple[Any, str | None]:
@@ -81,9 +86,8 @@ def run(
             or the output cannot be written; nothing is left at the output then.
     """
     start = time.perf_counter() if start is None else start
-    cached = ffg_cache.enabled()
     try:
-        return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached)
+        return _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached=True)
     except ffg_cache.StaleHistogram as e:
         logger.warning("%s: merging again from a fresh count of the saliencies", e)
         for key in e.keys:
@@ -92,7 +96,8 @@ def run(
 
 
 def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool) -> MergeReport:
-    """:func:`run`; ``cached``: FFG histograms may come from the cache (else counted, and cached)."""
+    """:func:`run`; ``cached``: FFG histograms may come from the cache (when on) or the experts
+    (else counted, and cached)."""
     model_params = [recipe.model_parameters(i) for i in range(len(recipe.models))]
     grafting = recipe.grafting()
     reports = [
@@ -117,7 +122,11 @@ def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool
         for report, threshold in zip(reports, thresholds):
             if threshold is not None:
                 report.threshold_log2 = threshold.log2_value
-        backend.set_thresholds(thresholds)
+        checks = {i: p.checks[:2] for i, p in predicted.items() if p.checks is not None}
+        if checks:
+            backend.set_thresholds(thresholds, checks)
+        else:
+            backend.set_thresholds(thresholds)
         with output.stage() as tmp:
             files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes, predicted)
             chat = resolve_chat_template(recipe.chat_template, inputs)
@@ -182,11 +191,89 @@ def _histogram_key(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> str | No
     return ffg_cache.histogram_key(files, names, params.get("score") or SCORES[0], scale)
 
 
+def domain_description(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> dict[str, str]:
+    """What expert ``i``'s FFG histogram is a histogram of, in this merge (:func:`.ffg_shipped.describe`)."""
+    params = recipe.method_parameters()
+    magnitude = params.get("score") == "magnitude"
+    names = _domain(recipe, inputs, i)
+    total = sum(math.prod(inputs.template.tensors[n].shape) for n in names)
+    scale = None if magnitude else inputs.moments[i].scale(params.get("bias_correction", True))
+    return describe(params.get("score") or SCORES[0], scale, names, total)
+
+
+def count_histograms(recipe: MergeRecipe, inputs: MergeInputs, experts: list[int], *, quiet: bool = True):
+    """The FFG saliency histograms of ``experts``, counted by the native kernels where they cover
+    them, else by PyTorch."""
+    if NativeBackend.covers_histograms(recipe, inputs, experts) is None:
+        cls = NativeBackend
+    else:
+        from ..backends.torch import TorchBackend as cls
+    backend = cls(recipe, inputs, quiet=quiet)
+    try:
+        backend.start_reads()
+        return backend.histograms(experts, inputs.float_names)
+    finally:
+        backend.close()
+
+
+class Prediction:
+    """What a histogram this merge did not count (``source``: its cache key, or None when the
+    expert shipped it) predicts the merge pass will count for its expert: the entries ``kept``
+    at the threshold and, where the kernels can prove it (:meth:`Histogram.checks`), ``checks``
+    = (lo, hi, kept at lo, kept at hi)."""
+
+    def __init__(self, source: str | None, kept: int, checks: tuple[float, float, int, int] | None):
+        self.source, self.kept, self.checks = source, kept, checks
+
+    def holds(self, kept: int, checked: list[int] | None) -> bool:
+        return kept == self.kept and (self.checks is None or list(checked or ()) == list(self.checks[2:]))
+
+
+def _threshold(hist: Histogram, p: dict[str, Any]) -> tuple[Threshold, int]:
+    """An expert's FFG threshold from its histogram and its parameters, and the entries it keeps."""
+    share = p.get("saliency_share")
+    if share is not None:
+        from ..backends.torch.ffg import share_threshold  # the saliency-share rule is PyTorch's (never native)
+
+        return share_threshold(hist, share)
+    return hist.density_threshold(p["density"])
+
+
+def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: list) -> dict[int, Histogram]:
+    """The experts' shipped histograms this merge can use and prove: those describing its
+    saliency, under a density rule whose threshold :meth:`Histogram.checks` can prove."""
+    out: dict[int, Histogram] = {}
+    for i in todo:
+        s = inputs.shipped[i] if i < len(inputs.shipped) else None
+        p = recipe.model_parameters(i)
+        if s is None or scopes[i] is not None or p.get("saliency_share") is not None:
+            continue
+        want = domain_description(recipe, inputs, i)
+        if s.describes != want:
+            differ = [k for k in want if s.describes.get(k) != want[k]]
+            logger.info(
+                "%s: its shipped FFG histogram is of another saliency (%s): counted",
+                inputs.experts[i].label,
+                ", ".join(differ),
+            )
+            continue
+        threshold, _ = s.histogram.density_threshold(p["density"])
+        if s.histogram.checks(threshold) is None:
+            logger.info(
+                "%s: its shipped FFG histogram gives a threshold that cannot be proved: counted",
+                inputs.experts[i].label,
+            )
+            continue
+        out[i] = s.histogram
+    return out
+
+
 def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool, scopes: list, cached: bool):
     """The merge backend, started, every expert's FFG threshold (None: per tensor, or none), and,
-    for the histograms taken from the cache, the entries each threshold must keep ({expert: (key,
-    kept)}). ``scopes``: per expert, the weights it edits (None: all); the density counts those
-    alone. ``cached``: histograms may come from the cache (those counted are cached either way)."""
+    for the histograms this merge did not count, what the merge pass must find ({expert:
+    :class:`Prediction`}). ``scopes``: per expert, the weights it edits (None: all); the density
+    counts those alone. ``cached``: histograms may come from the cache or the experts (those
+    counted are cached either way)."""
     cls, reason = choose_backend(recipe, inputs, fast_path=fast_path)
     if reason is None:
         logger.info("merging with the native kernels (no PyTorch)")
@@ -205,13 +292,22 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
     # (a LoRA adapter's expert is materialised afresh beside the output for each merge: not cached)
     keys = {i: _histogram_key(recipe, inputs, i) for i in todo if scopes[i] is None} if ffg_cache.enabled() else {}
     hists: dict[int, Histogram] = {}
+    shipped: set[int] = set()
+    provable = cls is NativeBackend and NativeBackend.checks_thresholds(recipe)
     if cached:
         for i, key in keys.items():
             hist = ffg_cache.load(key) if key is not None else None
             if hist is not None:
                 hists[i] = hist
                 logger.info("%s: FFG histogram from the cache (%s)", inputs.experts[i].label, key)
-    from_cache = set(hists)
+        if provable:  # a shipped histogram is used only where the merge pass can prove it
+            for i, hist in _shipped(recipe, inputs, [i for i in todo if i not in hists], scopes).items():
+                hists[i] = hist
+                shipped.add(i)
+                logger.info(
+                    "%s: FFG histogram shipped with the expert (%s)", inputs.experts[i].label, inputs.shipped[i].path
+                )
+    taken = set(hists)
     need = [i for i in todo if i not in hists]
     counted: list[Histogram] = []
     if cls is NativeBackend:
@@ -252,7 +348,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         hists[i] = hist
         if keys.get(i) is not None:
             ffg_cache.store(keys[i], hist)
-    predicted: dict[int, tuple[str, int]] = {}
+    predicted: dict[int, Prediction] = {}
     for i in todo:
         hist = hists[i]
         if scopes[i] is not None:  # its other weights are the base's: saliency 0, no edit to count
@@ -264,15 +360,11 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             )
             hist = hist.without_zeros(untouched)
         p = model_params[i]
+        thresholds[i], kept = _threshold(hist, p)
+        if i in taken:  # (histograms not counted here are of experts that edit every weight)
+            proof = hist.checks(thresholds[i]) if provable and p.get("saliency_share") is None else None
+            predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof)
         share = p.get("saliency_share")
-        if share is not None:
-            from ..backends.torch.ffg import share_threshold  # the saliency-share rule is PyTorch's (never native)
-
-            thresholds[i], kept = share_threshold(hist, share)
-        else:
-            thresholds[i], kept = hist.density_threshold(p["density"])
-        if i in from_cache:  # (cached experts edit every weight: `hist` is the cached one)
-            predicted[i] = (keys[i], kept)
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
             inputs.experts[i].label,
@@ -292,13 +384,14 @@ def _merge_pass(
     reports: list[ExpertReport],
     quiet: bool,
     scopes: list,
-    predicted: dict[int, tuple[str, int]],
+    predicted: dict[int, Prediction],
 ) -> tuple[list[str], dict[str, list[float]]]:
     """Every tensor merged (or copied) and written, in the template's on-disk order.
 
     Raises:
         ffg_cache.StaleHistogram: an expert's entries kept differ from what its cached histogram
-            predicted (``predicted``: {expert: (cache key, kept)}); the output is then discarded."""
+            predicted, or the entries kept at its check cuts differ (``predicted``: {expert:
+            :class:`Prediction`}); the output is then discarded."""
     template = inputs.template
     floats = set(inputs.float_names)
 
@@ -341,15 +434,21 @@ def _merge_pass(
                 writer.write_bytes(name, t.shape, code, data)
             del data, dest
             backend.release(name)
-        stale = [i for i in predicted if seen[i] != predicted[i][1]]
+        checked = getattr(backend, "checked", None)
+        stale = [i for i in predicted if not predicted[i].holds(seen[i], checked[i] if checked else None)]
         if stale:
+
+            def told(i: int) -> str:
+                p, where = predicted[i], "cached" if predicted[i].source else "shipped"
+                at = f" (and {p.checks[2]}, {p.checks[3]} at its neighbouring bin edges)" if p.checks else ""
+                got = f" ({checked[i][0]}, {checked[i][1]})" if p.checks else ""
+                return (
+                    f"{inputs.experts[i].label}: the {where} FFG histogram predicted {p.kept} entries kept{at}, "
+                    f"the merge kept {seen[i]}{got}"
+                )
+
             raise ffg_cache.StaleHistogram(
-                "; ".join(
-                    f"{inputs.experts[i].label}: the cached FFG histogram predicted {predicted[i][1]} entries kept, "
-                    f"the merge kept {seen[i]}"
-                    for i in stale
-                ),
-                [predicted[i][0] for i in stale],
+                "; ".join(told(i) for i in stale), [predicted[i].source for i in stale if predicted[i].source]
             )
         files = writer.close()
     except BaseException:

@@ -62,7 +62,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 8  # ota_native_version() of kernels.c
+_VERSION = 9  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
 _CACHE_NAME, _CACHE_WHAT = "kernels", "kernel cache"  # its folder under the cache root; its name in errors
@@ -308,6 +308,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         _ptr,
         _int,
         _ptr,  # eps, uniform, coef, out, dto, kept
+        _ptr,
+        _ptr,  # chk, chkd
     ]
 
 
@@ -484,11 +486,17 @@ def raw_ota_merge(
     out: int,
     dto: int,
     threads: int,
+    checks: list[tuple[float, float]] | None = None,
+    checked: list[list[int]] | None = None,
 ) -> tuple[list[int], bool]:
     """OTA (+ FFG masks) of one (m, n) tensor into ``out`` (see ``ota_merge_rows`` in kernels.c).
-    Returns (entries kept per expert, whether every merged value is finite)."""
+    Returns (entries kept per expert, whether every merged value is finite).
+
+    ``checks``: per expert two more cuts (lo, hi); the entries each keeps (of the experts with a
+    score) are added to ``checked[t][0]``, ``checked[t][1]``."""
     lib = library()
     T = len(experts)
+    chk = _arr(_f64, [c for pair in checks for c in pair]) if checks is not None else None
     eptr, edt = _expert_arrays(experts)
     sm, a, b, v = _arr(_int, smode), _arr(_ptr, sa), _arr(_ptr, sb), _arr(_ptr, sv)
     wm, qa, qb, qv = _arr(_int, wmode), _arr(_ptr, pa), _arr(_ptr, pb), _arr(_ptr, wv)
@@ -496,6 +504,7 @@ def raw_ota_merge(
     eps32, uniform = float32(epsilon), float32(1.0 + epsilon)
     ranges = workers(m, m * n, threads)
     kept = [_arr(_i64, [0] * T) for _ in ranges]
+    chkd = [_arr(_i64, [0] * (2 * T)) for _ in ranges] if chk is not None else [None] * len(ranges)
     bad = run(
         [
             lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
@@ -524,11 +533,18 @@ def raw_ota_merge(
                 out,
                 dto,
                 ctypes.addressof(kept[k]),
+                ctypes.addressof(chk) if chk is not None else None,
+                ctypes.addressof(chkd[k]) if chk is not None else None,
             )
             for k, (r0, r1) in enumerate(ranges)
         ],
         threads,
     )
+    if chk is not None:
+        for part in chkd:
+            for t in range(T):
+                checked[t][0] += int(part[2 * t])
+                checked[t][1] += int(part[2 * t + 1])
     return [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
 
 

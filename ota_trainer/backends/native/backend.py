@@ -219,6 +219,9 @@ class NativeBackend:
         self.threads = threads()
         self.maps = Maps()
         self.cuts: list[float | None] = [None] * len(self.experts)  # FFG: None keeps every edit
+        # FFG thresholds to prove: per expert two more cuts, and the entries kept at them so far
+        self.checks: list[tuple[float, float]] | None = None
+        self.checked: list[list[int]] = [[0, 0] for _ in self.experts]
         self._arena: mmap.mmap | None = None
         self._arena_view = None
         self._factors: dict[tuple[int, str], Factors] = {}  # (expert, tensor): this tensor's and the next one's
@@ -226,9 +229,20 @@ class NativeBackend:
         self._released: list[tuple[Path, int, int]] = []
         self._floats = set(inputs.float_names)
 
-    def set_thresholds(self, thresholds) -> None:
-        """Each expert's FFG threshold (:class:`~ota_trainer.merger.thresholds.Threshold`, None: none)."""
+    def set_thresholds(self, thresholds, checks: dict[int, tuple[float, float]] | None = None) -> None:
+        """Each expert's FFG threshold (:class:`~ota_trainer.merger.thresholds.Threshold`, None: none),
+        and ``checks``: {expert: (lo, hi)}, cuts at which the merge pass also counts the entries
+        kept (into ``checked[expert]``; see :meth:`checks_thresholds`)."""
         self.cuts[:] = [None if t is None or t.keeps_all else t.value for t in thresholds]
+        if checks:
+            if not self.checks_thresholds(self.recipe):
+                raise ValueError(f"{self.recipe.method}'s native implementation counts no check cuts")
+            self.checks = [checks.get(i, (0.0, 0.0)) for i in range(len(self.experts))]
+
+    @staticmethod
+    def checks_thresholds(recipe) -> bool:
+        """Whether this backend's merge pass can count the entries kept at check cuts."""
+        return recipe.spec.native_checks
 
     def start_reads(self) -> None:
         """Read every input into the page cache ahead of the passes, touching each page once."""
@@ -463,6 +477,8 @@ class NativeJob:
         out, out_code: the output buffer's address and kernel dtype code.
         params, model_params, coefs: as in :class:`ota_trainer.backends.torch.TensorJob`.
         cuts: each expert's FFG threshold (None keeps every edit).
+        checks, checked: per expert two more cuts (None: none) and the entries kept at them so far
+            (``method.native_checks``: the method adds this tensor's).
         threads: kernel threads.
         kept: set by a grafting method: the entries each expert's mask kept.
     """
@@ -481,6 +497,7 @@ class NativeJob:
         self.params, self.model_params = backend.params, backend.tensor_params(name)
         self.coefs = [p["weight"] for p in self.model_params]
         self.cuts, self.threads = backend.cuts, backend.threads
+        self.checks, self.checked = backend.checks, backend.checked
         self.kept: list[int] | None = None
 
     def factors(self, i: int) -> Factors:

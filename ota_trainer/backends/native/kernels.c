@@ -43,7 +43,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 8; }
+int ota_native_version(void) { return 9; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -277,6 +277,24 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, const f
     return smode != S_NONE ? kept : len;
 }
 
+/* The entries of a chunk whose saliency is at least lo, and at least hi, added to nlo, nhi: the
+ * counts at two more bin edges that let the runner prove a threshold taken from a histogram it
+ * did not count (see ota_trainer.merger.runner). The saliency as merge_chunk computes it. */
+INLINE void check_chunk(int smode, const float *be, const float *bw, int64_t len, double sai, const double *sbj,
+                        const float *svv, double lo, double hi, int64_t *nlo, int64_t *nhi) {
+    int64_t a = 0, b = 0;
+    for (int64_t k = 0; k < len; k++) {  /* vectorised: 64-bit compares into 64-bit counts */
+        float dk = be[k] - bw[k];
+        double dd = (double)dk * (double)dk, s;
+        if (smode == S_RANK1) s = (dd * sai) * sbj[k];
+        else if (smode == S_FULL) s = dd * (double)svv[k];
+        else s = dd;
+        a += s >= lo;
+        b += s >= hi;
+    }
+    *nlo += a, *nhi += b;
+}
+
 #define MERGE_W(SM, WM, SQ, DV) \
     merge_chunk(SM, WM, SQ, DV, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, div, eps, uniform, ct, num, den)
 #define MERGE_F(SM) (sqrt_p ? (div > 0.0f ? MERGE_W(SM, W_FULL, 1, 1) : MERGE_W(SM, W_FULL, 1, 0)) \
@@ -314,13 +332,15 @@ INLINE int finish_chunk(int dto, const float *bw, const float *num, const float 
  *   wmode[t], pa/pb (rank one, float32), wv (full, float32): the curvature P;
  *   for W_FULL: sqrt_p (P = sqrt(v), else P = v) and pdiv[t] (P /= pdiv when > 0);
  *   coef[t]: the expert's weight c_t. ``uniform`` is (float)(1 + eps), the weight without moments.
+ * chk (NULL: none): per expert two more cuts (lo, hi) whose entries kept are counted into
+ * chkd[2t], chkd[2t + 1] (see check_chunk).
  * Returns 1 if any merged value is not finite (the caller finds and names the input), else 0. */
 int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t n,
                    int64_t r0, int64_t r1, const int *smode, const double *const *sa,
                    const double *const *sb, const float *const *sv, const double *cut, const int *wmode,
                    const float *const *pa, const float *const *pb, const float *const *wv, int sqrt_p,
                    const float *pdiv, float eps, float uniform, const float *coef, void *out, int dto,
-                   int64_t *kept) {
+                   int64_t *kept, const double *chk, int64_t *chkd) {
     float bw[CHUNK], be[CHUNK], num[CHUNK], den[CHUNK];
     int bad = 0;
     for (int64_t i = r0; i < r1; i++) {
@@ -340,6 +360,12 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
                 else if (sm == S_FULL) kept[t] += MERGE_S(S_FULL);
                 else if (sm == S_MAGNITUDE) kept[t] += MERGE_S(S_MAGNITUDE);
                 else kept[t] += MERGE_S(S_NONE);
+                if (chk != 0 && sm != S_NONE) {
+                    double lo = chk[2 * t], hi = chk[2 * t + 1];
+                    if (sm == S_RANK1) check_chunk(S_RANK1, be, bw, len, sai, sbj, 0, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
+                    else if (sm == S_FULL) check_chunk(S_FULL, be, bw, len, 1.0, 0, svv, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
+                    else check_chunk(S_MAGNITUDE, be, bw, len, 1.0, 0, 0, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
+                }
             }
             bad |= finish_chunk(dto, bw, num, den, len, out, off);
         }

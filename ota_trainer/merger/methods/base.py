@@ -153,6 +153,10 @@ class MergeMethod:
     # mergekit's spellings of this method's parameters -> ours: (parameters, where) -> parameters
     translate: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
     grafts: bool = False
+    # its native implementation counts, beside each mask's kept entries, those kept at the two
+    # check cuts of ``job.checks`` into ``job.checked`` (a histogram not counted by this merge
+    # can then be proved: see ota_trainer.merger.runner)
+    native_checks: bool = False
     order: int = 100
 
     def param(self, name: str) -> Param | None:

@@ -210,6 +210,8 @@ def merge_native(job) -> bool:
         job.out,
         job.out_code,
         job.threads,
+        checks=job.checks,
+        checked=job.checked,
     )
     return finite
 
@@ -243,5 +245,6 @@ METHOD = MergeMethod(
     native=merge_native,
     native_covers=native_covers,
     grafts=True,
+    native_checks=True,
     order=10,
 )

@@ -1,0 +1,200 @@
+"""An expert's FFG saliency histogram, shipped beside its moments (``ota/ffg_histogram.safetensors``).
+
+A global FFG threshold needs the histogram of all an expert's saliencies before the first entry
+is merged: a full pass over base, expert and moments that a *first* merge cannot take from the
+cache (:mod:`.ffg_cache`). The expert knows it already: :func:`save_ffg_histogram` counts it once,
+after the final save, with the merger's own kernels (``train_sft`` does, and ``push_expert``
+uploads it with the weights and moments, in the same commit), and a first merge then reads the
+inputs once.
+
+Hostile until proved, like every input, and never trusted for the output's bytes:
+
+- **Validated when opened** (:func:`open_shipped`, from :func:`~ota_trainer.merger.inputs.open_inputs`):
+  confined to the expert's folder, the safetensors header checked by the one validator, exactly
+  two int64 tensors ``bins`` and ``counts``, bins increasing and in range, counts positive and
+  adding up to the stated total. A file that fails is ignored with a warning naming it: the merge
+  counts afresh (the histogram only saves time).
+- **Used only where it describes this merge's saliency:** the same score, the same
+  bias-correction scale of the moments, the same tensors (a hash of their names) and as many
+  entries as they hold.
+- **Proved by the merge pass:** the kernels count the entries kept at the threshold it gives and
+  at the two neighbouring bin edges (:meth:`~ota_trainer.backends.thresholds.Histogram.checks`);
+  equal counts prove that a fresh count would have picked the same threshold. Otherwise (a stale
+  file from an earlier run, another base, a lie) the output is discarded and the merge redone
+  from a fresh count, with a warning. So the histogram can cost a merge pass, never a wrong byte.
+  Where no proof is possible (the PyTorch backend, the saliency-share rule, keep-everything, an
+  empty neighbouring bin) the histogram is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backends.thresholds import BIN_SHIFT, N_BINS, SCORES, Histogram
+from ..errors import FormatError
+from ..io.folders import ModelLayout
+from ..io.layout import FFG_HISTOGRAM_FILE, MOMENTS_DIR, confined_file, read_safetensors_layout, safetensors_header
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ShippedHistogram", "describe", "open_shipped", "save_ffg_histogram"]
+
+FORMAT = "ota_trainer.ffg_histogram"
+FORMAT_VERSION = "1"
+_KEYS = ("score", "scale", "names_sha256", "total", "bin_shift")  # what a histogram is a histogram of
+MAX_TOTAL = 1 << 62
+
+
+@dataclass(frozen=True)
+class ShippedHistogram:
+    """A validated shipped histogram: where it is, the histogram, and what it describes."""
+
+    path: Path
+    histogram: Histogram
+    describes: dict[str, str]
+
+
+def describe(score: str, scale: float | None, names: list[str], total: int) -> dict[str, str]:
+    """What a histogram is a histogram of: the saliency's score and the moments' scale (``None``
+    for the magnitude score), the tensors counted and their entries, the bins."""
+    return {
+        "score": score,
+        "scale": "none" if scale is None else float(scale).hex(),
+        "names_sha256": hashlib.sha256("\0".join(sorted(names)).encode()).hexdigest(),
+        "total": str(total),
+        "bin_shift": str(BIN_SHIFT),
+    }
+
+
+def _invalid(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path}: {why}")
+
+
+def _read(path: Path) -> ShippedHistogram:
+    """The histogram file at ``path``, validated whole.
+
+    Raises:
+        FormatError, ValueError: naming the file."""
+    header, start = read_safetensors_layout(path)  # offsets, dtypes and shapes checked here
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise _invalid(path, f"not an FFG histogram of format {FORMAT} version {FORMAT_VERSION}")
+    if any(not isinstance(meta.get(k), str) for k in _KEYS):
+        raise _invalid(path, f"metadata lacks {', '.join(k for k in _KEYS if not isinstance(meta.get(k), str))}")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if sorted(tensors) != ["bins", "counts"] or any(
+        v["dtype"] != "I64" or len(v["shape"]) != 1 for v in tensors.values()
+    ):
+        raise _invalid(path, "expected exactly two one-dimensional int64 tensors, bins and counts")
+    n = tensors["bins"]["shape"][0]
+    if tensors["counts"]["shape"][0] != n or n > N_BINS:
+        raise _invalid(path, f"{n} bins for {tensors['counts']['shape'][0]} counts (at most {N_BINS})")
+    total = meta["total"]
+    if not total.isdigit() or int(total) > MAX_TOTAL:
+        raise _invalid(path, f"total {total[:40]!r} is not a count")
+    parts = {}
+    with open(path, "rb") as f:
+        for key in ("bins", "counts"):
+            b, e = tensors[key]["data_offsets"]
+            f.seek(start + b)
+            a = array("q")
+            a.frombytes(f.read(e - b))
+            if sys.byteorder != "little":
+                a.byteswap()
+            parts[key] = a.tolist()
+    hist = Histogram.validated(parts["bins"], parts["counts"], int(total), str(path))
+    return ShippedHistogram(path, hist, {k: meta[k] for k in _KEYS})
+
+
+def open_shipped(model: ModelLayout) -> ShippedHistogram | None:
+    """The histogram an expert folder ships, validated; None when it has none or it is not valid
+    (then with a warning naming the file: the merge counts the saliencies itself)."""
+    rel = f"{MOMENTS_DIR}/{FFG_HISTOGRAM_FILE}"
+    try:
+        real = confined_file(model.path, rel, model.label)
+        return None if real is None else _read(real)
+    except (FormatError, ValueError, OSError) as e:
+        logger.warning(
+            "%s: ignoring its FFG histogram %s (the saliencies are counted instead): %s", model.label, rel, e
+        )
+        return None
+
+
+def write_histogram(
+    folder: str | os.PathLike, hist: Histogram, describes: dict[str, str], meta: dict[str, str]
+) -> Path:
+    """Write ``<folder>/ota/ffg_histogram.safetensors`` atomically (a temporary file renamed)."""
+    bins, counts = array("q", hist.bins), array("q", hist.counts)
+    if sys.byteorder != "little":
+        bins.byteswap()
+        counts.byteswap()
+    n = 8 * len(hist.bins)
+    head = safetensors_header(
+        [("bins", [len(hist.bins)], "I64", 0, n), ("counts", [len(hist.bins)], "I64", n, 2 * n)],
+        {"format": FORMAT, "format_version": FORMAT_VERSION, **describes, **meta},
+    )
+    dest = Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head + bins.tobytes() + counts.tobytes())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def save_ffg_histogram(
+    expert: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    score: str = SCORES[0],
+    bias_correction: bool = True,
+    quiet: bool = True,
+) -> Path:
+    """Count an expert's FFG saliency histogram against ``base`` and ship it beside its moments.
+
+    Call it after the expert's final weights and moments are saved (``scripts/train_sft.py`` does,
+    after ``trainer.save_model()``); :func:`~ota_trainer.hub.push_expert` uploads it with them. A
+    first merge of the expert then skips FFG's histogram pass (see the module docstring: the merge
+    proves the threshold it gives, so a stale file costs time, never bytes). It describes the
+    default saliency (``score``, ``bias_correction``); merges with other settings count their own.
+
+    Args:
+        expert: the expert's folder (weights and ``ota/moments.safetensors``).
+        base: the base model's folder it was fine-tuned from.
+
+    Returns:
+        The path written, ``<expert>/ota/ffg_histogram.safetensors``.
+
+    Raises:
+        FormatError, IncompatibleModelsError, MissingMomentsError: the expert or base is not valid.
+    """
+    from .inputs import open_inputs
+    from .recipe import MergeRecipe
+    from .report import local_resolver
+    from .runner import count_histograms, domain_description
+
+    recipe = MergeRecipe.from_dict(
+        {
+            "method": "ota",
+            "base_model": str(base),
+            "models": [str(expert)],
+            "parameters": {"score": score, "bias_correction": bias_correction},
+        }
+    )
+    inputs = open_inputs(recipe, local_resolver)
+    (hist,) = count_histograms(recipe, inputs, [0], quiet=quiet)
+    describes = domain_description(recipe, inputs, 0)
+    meta = {"base_model": str(recipe.base_model)}
+    written = write_histogram(inputs.experts[0].path, hist, describes, meta)
+    logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", expert, hist.total, len(hist.bins), written)
+    return written
