@@ -12,6 +12,7 @@ __all__ = [
     "save_optimizer_moments",
     "push_expert",
     "publish_folder",
+    "save_ffg_histogram",
     "MergeRecipe",
     "ModelEntry",
     "MergeReport",
@@ -47,6 +48,7 @@ _LAZY = {
     "save_optimizer_moments": "capture",  # pulls in transformers' Trainer
     "push_expert": "hub",
     "publish_folder": "hub",
+    "save_ffg_histogram": "merger.ffg_shipped",
     **dict.fromkeys(
         (
             "ConfigError",

@@ -52,7 +52,7 @@ WEIGHT_PATTERNS = (
     *SIDE_FILES,
     "trainer_state.json",
 )  # the training step the weights are at: checked against the moments'
-MOMENT_PATTERNS = ("ota/moments.safetensors",)
+MOMENT_PATTERNS = ("ota/moments.safetensors", "ota/ffg_histogram.safetensors")  # (the histogram: when shipped)
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors")  # LoRA adapters (ota_trainer.merger.adapters)
 # Training leftovers never pushed with an expert (as Trainer.push_to_hub does).
 EXPERT_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth", "training_args.bin", ".*", "**/.*"]
@@ -492,7 +492,9 @@ def push_expert(
     token: str | bool | None = None,
     base_model: str | None = None,
 ) -> str:
-    """Push an expert trained elsewhere (weights + ``ota/moments.safetensors``) in one commit.
+    """Push an expert trained elsewhere (weights + ``ota/moments.safetensors``, and
+    ``ota/ffg_histogram.safetensors`` when :func:`~ota_trainer.save_ffg_histogram` wrote one) in
+    one commit.
 
     The moments are validated against the weights first (names and shapes, finite,
     non-negative), and the model card is marked merge-ready.

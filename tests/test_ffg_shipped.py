@@ -1,0 +1,250 @@
+"""An expert's shipped FFG histogram (ota/ffg_histogram.safetensors): a first merge that uses it
+writes the bytes a fresh count gives; the merge pass proves the threshold it gives (a histogram
+that lies is caught, and the merge redone); a damaged, hostile or inapplicable file is ignored;
+the proof itself (Histogram.checks) against the threshold rule on random histograms."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from array import array
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_backends import _same
+
+from ota_trainer import merge, save_ffg_histogram
+from ota_trainer.backends.thresholds import Histogram, bin_edge
+from ota_trainer.io.layout import read_safetensors_layout
+from ota_trainer.merger.ffg_shipped import open_shipped, write_histogram
+from ota_trainer.merger.inputs import open_model
+from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
+
+SHIPPED = "FFG histogram shipped with the expert"
+REDONE = "merging again from a fresh count"
+
+
+# -- the proof, against the rule -----------------------------------------------------------------------
+def _kept(h: Histogram, b: int) -> int:
+    return sum(c for x, c in zip(h.bins, h.counts) if x >= b)
+
+
+def _dense(draw_counts: list[int]) -> Histogram:
+    bins = [b for b, c in enumerate(draw_counts) if c]
+    return Histogram(bins, [draw_counts[b] for b in bins], sum(draw_counts))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.integers(0, 6), min_size=4, max_size=40),
+    st.lists(st.tuples(st.integers(0, 39), st.integers(0, 39)), max_size=6),
+    st.floats(0.02, 0.98),
+)
+def test_three_counts_prove_a_threshold_taken_from_another_histogram(counts, moves, density):
+    """Whenever the counts at b - 1, b and b + 1 agree, the rule picks the same bin on both."""
+    if sum(counts) == 0:
+        return
+    claimed = _dense(counts)
+    true = list(counts)
+    for src, dst in moves:  # the truth: some entries in other bins than the claim says
+        src, dst = src % len(true), dst % len(true)
+        if true[src]:
+            true[src] -= 1
+            true[dst] += 1
+    truth = _dense(true)
+    threshold, kept = claimed.density_threshold(density)
+    proof = claimed.checks(threshold)
+    if proof is None:
+        return
+    b = threshold.bin
+    lo, hi, k_lo, k_hi = proof
+    assert (lo, hi) == (bin_edge(b - 1), bin_edge(b + 1))
+    assert (k_lo, kept, k_hi) == (_kept(claimed, b - 1), _kept(claimed, b), _kept(claimed, b + 1))
+    if (_kept(truth, b - 1), _kept(truth, b), _kept(truth, b + 1)) == (k_lo, kept, k_hi):
+        assert truth.density_threshold(density)[0] == threshold
+
+
+def test_a_threshold_next_to_an_empty_bin_is_not_proved():
+    h = Histogram([2, 4, 5], [3, 3, 3], 9)  # bin 3 empty
+    assert h.checks(h.density_threshold(0.66)[0]) is None  # b = 4: b - 1 empty
+    assert h.checks(h.density_threshold(0.34)[0]) is not None  # b = 5: 4 and 5 non-empty
+
+
+# -- merges ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A bf16 base and two experts (rank-one and full moments) that ship their histograms."""
+    root = tmp_path_factory.mktemp("ffgshipped")
+    base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
+    m = {
+        "base": base,
+        "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
+        "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
+    }
+    m["fresh"] = root / "fresh"  # their merge from a fresh count
+    merge(_recipe(m), m["fresh"], quiet=True)
+    for e in ("e1", "e2"):
+        assert save_ffg_histogram(m[e], base) == m[e] / "ota" / "ffg_histogram.safetensors"
+    return m
+
+
+def _recipe(m, experts=("e1", "e2"), **params):
+    return {
+        "method": "ota",
+        "base_model": str(m["base"]),
+        "parameters": {"density": 0.4, **params},
+        "models": [{"model": str(m[e])} for e in experts],
+    }
+
+
+def _merge_logged(recipe, out, caplog, **kw):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        merge(recipe, out, quiet=True, **kw)
+    return caplog.text
+
+
+def _same_bytes(a, b):
+    """The same merged weights, byte for byte (the reports name other expert folders)."""
+    files = sorted(p.name for p in a.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in b.glob("*.safetensors"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def _copy_expert(m, tmp_path, name="e1"):
+    dst = tmp_path / name
+    shutil.copytree(m[name], dst)
+    return {**m, name: dst}
+
+
+def test_a_first_merge_uses_the_shipped_histograms_and_writes_the_bytes_of_a_fresh_count(models, tmp_path, caplog):
+    log = _merge_logged(_recipe(models), tmp_path / "out", caplog)
+    assert log.count(SHIPPED) == 2 and REDONE not in log
+    _same(models["fresh"], tmp_path / "out")
+
+
+def test_the_shipped_histogram_equals_a_fresh_count(models):
+    from ota_trainer.merger import MergeRecipe, open_inputs
+    from ota_trainer.merger.report import local_resolver
+    from ota_trainer.merger.runner import count_histograms
+
+    for e in ("e1", "e2"):
+        recipe = MergeRecipe.from_dict(_recipe(models, experts=(e,)))
+        (fresh,) = count_histograms(recipe, open_inputs(recipe, local_resolver), [0])
+        assert open_shipped(open_model(models[e])).histogram == fresh
+
+
+@pytest.mark.parametrize("backend", ["torch", "magnitude", "share"])
+def test_a_merge_that_cannot_prove_it_counts_afresh(models, backend, tmp_path, caplog, monkeypatch):
+    """The PyTorch backend proves no threshold; another score is another saliency; the share rule
+    is not a density. Each counts afresh, with the bytes of a fresh count."""
+    kw, recipe = {}, _recipe(models)
+    if backend == "torch":
+        monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
+        kw["fast_path"] = False
+    elif backend == "magnitude":
+        recipe = _recipe(models, score="magnitude")
+    else:
+        recipe["parameters"] = {"saliency_share": 0.9}
+    log = _merge_logged(recipe, tmp_path / "out", caplog, **kw)
+    assert SHIPPED not in log and REDONE not in log
+    if backend == "magnitude":
+        assert "of another saliency (score, scale)" in log
+    if backend == "torch":
+        _same(models["fresh"], tmp_path / "out")
+
+
+def _lie(m, tmp_path, move):
+    """Expert e1 copied, its shipped histogram rewritten by ``move(bins, counts, b)`` (b: the
+    threshold bin the true histogram gives at density 0.4)."""
+    m = _copy_expert(m, tmp_path)
+    shipped = open_shipped(open_model(m["e1"]))
+    h = shipped.histogram
+    b = h.density_threshold(0.4)[0].bin
+    dense = {x: c for x, c in zip(h.bins, h.counts)}
+    move(dense, b)
+    bins = sorted(x for x, c in dense.items() if c > 0)
+    lie = Histogram(bins, [dense[x] for x in bins], h.total)
+    meta = read_safetensors_layout(shipped.path)[0]["__metadata__"]
+    write_histogram(m["e1"], lie, shipped.describes, {"base_model": meta["base_model"]})
+    return m
+
+
+def _shift(src: int, dst: int, n: int = 1):
+    def move(dense, b):
+        n_ = min(n, dense.get(b + src, 0))
+        dense[b + src] = dense.get(b + src, 0) - n_
+        dense[b + dst] = dense.get(b + dst, 0) + n_
+
+    return move
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        _shift(-1, -2),  # K(b) holds, K(b - 1) does not: caught by the lower check alone
+        _shift(0, 1, 1),  # K(b) and K(b - 1) hold, K(b + 1) does not
+        _shift(0, -1, 3),  # the kept count itself is off
+    ],
+    ids=["below", "above", "kept"],
+)
+def test_a_lying_histogram_is_caught_by_the_merge_pass_and_the_merge_redone(models, lie, tmp_path, caplog):
+    m = _lie(models, tmp_path, lie)
+    log = _merge_logged(_recipe(m), tmp_path / "out", caplog)
+    assert "shipped FFG histogram predicted" in log and REDONE in log
+    _same_bytes(models["fresh"], tmp_path / "out")
+    assert not list(tmp_path.glob("*.ota-tmp*")) and not list(tmp_path.glob(".out*"))
+
+
+def _damage_truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 8])
+
+
+def _damage_unordered(path):
+    header, start = read_safetensors_layout(path)
+    data = bytearray(path.read_bytes())
+    b0, _ = header["bins"]["data_offsets"]
+    bins = array("q", data[start + b0 : start + b0 + 16])
+    bins[0], bins[1] = bins[1], bins[0]
+    data[start + b0 : start + b0 + 16] = bins.tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _damage_total(path):
+    data = path.read_bytes()
+    total = read_safetensors_layout(path)[0]["__metadata__"]["total"]
+    old, new = f'"total":"{total}"'.encode(), f'"total":"{int(total) + 1}"'.encode()
+    assert data.count(old) == 1 and len(new) == len(old)
+    path.write_bytes(data.replace(old, new))
+
+
+def _damage_outside(path):
+    outside = path.parents[3] / "elsewhere.safetensors"
+    shutil.copy(path, outside)
+    path.unlink()
+    os.symlink(outside, path)
+
+
+def _damage_not_ours(path):
+    from safetensors.torch import save_file
+
+    save_file({"bins": torch.zeros(3, dtype=torch.int32)}, str(path))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_damage_truncate, _damage_unordered, _damage_total, _damage_outside, _damage_not_ours],
+    ids=["truncated", "unordered", "total", "outside", "not-ours"],
+)
+def test_a_damaged_or_hostile_histogram_is_ignored_with_a_warning_naming_it(models, damage, tmp_path, caplog):
+    m = _copy_expert(models, tmp_path / "in")
+    damage(m["e1"] / "ota" / "ffg_histogram.safetensors")
+    log = _merge_logged(_recipe(m), tmp_path / "out", caplog)
+    assert "ignoring its FFG histogram ota/ffg_histogram.safetensors" in log
+    assert str(m["e1"]) in log
+    assert log.count(SHIPPED) == 1  # e2's is used
+    _same_bytes(models["fresh"], tmp_path / "out")
