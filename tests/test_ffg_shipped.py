@@ -248,3 +248,21 @@ def test_a_damaged_or_hostile_histogram_is_ignored_with_a_warning_naming_it(mode
     assert str(m["e1"]) in log
     assert log.count(SHIPPED) == 1  # e2's is used
     _same_bytes(models["fresh"], tmp_path / "out")
+
+
+def test_push_expert_ships_the_histogram_and_a_merge_of_repo_ids_uses_it(local_hub, models, tmp_path, caplog):
+    from ota_trainer.hub import publish_folder, push_expert
+    from ota_trainer.hub import merge as hub_merge
+
+    publish_folder(models["base"], "org/base")
+    push_expert(models["e1"], "org/e1")
+    push_expert(models["e2"], "org/e2")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        hub_merge(
+            {"method": "ota", "base_model": "org/base", "parameters": {"density": 0.4}, "models": ["org/e1", "org/e2"]},
+            tmp_path / "out",
+            quiet=True,
+        )
+    assert caplog.text.count(SHIPPED) == 2 and REDONE not in caplog.text
+    _same_bytes(models["fresh"], tmp_path / "out")

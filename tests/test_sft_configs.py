@@ -136,6 +136,15 @@ def test_config_trains_two_steps(path, train_sft, tiny_model_dir, tmp_path):
         assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
         meta = load_moments(out).metadata
         assert meta["capture"] == "lora" and meta["lora"]["r"] == cfg["lora"]["r"]
+        assert not (out / "ota" / "ffg_histogram.safetensors").exists()  # (adapters are materialised per merge)
+    else:  # the expert ships its FFG histogram, counted against the base after the final save
+        from ota_trainer.merger.ffg_shipped import open_shipped
+        from ota_trainer.merger.inputs import open_model
+
+        shipped = open_shipped(open_model(out))
+        assert shipped is not None and shipped.histogram.total == sum(
+            p.numel() for p in trainer.model.parameters() if p.requires_grad
+        )
 
 
 def test_a_bad_lora_section_is_a_config_error(train_sft, tiny_model_dir, tmp_path):
