@@ -50,6 +50,7 @@ from machine import cpu_description
 REPO = Path(__file__).resolve().parents[1]
 MERGE_CLI = REPO / "scripts" / "merge_from_hub.py"
 REMERGE = "ours: ota (re-merge)"  # the same merge again: FFG's histograms from the cache
+SHIPPED = "ours: ota (shipped histograms)"  # a first merge of experts that ship their FFG histograms
 DENSITY = 0.4
 NOISE_STD = 2e-3  # expert edits; base weights are N(0, 0.02)
 BASE_STD = 0.02
@@ -253,13 +254,36 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
-def input_files(ckpt: Path, *, moments: bool) -> list[Path]:
+def input_files(ckpt: Path, *, moments: bool, experts: Path | None = None) -> list[Path]:
     files = weight_files(ckpt / "base")
     for e in EXPERTS:
-        files += weight_files(ckpt / e)
+        files += weight_files((experts or ckpt) / e)
         if moments:
-            files.append(ckpt / e / "ota" / "moments.safetensors")
+            files.append((experts or ckpt) / e / "ota" / "moments.safetensors")
     return files
+
+
+def ship_histograms(ckpt: Path, log) -> Path:
+    """The experts as they ship from training with OTACallback + ``save_ffg_histogram`` (what
+    ``train_sft`` does after the final save): hard links to their files (the same bytes and page
+    cache, no disk) plus ``ota/ffg_histogram.safetensors``, under ``ckpt/shipped/``; reused."""
+    from ota_trainer import save_ffg_histogram
+
+    root = ckpt / "shipped"
+    for e in EXPERTS:
+        dst = root / e
+        if (dst / "ota" / "ffg_histogram.safetensors").is_file():
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        for src in (ckpt / e).rglob("*"):
+            if src.is_file():
+                (dst / src.relative_to(ckpt / e)).parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst / src.relative_to(ckpt / e))
+        t = time.perf_counter()
+        save_ffg_histogram(dst, ckpt / "base")
+        log(f"{e}: its FFG histogram counted in {time.perf_counter() - t:.1f}s (once, at the end of its training)")
+    return root
 
 
 # -- measurement -----------------------------------------------------------------------------------
@@ -384,8 +408,8 @@ with open(out, "wb", buffering=0) as w:
 """
 
 
-def ota_recipe(ckpt: Path, method: str) -> dict:
-    models = [{"model": str(ckpt / e)} for e in EXPERTS]
+def ota_recipe(ckpt: Path, method: str, experts: Path | None = None) -> dict:
+    models = [{"model": str((experts or ckpt) / e)} for e in EXPERTS]
     params = {"density": DENSITY}
     return {
         "method": method,
@@ -499,6 +523,23 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
                 str(out),
             ]
         contenders.append((f"ours: {method}", cmd, input_files(ckpt, moments=method == "ota"), out, "", first))
+        if method == "ota" and args.shipped:
+            # (first: its hard links change the inputs' ctime, which the re-merge's cache keys hold)
+            shipped = ship_histograms(ckpt, lambda m: log(f"[{label}] {SHIPPED}: {m}"))
+            shipped_recipe = logs / "ota_shipped.yaml"
+            shipped_recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, method, shipped), sort_keys=False))
+            shipped_cmd = [
+                py,
+                str(MERGE_CLI),
+                "--recipe",
+                str(shipped_recipe),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--quiet",
+            ]
+            files = input_files(ckpt, moments=True, experts=shipped)
+            contenders.append((SHIPPED, shipped_cmd, files, out, "", first))
         if method == "ota" and args.remerge:
             from ota_trainer.merger.ffg_cache import RACY_S
 
@@ -718,6 +759,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's TIES")
     p.add_argument(
+        "--no-shipped",
+        dest="shipped",
+        action="store_false",
+        help="skip the ota first merge of experts that ship their FFG histograms (save_ffg_histogram)",
+    )
+    p.add_argument(
         "--no-remerge",
         dest="remerge",
         action="store_false",
@@ -845,7 +892,9 @@ def main(argv: list[str] | None = None) -> int:
             "+sync = os.sync() right after (flushing the output), not in the ratios"
         ),
         "- ours: a first merge of the inputs (OTA_TRAINER_FFG_CACHE=0: FFG's histograms counted); "
-        "'ota (re-merge)': the same merge again, FFG's histograms from the cache a first merge filled\n"
+        "'ota (re-merge)': the same merge again, FFG's histograms from the cache a first merge filled; "
+        "'ota (shipped histograms)': a first merge of the same experts shipping their FFG histograms "
+        "(save_ffg_histogram, as train_sft writes them after the final save), proved by the merge pass\n"
         "- peak RSS = the child's ru_maxrss (includes file pages it mapped), the highest of the repeats; "
         "peak anon = polled RssAnon (heap), a lower bound",
         (

@@ -197,14 +197,17 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
 }
 
 /* One expert's contribution to a chunk of pass 2, in one loop: edit, curvature weight, keep
- * mask, running sums. ``smode``/``wmode``/``sqrt_p``/``divide`` (div > 0) are constants at every
- * call site, so each combination is compiled into a branch-free loop of its own. Returns the
- * entries kept. */
-INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, const float *be, const float *bw,
-                           int64_t len, double sai, const double *sbj, const float *svv, double cut, float pai,
-                           const float *pbj, const float *wvv, float div, float eps, float uniform, float ct,
-                           float *restrict num, float *restrict den) {
-    int64_t kept = 0, k = 0;
+ * mask, running sums. ``smode``/``wmode``/``sqrt_p``/``divide`` (div > 0)/``check`` are constants
+ * at every call site, so each combination is compiled into a branch-free loop of its own. Returns
+ * the entries kept. With ``check``, the entries whose saliency is at least ``clo``, and at least
+ * ``chi``, are added to ``*nlo``, ``*nhi``: the counts at two more bin edges that let the runner
+ * prove a threshold taken from a histogram it did not count (ota_trainer.merger.runner). */
+INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int check, const float *be,
+                           const float *bw, int64_t len, double sai, const double *sbj, const float *svv, double cut,
+                           float pai, const float *pbj, const float *wvv, float div, float eps, float uniform,
+                           float ct, float *restrict num, float *restrict den, double clo, double chi, int64_t *nlo,
+                           int64_t *nhi) {
+    int64_t kept = 0, k = 0, klo = 0, khi = 0;
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     /* The loop below, 8 entries at a time, operation for operation (same bits). gcc vectorises
      * the loop by itself too, but on AVX2 it narrows the float64 keep masks to float32 lanes
@@ -214,6 +217,7 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, const f
         const __m256 veps = _mm256_set1_ps(eps), vct = _mm256_set1_ps(ct), one = _mm256_set1_ps(1.0f);
         const __m256 vpai = _mm256_set1_ps(pai), vdiv = _mm256_set1_ps(div), vuni = _mm256_set1_ps(uniform);
         const __m256d vsai = _mm256_set1_pd(sai), vcut = _mm256_set1_pd(cut);
+        const __m256d vclo = _mm256_set1_pd(clo), vchi = _mm256_set1_pd(chi);
         for (; k + 8 <= len; k += 8) {
             __m256 dk = _mm256_sub_ps(_mm256_loadu_ps(be + k), _mm256_loadu_ps(bw + k)), w;
             if (wmode == W_RANK1) {
@@ -242,6 +246,12 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, const f
                 /* the low halves of the 64-bit masks, in entry order */
                 __m256 m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(mlo, mhi, 0x88)), 0xD8));
                 kept += __builtin_popcount((unsigned)_mm256_movemask_ps(m));
+                if (check) {
+                    klo += __builtin_popcount((unsigned)(_mm256_movemask_pd(_mm256_cmp_pd(lo, vclo, _CMP_GE_OQ)) |
+                                                         _mm256_movemask_pd(_mm256_cmp_pd(hi, vclo, _CMP_GE_OQ)) << 4));
+                    khi += __builtin_popcount((unsigned)(_mm256_movemask_pd(_mm256_cmp_pd(lo, vchi, _CMP_GE_OQ)) |
+                                                         _mm256_movemask_pd(_mm256_cmp_pd(hi, vchi, _CMP_GE_OQ)) << 4));
+                }
                 w = _mm256_mul_ps(w, _mm256_and_ps(m, one));  /* w * one_if(keep) */
             }
             __m256 wk = _mm256_mul_ps(w, vct);
@@ -268,35 +278,21 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, const f
             else s = dd;
             int keep = s >= cut;
             kept += keep;
+            if (check) klo += s >= clo, khi += s >= chi;
             w = w * one_if(keep);
         }
         float wk = w * ct;
         num[k] = fmaf(wk, dk, num[k]);
         den[k] = den[k] + wk;
     }
+    if (check) *nlo += klo, *nhi += khi;
     return smode != S_NONE ? kept : len;
 }
 
-/* The entries of a chunk whose saliency is at least lo, and at least hi, added to nlo, nhi: the
- * counts at two more bin edges that let the runner prove a threshold taken from a histogram it
- * did not count (see ota_trainer.merger.runner). The saliency as merge_chunk computes it. */
-INLINE void check_chunk(int smode, const float *be, const float *bw, int64_t len, double sai, const double *sbj,
-                        const float *svv, double lo, double hi, int64_t *nlo, int64_t *nhi) {
-    int64_t a = 0, b = 0;
-    for (int64_t k = 0; k < len; k++) {  /* vectorised: 64-bit compares into 64-bit counts */
-        float dk = be[k] - bw[k];
-        double dd = (double)dk * (double)dk, s;
-        if (smode == S_RANK1) s = (dd * sai) * sbj[k];
-        else if (smode == S_FULL) s = dd * (double)svv[k];
-        else s = dd;
-        a += s >= lo;
-        b += s >= hi;
-    }
-    *nlo += a, *nhi += b;
-}
-
-#define MERGE_W(SM, WM, SQ, DV) \
-    merge_chunk(SM, WM, SQ, DV, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, div, eps, uniform, ct, num, den)
+#define MERGE_C(SM, WM, SQ, DV, CK) \
+    merge_chunk(SM, WM, SQ, DV, CK, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, div, eps, uniform, ct, num, den, \
+                clo, chi, nlo, nhi)
+#define MERGE_W(SM, WM, SQ, DV) (nlo != 0 && (SM) != S_NONE ? MERGE_C(SM, WM, SQ, DV, 1) : MERGE_C(SM, WM, SQ, DV, 0))
 #define MERGE_F(SM) (sqrt_p ? (div > 0.0f ? MERGE_W(SM, W_FULL, 1, 1) : MERGE_W(SM, W_FULL, 1, 0)) \
                             : (div > 0.0f ? MERGE_W(SM, W_FULL, 0, 1) : MERGE_W(SM, W_FULL, 0, 0)))
 #define MERGE_S(SM) (wm == W_RANK1 ? MERGE_W(SM, W_RANK1, 0, 0) : wm == W_FULL ? MERGE_F(SM) : MERGE_W(SM, W_UNIFORM, 0, 0))
@@ -333,7 +329,7 @@ INLINE int finish_chunk(int dto, const float *bw, const float *num, const float 
  *   for W_FULL: sqrt_p (P = sqrt(v), else P = v) and pdiv[t] (P /= pdiv when > 0);
  *   coef[t]: the expert's weight c_t. ``uniform`` is (float)(1 + eps), the weight without moments.
  * chk (NULL: none): per expert two more cuts (lo, hi) whose entries kept are counted into
- * chkd[2t], chkd[2t + 1] (see check_chunk).
+ * chkd[2t], chkd[2t + 1] (see merge_chunk).
  * Returns 1 if any merged value is not finite (the caller finds and names the input), else 0. */
 int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t n,
                    int64_t r0, int64_t r1, const int *smode, const double *const *sa,
@@ -356,16 +352,12 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
                 const float *svv = sm == S_FULL ? sv[t] + off : 0;
                 float pai = wm == W_RANK1 ? pa[t][i] : 0.0f, div = pdiv[t], ct = coef[t];
                 const float *pbj = wm == W_RANK1 ? pb[t] + j0 : 0, *wvv = wm == W_FULL ? wv[t] + off : 0;
+                double clo = chk != 0 ? chk[2 * t] : 0.0, chi = chk != 0 ? chk[2 * t + 1] : 0.0;
+                int64_t *nlo = chk != 0 ? chkd + 2 * t : 0, *nhi = chk != 0 ? chkd + 2 * t + 1 : 0;
                 if (sm == S_RANK1) kept[t] += MERGE_S(S_RANK1);
                 else if (sm == S_FULL) kept[t] += MERGE_S(S_FULL);
                 else if (sm == S_MAGNITUDE) kept[t] += MERGE_S(S_MAGNITUDE);
                 else kept[t] += MERGE_S(S_NONE);
-                if (chk != 0 && sm != S_NONE) {
-                    double lo = chk[2 * t], hi = chk[2 * t + 1];
-                    if (sm == S_RANK1) check_chunk(S_RANK1, be, bw, len, sai, sbj, 0, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
-                    else if (sm == S_FULL) check_chunk(S_FULL, be, bw, len, 1.0, 0, svv, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
-                    else check_chunk(S_MAGNITUDE, be, bw, len, 1.0, 0, 0, lo, hi, chkd + 2 * t, chkd + 2 * t + 1);
-                }
             }
             bad |= finish_chunk(dto, bw, num, den, len, out, off);
         }
