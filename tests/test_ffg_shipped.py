@@ -251,8 +251,8 @@ def test_a_damaged_or_hostile_histogram_is_ignored_with_a_warning_naming_it(mode
 
 
 def test_push_expert_ships_the_histogram_and_a_merge_of_repo_ids_uses_it(local_hub, models, tmp_path, caplog):
-    from ota_trainer.hub import publish_folder, push_expert
     from ota_trainer.hub import merge as hub_merge
+    from ota_trainer.hub import publish_folder, push_expert
 
     publish_folder(models["base"], "org/base")
     push_expert(models["e1"], "org/e1")
