@@ -16,8 +16,10 @@ re-run) takes it from here and reads the inputs once.
   second write in the same tick leaves them equal), and nothing read from it is cached.
 - **Checked, not trusted:** a cached histogram is validated when read (sizes, order, sums), and
   after the merge pass the entries the kernels actually kept must equal what it predicts, to
-  the entry; otherwise the merge is redone from a fresh count (:class:`StaleHistogram`) and the
-  entry replaced.
+  the entry (with the native kernels under a density rule, also at the neighbouring bin edges,
+  which proves the threshold: :meth:`~ota_trainer.backends.thresholds.Histogram.checks`);
+  otherwise the merge is redone from a fresh count (:class:`StaleHistogram`) and the entry
+  replaced. Experts can also ship their histogram (:mod:`.ffg_shipped`), checked the same way.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def save_ffg_histogram(
     inputs = open_inputs(recipe, local_resolver)
     (hist,) = count_histograms(recipe, inputs, [0], quiet=quiet)
     describes = domain_description(recipe, inputs, 0)
-    meta = {"base_model": str(recipe.base_model)}
+    # the base as the moments name it (a repo id), else the folder's name: no local path is shipped
+    meta = {"base_model": str(inputs.moments[0].metadata.get("base_model") or Path(base).name)}
     written = write_histogram(inputs.experts[0].path, hist, describes, meta)
     logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", expert, hist.total, len(hist.bins), written)
     return written
