@@ -21,16 +21,20 @@ from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 FROM_CACHE = "FFG histogram from the cache"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A bf16 base and two experts (rank-one and full moments), older than the racy window."""
-    root = tmp_path_factory.mktemp("ffgcache")
+def two_experts(root) -> dict:
+    """A bf16 base and two experts of it, one with rank-one moments, one with full ones."""
     base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
-    m = {
+    return {
         "base": base,
         "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
         "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
     }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """:func:`two_experts`, older than the racy window."""
+    m = two_experts(tmp_path_factory.mktemp("ffgcache"))
     time.sleep(ffg_cache.RACY_S + 0.1)  # files written this instant are "racy": never cached
     return m
 

@@ -15,13 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_backends import _same
+from test_ffg_cache import two_experts
 
 from ota_trainer import merge, save_ffg_histogram
 from ota_trainer.backends.thresholds import Histogram, bin_edge
 from ota_trainer.io.layout import read_safetensors_layout
 from ota_trainer.merger.ffg_shipped import open_shipped, write_histogram
 from ota_trainer.merger.inputs import open_model
-from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 
 SHIPPED = "FFG histogram shipped with the expert"
 REDONE = "merging again from a fresh count"
@@ -76,18 +76,13 @@ def test_a_threshold_next_to_an_empty_bin_is_not_proved():
 # -- merges ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A bf16 base and two experts (rank-one and full moments) that ship their histograms."""
+    """The cache tests' base and two experts, shipping their histograms."""
     root = tmp_path_factory.mktemp("ffgshipped")
-    base = make_tiny_base(root / "base", seed=0, dtype=torch.bfloat16, hidden=96)
-    m = {
-        "base": base,
-        "e1": make_tiny_expert(base, root / "e1", seed=1, moments="rank1"),
-        "e2": make_tiny_expert(base, root / "e2", seed=2, moments="full"),
-    }
+    m = two_experts(root)
     m["fresh"] = root / "fresh"  # their merge from a fresh count
     merge(_recipe(m), m["fresh"], quiet=True)
     for e in ("e1", "e2"):
-        assert save_ffg_histogram(m[e], base) == m[e] / "ota" / "ffg_histogram.safetensors"
+        assert save_ffg_histogram(m[e], m["base"]) == m[e] / "ota" / "ffg_histogram.safetensors"
     return m
 
 
