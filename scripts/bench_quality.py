@@ -7,6 +7,7 @@ every method, evaluated through lm-evaluation-harness, with forgetting.
     python scripts/bench_quality.py --smoke          # a tiny random model: what CI runs (~1 min)
     python scripts/bench_quality.py --train-only     # only train (and cache) the experts
     python scripts/bench_quality.py --report-only    # the report of what is evaluated so far
+    python scripts/bench_quality.py --scale-study    # also the per-expert scale study (dev split)
 
 Stages (each cached under --out; a stage re-runs only what changed):
 1. data: the capabilities' train / dev / test splits (scripts/ota_quality/capabilities.py) as
@@ -16,9 +17,10 @@ Stages (each cached under --out; a stage re-runs only what changed):
 3. forgetting set: the general questions the base answers correctly (>= 150 wanted), and the
    base's continuations for the KL measure;
 4. merges: all experts of a seed together with every method at its defaults; every pair with
-   the main methods; the dev-split sweeps (density, power, score, normalise);
+   the main methods; the dev-split sweeps (density, power, score, normalise); with --scale-study,
+   merges with experts trained at another learning rate or clipping (scale_variants);
 5. evaluation: lm_eval (HF backend, greedy, chat template) on the test split (or dev for the
-   sweeps), the forgetting set, and KL(base || merge);
+   sweeps and the scale study), the forgetting set, and KL(base || merge);
 6. report: quality_out/results.{json,md} and plots, 95% bootstrap intervals over prompts,
    paired bootstraps for "ota beats X".
 """
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -90,6 +94,19 @@ SWEEPS = {  # ota's own studies first (the default is chosen from them), then th
     **{f"ties_d{d}": ("ties", {"density": d}) for d in (0.1, 0.2, 0.4)},
     **{f"dare_drop{p}": ("dare", {"drop_rate": p}) for p in (0.5, 0.9)},
 }
+
+# the per-expert scale study (--scale-study, dev split): the five-way merge with two experts
+# trained at another scale (mixed), beside the same methods on the recipe experts (reference), and
+# the two arithmetic experts that differ only in learning rate merged together (lr_pair)
+OTA_MEAN = ("ota", {"normalise": "mean"})
+SCALE_METHODS = {
+    "ota": ("ota", {}),
+    "ota_mean": OTA_MEAN,
+    "ties": ("ties", {}),
+    "task_arithmetic": ("task_arithmetic", {}),
+}
+LR_PAIR_METHODS = {"ota": ("ota", {}), "ota_mean": OTA_MEAN, "linear": ("linear", {}), "ties": ("ties", {})}
+LR_PAIR = ("arithmetic", "arithmetic@lr4x")
 
 DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
@@ -149,14 +166,31 @@ def stage_data(out: Path, n_eval: int, n_train: int) -> dict[str, Path]:
     return train
 
 
-def stage_train(out: Path, base: Path, train: dict[str, Path], seeds, steps: int | None, retrain: bool) -> dict:
-    """experts[seed][capability] -> folder (trained with OTACallback; cached)."""
+def sft_recipe(cap: str) -> Path:
+    return ROOT / "sft_configs" / "quality" / f"smollm2_cpu_{cap}.yaml"
+
+
+def scale_variants() -> dict[str, tuple[str, dict]]:
+    """The scale study's experts: name -> (capability, train_sft.py overrides). Arithmetic at 4x
+    its recipe's learning rate; shout with max_grad_norm 0.1 (its recipe: SFTConfig's 1.0)."""
+    lr = yaml.safe_load(sft_recipe("arithmetic").read_text())["sft"]["learning_rate"]
+    return {
+        LR_PAIR[1]: ("arithmetic", {"sft.learning_rate": 4 * lr}),
+        "shout@clip0.1": ("shout", {"sft.max_grad_norm": 0.1}),
+    }
+
+
+def stage_train(
+    out: Path, base: Path, train: dict[str, Path], seeds, steps: int | None, retrain: bool, variants: dict | None = None
+) -> dict:
+    """experts[seed][name] -> folder (trained with OTACallback; cached): one per capability, named
+    after it, and each of ``variants`` (name -> (capability, train_sft.py overrides))."""
     experts: dict[int, dict[str, Path]] = {}
     for seed in seeds:
         experts[seed] = {}
-        for cap in CAPABILITIES:
-            folder = out / "experts" / f"seed{seed}" / cap
-            config = ROOT / "sft_configs" / "quality" / f"smollm2_cpu_{cap}.yaml"
+        for name, (cap, overrides) in {**{c: (c, {}) for c in CAPABILITIES}, **(variants or {})}.items():
+            folder = out / "experts" / f"seed{seed}" / name
+            config = sft_recipe(cap)
             want = {
                 "config": config.read_text(),
                 "data": train[cap].read_text()[:100000],
@@ -164,22 +198,26 @@ def stage_train(out: Path, base: Path, train: dict[str, Path], seeds, steps: int
                 "steps": steps,
                 "seed": seed,
             }
+            if overrides:  # (not in the recipe experts' stamps: their cached experts stay valid)
+                want["overrides"] = overrides
             stamp = folder / "bench_quality_stamp.json"
             if not retrain and stamp.is_file() and json.loads(stamp.read_text()) == want:
-                experts[seed][cap] = folder
+                experts[seed][name] = folder
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             cmd = [sys.executable, str(ROOT / "scripts" / "train_sft.py"), "--config", str(config)]
             cmd += ["--model", str(base), "--dataset.data_files", str(train[cap])]
             cmd += ["--sft.output_dir", str(folder), "--sft.seed", str(seed)]
+            for key, value in overrides.items():  # YAML, as train_sft.py reads it (a float keeps its ".")
+                cmd += [f"--{key}", yaml.safe_dump(value).split("\n")[0]]
             if steps is not None:
                 cmd += ["--sft.max_steps", str(steps), "--sft.warmup_steps", "1", "--sft.logging_steps", "1"]
             t = time.perf_counter()
-            print(f"  train seed {seed} {cap} ...", flush=True)
-            run(cmd, out / "logs" / f"train_seed{seed}_{cap}.log", offline_env())
+            print(f"  train seed {seed} {name} ...", flush=True)
+            run(cmd, out / "logs" / f"train_seed{seed}_{name}.log", offline_env())
             stamp.write_text(json.dumps(want))
-            print(f"  train seed {seed} {cap}: {time.perf_counter() - t:.0f}s", flush=True)
-            experts[seed][cap] = folder
+            print(f"  train seed {seed} {name}: {time.perf_counter() - t:.0f}s", flush=True)
+            experts[seed][name] = folder
     return experts
 
 
@@ -223,6 +261,18 @@ def library_defaults(method: str) -> dict:
     return defaults
 
 
+def sweep_like(method: str, params: dict) -> str | None:
+    """The dev study (SWEEPS) whose merge is the same as ``method`` with ``params``, the library's
+    defaults filled in (its cached merge and evaluation serve both), if any."""
+    from ota_trainer.merger.recipe import MergeRecipe
+
+    def resolved(m: str, p: dict) -> dict:
+        return MergeRecipe(m, ({"model": "expert"},), base_model="base", parameters=p).model_parameters(0)
+
+    want = resolved(method, params)
+    return next((k for k, (m, p) in SWEEPS.items() if m == method and resolved(m, p) == want), None)
+
+
 def dev_choice(results: dict, caps: list[str]) -> str | None:
     """The ota setting with the best dev-split normalised score, averaged over the seeds (None
     until every seed has every ota study): the candidate default, then reported on the test split."""
@@ -254,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--only-pairs", action="store_true", help="full mode: only the pair merges (the rest as cached)")
     ap.add_argument("--batch-size", type=int, default=32, help="lm_eval generation batch")
+    ap.add_argument(
+        "--scale-study",
+        action="store_true",
+        help="also the scale study: arithmetic at 4x its learning rate, shout with max_grad_norm 0.1 (dev split)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.update({k: v for k, v in offline_env().items() if k.startswith(("HF_", "TRANSFORMERS", "TOKENIZERS"))})
@@ -269,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     base = prepare_base(mode, out.parent if mode != "full" else out, args.base)
     train = stage_data(out, cfg["n_eval"], n_train=2000 if mode != "smoke" else 64)
     print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
-    experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain)
+    variants = scale_variants() if args.scale_study else None
+    experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain, variants)
     if args.train_only:
         return 0
 
@@ -289,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = cfg["seeds"]
     for seed in seeds:  # experts on their own capability (the normalisation)
         r = results["seeds"][str(seed)]
-        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}})
+        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}, "scale": {}})
         for cap in caps:
             label = f"seed{seed}/expert/{cap}"
             r["experts"][cap] = (
@@ -317,32 +373,54 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    seed {seed} five {method}: {report.brief(res, caps)}", flush=True)
         report.write(out, results, caps)
 
+    def dev_study(seed: int, what: str, part: dict, runs: dict, members: list[Path], tasks: list[str]) -> None:
+        """Merge and evaluate (cached) every run, key -> (merge label, method, params), on dev tasks."""
+        for key, (label, method, params) in runs.items():
+            res = merged(part, key, label, method, params, members, tasks, kl=False, general=False)
+            if res is not None:
+                print(f"    seed {seed} {what} {key}: {report.brief(res, caps, 'dev')}", flush=True)
+
+    def experts_on_dev(seed: int) -> None:  # the dev studies' normalisation
+        r, ex = results["seeds"][str(seed)], experts[seed]
+        for cap in caps:
+            dev = ev.evaluate(f"seed{seed}/expert/{cap}/dev", ex[cap], [task_name(cap, "dev")], kl=False, general=False)
+            r["experts"][cap].update(dev or {})
+
+    def scale_study(seed: int) -> None:
+        r, ex = results["seeds"][str(seed)], experts[seed]
+        experts_on_dev(seed)
+        for name, (cap, _) in variants.items():  # each variant alone, on its capability
+            res = ev.evaluate(
+                f"seed{seed}/expert/{name}/dev", ex[name], [task_name(cap, "dev")], kl=False, general=False
+            )
+            if res is not None:
+                r["scale"][f"expert/{name}"] = res
+
+        def runs(study: str, recipes: dict) -> dict:
+            return {f"{study}/{k}": (f"seed{seed}/scale/{study}/{k}", m, p) for k, (m, p) in recipes.items()}
+
+        reference = runs("reference", SCALE_METHODS)
+        for k, (method, params) in SCALE_METHODS.items():  # a dev study that runs the same merge serves it
+            if sweep := sweep_like(method, params):
+                reference[f"reference/{k}"] = (f"seed{seed}/sweep/{sweep}", *SWEEPS[sweep])
+        swap = {cap: name for name, (cap, _) in variants.items()}
+        dev_study(seed, "scale", r["scale"], reference, [ex[c] for c in caps], dev_tasks)
+        dev_study(
+            seed, "scale", r["scale"], runs("mixed", SCALE_METHODS), [ex[swap.get(c, c)] for c in caps], dev_tasks
+        )
+        lr_pair = runs("lr_pair", LR_PAIR_METHODS)
+        dev_study(seed, "scale", r["scale"], lr_pair, [ex[n] for n in LR_PAIR], [task_name(LR_PAIR[0], "dev")])
+        report.write(out, results, caps)
+
     if args.only_pairs:
         core, cfg["sweeps"], methods = [], False, []
     five_way(core)  # the methods the issue names first, then the default study, then the others
     if cfg["sweeps"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
-            for cap in caps:  # the experts on the dev split too
-                dev = ev.evaluate(
-                    f"seed{seed}/expert/{cap}/dev", ex[cap], [task_name(cap, "dev")], kl=False, general=False
-                )
-                r["experts"][cap].update(dev or {})
-            for label, (method, params) in SWEEPS.items():
-                members = [ex[c] for c in caps]
-                res = merged(
-                    r["sweeps"],
-                    label,
-                    f"seed{seed}/sweep/{label}",
-                    method,
-                    params,
-                    members,
-                    dev_tasks,
-                    kl=False,
-                    general=False,
-                )
-                if res is not None:
-                    print(f"    seed {seed} sweep {label}: {report.brief(res, caps, 'dev')}", flush=True)
+            experts_on_dev(seed)
+            studies = {label: (f"seed{seed}/sweep/{label}", m, p) for label, (m, p) in SWEEPS.items()}
+            dev_study(seed, "sweep", r["sweeps"], studies, [ex[c] for c in caps], dev_tasks)
             report.write(out, results, caps)
         chosen = dev_choice(results, caps)
         if chosen is not None:  # the dev split's choice, reported on the test split beside the defaults
@@ -382,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
             print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
             report.write(out, results, caps)
+    if variants:
+        results["scale_study"] = {
+            "variants": {name: {"capability": c, "overrides": o} for name, (c, o) in variants.items()},
+            "lr_pair": list(LR_PAIR),
+        }
+        for seed in seeds:
+            scale_study(seed)
 
     print("[6] report", flush=True)
     report.write(out, results, caps)

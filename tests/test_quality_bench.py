@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from ota_quality import stats
 from ota_quality.capabilities import CAPABILITIES, examples, general_candidates, safe_lambda, score
 
@@ -116,15 +117,24 @@ def test_normalised_score_divides_by_each_experts_own_score():
         stats.paired({"a": [1, 0]}, {"a": [1, 0, 1]})
 
 
-def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
+def _bench(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), *args], capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "smoke"
+    return r
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory) -> Path:
+    """One smoke run; its cached experts, merges and evaluations serve the tests after it."""
+    out = tmp_path_factory.mktemp("quality")
+    _bench("--smoke", "--out", str(out))
+    return out
+
+
+def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(smoke_out):
+    out = smoke_out / "smoke"
     data = json.loads((out / "results.json").read_text())
     five = data["results"]["seeds"]["0"]["five"]
     assert set(five) >= {"ota", "ties", "linear"}
@@ -133,6 +143,38 @@ def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(tmp_path):
         assert res["kl"] >= 0
     assert "ota minus each method" in (out / "results.md").read_text()
     assert data["summary"]["seeds"]["0"]["ota_vs"]
+    assert not data["results"]["seeds"]["0"]["scale"], "the scale study runs only when asked"
+
+
+def test_smoke_scale_study_trains_variants_with_overrides_and_merges_them_on_dev(smoke_out):
+    r = _bench("--smoke", "--scale-study", "--out", str(smoke_out))
+    assert "train seed 0 arithmetic ..." not in r.stdout, "the recipe experts stay cached"
+    out = smoke_out / "smoke"
+
+    def trained(name: str) -> dict:
+        return yaml.safe_load((out / "experts" / "seed0" / name / "ota_train_config.yaml").read_text())["sft"]
+
+    recipe = yaml.safe_load((ROOT / "sft_configs" / "quality" / "smollm2_cpu_arithmetic.yaml").read_text())["sft"]
+    assert trained("arithmetic@lr4x")["learning_rate"] == 4 * recipe["learning_rate"]  # a float, not "6e-4"
+    assert trained("shout@clip0.1")["max_grad_norm"] == 0.1 and "max_grad_norm" not in trained("shout")
+    data = json.loads((out / "results.json").read_text())
+    scale = data["results"]["seeds"]["0"]["scale"]
+    methods = ("ota", "ota_mean", "ties", "task_arithmetic")
+    assert set(scale) == {
+        *(f"{study}/{m}" for study in ("reference", "mixed") for m in methods),
+        *(f"lr_pair/{m}" for m in ("ota", "ota_mean", "linear", "ties")),
+        "expert/arithmetic@lr4x",
+        "expert/shout@clip0.1",
+    }
+    for key, res in scale.items():
+        caps = (
+            CAPABILITIES if key.startswith(("mixed/", "reference/")) else ["shout" if "shout" in key else "arithmetic"]
+        )
+        assert set(res) == {f"ota_{c}_dev" for c in caps}, key
+        assert all(len(t["scores"]) == 6 for t in res.values())
+    summary = data["summary"]["seeds"]["0"]["scale"]
+    assert "minus_reference" in summary["mixed/ota"] and "accuracy" in summary["lr_pair/ota"]
+    assert "Scale study (dev split)" in (out / "results.md").read_text()
 
 
 def test_task_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_needs_them(tmp_path):

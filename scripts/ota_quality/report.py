@@ -55,6 +55,25 @@ def _versus(five: dict, name: str, caps: list[str], ex_test: dict) -> dict:
     return out
 
 
+def _scale(scale: dict, caps: list[str], ex_dev: dict) -> dict:
+    """The scale study (dev split), each entry normalised by the recipe experts' dev scores; an
+    entry of one capability also as its raw accuracy; ``mixed/X`` also minus ``reference/X`` (paired)."""
+    out = {}
+    for key, res in scale.items():
+        sc = _scores(res, caps, "dev")
+        ex = {c: ex_dev[c] for c in sc}
+        entry = {"normalised": stats.normalised(sc, ex).as_dict()}
+        if len(sc) == 1:
+            entry.update(capability=next(iter(sc)), accuracy=stats.mean_ci(next(iter(sc.values()))).as_dict())
+        ref = scale.get("reference/" + key.removeprefix("mixed/")) if key.startswith("mixed/") else None
+        if ref is not None:
+            entry["minus_reference"] = stats.paired(sc, _scores(ref, caps, "dev"), ex).as_dict()
+        out[key] = entry
+    for c in sorted({e["capability"] for e in out.values() if "capability" in e}):  # the recipe experts beside them
+        out[f"expert/{c}"] = {"capability": c, "accuracy": stats.mean_ci(ex_dev[c]).as_dict()}
+    return out
+
+
 def brief(result: dict, caps: list[str], split: str = "test") -> str:
     parts = [f"{c} {result[task_name(c, split)]['acc']:.2f}" for c in caps if task_name(c, split) in result]
     if GENERAL in result:
@@ -92,6 +111,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
         s["dev_choice_vs"] = _versus(r["five"], DEV_CHOICE, caps, ex_test)
         for label, res in r["sweeps"].items() if ex_dev else ():
             s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+        s["scale"] = _scale(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
         for label, res in r["pairs"].items():
             pair, method = label.split("/")
             pc = pair.split("+")
@@ -138,6 +158,40 @@ def _table(s: dict, caps: list[str]) -> list[str]:
     return lines
 
 
+def _scale_md(scale: dict, study: dict, caps: list[str]) -> list[str]:
+    """The scale study's tables (``study``: what bench_quality.py trained and merged for it)."""
+
+    def cell(d, digits=2):
+        return _fmt(stats.Interval(**d), digits) if d else ""
+
+    variants = study.get("variants", {})
+    made = ", ".join(
+        f"{name} is {v['capability']} with " + ", ".join(f"{k} {x:g}" for k, x in v["overrides"].items())
+        for name, v in variants.items()
+    )
+    md = [f"Scale study (dev split): {made}; normalised by the recipe experts' dev scores.", ""]
+    md += [
+        f"| method | reference: the {len(caps)} recipe experts | mixed: "
+        + " and ".join(variants)
+        + " in their place | mixed − reference (paired) |",
+        "|---|---|---|---|",
+    ]
+    for m in sorted({k.split("/", 1)[1] for k in scale if k.startswith(("reference/", "mixed/"))}):
+        ref, mix = scale.get(f"reference/{m}", {}), scale.get(f"mixed/{m}", {})
+        md.append(
+            f"| {m} | {cell(ref.get('normalised'))} | {cell(mix.get('normalised'))} | "
+            f"{cell(mix.get('minus_reference'), 3)} |"
+        )
+    md += ["", "| model | capability | accuracy (dev) | normalised (dev) |", "|---|---|---|---|"]
+    pair = " + ".join(study.get("lr_pair", []))
+    for key, e in sorted(scale.items(), key=lambda kv: (kv[1].get("capability", ""), kv[0])):
+        if "capability" in e:
+            kind, name = key.split("/", 1)
+            who = f"{pair}, {name}" if kind == "lr_pair" else f"expert {name}"
+            md.append(f"| {who} | {e['capability']} | {cell(e['accuracy'])} | {cell(e.get('normalised'))} |")
+    return md
+
+
 def write(out: Path, results: dict, caps: list[str]) -> dict:
     summary = summarise(results, caps)
     (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
@@ -166,6 +220,8 @@ def write(out: Path, results: dict, caps: list[str]) -> dict:
             ]
             for label, d in sorted(s["sweeps"].items()):
                 md.append(f"| {label} | {_fmt(stats.Interval(**d))} |")
+        if s["scale"]:
+            md += ["", *_scale_md(s["scale"], results.get("scale_study", {}), caps)]
         if s["pair_calls"]:
             md += ["", "Pairs: ota against each method on every pair (paired bootstrap):", ""]
             md += ["| method | ota wins | ties | ota loses |", "|---|---|---|---|"]
