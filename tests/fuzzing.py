@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 MODELS = ("base", "e1", "e2")
 WEIGHTS = "model.safetensors"
 MOMENTS = "ota/moments.safetensors"
+HISTOGRAM = "ota/ffg_histogram.safetensors"  # the experts ship theirs: a damaged or stale one must change no byte
 PARAM_KEYS = (
     "density",
     "threshold",
@@ -78,15 +79,19 @@ CASE_TIMEOUT_S = 60
 
 
 def build_template(root: Path) -> Path:
-    """The valid starting point of every case: ``root/{base,e1,e2}`` (fp32, hidden 32, 2 layers)."""
+    """The valid starting point of every case: ``root/{base,e1,e2}`` (fp32, hidden 32, 2 layers),
+    the experts shipping their FFG histograms."""
     import torch
 
     from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 
     root.mkdir(parents=True, exist_ok=True)
     base = make_tiny_base(root / "base", seed=0, hidden=32, vocab=64, heads=2, kv_heads=1)
-    make_tiny_expert(base, root / "e1", seed=1, moments="rank1")
-    make_tiny_expert(base, root / "e2", seed=2, moments="full", step=50)
+    from ota_trainer import save_ffg_histogram
+
+    for k, moments in ((1, "rank1"), (2, "full")):
+        expert = make_tiny_expert(base, root / f"e{k}", seed=k, moments=moments, step=100 if k == 1 else 50)
+        save_ffg_histogram(expert, base)
     del torch
     return root
 
@@ -134,7 +139,7 @@ json_values = st.recursive(
 )
 small = st.integers(-9, 9)
 models = st.sampled_from(MODELS)
-files = st.sampled_from((WEIGHTS, MOMENTS))
+files = st.sampled_from((WEIGHTS, MOMENTS, HISTOGRAM))
 
 
 def _target(case: Path, model: str, file: str) -> Path | None:
