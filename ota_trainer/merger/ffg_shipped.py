@@ -96,7 +96,7 @@ def _read(path: Path) -> ShippedHistogram:
     if tensors["counts"]["shape"][0] != n or n > N_BINS:
         raise _invalid(path, f"{n} bins for {tensors['counts']['shape'][0]} counts (at most {N_BINS})")
     total = meta["total"]
-    if not total.isdigit() or int(total) > MAX_TOTAL:
+    if not (total.isascii() and total.isdigit()) or int(total) > MAX_TOTAL:
         raise _invalid(path, f"total {total[:40]!r} is not a count")
     parts = {}
     with open(path, "rb") as f:
