@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import os
 import sys
 import tempfile
@@ -26,6 +27,32 @@ from machine import cpu_description
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+class _HintCounter(logging.Handler):
+    """Counts the runner's and the shipped-histogram reader's messages (the cases run with the
+    package's loggers at ERROR: these two are set to INFO and kept to this handler)."""
+
+    MESSAGES = {
+        "used": "FFG histogram shipped with the expert",
+        "ignored": "ignoring its FFG histogram",
+        "redone": "merging again from a fresh count",
+    }
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: collections.Counter[str] = collections.Counter()
+        for name in ("ota_trainer.merger.runner", "ota_trainer.merger.ffg_shipped"):
+            log = logging.getLogger(name)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+            log.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for key, message in self.MESSAGES.items():
+            if message in text:
+                self.counts[key] += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     outcomes: collections.Counter[str] = collections.Counter()
+    hints = _HintCounter()  # what the experts' shipped FFG histograms did (the template's ship them)
     with tempfile.TemporaryDirectory(prefix="ota-fuzz-template-") as root:
         template = build_template(Path(root) / "template")
 
@@ -67,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{total} cases (seed {args.seed}) in {seconds:.0f} s; CPU: {cpu_description()}")
     for name, n in outcomes.most_common():
         print(f"  {name:<26} {n:>6}  ({n / max(total, 1):.0%})")
+    print(
+        f"shipped FFG histograms: used for {hints.counts['used']} experts, ignored as damaged "
+        f"{hints.counts['ignored']} times; their proof failed and the merge was redone {hints.counts['redone']} times"
+    )
     if failed is not None:
         import traceback
 
