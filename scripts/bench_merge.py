@@ -408,6 +408,19 @@ with open(out, "wb", buffering=0) as w:
 """
 
 
+def merge_command(recipe: Path, out: Path) -> list[str]:
+    """Our merge of ``recipe`` into ``out``: the CLI users run, or the library call without it."""
+    if MERGE_CLI.is_file():
+        return [sys.executable, str(MERGE_CLI), "--recipe", str(recipe), "--out", str(out), "--overwrite", "--quiet"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys, ota_trainer; ota_trainer.merge(sys.argv[1], sys.argv[2], overwrite=True, quiet=True)",
+        str(recipe),
+        str(out),
+    ]
+
+
 def ota_recipe(ckpt: Path, method: str, experts: Path | None = None) -> dict:
     models = [{"model": str((experts or ckpt) / e)} for e in EXPERTS]
     params = {"density": DENSITY}
@@ -512,34 +525,15 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
         recipe = logs / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, method), sort_keys=False))
         out = outs / method
-        if MERGE_CLI.is_file():
-            cmd = [py, str(MERGE_CLI), "--recipe", str(recipe), "--out", str(out), "--overwrite", "--quiet"]
-        else:
-            cmd = [
-                py,
-                "-c",
-                "import sys, ota_trainer; ota_trainer.merge(sys.argv[1], sys.argv[2], overwrite=True, quiet=True)",
-                str(recipe),
-                str(out),
-            ]
+        cmd = merge_command(recipe, out)
         contenders.append((f"ours: {method}", cmd, input_files(ckpt, moments=method == "ota"), out, "", first))
         if method == "ota" and args.shipped:
             # (first: its hard links change the inputs' ctime, which the re-merge's cache keys hold)
             shipped = ship_histograms(ckpt, lambda m: log(f"[{label}] {SHIPPED}: {m}"))
             shipped_recipe = logs / "ota_shipped.yaml"
             shipped_recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, method, shipped), sort_keys=False))
-            shipped_cmd = [
-                py,
-                str(MERGE_CLI),
-                "--recipe",
-                str(shipped_recipe),
-                "--out",
-                str(out),
-                "--overwrite",
-                "--quiet",
-            ]
             files = input_files(ckpt, moments=True, experts=shipped)
-            contenders.append((SHIPPED, shipped_cmd, files, out, "", first))
+            contenders.append((SHIPPED, merge_command(shipped_recipe, out), files, out, "", first))
         if method == "ota" and args.remerge:
             from ota_trainer.merger.ffg_cache import RACY_S
 

@@ -39,7 +39,14 @@ from pathlib import Path
 from ..backends.thresholds import BIN_SHIFT, N_BINS, SCORES, Histogram
 from ..errors import FormatError
 from ..io.folders import ModelLayout
-from ..io.layout import FFG_HISTOGRAM_FILE, MOMENTS_DIR, confined_file, read_safetensors_layout, safetensors_header
+from ..io.layout import (
+    FFG_HISTOGRAM_FILE,
+    MOMENTS_DIR,
+    confined_file,
+    read_safetensors_layout,
+    remove_dead_leftovers,
+    safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +136,8 @@ def open_shipped(model: ModelLayout) -> ShippedHistogram | None:
 def write_histogram(
     folder: str | os.PathLike, hist: Histogram, describes: dict[str, str], meta: dict[str, str]
 ) -> Path:
-    """Write ``<folder>/ota/ffg_histogram.safetensors`` atomically (a temporary file renamed)."""
+    """Write ``<folder>/ota/ffg_histogram.safetensors`` atomically, as the moments are written
+    (``<name>.tmp-<PID>`` renamed over it; what a killed writer left is removed first)."""
     bins, counts = array("q", hist.bins), array("q", hist.counts)
     if sys.byteorder != "little":
         bins.byteswap()
@@ -141,7 +149,8 @@ def write_histogram(
     )
     dest = Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    remove_dead_leftovers(dest)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(head + bins.tobytes() + counts.tobytes())

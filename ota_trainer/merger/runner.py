@@ -179,26 +179,28 @@ def _domain(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> list[str]:
     return [n for n in inputs.float_names if n in inputs.moments[i].stored]
 
 
-def _histogram_key(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> str | None:
+def _saliency(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> tuple[str, float | None]:
+    """Expert ``i``'s FFG saliency in this merge: its score, and the scale its moments are read
+    with (None for the magnitude score, which reads no moments)."""
     params = recipe.method_parameters()
-    moments = inputs.moments[i]
-    magnitude = params.get("score") == "magnitude"
+    score = params.get("score") or SCORES[0]
+    return score, None if score == "magnitude" else inputs.moments[i].scale(params.get("bias_correction", True))
+
+
+def _histogram_key(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> str | None:
+    score, scale = _saliency(recipe, inputs, i)
     names = inputs.float_names
     files = [inputs.base.file(n) for n in names] + [inputs.experts[i].file(n) for n in names]
-    if not magnitude:
-        files.append(moments.path)
-    scale = None if magnitude else moments.scale(params.get("bias_correction", True))
-    return ffg_cache.histogram_key(files, names, params.get("score") or SCORES[0], scale)
+    if scale is not None:
+        files.append(inputs.moments[i].path)
+    return ffg_cache.histogram_key(files, names, score, scale)
 
 
 def domain_description(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> dict[str, str]:
     """What expert ``i``'s FFG histogram is a histogram of, in this merge (:func:`.ffg_shipped.describe`)."""
-    params = recipe.method_parameters()
-    magnitude = params.get("score") == "magnitude"
     names = _domain(recipe, inputs, i)
     total = sum(math.prod(inputs.template.tensors[n].shape) for n in names)
-    scale = None if magnitude else inputs.moments[i].scale(params.get("bias_correction", True))
-    return describe(params.get("score") or SCORES[0], scale, names, total)
+    return describe(*_saliency(recipe, inputs, i), names, total)
 
 
 def count_histograms(recipe: MergeRecipe, inputs: MergeInputs, experts: list[int], *, quiet: bool = True):

@@ -158,11 +158,13 @@ def _table(s: dict, caps: list[str]) -> list[str]:
     return lines
 
 
+def _cell(d: dict | None, digits: int = 2) -> str:
+    """An interval as stored in the summary (``Interval.as_dict``), formatted; empty when missing."""
+    return _fmt(stats.Interval(d["est"], d["lo"], d["hi"]), digits) if d else ""
+
+
 def _scale_md(scale: dict, study: dict, caps: list[str]) -> list[str]:
     """The scale study's tables (``study``: what bench_quality.py trained and merged for it)."""
-
-    def cell(d, digits=2):
-        return _fmt(stats.Interval(**d), digits) if d else ""
 
     variants = study.get("variants", {})
     made = ", ".join(
@@ -179,8 +181,8 @@ def _scale_md(scale: dict, study: dict, caps: list[str]) -> list[str]:
     for m in sorted({k.split("/", 1)[1] for k in scale if k.startswith(("reference/", "mixed/"))}):
         ref, mix = scale.get(f"reference/{m}", {}), scale.get(f"mixed/{m}", {})
         md.append(
-            f"| {m} | {cell(ref.get('normalised'))} | {cell(mix.get('normalised'))} | "
-            f"{cell(mix.get('minus_reference'), 3)} |"
+            f"| {m} | {_cell(ref.get('normalised'))} | {_cell(mix.get('normalised'))} | "
+            f"{_cell(mix.get('minus_reference'), 3)} |"
         )
     md += ["", "| model | capability | accuracy (dev) | normalised (dev) |", "|---|---|---|---|"]
     pair = " + ".join(study.get("lr_pair", []))
@@ -188,7 +190,7 @@ def _scale_md(scale: dict, study: dict, caps: list[str]) -> list[str]:
         if "capability" in e:
             kind, name = key.split("/", 1)
             who = f"{pair}, {name}" if kind == "lr_pair" else f"expert {name}"
-            md.append(f"| {who} | {e['capability']} | {cell(e['accuracy'])} | {cell(e.get('normalised'))} |")
+            md.append(f"| {who} | {e['capability']} | {_cell(e['accuracy'])} | {_cell(e.get('normalised'))} |")
     return md
 
 
@@ -327,9 +329,6 @@ def compact(summary: dict) -> str:
         return ""
     s0 = summary["seeds"][seeds[0]]
 
-    def cell(d, digits=2):
-        return _fmt(stats.Interval(d["est"], d["lo"], d["hi"]), digits) if d else ""
-
     lines = ["| method | " + " | ".join(f"normalised, seed {s}" for s in seeds)]
     lines[0] += " | " + " | ".join(f"general kept, seed {s}" for s in seeds)
     lines[0] += " | " + " | ".join(f"KL, seed {s}" for s in seeds) + " |"
@@ -338,9 +337,9 @@ def compact(summary: dict) -> str:
         rows = [summary["seeds"][s]["five"].get(m) for s in seeds]
         lines.append(
             f"| {m} | "
-            + " | ".join(cell(r["normalised"]) if r else "" for r in rows)
+            + " | ".join(_cell(r["normalised"]) if r else "" for r in rows)
             + " | "
-            + " | ".join(cell(r["general"]) if r and r["general"] else "" for r in rows)
+            + " | ".join(_cell(r["general"]) if r and r["general"] else "" for r in rows)
             + " | "
             + " | ".join(f"{r['kl']:.2f}" if r and r["kl"] is not None else "" for r in rows)
             + " |"
@@ -352,13 +351,13 @@ def compact(summary: dict) -> str:
         lines.append("|---" * (1 + len(seeds)) + "|")
         for m in sorted(s0[key]):
             ds = [summary["seeds"][s][key].get(m) for s in seeds]
-            lines.append(f"| {m} | " + " | ".join(cell(d, 3) for d in ds) + " |")
+            lines.append(f"| {m} | " + " | ".join(_cell(d, 3) for d in ds) + " |")
     labels = sorted({k for s in seeds for k in summary["seeds"][s]["sweeps"]})
     if labels:
         lines += ["", "| setting (dev split) | " + " | ".join(f"normalised, seed {s}" for s in seeds) + " |"]
         lines.append("|---" * (1 + len(seeds)) + "|")
         for label in labels:
             lines.append(
-                f"| {label} | " + " | ".join(cell(summary["seeds"][s]["sweeps"].get(label)) for s in seeds) + " |"
+                f"| {label} | " + " | ".join(_cell(summary["seeds"][s]["sweeps"].get(label)) for s in seeds) + " |"
             )
     return "\n".join(lines)
