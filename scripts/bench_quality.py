@@ -440,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    seed {seed} five ota dev choice ({chosen}): {report.brief(res, caps)}", flush=True)
             report.write(out, results, caps)
     five_way([m for m in methods if m not in core])
+    if variants:
+        results["scale_study"] = {
+            "variants": {name: {"capability": c, "overrides": o} for name, (c, o) in variants.items()},
+            "lr_pair": list(LR_PAIR),
+        }
+        for seed in seeds:
+            scale_study(seed)
+
     if cfg["pairs"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
@@ -460,14 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                     )
             print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
             report.write(out, results, caps)
-    if variants:
-        results["scale_study"] = {
-            "variants": {name: {"capability": c, "overrides": o} for name, (c, o) in variants.items()},
-            "lr_pair": list(LR_PAIR),
-        }
-        for seed in seeds:
-            scale_study(seed)
-
     print("[6] report", flush=True)
     report.write(out, results, caps)
     print(f"done in {time.perf_counter() - t0:.0f}s: {out / 'results.md'}", flush=True)
