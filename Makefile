@@ -30,9 +30,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 # DeepSpeed on a CPU machine: its full dependency set pulls GPU packages, so --no-deps + what it needs.
+# It compiles its CPU shared-memory comm op on first use (~75 s on 2 cores, cached in
+# ~/.cache/torch_extensions): built here, with the install, not inside the first ZeRO run.
 deepspeed: $(STAMP)
 	$(PY) -m pip install -q deepspeed==0.19.8 --no-deps
 	$(PY) -m pip install -q hjson py-cpuinfo ninja msgpack einops nvidia-ml-py
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b is None or b.load()"
 
 bench: $(STAMP)
 	$(PY) scripts/bench_merge.py
