@@ -261,3 +261,74 @@ def test_push_expert_ships_the_histogram_and_a_merge_of_repo_ids_uses_it(local_h
         )
     assert caplog.text.count(SHIPPED) == 2 and REDONE not in caplog.text
     _same_bytes(models["fresh"], tmp_path / "out")
+
+
+# -- shipped by OTACallback at the end of training ---------------------------------------------------
+HISTOGRAM = ("ota", "ffg_histogram.safetensors")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_callback_ships_the_histogram_a_fresh_count_of_the_saved_expert_gives(tmp_path, tie, caplog):
+    """Counted from the weights in memory before save_model(): the bytes save_ffg_histogram
+    counts from the saved files, and a first merge uses it."""
+    from test_capture import make_trainer
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer import OTACallback
+    from ota_trainer.testing.tiny import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", tie=tie)
+    out = tmp_path / "expert"
+    model = AutoModelForCausalLM.from_pretrained(base)  # its config names the base folder
+    trainer = make_trainer(out, callback=OTACallback(), model=model, save_strategy="no", max_steps=3)
+    trainer.train()
+    shipped = out.joinpath(*HISTOGRAM)
+    assert shipped.is_file() and not (out / "model.safetensors").exists()
+    ours = shipped.read_bytes()
+    trainer.save_model()
+    save_ffg_histogram(out, base)  # a fresh count of the saved files, over it
+    assert shipped.read_bytes() == ours
+    recipe = {"method": "ota", "base_model": str(base), "parameters": {"density": 0.4}, "models": [str(out)]}
+    log = _merge_logged(recipe, tmp_path / "merged", caplog)
+    assert SHIPPED in log and REDONE not in log
+
+
+def test_a_stale_histogram_goes_at_train_begin_and_none_is_shipped_when_off_or_without_a_local_base(tmp_path, caplog):
+    from test_capture import make_trainer
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer import OTACallback
+    from ota_trainer.moments.format import has_moments
+    from ota_trainer.testing.tiny import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base")
+    out = tmp_path / "expert"
+    stale = out.joinpath(*HISTOGRAM)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier run")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    make_trainer(out, callback=OTACallback(ship_ffg_histogram=False), model=model, save_strategy="no").train()
+    assert has_moments(out) and not stale.exists()
+
+    caplog.clear()  # a base named for the merger that is not on this machine, and a model built from a config
+    with caplog.at_level(logging.INFO, logger="ota_trainer"):
+        make_trainer(out, callback=OTACallback(base_model="nobody/nothing"), save_strategy="no").train()
+    assert has_moments(out) and not stale.exists()
+    assert "no FFG histogram shipped" in caplog.text and "nobody/nothing" in caplog.text
+
+
+@pytest.mark.parametrize("expert", ["e1", "e2"])  # rank-one and full moments
+def test_a_histogram_of_weights_in_memory_equals_the_count_of_the_same_weights_saved(bf16_models, expert, tmp_path):
+    from safetensors.torch import load_file
+
+    from ota_trainer.merger.ffg_shipped import ship_histogram_of_weights
+
+    src = bf16_models[expert]
+    weights = load_file(str(src / "model.safetensors"))  # bf16, as saved
+    mem, saved = shutil.copytree(src, tmp_path / "mem"), shutil.copytree(src, tmp_path / "saved")
+    ship_histogram_of_weights(mem, bf16_models["base"], weights)
+    save_ffg_histogram(saved, bf16_models["base"])
+    assert mem.joinpath(*HISTOGRAM).read_bytes() == saved.joinpath(*HISTOGRAM).read_bytes()
+    del weights[next(iter(weights))]
+    with pytest.raises(ValueError, match="is missing"):
+        ship_histogram_of_weights(mem, bf16_models["base"], weights)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ota_trainer"
 ALLOWED = {
     "io": set(),
     "moments": {"io"},
-    "capture": {"moments", "io"},
+    "capture": {"moments", "io", "merger"},  # (lazily) the callback ships the FFG histogram: merger.ffg_shipped
     "backends": {"io", "moments"},
     "merger": {"backends", "io", "moments"},
     "hub": {"merger", "io", "moments"},

@@ -137,7 +137,7 @@ def test_config_trains_two_steps(path, train_sft, tiny_model_dir, tmp_path):
         meta = load_moments(out).metadata
         assert meta["capture"] == "lora" and meta["lora"]["r"] == cfg["lora"]["r"]
         assert not (out / "ota" / "ffg_histogram.safetensors").exists()  # (adapters are materialised per merge)
-    else:  # the expert ships its FFG histogram, counted against the base after the final save
+    else:  # the expert ships its FFG histogram (OTACallback, at the end of training)
         from ota_trainer.merger.ffg_shipped import open_shipped
         from ota_trainer.merger.inputs import open_model
 

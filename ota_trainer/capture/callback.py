@@ -12,7 +12,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..io.layout import remove_dead_leftovers
+from ..io.layout import FFG_HISTOGRAM_FILE, MOMENTS_DIR, remove_dead_leftovers
 from ..moments.format import (
     COMPRESSIONS,
     FORMAT_VERSION_TAG,
@@ -41,6 +41,27 @@ STAGING_DIR = "_ota-staging"
 ``_`` is in the ignore patterns of ``Trainer.push_to_hub`` and ``Trainer._push_from_checkpoint``
 (``"_*"``), and the hidden step folder in those of ``ota_trainer.hub.push_expert`` (``"**/.*"``),
 so a staging folder left by a killed run is never uploaded by them."""
+
+
+def histogram_path(folder: str | os.PathLike) -> Path:
+    """Where an expert ships its FFG histogram: ``<folder>/ota/ffg_histogram.safetensors``."""
+    return Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE
+
+
+def _first_local(candidates: list[tuple[str, str | None]]) -> Path:
+    """The first (name or folder, revision) found locally (:func:`~ota_trainer.merger.ffg_shipped.resolve_base`).
+
+    Raises:
+        ValueError: none is."""
+    from ..merger.ffg_shipped import resolve_base
+
+    for name, revision in candidates:
+        try:
+            return resolve_base(name, revision)
+        except (OSError, ValueError):
+            continue
+    found = ", ".join(str(n) for n, _ in candidates) or "none named"
+    raise ValueError(f"the base model is not on this machine ({found}; OTACallback(base_model=...))")
 
 
 def _checkpoint_dir(args: Any, state: Any) -> Path:
@@ -267,6 +288,14 @@ class OTACallback(TrainerCallback):
             between take the captured step's squared gradient with Adam's weights.
         lora_window: LoRA: capture only the run's last this many steps (None: the whole run);
             the stored factors are scaled so that the merger's bias correction is the window's.
+        ship_ffg_histogram: at the end of training, also write the expert's FFG saliency histogram
+            to ``output_dir/ota/ffg_histogram.safetensors`` (counted from the weights in memory
+            against the base's files and the moments just written; ``save_model`` /
+            ``push_to_hub`` then save and upload it with them), so a first merge of the expert
+            skips FFG's histogram pass (:mod:`ota_trainer.merger.ffg_shipped`; the merge proves
+            it, so it can cost time, never bytes). Only where the full weights are in this
+            process (single process, DDP; not ZeRO/FSDP2, not LoRA adapters) and the base is a
+            local folder or in the Hugging Face cache; otherwise it is skipped with a log line.
 
     Bias correction is recorded by default, not applied: files hold the raw ``exp_avg_sq``
     with ``bias_corrected: false``, ``beta2`` and ``step``; the merger divides by
@@ -293,6 +322,7 @@ class OTACallback(TrainerCallback):
         lora_estimator: str = "exact",
         lora_every: int = 1,
         lora_window: int | None = None,
+        ship_ffg_histogram: bool = True,
     ):
         if compression not in COMPRESSIONS:
             raise ConfigError(f"OTACallback(compression={compression!r}): choose one of {COMPRESSIONS}")
@@ -310,6 +340,7 @@ class OTACallback(TrainerCallback):
         self.base_model = base_model
         self.base_model_revision = base_model_revision
         self.tag_model_card = tag_model_card
+        self.ship_ffg_histogram = ship_ffg_histogram
         self._training = False
         self._verified = False
         self._engine: str | None = None
@@ -499,10 +530,10 @@ class OTACallback(TrainerCallback):
             )
         if self.tag_model_card and hasattr(model, "add_model_tags"):
             model.add_model_tags([MERGE_READY_TAG, FORMAT_VERSION_TAG])
-        stale = moments_path(args.output_dir)
-        if _is_writer(args) and stale.is_file():
-            logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
-            stale.unlink()
+        for stale in (moments_path(args.output_dir), histogram_path(args.output_dir)):
+            if _is_writer(args) and stale.is_file():
+                logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
+                stale.unlink()
         if _is_writer(args) and _staging_root(args).exists():
             logger.warning("OTA: removing %s left by an interrupted run", _staging_root(args))
             _remove_staging(args)
@@ -618,6 +649,7 @@ class OTACallback(TrainerCallback):
             if _is_writer(args):
                 _copy_moments(Path(best), out)
                 logger.info("OTA: best checkpoint %s loaded at end; its moments copied to %s", best, out)
+                self._ship_histogram(out, model)
             return control
         # The optimizer state of the last step was already captured for its checkpoint: that
         # capture's time and flag are reused, so output_dir/ota/ gets the same bytes as
@@ -639,7 +671,34 @@ class OTACallback(TrainerCallback):
             raise CaptureError(f"capturing second moments at the end of training failed; {where}. Cause: {e}") from e
         if self._lora is not None:
             self._lora.remove()  # the hooks go with the run
+        elif _is_writer(args):
+            self._ship_histogram(out, model)
         return control
+
+    def _ship_histogram(self, out: Path, model: Any) -> None:
+        """``ship_ffg_histogram``: the expert's FFG histogram beside its moments in ``out``, from the
+        weights in memory. Never fails the run: a histogram only saves a merge time."""
+        if not self.ship_ffg_histogram or self._lora is not None or not has_moments(out):
+            return
+        if self._engine != "local":
+            logger.info(
+                "OTA: no FFG histogram shipped under %s (call ota_trainer.save_ffg_histogram after saving)",
+                self._engine,
+            )
+            return
+        from ..errors import OTAError
+        from ..merger.ffg_shipped import ship_histogram_of_weights
+
+        config = getattr(model, "config", None)
+        loaded = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        candidates = [(self.base_model, self.base_model_revision), (loaded, getattr(config, "_commit_hash", None))]
+        try:  # the base named for the merger first, else the weights training started from
+            base = _first_local([(n, r) for n, r in candidates if n])
+            params, _ = named_trainable_parameters(model)
+            weights = {n: p.param for p in params for n in (p.name, *p.aliases)}
+            ship_histogram_of_weights(out, base, weights)
+        except (OTAError, OSError, ValueError, RuntimeError) as e:
+            logger.warning("OTA: no FFG histogram shipped with %s (merges count it themselves): %s", out, e)
 
     def _save_model_after_failure(self, args: Any, model: Any, processing_class: Any) -> bool:
         if self._engine != "local" or not hasattr(model, "save_pretrained"):

@@ -150,32 +150,10 @@ def train(cfg: dict[str, Any]):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "ota_train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     trainer.train(resume_from_checkpoint=sft.get("resume_from_checkpoint"))
-    trainer.save_model(args.output_dir)
-    if peft_config is None and trainer.is_world_process_zero():
-        ship_histogram(args.output_dir, cfg["model"])
+    trainer.save_model(args.output_dir)  # beside the moments and FFG histogram OTACallback wrote
     if args.push_to_hub:
         trainer.push_to_hub()
     return trainer
-
-
-def ship_histogram(output_dir: str | Path, base: str) -> Path | None:
-    """Write the expert's FFG histogram beside its moments (:func:`ota_trainer.save_ffg_histogram`),
-    so that its first merge skips FFG's histogram pass; ``base``: the folder or repo id it was
-    fine-tuned from (a repo id is read from the local Hugging Face cache, where loading it put it).
-    A failure only costs that saving: it is logged, not raised."""
-    from ..errors import OTAError
-    from ..merger.ffg_shipped import save_ffg_histogram
-
-    try:
-        folder = Path(base)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(base, local_files_only=True))
-        return save_ffg_histogram(output_dir, folder)
-    except (OTAError, OSError, ValueError) as e:
-        logger.warning("no FFG histogram shipped with %s (merges count it themselves): %s", output_dir, e)
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

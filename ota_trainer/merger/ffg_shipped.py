@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import sys
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..backends.thresholds import BIN_SHIFT, N_BINS, SCORES, Histogram
 from ..errors import FormatError
@@ -48,9 +51,21 @@ from ..io.layout import (
     safetensors_header,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ShippedHistogram", "describe", "open_shipped", "save_ffg_histogram"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ShippedHistogram",
+    "describe",
+    "open_shipped",
+    "resolve_base",
+    "save_ffg_histogram",
+    "ship_histogram_of_weights",
+]
 
 FORMAT = "ota_trainer.ffg_histogram"
 FORMAT_VERSION = "1"
@@ -207,4 +222,79 @@ def save_ffg_histogram(
     meta = {"base_model": str(inputs.moments[0].metadata.get("base_model") or Path(base).name)}
     written = write_histogram(inputs.experts[0].path, hist, describes, meta)
     logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", expert, hist.total, len(hist.bins), written)
+    return written
+
+
+def resolve_base(base: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of the base an expert was fine-tuned from: ``base`` itself when it is a
+    folder, else a repo id's snapshot in the local Hugging Face cache (where loading it put it;
+    nothing is downloaded).
+
+    Raises:
+        OSError, ValueError: no such folder, and not in the cache."""
+    folder = Path(base)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(base), revision=revision, local_files_only=True))
+
+
+def ship_histogram_of_weights(
+    expert: str | os.PathLike,
+    base: str | os.PathLike,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    score: str = SCORES[0],
+    bias_correction: bool = True,
+) -> Path:
+    """:func:`save_ffg_histogram` for weights still in memory: the ones about to be saved to
+    ``expert`` (``OTACallback`` calls it at the end of training, when the moments are in
+    ``<expert>/ota/`` and the weights not yet saved: the Trainer fires no callback after its final
+    save). It counts what a merge would count from the saved files: the base's floating tensors
+    that the moments hold (read from ``base``, as stored), against ``weights[name]`` (the saved
+    names; same dtypes as saved), with the moments as the merger reads them.
+
+    Args:
+        expert: the folder the moments were written to (and the weights will be).
+        base: the base model's folder.
+        weights: saved name -> tensor (any device; viewed, not copied, on the CPU).
+
+    Raises:
+        FormatError: the base or the moments are not valid. ValueError: a tensor the moments
+            hold is missing from ``weights`` or the base, or their sizes differ."""
+    from ..backends.torch import count_saliencies, moment_view, saliency_score
+    from ..io.checkpoint import ModelFolder
+    from ..io.folders import open_model, open_moments_file
+    from ..io.layout import FLOAT_DTYPES, MOMENTS_FILE, matrix_view
+    from ..moments.format import MomentsReader
+
+    label = str(expert)
+    base_layout = open_model(base, str(base))
+    info = base_layout.tensors
+    layout = open_moments_file(Path(expert) / MOMENTS_DIR / MOMENTS_FILE, label)
+    moments = MomentsReader(layout, bias_correction=bias_correction, model=label)
+    names = [n for n in base_layout.names if info[n].dtype in FLOAT_DTYPES and (score == "magnitude" or n in moments)]
+    for n in names:
+        if n not in weights or weights[n].numel() != math.prod(info[n].shape):
+            have = "missing" if n not in weights else f"{weights[n].numel()} entries"
+            raise ValueError(f"{label}: weight {n!r} is {have}; the base's has {math.prod(info[n].shape)}")
+    base_folder = ModelFolder(base_layout)
+
+    def tensors():
+        for n in names:
+            shape = matrix_view(info[n].shape)
+            w = weights[n].detach().to("cpu").reshape(shape).contiguous()
+            sc = saliency_score(moment_view(moments, n, shape), score)
+            yield base_folder.view(n).reshape(shape), [w], [sc]
+
+    try:
+        (hist,) = count_saliencies(tensors(), 1)
+    finally:
+        base_folder.close()
+    total = sum(math.prod(info[n].shape) for n in names)
+    describes = describe(score, None if score == "magnitude" else layout.scale(bias_correction), names, total)
+    meta = {"base_model": str(moments.metadata.get("base_model") or Path(base).name)}
+    written = write_histogram(expert, hist, describes, meta)
+    logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", label, hist.total, len(hist.bins), written)
     return written

@@ -14,7 +14,7 @@ PyTorch gives: which input is not finite).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,15 @@ from .ops import Curvature
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TorchBackend", "TensorJob", "row_blocks", "BLOCK_ELEMENTS"]
+__all__ = [
+    "TorchBackend",
+    "TensorJob",
+    "count_saliencies",
+    "moment_view",
+    "saliency_score",
+    "row_blocks",
+    "BLOCK_ELEMENTS",
+]
 
 # Tensors are merged in row blocks of this many entries: the chain of element-wise operations
 # then works on ~2 MB float32 temporaries that stay in cache and are reused by the allocator,
@@ -54,6 +62,58 @@ def curvatures(moments: list, power: float, normalise: str) -> list[Curvature]:
         Curvature.rank1(*mo, power, normalise) if isinstance(mo, tuple) else Curvature.full(mo, power, normalise)
         for mo in moments
     ]
+
+
+def moment_view(
+    moments: MomentsReader | None, name: str, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+    """An expert's second moment of ``name`` for its (m, n) view ``shape``: rank-one factors
+    ``(a, b)``, the full float32 ``v``, or None (no moments for it)."""
+    if moments is None or name not in moments:
+        return None
+    ab = moments.rank1(name)
+    if ab is not None:
+        return ab
+    return moments[name].reshape(shape).contiguous()
+
+
+def saliency_score(moment, score: str | None) -> Score | None:
+    """FFG saliency of an expert's edits of one tensor, from :func:`moment_view`'s result and the
+    recipe's ``score``; None when FFG keeps it whole (no moments)."""
+    if score == "magnitude":
+        return Score("magnitude")
+    if moment is None:
+        return None
+    return Score.rank1(*moment) if isinstance(moment, tuple) else Score("full", v=moment)
+
+
+@torch.no_grad()
+def count_saliencies(tensors: Iterable[tuple[torch.Tensor, list[torch.Tensor], list[Score | None]]], k: int):
+    """``k`` experts' FFG saliencies counted into a histogram each, tensor after tensor: ``tensors``
+    yields each tensor's base and expert values as contiguous (m, n) views in their stored dtypes,
+    and each expert's :class:`~.ffg.Score` (None: not counted). The native kernels count where
+    they read the dtypes (same bins, several threads), PyTorch in row blocks elsewhere.
+
+    Returns:
+        A :class:`~ota_trainer.backends.thresholds.Histogram` per expert."""
+    hists = [SaliencyHistogram() for _ in range(k)]
+    ops = counter = None
+    if native.available():
+        from ..native import ops
+
+        counter = ops.SaliencyCounter(hists)
+    for w0r, experts, scores in tensors:
+        if counter is not None and ops.supports(w0r.dtype, *(e.dtype for e in experts)):
+            counter.add(w0r, experts, scores)
+            continue
+        for rows in row_blocks(*w0r.shape):
+            w0 = w0r[rows].float()
+            for h, e, sc in zip(hists, experts, scores):
+                if sc is not None:
+                    h.add(sc.block(torch.sub(e[rows], w0), rows))
+    if counter is not None:
+        counter.flush()
+    return [Histogram.from_dense(memoryview(h.counts.numpy()).cast("B").cast("q"), h.total) for h in hists]
 
 
 class TorchBackend:
@@ -116,23 +176,12 @@ class TorchBackend:
         return folder.view(name).reshape(matrix_view(self.template.tensors[name].shape))
 
     def moment(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
-        """Expert i's second moment of ``name``: rank-one factors ``(a, b)`` of its (m, n) view, the
-        full (m, n) float32 ``v``, or None (no moments for it)."""
-        mom = self.moments[i]
-        if mom is None or name not in mom:
-            return None
-        ab = mom.rank1(name)
-        if ab is not None:
-            return ab
-        return mom[name].reshape(matrix_view(self.template.tensors[name].shape)).contiguous()
+        """Expert i's second moment of ``name`` (:func:`moment_view`)."""
+        return moment_view(self.moments[i], name, matrix_view(self.template.tensors[name].shape))
 
     def score(self, moment) -> Score | None:
-        """FFG saliency of an expert's edits of one tensor, or None when FFG keeps it whole (no moments)."""
-        if self.params.get("score") == "magnitude":
-            return Score("magnitude")
-        if moment is None:
-            return None
-        return Score.rank1(*moment) if isinstance(moment, tuple) else Score("full", v=moment)
+        """FFG saliency of an expert's edits of one tensor (:func:`saliency_score`)."""
+        return saliency_score(moment, self.params.get("score"))
 
     def native_ops(self, name: str, folders: Sequence[ModelFolder], out_dtype: torch.dtype | None = None):
         """The native kernels' PyTorch adapters when they read (and write) this tensor's dtypes, else None."""
@@ -152,33 +201,15 @@ class TorchBackend:
     # -- FFG's first pass -------------------------------------------------------------------------
     def histograms(self, experts: list[int], names: list[str]) -> list[Histogram]:
         """Every listed expert's saliencies over ``names`` counted into its histogram."""
-        hists = {i: SaliencyHistogram() for i in experts}
         folders = [self.experts[i] for i in experts]
-        counter = None
-        if native.available():
-            from ..native import ops
 
-            counter = ops.SaliencyCounter([hists[i] for i in experts])
-        for k, name in enumerate(tqdm(names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
-            self.prefetch(names[k + 1 : k + 2], [self.base] + folders)
-            w0r = self.raw(self.base, name)
-            tensors = [self.raw(f, name) for f in folders]
-            scores = [self.score(self.moment(i, name)) for i in experts]
-            if counter is not None and self.native_ops(name, [self.base] + folders) is not None:
-                counter.add(w0r, tensors, scores)
-            else:
-                for rows in row_blocks(*w0r.shape):
-                    w0 = w0r[rows].float()
-                    for i, e, sc in zip(experts, tensors, scores):
-                        if sc is not None:
-                            hists[i].add(sc.block(torch.sub(e[rows], w0), rows))
-            del w0r, tensors, scores
-        if counter is not None:
-            counter.flush()
-        return [
-            Histogram.from_dense(memoryview(hists[i].counts.numpy()).cast("B").cast("q"), hists[i].total)
-            for i in experts
-        ]
+        def tensors():
+            for k, name in enumerate(tqdm(names, desc="FFG thresholds", unit="tensor", disable=self.quiet)):
+                self.prefetch(names[k + 1 : k + 2], [self.base] + folders)
+                scores = [self.score(self.moment(i, name)) for i in experts]
+                yield self.raw(self.base, name), [self.raw(f, name) for f in folders], scores
+
+        return count_saliencies(tensors(), len(experts))
 
     # -- the merge ------------------------------------------------------------------------------------
     def merge_tensor(
