@@ -41,6 +41,7 @@ def test_bench_capture_runs_and_reports_every_figure(tmp_path):
     # full moments hold one fp32 value per parameter: about the fp32 weights' size; rank-one far less
     assert 0.9 < row["full"]["vs_fp32_weights"] < 1.2
     assert row["rank1"]["bytes"] < row["full"]["bytes"] / 5
+    assert row["histogram"]["s"] > 0 and "FFG histogram at the end of training" in r.stdout
 
 
 def test_bench_capture_lora_reports_step_cost_and_agreement(tmp_path):
