@@ -60,7 +60,7 @@ def _first_local(candidates: list[tuple[str, str | None]]) -> Path:
             return resolve_base(name, revision)
         except (OSError, ValueError):
             continue
-    found = ", ".join(str(n) for n, _ in candidates) or "none named"
+    found = ", ".join(str(n) for n, _ in candidates)
     raise ValueError(f"the base model is not on this machine ({found}; OTACallback(base_model=...))")
 
 
@@ -692,8 +692,12 @@ class OTACallback(TrainerCallback):
         config = getattr(model, "config", None)
         loaded = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         candidates = [(self.base_model, self.base_model_revision), (loaded, getattr(config, "_commit_hash", None))]
-        try:  # the base named for the merger first, else the weights training started from
-            base = _first_local([(n, r) for n, r in candidates if n])
+        candidates = [(n, r) for n, r in candidates if n]  # the base named for the merger first
+        if not candidates:  # a model built from a config: no base to count against
+            logger.info("OTA: no FFG histogram shipped: the model names no base (OTACallback(base_model=...))")
+            return
+        try:
+            base = _first_local(candidates)
             params, _ = named_trainable_parameters(model)
             weights = {n: p.param for p in params for n in (p.name, *p.aliases)}
             ship_histogram_of_weights(out, base, weights)
