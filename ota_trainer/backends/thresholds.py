@@ -152,24 +152,6 @@ class Histogram:
             out[b] = c
         return out
 
-    def without_zeros(self, n: int) -> Histogram:
-        """This histogram less ``n`` entries of saliency 0 (bin 0): entries an expert does not edit
-        at all (a LoRA adapter's untouched weights), which a density should not count.
-
-        Raises:
-            ValueError: bin 0 holds fewer than ``n`` entries.
-        """
-        if n == 0:
-            return self
-        zeros = self.counts[0] if self.bins and self.bins[0] == 0 else 0
-        if not 0 <= n <= zeros:
-            raise ValueError(f"cannot remove {n} zero saliencies from a bin 0 of {zeros}")
-        bins, counts = list(self.bins), list(self.counts)
-        counts[0] -= n
-        if counts[0] == 0:
-            del bins[0], counts[0]
-        return Histogram(bins, counts, self.total - n)
-
     def kept(self, threshold: Threshold) -> int:
         """The entries a bin-edge threshold (or keep-everything) keeps."""
         if threshold.keeps_all:

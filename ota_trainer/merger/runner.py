@@ -270,6 +270,20 @@ def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: 
     return out
 
 
+def _count(backend: Any, need: list[int], names: list[str], scopes: list) -> list[Histogram]:
+    """The FFG histograms of experts ``need``, one pass per set of weights they edit: an expert
+    with a scope (a LoRA adapter's adapted weights) is counted over those alone; its other
+    weights are the base's (saliency 0, no edit for a density to count), so they are not read."""
+    groups: dict[frozenset[str] | None, list[int]] = {}
+    for i in need:
+        groups.setdefault(scopes[i], []).append(i)
+    out: dict[int, Histogram] = {}
+    for scope, group in groups.items():
+        counted = backend.histograms(group, names if scope is None else [n for n in names if n in scope])
+        out.update(zip(group, counted))
+    return [out[i] for i in need]
+
+
 def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: bool, scopes: list, cached: bool):
     """The merge backend, started, every expert's FFG threshold (None: per tensor, or none), and,
     for the histograms this merge did not count, what the merge pass must find ({expert:
@@ -316,7 +330,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         backend = NativeBackend(recipe, inputs, quiet=quiet)
         backend.start_reads()
         if need:
-            counted = backend.histograms(need, inputs.float_names)
+            counted = _count(backend, need, inputs.float_names, scopes)
     else:
         counter = thread = None
         failed: list[BaseException] = []
@@ -327,7 +341,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
 
             def count() -> None:
                 try:
-                    counted.extend(counter.histograms(need, inputs.float_names))
+                    counted.extend(_count(counter, need, inputs.float_names, scopes))
                 except BaseException as e:  # noqa: BLE001 - raised in the merge's own thread below
                     failed.append(e)
 
@@ -345,7 +359,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         if counter is not None:
             logger.info("FFG thresholds: saliencies counted by the native kernels while PyTorch loaded")
         elif need:
-            counted = backend.histograms(need, inputs.float_names)
+            counted = _count(backend, need, inputs.float_names, scopes)
     for i, hist in zip(need, counted):
         hists[i] = hist
         if keys.get(i) is not None:
@@ -353,14 +367,6 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
     predicted: dict[int, Prediction] = {}
     for i in todo:
         hist = hists[i]
-        if scopes[i] is not None:  # its other weights are the base's: saliency 0, no edit to count
-            moments = inputs.moments[i]
-            untouched = sum(
-                math.prod(inputs.template.tensors[n].shape)
-                for n in inputs.float_names
-                if n not in scopes[i] and n in moments.stored
-            )
-            hist = hist.without_zeros(untouched)
         p = model_params[i]
         thresholds[i], kept = _threshold(hist, p)
         if i in taken:  # (histograms not counted here are of experts that edit every weight)
