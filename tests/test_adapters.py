@@ -153,6 +153,34 @@ def test_ffg_histograms_of_full_experts_are_cached_not_those_of_adapters(lora, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_adapters_expert_writes_its_adapted_weights_alone_and_reads_the_rest_from_the_base(lora, tmp_path):
+    """The expert an adapter stands for: its adapted weights W0 + scale * B A in the work folder
+    (PEFT's merge_and_unload values), every other tensor the base's own bytes, read in place."""
+    from ota_trainer.io.checkpoint import ModelFolder
+    from ota_trainer.merger.adapters import AdapterExperts
+    from ota_trainer.merger.inputs import open_model
+    from ota_trainer.merger.report import local_resolver
+
+    experts = AdapterExperts(local_resolver, str(lora["base"]), tmp_path / "work")
+    layout = experts(str(lora["a1"]))
+    base, full = open_model(lora["base"]), _weights(lora["a1"].with_name("a1_full"))
+    adapted = experts.edited[str(lora["a1"])]
+    assert adapted and set(layout.names) == set(base.names)
+    written = sum(p.stat().st_size for p in (tmp_path / "work").rglob("*.safetensors") if p.parent.name != "ota")
+    assert written < sum(base.tensors[n].numel * 4 for n in adapted) + 4096  # the adapted fp32 weights, no more
+    folder = ModelFolder(layout)
+    try:
+        for n in base.names:
+            if n in adapted:
+                assert layout.file(n).is_relative_to(tmp_path / "work")
+                torch.testing.assert_close(folder.get(n), full[n], atol=1e-6, rtol=1e-6, msg=n)
+            else:
+                assert layout.file(n) == base.file(n) and layout.tensors[n].start == base.tensors[n].start, n
+    finally:
+        folder.close()
+        experts.cleanup()
+
+
 def test_adapter_without_moments_is_an_expert_without_moments(lora, tmp_path):
     recipe = {"method": "ota", "base_model": str(lora["base"]), "models": [str(lora["a1"]), str(lora["a2"])]}
     with pytest.raises(MissingMomentsError):

@@ -4,8 +4,9 @@ An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as P
 ``save_pretrained`` writes it, locally or from a Hub repo) is merged as the full expert it
 stands for: ``W = W0 + scale * B A`` for every adapted weight (``scale = lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with rsLoRA; per-module ``rank_pattern`` / ``alpha_pattern``
-honoured), ``W0`` everywhere else. :func:`materialize` writes that expert tensor by tensor (one
-weight in memory at a time) into a working folder beside the output, with its moments: the
+honoured), ``W0`` everywhere else. :func:`materialize` writes that expert's adapted weights (one
+weight in memory at a time) into a working folder beside the output, the rest read in place from
+the base's files, with its moments: the
 adapter's own ``ota/moments.safetensors`` (curvature of the adapted weights, keyed by the base
 weight names, as :class:`~ota_trainer.capture.OTACallback` captures it during LoRA training),
 and zero curvature for every weight the adapter leaves alone, so FFG and OTA give it no say
@@ -27,13 +28,12 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FormatError, IncompatibleModelsError, brief
 from ..io.layout import (
-    CONFIG_NAME,
     MANAGED_KEYS,
     MOMENTS_DIR,
     MOMENTS_FILE,
@@ -223,14 +223,19 @@ def check_adapter(adapter: LoraAdapter, base) -> None:
             )
 
 
-def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
-    """Write the full expert ``adapter`` stands for into ``dest`` (a new folder): the base's
-    tensors, ``W0 + scale * B A`` (float32 arithmetic, the base's dtype) for each adapted weight;
-    the base's ``config.json``; and moments for every floating weight (the adapter's where it has
-    them, zero curvature where it leaves the weight alone). One tensor in memory at a time.
+def materialize(adapter: LoraAdapter, base, dest: Path):
+    """The full expert ``adapter`` stands for, as the merge reads it: ``W0 + scale * B A``
+    (float32 arithmetic, the base's dtype) for each adapted weight, written into ``dest`` (a new
+    folder), one weight in memory at a time; every other tensor read in place from the base's
+    files (the expert's layout names both, so nothing the adapter leaves alone is copied); and
+    moments for every floating weight in ``dest/ota/`` (the adapter's where it has them, zero
+    curvature where it leaves the weight alone).
 
     Args:
         base: the base's :class:`~ota_trainer.io.folders.ModelLayout`.
+
+    Returns:
+        The expert's :class:`~ota_trainer.io.folders.ModelLayout` (its folder: ``dest``).
 
     Raises:
         IncompatibleModelsError: an adapted weight the base lacks, or of another shape.
@@ -240,7 +245,8 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
     from safetensors import safe_open
 
     from ..io.checkpoint import ModelFolder
-    from ..io.layout import DTYPES, matrix_shape
+    from ..io.folders import ModelLayout
+    from ..io.layout import DTYPES, folder_tensors, matrix_shape
     from ..io.write import StreamingSafetensorsWriter
     from ..moments.format import Rank1Factors, load_moments, save_moments
 
@@ -248,31 +254,41 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
     dest.mkdir(parents=True)
     folder = ModelFolder(base)
     names = base.names
-    writer = StreamingSafetensorsWriter(
-        dest, [(n, base.tensors[n].shape, base.tensors[n].dtype) for n in names], max_shard_bytes=1 << 50
-    )
-    try:
-        with safe_open(str(adapter.weights), "pt") as f:
-            for n in names:
-                w0 = folder.get(n)
-                mod = adapter.modules.get(n)
-                if mod is not None:
+    adapted = [n for n in names if n in adapter.modules]
+    # the base's files under keys of their own ("base/<file>"): the expert's file names stay apart
+    tensors = {n: replace(t, file=f"base/{t.file}") for n, t in base.tensors.items()}
+    files = {f"base/{f}": real for f, real in base.files.items()}
+    if adapted:
+        writer = StreamingSafetensorsWriter(
+            dest, [(n, base.tensors[n].shape, base.tensors[n].dtype) for n in adapted], max_shard_bytes=1 << 50
+        )
+        try:
+            with safe_open(str(adapter.weights), "pt") as f:
+                for n in adapted:
+                    w0, mod = folder.get(n), adapter.modules[n]
                     a, b = f.get_tensor(mod.a).float(), f.get_tensor(mod.b).float()
                     delta = (b @ a) * mod.scale  # its shape checked against the base's by check_adapter
                     w0 = (w0.float() + (delta.T if mod.transpose else delta)).to(w0.dtype)
-                writer.write_bytes(
-                    n, tuple(w0.shape), base.tensors[n].dtype, memoryview(w0.reshape(-1).view(torch.uint8).numpy())
-                )
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
+                    writer.write_bytes(
+                        n, tuple(w0.shape), base.tensors[n].dtype, memoryview(w0.reshape(-1).view(torch.uint8).numpy())
+                    )
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            folder.close()
+        edits, edit_files = folder_tensors(real_folder(dest, adapter.label), adapter.label)
+        tensors.update(edits)
+        files.update(edit_files)
+    else:
         folder.close()
-    shutil.copyfile(base.path / CONFIG_NAME, dest / CONFIG_NAME)
+    layout = ModelLayout(
+        real_folder(dest, adapter.label), adapter.label, tensors, list(names), files, base.config, base.has_config
+    )
     own = confined_file(adapter.path, f"{MOMENTS_DIR}/{MOMENTS_FILE}", adapter.label)
     if own is None:
-        return dest  # no moments: the merge says what to do (as for any expert without them)
+        return layout  # no moments: the merge says what to do (as for any expert without them)
     moments = load_moments(own)
     extra = [n for n in moments.shapes if n not in adapter.modules and n not in base.tensors]
     if extra:
@@ -307,7 +323,7 @@ def materialize(adapter: LoraAdapter, base, dest: Path) -> Path:
     meta["written_before_weights"] = False  # these weights are written now, from the adapter
     meta["adapter"] = {"path": str(adapter.path), "r": adapter.config.get("r"), "modules": len(adapter.modules)}
     save_moments(dest, _All(), compression="rank1", metadata=meta)
-    return dest
+    return layout
 
 
 ADAPTER_DIR = "adapter"  # the merged edit as a LoRA adapter, inside the output (out_adapter_rank)
@@ -410,20 +426,22 @@ def export_adapter(
 
 class AdapterExperts:
     """A resolver (``reference -> folder``) that gives the full expert an adapter stands for:
-    adapter folders are materialized (:func:`materialize`) into ``workdir`` on first use; other
-    references pass through. Every other attribute (``sha``, ``config``, ...) is ``resolver``'s.
+    adapter folders are materialized (:func:`materialize`: its edited weights into ``workdir``,
+    the rest read from the base) on first use, and given as that expert's validated
+    :class:`~ota_trainer.io.folders.ModelLayout`; other references pass through as folders.
+    Every other attribute (``sha``, ``config``, ...) is ``resolver``'s.
     Remove ``workdir`` with :meth:`cleanup` (the merge does, whatever happens)."""
 
     def __init__(self, resolver, base_ref: str | None, workdir: Path):
         self._resolver, self._base_ref, self.workdir = resolver, base_ref, workdir
-        self._done: dict[str, Path] = {}
+        self._done: dict[str, Any] = {}  # reference -> the expert's ModelLayout
         self.modules: dict[str, LoraModule] = {}  # every adapted weight of the adapters materialized
         self.edited: dict[str, frozenset[str]] = {}  # reference -> the weights its adapter edits
 
     def __getattr__(self, name: str):
         return getattr(self._resolver, name)
 
-    def __call__(self, ref: str) -> Path:
+    def __call__(self, ref: str) -> Any:
         folder = Path(self._resolver(ref))
         if not is_adapter_folder(folder):
             return folder

@@ -375,6 +375,13 @@ class MergeInputs:
         return self.base or self.experts[0]
 
 
+def _open(resolver, ref: str) -> ModelLayout:
+    """The model ``ref`` stands for: the folder the resolver gives, opened and validated, or the
+    layout it built itself (a LoRA adapter's expert: :class:`~.adapters.AdapterExperts`)."""
+    found = resolver(ref)
+    return found if isinstance(found, ModelLayout) else open_model(found, ref)
+
+
 def open_inputs(recipe, resolver) -> MergeInputs:
     """Open and check every input of a recipe (a :class:`~ota_trainer.merger.recipe.MergeRecipe`):
     ``resolver`` turns each model reference into a local folder (downloading repo ids).
@@ -387,7 +394,7 @@ def open_inputs(recipe, resolver) -> MergeInputs:
     Raises:
         FormatError, ConfigError, IncompatibleModelsError, MissingMomentsError, NumericalError.
     """
-    experts = [open_model(resolver(m.model), m.model) for m in recipe.models]
+    experts = [_open(resolver, m.model) for m in recipe.models]
     base = open_model(resolver(recipe.base_model), recipe.base_model) if recipe.base_model else None
     template = base or experts[0]
     if not template.has_config:
