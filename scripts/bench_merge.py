@@ -10,6 +10,9 @@ repeats going round the contenders (so a drifting disk or VM pace reaches every 
   model's size (weights only for ties/mergekit; weights + moments for ota);
 * ours: ``ota`` (FFG density 0.4, rank-one moments) and ``ties`` (density 0.4), through
   ``scripts/merge_from_hub.py --recipe R.yaml --out DIR --overwrite --quiet``;
+* with ``--lora R``: ``ota`` of one rank-R LoRA adapter per expert (PEFT's files, ``q_proj`` and
+  ``v_proj``, rank-one moments of the adapted weights) on the same base, against its own copy
+  limit (read the base, the adapters and their moments; write the merged model);
 * mergekit's TIES (density 0.4, same inputs), from a separate bench-only venv
   (``<work>/mergekit-venv``; mergekit is not a dependency of ota_trainer).
 
@@ -51,6 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 MERGE_CLI = REPO / "scripts" / "merge_from_hub.py"
 REMERGE = "ours: ota (re-merge)"  # the same merge again: FFG's histograms from the cache
 SHIPPED = "ours: ota (shipped histograms)"  # a first merge of experts that ship their FFG histograms
+LORA = "ours: ota (LoRA adapters)"  # --lora R: one adapter per expert instead of its full fine-tune
+LORA_COPY = "copy limit (base + adapters)"
+LORA_TARGETS = ("q_proj", "v_proj")
 DENSITY = 0.4
 NOISE_STD = 2e-3  # expert edits; base weights are N(0, 0.02)
 BASE_STD = 0.02
@@ -175,8 +181,9 @@ def _write_folder(folder: Path, shape: Shape, make, shard_bytes: int) -> None:
 class _RankOneMoments:
     """Lazy ``name -> v`` mapping of positive rank-one second moments (what save_moments compresses)."""
 
-    def __init__(self, shape: Shape, seed: int):
-        self.shapes = dict(shape.tensors())
+    def __init__(self, shape: Shape, seed: int, names: list[str] | None = None):
+        shapes = dict(shape.tensors())
+        self.shapes = shapes if names is None else {n: shapes[n] for n in names}
         self.seed = seed
 
     def items(self):
@@ -239,6 +246,42 @@ def build_checkpoints(root: Path, shape: Shape, shard_bytes: int, log) -> Path:
     (folder / READY).write_text(json.dumps({"shape": asdict(shape), "params": shape.params}) + "\n")
     log(f"built in {time.perf_counter() - t0:.0f}s")
     return folder
+
+
+def build_adapters(ckpt: Path, shape: Shape, r: int, log) -> Path:
+    """One rank-``r`` LoRA adapter of the base per expert, on ``q_proj`` and ``v_proj`` (PEFT's
+    file layout; ``lora_alpha = 2r``), with rank-one moments of the weights it adapts (what a LoRA
+    run with OTACallback ships), under ``ckpt/lora-r<r>/``; reused when complete."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ota_trainer.moments.format import save_moments
+
+    root = ckpt / f"lora-r{r}"
+    if (root / READY).is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    shapes = dict(shape.tensors())
+    targets = [n for n in shapes if any(f".{t}." in n for t in LORA_TARGETS)]
+    for k, expert in enumerate(EXPERTS, start=1):
+        folder = root / expert
+        folder.mkdir(parents=True)
+        g = torch.Generator().manual_seed(1000 + k)
+        factors = {}
+        for n in targets:
+            rows, cols = shapes[n]
+            module = "base_model.model." + n.removesuffix(".weight")
+            factors[f"{module}.lora_A.weight"] = torch.randn(r, cols, generator=g).mul_(0.02)
+            factors[f"{module}.lora_B.weight"] = torch.randn(rows, r, generator=g).mul_(0.02)
+        save_file(factors, str(folder / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(LORA_TARGETS)}
+        config.update(bias="none", base_model_name_or_path=str(ckpt / "base"))
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        moments = _RankOneMoments(shape, seed=k, names=targets)
+        save_moments(folder, moments, compression="rank1", metadata={"optimizer": "synthetic", "beta2": 0.999})
+    (root / READY).write_text("")
+    log(f"built {len(EXPERTS)} rank-{r} LoRA adapters ({len(targets)} weights each) -> {root}")
+    return root
 
 
 def hash_name(name: str) -> int:
@@ -543,6 +586,17 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             newest = max(max(f.stat().st_mtime, f.stat().st_ctime) for f in files)
             time.sleep(max(0.0, newest + RACY_S + 0.5 - time.time()))  # inputs changed just now are not cached
             measure(cmd, log_file=logs / "ours_ota_remerge.prime.log", env=again)
+    if args.lora:
+        adapters = build_adapters(ckpt, shape, args.lora, log)
+        files = weight_files(ckpt / "base")
+        for e in EXPERTS:
+            files += [adapters / e / "adapter_model.safetensors", adapters / e / "ota" / "moments.safetensors"]
+        target = outs / "copy_lora.bin"
+        cmd = [py, "-c", COPY_SNIPPET, str(target), str(out_bytes), str(CHUNK), *map(str, files)]
+        contenders.append((LORA_COPY, cmd, files, target, "", env))
+        recipe = logs / "ota_lora.yaml"
+        recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, "ota", adapters), sort_keys=False))
+        contenders.append((LORA, merge_command(recipe, outs / "ota_lora"), files, outs / "ota_lora", "", first))
     if args.mergekit:
         cfg = logs / "mergekit_ties.yml"
         cfg.write_text(yaml.safe_dump(mergekit_config(ckpt), sort_keys=False))
@@ -634,6 +688,14 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def _copy_limit_of(contender: str) -> str:
+    """The copy limit a contender is measured against: the same inputs read once, an output of
+    the merged model's size written."""
+    if contender == LORA:
+        return LORA_COPY
+    return "copy limit (weights+moments)" if contender.startswith("ours: ota") else "copy limit (weights)"
+
+
 def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
     """The Markdown table and the verdicts."""
     by = {(r.model, r.contender): r for r in runs}
@@ -648,12 +710,7 @@ def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
     for label in labels:
         mk = by.get((label, "mergekit: ties"))
         for r in [r for r in runs if r.model == label]:
-            copy = by.get(
-                (
-                    label,
-                    "copy limit (weights+moments)" if r.contender.startswith("ours: ota") else "copy limit (weights)",
-                )
-            )
+            copy = by.get((label, _copy_limit_of(r.contender)))
             vs_copy = r.wall_s / copy.wall_s if r.wall_s and copy and copy.wall_s else None
             # both sides until their output is on the disk (the copy limit leaves it in the page cache)
             durable = (
@@ -763,6 +820,13 @@ def make_parser() -> argparse.ArgumentParser:
         dest="remerge",
         action="store_false",
         help="skip the ota re-merge (FFG's histograms from the cache a first merge filled)",
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also time ota on one rank-R LoRA adapter (q_proj, v_proj) per expert instead of its full weights",
     )
     p.add_argument("--mergekit-venv", help="venv holding mergekit (default <work>/mergekit-venv, created on first use)")
     p.add_argument(
