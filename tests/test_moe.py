@@ -10,7 +10,7 @@ import pytest
 import torch
 from dist_scripts._common import tiny_dataset
 
-from ota_trainer import merge
+from ota_trainer import merge, save_ffg_histogram
 from ota_trainer.capture import OTACallback, check_moments_cover_weights
 from ota_trainer.moments.format import load_moments
 
@@ -115,6 +115,9 @@ def test_moe_moments_follow_the_saved_experts_and_merge_with_ota(family, bases, 
         )
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
         assert check_moments_cover_weights(out) == []  # every saved weight has moments, no other name
+        # experts fused in memory, saved per expert: the FFG histogram is counted from the files
+        assert not (out / "ota" / "ffg_histogram.safetensors").exists()
+        assert save_ffg_histogram(out, bases[family]).is_file()
         experts.append(out)
         if seed != 1:
             continue

@@ -700,6 +700,14 @@ class OTACallback(TrainerCallback):
             base = _first_local(candidates)
             params, _ = named_trainable_parameters(model)
             weights = {n: p.param for p in params for n in (p.name, *p.aliases)}
+            held = [n for n in load_moments(out).shapes if n not in weights]
+            if held:  # e.g. MoE experts fused in memory, saved per expert (capture/conversion.py)
+                logger.info(
+                    "OTA: no FFG histogram shipped: %s is saved in another layout than the model holds it; "
+                    "ota_trainer.save_ffg_histogram(output_dir, base) after save_model() counts it from the files",
+                    held[0],
+                )
+                return
             ship_histogram_of_weights(out, base, weights)
         except (OTAError, OSError, ValueError, RuntimeError) as e:
             logger.warning("OTA: no FFG histogram shipped with %s (merges count it themselves): %s", out, e)
