@@ -12,7 +12,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import CaptureError, ConfigError, FormatError
-from ..io.layout import FFG_HISTOGRAM_FILE, MOMENTS_DIR, remove_dead_leftovers
+from ..io.layout import ffg_histogram_path, remove_dead_leftovers
 from ..moments.format import (
     COMPRESSIONS,
     FORMAT_VERSION_TAG,
@@ -41,11 +41,6 @@ STAGING_DIR = "_ota-staging"
 ``_`` is in the ignore patterns of ``Trainer.push_to_hub`` and ``Trainer._push_from_checkpoint``
 (``"_*"``), and the hidden step folder in those of ``ota_trainer.hub.push_expert`` (``"**/.*"``),
 so a staging folder left by a killed run is never uploaded by them."""
-
-
-def histogram_path(folder: str | os.PathLike) -> Path:
-    """Where an expert ships its FFG histogram: ``<folder>/ota/ffg_histogram.safetensors``."""
-    return Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE
 
 
 def _first_local(candidates: list[tuple[str, str | None]]) -> Path:
@@ -530,7 +525,7 @@ class OTACallback(TrainerCallback):
             )
         if self.tag_model_card and hasattr(model, "add_model_tags"):
             model.add_model_tags([MERGE_READY_TAG, FORMAT_VERSION_TAG])
-        for stale in (moments_path(args.output_dir), histogram_path(args.output_dir)):
+        for stale in (moments_path(args.output_dir), ffg_histogram_path(args.output_dir)):
             if _is_writer(args) and stale.is_file():
                 logger.warning("OTA: removing %s left by an earlier run (this run writes its own)", stale)
                 stale.unlink()

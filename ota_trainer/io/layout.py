@@ -695,3 +695,8 @@ def read_yaml(path: Path) -> Any:
         return yaml.safe_load(raw.decode("utf-8"))
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or an int too long to read
         raise ConfigError(f"recipe {path} is not valid YAML: {brief(str(e), 300)}") from e
+
+
+def ffg_histogram_path(folder: str | os.PathLike) -> Path:
+    """Where an expert ships its FFG histogram: ``<folder>/ota/ffg_histogram.safetensors``."""
+    return Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE

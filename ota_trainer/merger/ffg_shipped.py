@@ -46,6 +46,7 @@ from ..io.layout import (
     FFG_HISTOGRAM_FILE,
     MOMENTS_DIR,
     confined_file,
+    ffg_histogram_path,
     read_safetensors_layout,
     remove_dead_leftovers,
     safetensors_header,
@@ -61,6 +62,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ShippedHistogram",
     "describe",
+    "histogram_domain",
     "open_shipped",
     "resolve_base",
     "save_ffg_histogram",
@@ -92,6 +94,12 @@ def describe(score: str, scale: float | None, names: list[str], total: int) -> d
         "total": str(total),
         "bin_shift": str(BIN_SHIFT),
     }
+
+
+def histogram_domain(float_names: list[str], moments, score: str) -> list[str]:
+    """The tensors an expert's FFG histogram counts: of the floating tensors ``float_names``, those
+    its moments hold (any container of names), or every one for the magnitude score."""
+    return list(float_names) if score == "magnitude" else [n for n in float_names if n in moments]
 
 
 def _invalid(path: Path, why: str) -> ValueError:
@@ -162,7 +170,7 @@ def write_histogram(
         [("bins", [len(hist.bins)], "I64", 0, n), ("counts", [len(hist.bins)], "I64", n, 2 * n)],
         {"format": FORMAT, "format_version": FORMAT_VERSION, **describes, **meta},
     )
-    dest = Path(folder) / MOMENTS_DIR / FFG_HISTOGRAM_FILE
+    dest = ffg_histogram_path(folder)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(dest)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
@@ -217,11 +225,15 @@ def save_ffg_histogram(
     )
     inputs = open_inputs(recipe, local_resolver)
     (hist,) = count_histograms(recipe, inputs, [0], quiet=quiet)
-    describes = domain_description(recipe, inputs, 0)
+    return _ship(inputs.experts[0].path, hist, domain_description(recipe, inputs, 0), inputs.moments[0].metadata, base)
+
+
+def _ship(folder: Path, hist: Histogram, describes: dict[str, str], moments_meta: dict, base) -> Path:
+    """Write an expert's counted histogram (:func:`write_histogram`) and say so."""
     # the base as the moments name it (a repo id), else the folder's name: no local path is shipped
-    meta = {"base_model": str(inputs.moments[0].metadata.get("base_model") or Path(base).name)}
-    written = write_histogram(inputs.experts[0].path, hist, describes, meta)
-    logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", expert, hist.total, len(hist.bins), written)
+    meta = {"base_model": str(moments_meta.get("base_model") or Path(base).name)}
+    written = write_histogram(folder, hist, describes, meta)
+    logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", folder, hist.total, len(hist.bins), written)
     return written
 
 
@@ -274,7 +286,7 @@ def ship_histogram_of_weights(
     info = base_layout.tensors
     layout = open_moments_file(Path(expert) / MOMENTS_DIR / MOMENTS_FILE, label)
     moments = MomentsReader(layout, bias_correction=bias_correction, model=label)
-    names = [n for n in base_layout.names if info[n].dtype in FLOAT_DTYPES and (score == "magnitude" or n in moments)]
+    names = histogram_domain([n for n in base_layout.names if info[n].dtype in FLOAT_DTYPES], moments, score)
     for n in names:
         if n not in weights or weights[n].numel() != math.prod(info[n].shape):
             have = "missing" if n not in weights else f"{weights[n].numel()} entries"
@@ -294,7 +306,4 @@ def ship_histogram_of_weights(
         base_folder.close()
     total = sum(math.prod(info[n].shape) for n in names)
     describes = describe(score, None if score == "magnitude" else layout.scale(bias_correction), names, total)
-    meta = {"base_model": str(moments.metadata.get("base_model") or Path(base).name)}
-    written = write_histogram(expert, hist, describes, meta)
-    logger.info("%s: FFG histogram of %d entries (%d bins) written to %s", label, hist.total, len(hist.bins), written)
-    return written
+    return _ship(Path(expert), hist, describes, moments.metadata, base)

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from . import ffg_cache
-from .ffg_shipped import describe
+from .ffg_shipped import describe, histogram_domain
 from .inputs import MergeInputs
 from .recipe import MergeRecipe
 from .report import ExpertReport, MergeReport, Resolver, copy_side_files, finish, resolve_chat_template
@@ -174,9 +174,8 @@ def _ungraftable(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> bool:
 def _domain(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> list[str]:
     """The tensors whose saliencies expert ``i``'s FFG histogram counts (those with moments, or
     every float tensor for the magnitude score)."""
-    if recipe.method_parameters().get("score") == "magnitude":
-        return list(inputs.float_names)
-    return [n for n in inputs.float_names if n in inputs.moments[i].stored]
+    moments, score = inputs.moments[i], recipe.method_parameters().get("score") or SCORES[0]
+    return histogram_domain(inputs.float_names, () if moments is None else moments.stored, score)
 
 
 def _saliency(recipe: MergeRecipe, inputs: MergeInputs, i: int) -> tuple[str, float | None]:
