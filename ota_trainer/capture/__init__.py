@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .callback import MERGE_READY_TAG, OTACallback, align_moments_to_weights, check_moments_cover_weights
 from .core import capture_metadata, save_optimizer_moments
-from .names import NamedParameter, clean_parameter_name, named_trainable_parameters
+from .names import NamedParameter, clean_parameter_name, named_trainable_parameters, trainable_weights
 from .sources import (
     CapturedMoment,
     OptimizerInfo,
@@ -41,6 +41,7 @@ __all__ = [
     "NamedParameter",
     "clean_parameter_name",
     "named_trainable_parameters",
+    "trainable_weights",
     "CapturedMoment",
     "OptimizerInfo",
     "detect_engine",

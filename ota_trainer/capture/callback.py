@@ -25,7 +25,7 @@ from ..moments.format import (
 )
 from .core import BIAS_CORRECTION, save_optimizer_moments
 from .lora import ESTIMATORS, LoraCurvature, check_schedule, is_lora_model
-from .names import named_trainable_parameters
+from .names import named_trainable_parameters, trainable_weights
 from .sources import detect_engine, inspect_optimizer, optimizer_hyperparameters
 
 logger = logging.getLogger(__name__)
@@ -693,8 +693,7 @@ class OTACallback(TrainerCallback):
             return
         try:
             base = _first_local(candidates)
-            params, _ = named_trainable_parameters(model)
-            weights = {n: p.param for p in params for n in (p.name, *p.aliases)}
+            weights = trainable_weights(model)
             held = [n for n in load_moments(out).shapes if n not in weights]
             if held:  # e.g. MoE experts fused in memory, saved per expert (capture/conversion.py)
                 logger.info(

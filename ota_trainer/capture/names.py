@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NamedParameter", "clean_parameter_name", "tied_target_names", "named_trainable_parameters"]
+__all__ = [
+    "NamedParameter",
+    "clean_parameter_name",
+    "tied_target_names",
+    "named_trainable_parameters",
+    "trainable_weights",
+]
 
 # Segments wrappers insert anywhere in a name; DDP's ``module.`` only ever leads.
 _WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -123,3 +129,10 @@ def named_trainable_parameters(model: torch.nn.Module) -> tuple[list[NamedParame
         else:
             frozen.append(name)
     return trainable, frozen
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every trainable parameter under each name it is saved or known by (a tied weight under
+    all of them): the weights the moments of :func:`named_trainable_parameters` belong to."""
+    params, _ = named_trainable_parameters(model)
+    return {n: p.param for p in params for n in (p.name, *p.aliases)}

@@ -252,13 +252,13 @@ def materialize(adapter: LoraAdapter, base, dest: Path):
 
     check_adapter(adapter, base)
     dest.mkdir(parents=True)
-    folder = ModelFolder(base)
     names = base.names
     adapted = [n for n in names if n in adapter.modules]
     # the base's files under keys of their own ("base/<file>"): the expert's file names stay apart
     tensors = {n: replace(t, file=f"base/{t.file}") for n, t in base.tensors.items()}
     files = {f"base/{f}": real for f, real in base.files.items()}
     if adapted:
+        folder = ModelFolder(base)
         writer = StreamingSafetensorsWriter(
             dest, [(n, base.tensors[n].shape, base.tensors[n].dtype) for n in adapted], max_shard_bytes=1 << 50
         )
@@ -281,8 +281,6 @@ def materialize(adapter: LoraAdapter, base, dest: Path):
         edits, edit_files = folder_tensors(real_folder(dest, adapter.label), adapter.label)
         tensors.update(edits)
         files.update(edit_files)
-    else:
-        folder.close()
     layout = ModelLayout(
         real_folder(dest, adapter.label), adapter.label, tensors, list(names), files, base.config, base.has_config
     )
