@@ -164,21 +164,15 @@ def bench_model(name: str, *, steps: int, batch: int, seq: int, work: Path, seed
     row["weights_bf16_bytes"] = row["weights_fp32_bytes"] // 2
     for compression in ("rank1", "full"):
         shutil.rmtree(out / MOMENTS_DIR, ignore_errors=True)
-        exact = _reset_peak()
-        before = _rss_mb()
-        hwm_before = _status_kb("VmHWM") / 1024
-        t0 = time.perf_counter()
-        path = save_optimizer_moments(
-            out, model, opt, compression=compression, metadata={"base_model": f"bench/{name}"}
+        path, wall, extra, exact = _timed(
+            save_optimizer_moments, out, model, opt, compression=compression, metadata={"base_model": f"bench/{name}"}
         )
-        wall = time.perf_counter() - t0
-        peak = _status_kb("VmHWM") / 1024
         assert path == out / MOMENTS_DIR / MOMENTS_FILE, path
         size = path.stat().st_size
         row[compression] = {
             "capture_s": wall,
             "vs_step": wall / row["step_s"],
-            "extra_peak_mb": peak - (before if exact else hwm_before),
+            "extra_peak_mb": extra,
             "peak_exact": exact,
             "bytes": size,
             "vs_fp32_weights": size / row["weights_fp32_bytes"],
@@ -204,17 +198,22 @@ def _time_histogram(model, out: Path, base: Path) -> dict:
     """What OTACallback adds at the end of training: the expert's FFG histogram, counted from the
     weights in memory against the base's files (page cache warm: it was just written) and the
     rank-one moments just saved."""
-    from ota_trainer.capture import named_trainable_parameters
+    from ota_trainer.capture import trainable_weights
     from ota_trainer.merger.ffg_shipped import ship_histogram_of_weights
 
-    params, _ = named_trainable_parameters(model)
-    weights = {n: p.param for p in params for n in (p.name, *p.aliases)}
+    _, wall, extra, _ = _timed(ship_histogram_of_weights, out, base, trainable_weights(model))
+    return {"s": wall, "extra_peak_mb": extra}
+
+
+def _timed(fn, *args, **kw):
+    """``fn(*args, **kw)``'s result, wall time, and the peak RSS it added above this process's
+    (``VmHWM`` reset first when the kernel allows: then exact), and whether that was exact."""
     exact = _reset_peak()
     before, hwm_before = _rss_mb(), _status_kb("VmHWM") / 1024
     t0 = time.perf_counter()
-    ship_histogram_of_weights(out, base, weights)
+    result = fn(*args, **kw)
     wall = time.perf_counter() - t0
-    return {"s": wall, "extra_peak_mb": _status_kb("VmHWM") / 1024 - (before if exact else hwm_before)}
+    return result, wall, _status_kb("VmHWM") / 1024 - (before if exact else hwm_before), exact
 
 
 LORA_TARGETS = ("q_proj", "v_proj")

@@ -451,6 +451,11 @@ with open(out, "wb", buffering=0) as w:
 """
 
 
+def copy_command(target: Path, out_bytes: int, files: list[Path]) -> list[str]:
+    """The copy limit: read ``files`` once and write ``out_bytes`` to ``target``."""
+    return [sys.executable, "-c", COPY_SNIPPET, str(target), str(out_bytes), str(CHUNK), *map(str, files)]
+
+
 def merge_command(recipe: Path, out: Path) -> list[str]:
     """Our merge of ``recipe`` into ``out``: the CLI users run, or the library call without it."""
     if MERGE_CLI.is_file():
@@ -550,7 +555,6 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
     logs = Path(args.work) / "logs" / shape.key
     logs.mkdir(parents=True, exist_ok=True)
     out_bytes = sum(p.stat().st_size for p in weight_files(ckpt / "base"))
-    py = sys.executable
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(args.env)  # --env: given to every contender alike
 
@@ -562,8 +566,7 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
     for moments, name in ((False, "copy limit (weights)"), (True, "copy limit (weights+moments)")):
         files = input_files(ckpt, moments=moments)
         target = outs / ("copy_moments.bin" if moments else "copy.bin")
-        cmd = [py, "-c", COPY_SNIPPET, str(target), str(out_bytes), str(CHUNK), *map(str, files)]
-        contenders.append((name, cmd, files, target, "", env))
+        contenders.append((name, copy_command(target, out_bytes, files), files, target, "", env))
     for method in args.methods:
         recipe = logs / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, method), sort_keys=False))
@@ -592,8 +595,7 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
         for e in EXPERTS:
             files += [adapters / e / "adapter_model.safetensors", adapters / e / "ota" / "moments.safetensors"]
         target = outs / "copy_lora.bin"
-        cmd = [py, "-c", COPY_SNIPPET, str(target), str(out_bytes), str(CHUNK), *map(str, files)]
-        contenders.append((LORA_COPY, cmd, files, target, "", env))
+        contenders.append((LORA_COPY, copy_command(target, out_bytes, files), files, target, "", env))
         recipe = logs / "ota_lora.yaml"
         recipe.write_text(yaml.safe_dump(ota_recipe(ckpt, "ota", adapters), sort_keys=False))
         contenders.append((LORA, merge_command(recipe, outs / "ota_lora"), files, outs / "ota_lora", "", first))
