@@ -321,7 +321,7 @@ def test_a_stale_histogram_goes_at_train_begin_and_none_is_shipped_when_off_or_w
 def test_a_histogram_of_weights_in_memory_equals_the_count_of_the_same_weights_saved(bf16_models, expert, tmp_path):
     from safetensors.torch import load_file
 
-    from ota_trainer.merger.ffg_shipped import ship_histogram_of_weights
+    from ota_trainer.merger.ffg_shipped import WeightsHeldElsewhere, ship_histogram_of_weights
 
     src = bf16_models[expert]
     weights = load_file(str(src / "model.safetensors"))  # bf16, as saved
@@ -329,6 +329,11 @@ def test_a_histogram_of_weights_in_memory_equals_the_count_of_the_same_weights_s
     ship_histogram_of_weights(mem, bf16_models["base"], weights)
     save_ffg_histogram(saved, bf16_models["base"])
     assert mem.joinpath(*HISTOGRAM).read_bytes() == saved.joinpath(*HISTOGRAM).read_bytes()
-    del weights[next(iter(weights))]
-    with pytest.raises(ValueError, match="is missing"):
+    first = next(iter(weights))
+    weights[first] = weights[first][:1]
+    with pytest.raises(ValueError, match=f"{first}.* entries; the base's has"):
         ship_histogram_of_weights(mem, bf16_models["base"], weights)
+    del weights[first]  # held in another layout in memory (e.g. fused MoE experts): the callback says so
+    with pytest.raises(WeightsHeldElsewhere, match="not among the weights in memory") as e:
+        ship_histogram_of_weights(mem, bf16_models["base"], weights)
+    assert e.value.name == first

@@ -75,6 +75,15 @@ def test_reads_are_lazy_and_do_not_alter_the_file(tmp_path):
         m["nope"]
 
 
+def test_reader_closes_its_file_on_leaving_a_with_block(tmp_path):
+    save_moments(tmp_path, {"w": torch.ones(2, 2)}, compression="rank1")
+    with load_moments(tmp_path) as m:
+        assert_close(m["w"], torch.ones(2, 2))
+    assert "w" in m and m.shapes["w"] == (2, 2)  # the header stays readable
+    with pytest.raises(ValueError, match="closed file"):
+        m["w"]
+
+
 def test_moments_are_invisible_to_weight_globbing_and_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -114,16 +114,15 @@ def check_moments_cover_weights(folder: str | os.PathLike, frozen: list[str] | t
     """
     from ..io.checkpoint import ModelFolder
 
-    weights = ModelFolder(folder)
-    moments = load_moments(folder)
-    names = set(weights.tensors)
-    problems = [f"moments for {n!r}, which the saved weights lack" for n in moments.shapes if n not in names]
-    frozen_set = set(frozen)
-    problems += [
-        f"no moments for saved trainable weight {n!r}"
-        for n, t in weights.tensors.items()
-        if n not in moments and n not in frozen_set and t.dtype.is_floating_point
-    ]
+    weights = ModelFolder(folder).tensors
+    with load_moments(folder) as moments:
+        problems = [f"moments for {n!r}, which the saved weights lack" for n in moments.shapes if n not in weights]
+        frozen_set = set(frozen)
+        problems += [
+            f"no moments for saved trainable weight {n!r}"
+            for n, t in weights.items()
+            if n not in moments and n not in frozen_set and t.dtype.is_floating_point
+        ]
     return problems
 
 
@@ -153,34 +152,34 @@ def align_moments_to_weights(folder: str | os.PathLike, tied: dict[str, str]) ->
         weights = set(ModelFolder(folder).tensors)
     except FormatError:
         return None
-    reader = load_moments(folder)
-    have = set(reader.shapes)
-    tied_names = set(tied) | set(tied.values())
-    # name to write -> name in the file; only tied names are touched
-    source: dict[str, str] = {n: n for n in have if n in weights or n not in tied_names}
-    for alias, name in tied.items():
-        src = name if name in have else alias if alias in have else None
-        for n in (name, alias):
-            if src is not None and n in weights:
-                source.setdefault(n, src)
-    saved_aliases = any(a in weights for a in tied)
-    if set(source) == have:
+    with load_moments(folder) as reader:
+        have = set(reader.shapes)
+        tied_names = set(tied) | set(tied.values())
+        # name to write -> name in the file; only tied names are touched
+        source: dict[str, str] = {n: n for n in have if n in weights or n not in tied_names}
+        for alias, name in tied.items():
+            src = name if name in have else alias if alias in have else None
+            for n in (name, alias):
+                if src is not None and n in weights:
+                    source.setdefault(n, src)
+        saved_aliases = any(a in weights for a in tied)
+        if set(source) == have:
+            return saved_aliases
+        logger.warning(
+            "OTA: %s: renaming tied moments to match the saved weights (%s -> %s)",
+            folder,
+            sorted(have - set(source)),
+            sorted(set(source) - have),
+        )
+
+        class _Renamed(dict):
+            def items(self):  # one tensor at a time, as stored (rank-one sums stay exact)
+                for n, src in source.items():
+                    yield n, reader.raw(src)
+
+        keep = {k: v for k, v in reader.metadata.items() if k not in MANAGED_KEYS}
+        save_moments(folder, _Renamed(), compression=reader.metadata["compression"], metadata=keep)
         return saved_aliases
-    logger.warning(
-        "OTA: %s: renaming tied moments to match the saved weights (%s -> %s)",
-        folder,
-        sorted(have - set(source)),
-        sorted(set(source) - have),
-    )
-
-    class _Renamed(dict):
-        def items(self):  # one tensor at a time, as stored (rank-one sums stay exact)
-            for n, src in source.items():
-                yield n, reader.raw(src)
-
-    keep = {k: v for k, v in reader.metadata.items() if k not in MANAGED_KEYS}
-    save_moments(folder, _Renamed(), compression=reader.metadata["compression"], metadata=keep)
-    return saved_aliases
 
 
 class OTACallback(TrainerCallback):
@@ -682,7 +681,7 @@ class OTACallback(TrainerCallback):
             )
             return
         from ..errors import OTAError
-        from ..merger.ffg_shipped import ship_histogram_of_weights
+        from ..merger.ffg_shipped import WeightsHeldElsewhere, ship_histogram_of_weights
 
         config = getattr(model, "config", None)
         loaded = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -692,17 +691,13 @@ class OTACallback(TrainerCallback):
             logger.info("OTA: no FFG histogram shipped: the model names no base (OTACallback(base_model=...))")
             return
         try:
-            base = _first_local(candidates)
-            weights = trainable_weights(model)
-            held = [n for n in load_moments(out).shapes if n not in weights]
-            if held:  # e.g. MoE experts fused in memory, saved per expert (capture/conversion.py)
-                logger.info(
-                    "OTA: no FFG histogram shipped: %s is saved in another layout than the model holds it; "
-                    "ota_trainer.save_ffg_histogram(output_dir, base) after save_model() counts it from the files",
-                    held[0],
-                )
-                return
-            ship_histogram_of_weights(out, base, weights)
+            ship_histogram_of_weights(out, _first_local(candidates), trainable_weights(model))
+        except WeightsHeldElsewhere as e:  # e.g. MoE experts fused in memory, saved per expert (capture/conversion.py)
+            logger.info(
+                "OTA: no FFG histogram shipped: %s is saved in another layout than the model holds it; "
+                "ota_trainer.save_ffg_histogram(output_dir, base) after save_model() counts it from the files",
+                e.name,
+            )
         except (OTAError, OSError, ValueError, RuntimeError) as e:
             logger.warning("OTA: no FFG histogram shipped with %s (merges count it themselves): %s", out, e)
 

@@ -83,9 +83,12 @@ def inspect_experts(
         resolver=resolver or _local_resolver,
         quiet=quiet,
     )
-    inspector.find_thresholds()
-    inspector.inspect()
-    diag = inspector.result()
+    try:
+        inspector.find_thresholds()
+        inspector.inspect()
+        diag = inspector.result()
+    finally:
+        inspector.close()
     diag["findings"] = findings(diag)
     return diag
 

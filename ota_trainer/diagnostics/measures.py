@@ -395,6 +395,11 @@ class Inspector:
         self.mask_overlap = {p: {k: _tally() for k in KINDS} for p in self.pairs}
         self.tensors: list[dict] = []
 
+    def close(self) -> None:
+        """Close every file the inspection opened."""
+        for f in [self.base, *self.experts, *(m for m in self.moments if m is not None)]:
+            f.close()
+
     def _v(self, i: int, name: str) -> torch.Tensor | None:
         m = self.moments[i]
         return m[name] if m is not None and name in m else None

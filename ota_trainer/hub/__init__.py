@@ -522,9 +522,9 @@ def push_expert(
         if layout is None:
             raise missing_moments_error(model)
         check_moments(model, layout, list(layout.shapes), allow_missing=False)
-        moments = MomentsReader(layout, model=model.label)
-        for name in moments:
-            moments[name]  # reads and checks every tensor (finite, non-negative)
+        with MomentsReader(layout, model=model.label) as moments:
+            for name in moments:
+                moments[name]  # reads and checks every tensor (finite, non-negative)
         base_model = base_model or moments.metadata.get("base_model")
         what = "expert"
     mark_merge_ready(Path(folder) / "README.md", base_model=base_model)

@@ -287,40 +287,42 @@ def materialize(adapter: LoraAdapter, base, dest: Path):
     own = confined_file(adapter.path, f"{MOMENTS_DIR}/{MOMENTS_FILE}", adapter.label)
     if own is None:
         return layout  # no moments: the merge says what to do (as for any expert without them)
-    moments = load_moments(own)
-    extra = [n for n in moments.shapes if n not in adapter.modules and n not in base.tensors]
-    if extra:
-        raise FormatError(
-            f"{own}: moments for {brief(extra[:3])}, which neither the adapter nor its base has", path=str(own)
-        )
-    # an edited weight without moments is left without them (the merge then says so, or takes uniform
-    # curvature with allow_missing_moments): zero curvature would have FFG revert every edit there
-    floats = [
-        n for n in names if DTYPES[base.tensors[n].dtype].floating and (n in moments.shapes or n not in adapter.modules)
-    ]
+    with load_moments(own) as moments:
+        extra = [n for n in moments.shapes if n not in adapter.modules and n not in base.tensors]
+        if extra:
+            raise FormatError(
+                f"{own}: moments for {brief(extra[:3])}, which neither the adapter nor its base has", path=str(own)
+            )
+        # an edited weight without moments is left without them (the merge then says so, or takes uniform
+        # curvature with allow_missing_moments): zero curvature would have FFG revert every edit there
+        floats = [
+            n
+            for n in names
+            if DTYPES[base.tensors[n].dtype].floating and (n in moments.shapes or n not in adapter.modules)
+        ]
 
-    class _All:
-        def items(self):
-            for n in floats:
-                shape = tuple(base.tensors[n].shape)
-                if n in moments.shapes:
-                    yield n, moments.raw(n)  # as stored: rank-one sums stay exact
-                elif len(shape) >= 2:
-                    m, k = matrix_shape(shape)
-                    yield n, Rank1Factors(torch.zeros(m), torch.zeros(k), shape)
-                else:
-                    yield n, torch.zeros(shape)
+        class _All:
+            def items(self):
+                for n in floats:
+                    shape = tuple(base.tensors[n].shape)
+                    if n in moments.shapes:
+                        yield n, moments.raw(n)  # as stored: rank-one sums stay exact
+                    elif len(shape) >= 2:
+                        m, k = matrix_shape(shape)
+                        yield n, Rank1Factors(torch.zeros(m), torch.zeros(k), shape)
+                    else:
+                        yield n, torch.zeros(shape)
 
-        def __iter__(self):
-            return iter(floats)
+            def __iter__(self):
+                return iter(floats)
 
-        def __len__(self):
-            return len(floats)
+            def __len__(self):
+                return len(floats)
 
-    meta = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
-    meta["written_before_weights"] = False  # these weights are written now, from the adapter
-    meta["adapter"] = {"path": str(adapter.path), "r": adapter.config.get("r"), "modules": len(adapter.modules)}
-    save_moments(dest, _All(), compression="rank1", metadata=meta)
+        meta = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
+        meta["written_before_weights"] = False  # these weights are written now, from the adapter
+        meta["adapter"] = {"path": str(adapter.path), "r": adapter.config.get("r"), "modules": len(adapter.modules)}
+        save_moments(dest, _All(), compression="rank1", metadata=meta)
     return layout
 
 

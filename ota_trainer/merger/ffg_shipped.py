@@ -61,6 +61,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ShippedHistogram",
+    "WeightsHeldElsewhere",
     "describe",
     "histogram_domain",
     "open_shipped",
@@ -73,6 +74,16 @@ FORMAT = "ota_trainer.ffg_histogram"
 FORMAT_VERSION = "1"
 _KEYS = ("score", "scale", "names_sha256", "total", "bin_shift")  # what a histogram is a histogram of
 MAX_TOTAL = 1 << 62
+
+
+class WeightsHeldElsewhere(ValueError):
+    """A tensor the moments hold is not among the weights in memory: the model holds them in
+    another layout than it saves (e.g. MoE experts fused in memory, saved one by one), so the
+    histogram is counted from the saved files instead (:func:`save_ffg_histogram`)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -285,25 +296,29 @@ def ship_histogram_of_weights(
     base_layout = open_model(base, str(base))
     info = base_layout.tensors
     layout = open_moments_file(Path(expert) / MOMENTS_DIR / MOMENTS_FILE, label)
-    moments = MomentsReader(layout, bias_correction=bias_correction, model=label)
-    names = histogram_domain([n for n in base_layout.names if info[n].dtype in FLOAT_DTYPES], moments, score)
+    held = [n for n in layout.stored if n not in weights]
+    if held:
+        raise WeightsHeldElsewhere(f"{label}: the moments' {held[0]!r} is not among the weights in memory", held[0])
+    names = histogram_domain([n for n in base_layout.names if info[n].dtype in FLOAT_DTYPES], layout.stored, score)
     for n in names:
         if n not in weights or weights[n].numel() != math.prod(info[n].shape):
             have = "missing" if n not in weights else f"{weights[n].numel()} entries"
             raise ValueError(f"{label}: weight {n!r} is {have}; the base's has {math.prod(info[n].shape)}")
-    base_folder = ModelFolder(base_layout)
 
-    def tensors():
-        for n in names:
-            shape = matrix_view(info[n].shape)
-            w = weights[n].detach().to("cpu").reshape(shape).contiguous()
-            sc = saliency_score(moment_view(moments, n, shape), score)
-            yield base_folder.view(n).reshape(shape), [w], [sc]
+    with MomentsReader(layout, bias_correction=bias_correction, model=label) as moments:
+        base_folder = ModelFolder(base_layout)
 
-    try:
-        (hist,) = count_saliencies(tensors(), 1)
-    finally:
-        base_folder.close()
+        def tensors():
+            for n in names:
+                shape = matrix_view(info[n].shape)
+                w = weights[n].detach().to("cpu").reshape(shape).contiguous()
+                sc = saliency_score(moment_view(moments, n, shape), score)
+                yield base_folder.view(n).reshape(shape), [w], [sc]
+
+        try:
+            (hist,) = count_saliencies(tensors(), 1)
+        finally:
+            base_folder.close()
     total = sum(math.prod(info[n].shape) for n in names)
     describes = describe(score, None if score == "magnitude" else layout.scale(bias_correction), names, total)
-    return _ship(Path(expert), hist, describes, moments.metadata, base)
+    return _ship(Path(expert), hist, describes, layout.metadata, base)

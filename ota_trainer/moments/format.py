@@ -385,6 +385,16 @@ class MomentsReader(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         return name in self._stored
 
+    def close(self) -> None:
+        """Close the file (lookups fail after it); also on leaving a ``with`` block."""
+        self._fh.close()
+
+    def __enter__(self) -> MomentsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"MomentsReader({str(self.path)!r}, {len(self)} parameters, {self.metadata['compression']})"
 
@@ -433,12 +443,12 @@ def convert_moments(src: str | os.PathLike, dst: str | os.PathLike, *, compressi
     Reads one tensor at a time; metadata (optimizer, beta2, step, base model...) is kept.
     Converting rank1 -> full gives the rank-one reconstruction, not the original moments.
     """
-    moments = load_moments(src)
-    keep = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
+    with load_moments(src) as moments:
+        keep = {k: v for k, v in moments.metadata.items() if k not in MANAGED_KEYS}
 
-    class _Stored(dict):  # lazy, exact: rank-one entries pass their stored sums through
-        def items(self):
-            for name in moments:
-                yield name, moments.raw(name)
+        class _Stored(dict):  # lazy, exact: rank-one entries pass their stored sums through
+            def items(self):
+                for name in moments:
+                    yield name, moments.raw(name)
 
-    return save_moments(dst, _Stored(), compression=compression, metadata=keep)
+        return save_moments(dst, _Stored(), compression=compression, metadata=keep)

@@ -267,7 +267,7 @@ class TorchBackend:
         )
 
     def close(self) -> None:
-        for f in ([self.base] if self.base else []) + self.experts:
+        for f in ([self.base] if self.base else []) + self.experts + [m for m in self.moments if m is not None]:
             f.close()
 
 
