@@ -106,7 +106,7 @@ SCALE_METHODS = {
     "task_arithmetic": ("task_arithmetic", {}),
 }
 LR_PAIR_METHODS = {"ota": ("ota", {}), "ota_mean": OTA_MEAN, "linear": ("linear", {}), "ties": ("ties", {})}
-LR_PAIR = ("arithmetic", "arithmetic@lr4x")
+SCALE_LR_FACTOR = 2.0  # at 4x (the first study) the arithmetic expert no longer learned its skill
 
 DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
@@ -170,14 +170,20 @@ def sft_recipe(cap: str) -> Path:
     return ROOT / "sft_configs" / "quality" / f"smollm2_cpu_{cap}.yaml"
 
 
-def scale_variants() -> dict[str, tuple[str, dict]]:
-    """The scale study's experts: name -> (capability, train_sft.py overrides). Arithmetic at 4x
-    its recipe's learning rate; shout with max_grad_norm 0.1 (its recipe: SFTConfig's 1.0)."""
+def scale_variants(lr_factor: float = SCALE_LR_FACTOR) -> dict[str, tuple[str, dict]]:
+    """The scale study's experts: name -> (capability, train_sft.py overrides). Arithmetic at
+    ``lr_factor`` times its recipe's learning rate (first, the other member of the lr pair); shout
+    with max_grad_norm 0.1 (its recipe: SFTConfig's 1.0)."""
     lr = yaml.safe_load(sft_recipe("arithmetic").read_text())["sft"]["learning_rate"]
     return {
-        LR_PAIR[1]: ("arithmetic", {"sft.learning_rate": 4 * lr}),
+        f"arithmetic@lr{lr_factor:g}x": ("arithmetic", {"sft.learning_rate": lr_factor * lr}),
         "shout@clip0.1": ("shout", {"sft.max_grad_norm": 0.1}),
     }
+
+
+def lr_pair(variants: dict[str, tuple[str, dict]]) -> tuple[str, str]:
+    """The two arithmetic experts that differ only in learning rate: the recipe's and its variant."""
+    return "arithmetic", next(name for name, (cap, _) in variants.items() if cap == "arithmetic")
 
 
 def stage_train(
@@ -307,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--scale-study",
         action="store_true",
-        help="also the scale study: arithmetic at 4x its learning rate, shout with max_grad_norm 0.1 (dev split)",
+        help="also the scale study: arithmetic at another learning rate, shout with max_grad_norm 0.1 (dev split)",
+    )
+    ap.add_argument(
+        "--scale-lr-factor",
+        type=float,
+        default=SCALE_LR_FACTOR,
+        help=f"the scale study's arithmetic expert at this many times its recipe's lr (default {SCALE_LR_FACTOR:g})",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     base = prepare_base(mode, out.parent if mode != "full" else out, args.base)
     train = stage_data(out, cfg["n_eval"], n_train=2000 if mode != "smoke" else 64)
     print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
-    variants = scale_variants() if args.scale_study else None
+    variants = scale_variants(args.scale_lr_factor) if args.scale_study else None
     experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain, variants)
     if args.train_only:
         return 0
@@ -396,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
             if res is not None:
                 r["scale"][f"expert/{name}"] = res
 
-        def runs(study: str, recipes: dict) -> dict:
-            return {f"{study}/{k}": (f"seed{seed}/scale/{study}/{k}", m, p) for k, (m, p) in recipes.items()}
+        def runs(study: str, recipes: dict, tag: str = "") -> dict:
+            """``tag``: the variants merged, in the merge's label (each set of variants is merged apart)."""
+            return {f"{study}/{k}": (f"seed{seed}/scale/{tag}{study}/{k}", m, p) for k, (m, p) in recipes.items()}
 
+        tag = "+".join(variants) + "/"
+        pair = lr_pair(variants)
         reference = runs("reference", SCALE_METHODS)
         for k, (method, params) in SCALE_METHODS.items():  # a dev study that runs the same merge serves it
             if sweep := sweep_like(method, params):
@@ -406,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         swap = {cap: name for name, (cap, _) in variants.items()}
         dev_study(seed, "scale", r["scale"], reference, [ex[c] for c in caps], dev_tasks)
         dev_study(
-            seed, "scale", r["scale"], runs("mixed", SCALE_METHODS), [ex[swap.get(c, c)] for c in caps], dev_tasks
+            seed, "scale", r["scale"], runs("mixed", SCALE_METHODS, tag), [ex[swap.get(c, c)] for c in caps], dev_tasks
         )
-        lr_pair = runs("lr_pair", LR_PAIR_METHODS)
-        dev_study(seed, "scale", r["scale"], lr_pair, [ex[n] for n in LR_PAIR], [task_name(LR_PAIR[0], "dev")])
+        pair_runs = runs("lr_pair", LR_PAIR_METHODS, tag)
+        dev_study(seed, "scale", r["scale"], pair_runs, [ex[n] for n in pair], [task_name(pair[0], "dev")])
         report.write(out, results, caps)
 
     if args.only_pairs:
@@ -443,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         results["scale_study"] = {
             "variants": {name: {"capability": c, "overrides": o} for name, (c, o) in variants.items()},
-            "lr_pair": list(LR_PAIR),
+            "lr_pair": list(lr_pair(variants)),
         }
         for seed in seeds:
             scale_study(seed)
