@@ -174,7 +174,14 @@ def test_smoke_scale_study_trains_variants_with_overrides_and_merges_them_on_dev
         assert all(len(t["scores"]) == 6 for t in res.values())
     summary = data["summary"]["seeds"]["0"]["scale"]
     assert "minus_reference" in summary["mixed/ota"] and "accuracy" in summary["lr_pair/ota"]
-    assert "Scale study (dev split)" in (out / "results.md").read_text()
+    versus = data["summary"]["seeds"]["0"]["scale_versus"]
+    assert set(versus) == {
+        *(f"mixed: ota − {m}" for m in ("ota_mean", "task_arithmetic", "ties")),
+        *(f"lr_pair: ota − {m}" for m in ("linear", "ota_mean", "ties")),
+    }
+    assert all(d["lo"] <= d["hi"] for d in versus.values())
+    md = (out / "results.md").read_text()
+    assert "Scale study (dev split)" in md and "| lr_pair: ota − ties |" in md
 
 
 def test_task_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_needs_them(tmp_path):

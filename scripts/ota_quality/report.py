@@ -74,6 +74,23 @@ def _scale(scale: dict, caps: list[str], ex_dev: dict) -> dict:
     return out
 
 
+def _scale_versus(scale: dict, caps: list[str], ex_dev: dict) -> dict:
+    """Within each merge of the scale study (``mixed``, ``lr_pair``), ``ota`` minus every other
+    method on the same dev prompts (paired): normalised for the five-way merge, raw accuracy for a
+    merge scored on one capability (the lr pair)."""
+    out: dict = {}
+    for study in ("mixed", "lr_pair"):
+        runs = {k.split("/", 1)[1]: res for k, res in scale.items() if k.startswith(study + "/")}
+        if "ota" not in runs:
+            continue
+        a = _scores(runs["ota"], caps, "dev")
+        ex = None if len(a) == 1 else {c: ex_dev[c] for c in a}
+        for method, res in sorted(runs.items()):
+            if method != "ota":
+                out[f"{study}: ota − {method}"] = stats.paired(a, _scores(res, caps, "dev"), ex).as_dict()
+    return out
+
+
 def brief(result: dict, caps: list[str], split: str = "test") -> str:
     parts = [f"{c} {result[task_name(c, split)]['acc']:.2f}" for c in caps if task_name(c, split) in result]
     if GENERAL in result:
@@ -112,6 +129,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
         for label, res in r["sweeps"].items() if ex_dev else ():
             s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
         s["scale"] = _scale(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
+        s["scale_versus"] = _scale_versus(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
         for label, res in r["pairs"].items():
             pair, method = label.split("/")
             pc = pair.split("+")
@@ -224,6 +242,10 @@ def write(out: Path, results: dict, caps: list[str]) -> dict:
                 md.append(f"| {label} | {_fmt(stats.Interval(**d))} |")
         if s["scale"]:
             md += ["", *_scale_md(s["scale"], results.get("scale_study", {}), caps)]
+        if s["scale_versus"]:
+            md += ["", "Scale study, paired on the same dev prompts (the lr pair on its capability's accuracy):", ""]
+            md += ["| comparison | difference |", "|---|---|"]
+            md += [f"| {k} | {_cell(d, 3)} |" for k, d in s["scale_versus"].items()]
         if s["pair_calls"]:
             md += ["", "Pairs: ota against each method on every pair (paired bootstrap):", ""]
             md += ["| method | ota wins | ties | ota loses |", "|---|---|---|---|"]
