@@ -42,15 +42,16 @@ def dev_normalised(seed_result: dict, label: str, caps: list[str]) -> float | No
     return stats.normalised(_scores(res, caps, "dev"), ex_dev).est
 
 
-def _versus(five: dict, name: str, caps: list[str], ex_test: dict) -> dict:
-    """``name`` minus every other method on the same test prompts (paired bootstrap)."""
-    if name not in five:
+def _versus(runs: dict, name: str, caps: list[str], experts: dict | None, split: str = "test") -> dict:
+    """``name`` minus every other run on the same ``split`` prompts (paired bootstrap; normalised
+    by ``experts``, or raw accuracy when None)."""
+    if name not in runs:
         return {}
-    a = _scores(five[name], caps, "test")
+    a = _scores(runs[name], caps, split)
     out = {}
-    for method, res in five.items():
+    for method, res in runs.items():
         if method != name:
-            d = stats.paired(a, _scores(res, caps, "test"), ex_test)
+            d = stats.paired(a, _scores(res, caps, split), experts)
             out[method] = {**d.as_dict(), "ota_better": d.lo > 0}
     return out
 
@@ -80,14 +81,10 @@ def _scale_versus(scale: dict, caps: list[str], ex_dev: dict) -> dict:
     merge scored on one capability (the lr pair)."""
     out: dict = {}
     for study in ("mixed", "lr_pair"):
-        runs = {k.split("/", 1)[1]: res for k, res in scale.items() if k.startswith(study + "/")}
-        if "ota" not in runs:
-            continue
-        a = _scores(runs["ota"], caps, "dev")
-        ex = None if len(a) == 1 else {c: ex_dev[c] for c in a}
-        for method, res in sorted(runs.items()):
-            if method != "ota":
-                out[f"{study}: ota − {method}"] = stats.paired(a, _scores(res, caps, "dev"), ex).as_dict()
+        runs = {k.split("/", 1)[1]: res for k, res in sorted(scale.items()) if k.startswith(study + "/")}
+        scored = _scores(runs["ota"], caps, "dev") if "ota" in runs else {}
+        ex = None if len(scored) == 1 else {c: ex_dev[c] for c in scored}
+        out.update({f"{study}: ota − {m}": d for m, d in _versus(runs, "ota", caps, ex, "dev").items()})
     return out
 
 
