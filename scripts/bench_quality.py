@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--only-pairs", action="store_true", help="full mode: only the pair merges (the rest as cached)")
-    ap.add_argument("--batch-size", type=int, default=32, help="lm_eval generation batch")
+    ap.add_argument(
+        "--batch-size", type=int, default=128, help="lm_eval generation batch (128: same scores as 32, faster on CPU)"
+    )
     ap.add_argument(
         "--scale-study",
         action="store_true",

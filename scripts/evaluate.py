@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--limit", type=int, help="at most this many prompts per task (a quick look)")
     ap.add_argument("--no-chat-template", action="store_true", help="plain prompts (base models, standard tasks)")
+    ap.add_argument(
+        "--no-shared-prefix",
+        action="store_true",
+        help="lm_eval's own HF model (default: each batch's shared prompt head computed once, same tokens)",
+    )
     ap.add_argument("--json", help="write per-prompt scores here")
     args = ap.parse_args(argv)
     mine = ours(args.tasks)
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         chat_template=not args.no_chat_template,
+        shared_prefix=not args.no_shared_prefix,
     )
     width = max(len(t) for t in results)
     for task, r in results.items():

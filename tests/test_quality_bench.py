@@ -196,3 +196,67 @@ def test_task_manager_indexes_lm_evals_own_tasks_only_when_a_requested_task_need
     assert set(ours) <= set(local.all_tasks) and "hellaswag" not in local.all_tasks
     both = task_manager(tmp_path, ours + ["hellaswag"])
     assert set(ours) | {"hellaswag"} <= set(both.all_tasks)
+
+
+def test_shared_prefix_layout_moves_each_rows_own_tokens_after_the_common_head():
+    import torch
+    from ota_quality.prefix_lm import MIN_PREFIX, shared_prefix_layout
+
+    head = list(range(10, 10 + MIN_PREFIX + 2))
+    rows = [head + [1, 2, 3], head + [4], head + [5, 6]]
+    width = max(map(len, rows)) + 1  # one more column of padding than needed
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width) >= torch.tensor([[width - len(r)] for r in rows])).long()
+    prefix, new_ids, new_mask = shared_prefix_layout(ids, mask, pad_id=0)
+    assert prefix.tolist() == head
+    for row, got, m in zip(rows, new_ids.tolist(), new_mask.tolist()):
+        own = row[len(head) :]
+        assert got[: len(head)] == head and got[width - len(own) :] == own
+        assert [t for t, keep in zip(got, m) if keep] == row  # the same tokens, in order
+    # every row keeps one own token: identical prompts share all but their last token
+    same = shared_prefix_layout(ids[:1].repeat(2, 1), mask[:1].repeat(2, 1), pad_id=0)
+    assert len(same[0]) == len(rows[0]) - 1
+    short = torch.tensor([[1] * (MIN_PREFIX - 1) + [2], [1] * (MIN_PREFIX - 1) + [3]])
+    assert shared_prefix_layout(short, torch.ones_like(short), pad_id=0) is None
+
+
+def test_shared_prefix_generation_gives_lm_evals_own_tokens(tmp_path):
+    """The batch's shared head computed once (ota_quality.prefix_lm) generates the same tokens as
+    lm_eval's HF model, directly and through a whole evaluation of our tasks."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from ota_quality.lm_tasks import evaluate, task_name, write_tasks
+    from ota_quality.prefix_lm import SharedPrefixHFLM, shared_prefix_layout
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+    base = make_tiny_base(tmp_path / "base", seed=3, layers=2, vocab=128)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():  # weights 20x the init scale: attention sharp enough for each token's position to matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    model.save_pretrained(base)
+    tok = make_tiny_tokenizer(base)
+    tok.padding_side = "left"
+    prompts = [e["prompt"] for e in examples("shout", "test", 6)]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert shared_prefix_layout(enc["input_ids"], enc["attention_mask"], tok.pad_token_id) is not None
+    kw = dict(max_length=enc["input_ids"].shape[1] + 12, stop=["\n\n"], do_sample=False)
+    args = dict(pretrained=str(base), dtype="float32", device="cpu", batch_size=6)
+    ours = SharedPrefixHFLM(**args)._model_generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    theirs = HFLM(**args)._model_generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    assert torch.equal(ours, theirs)
+
+    caps = ["shout", "facts"]
+    write_tasks(tmp_path / "tasks", {(c, "test"): examples(c, "test", 8) for c in caps})
+    tasks = [task_name(c, "test") for c in caps]
+    runs = [
+        evaluate(base, tasks, include_path=tmp_path / "tasks", batch_size=8, shared_prefix=s) for s in (True, False)
+    ]
+    assert runs[0] == runs[1]

@@ -112,23 +112,28 @@ def evaluate(
     limit: int | None = None,
     chat_template: bool = True,
     tokenizer: str | os.PathLike | None = None,
+    shared_prefix: bool = True,
 ) -> dict[str, dict]:
     """Run lm_eval's HF backend on ``tasks``; per task ``{"acc": mean, "scores": [per prompt, in
-    prompt order], "responses": [...]}``."""
+    prompt order], "responses": [...]}``. ``shared_prefix``: compute each batch's shared prompt
+    head once (:mod:`ota_quality.prefix_lm`; ``False``: lm_eval's own ``hf`` model)."""
     import lm_eval
 
+    from .prefix_lm import SharedPrefixHFLM
+
     manager = task_manager(include_path, tasks)
+    args = {
+        "pretrained": str(model),
+        "dtype": "float32",
+        "device": "cpu",
+        **({"tokenizer": str(tokenizer)} if tokenizer else {}),
+    }
     out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={
-            "pretrained": str(model),
-            "dtype": "float32",
-            "device": "cpu",
-            **({"tokenizer": str(tokenizer)} if tokenizer else {}),
-        },
+        model=SharedPrefixHFLM(**args, batch_size=batch_size) if shared_prefix else "hf",
+        model_args=None if shared_prefix else args,
+        batch_size=batch_size,
         tasks=tasks,
         task_manager=manager,
-        batch_size=batch_size,
         limit=limit,
         apply_chat_template=chat_template,
         log_samples=True,
