@@ -228,9 +228,17 @@ def stage_train(
 
 
 def merge_one(
-    out: Path, label: str, method: str, params: dict, base: Path, experts: list[Path], cached_only: bool = False
+    out: Path,
+    label: str,
+    method: str,
+    params: dict,
+    base: Path,
+    experts: list[Path],
+    cached_only: bool = False,
+    remake: bool = False,
 ) -> Path | None:
-    """One merge (cached by its recipe; None if not merged yet and ``cached_only``)."""
+    """One merge (cached by its recipe, its weights perhaps pruned after evaluation; ``remake``:
+    merge again all the same; None if not merged yet and ``cached_only``)."""
     from ota_trainer import merge
 
     recipe = {
@@ -247,7 +255,7 @@ def merge_one(
 
     inputs = {str(p): fingerprint(Path(p)) for p in [base, *experts]}
     want = {**recipe, "library_defaults": library_defaults(method), "inputs": inputs}
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+    if not remake and stamp.is_file() and json.loads(stamp.read_text()) == want:
         return folder
     if cached_only:
         return None
@@ -308,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="report the cached evaluations; merge and evaluate nothing"
     )
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument(
+        "--keep-merges",
+        action="store_true",
+        help="keep each merge's weights (default: deleted once evaluated, their sha256 kept: a full run "
+        "makes ~170 merges of 0.5 GB)",
+    )
     ap.add_argument("--only-pairs", action="store_true", help="full mode: only the pair merges (the rest as cached)")
     ap.add_argument(
         "--batch-size", type=int, default=128, help="lm_eval generation batch (128: same scores as 32, faster on CPU)"
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         return 0
 
-    from ota_quality.evaluation import Evaluator
+    from ota_quality.evaluation import Evaluator, is_pruned, prune
 
     ev = Evaluator(out, base, batch_size=args.batch_size, cached_only=args.report_only)
     print("[3] forgetting set: general questions the base answers", flush=True)
@@ -371,9 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     def merged(part: dict, key: str, label: str, method: str, params: dict, members: list[Path], tasks, **kw):
         """Merge (cached), evaluate (cached) and store under part[key]; with --report-only, only what is cached."""
         folder = merge_one(out, label, method, params, base, members, cached_only=args.report_only)
+        if folder is not None and is_pruned(folder) and not ev.cached(label, folder, tasks, **kw):
+            # evaluated before, on other tasks: its weights are needed again
+            folder = merge_one(out, label, method, params, base, members, args.report_only, remake=True)
         res = ev.evaluate(label, folder, tasks, **kw) if folder is not None else None
         if res is not None:
             part[key] = res
+            if not args.keep_merges:
+                prune(folder)
         return res
 
     def five_way(group: list[str]) -> None:

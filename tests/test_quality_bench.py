@@ -147,9 +147,18 @@ def test_smoke_pipeline_trains_merges_and_evaluates_through_lm_eval(smoke_out):
 
 
 def test_smoke_scale_study_trains_variants_with_overrides_and_merges_them_on_dev(smoke_out):
+    out = smoke_out / "smoke"
+    # evaluated merges keep their sha256, not their weights; one whose evaluation is gone is made again
+    pruned = sorted((out / "merges").rglob("bench_quality_pruned.json"))
+    assert len(pruned) >= 3 and not list((out / "merges").rglob("*.safetensors"))
+    evals = json.loads((out / "evals.json").read_text())
+    before = evals.pop("seed0/five/ota")
+    (out / "evals.json").write_text(json.dumps(evals))
     r = _bench("--smoke", "--scale-study", "--out", str(smoke_out))
     assert "train seed 0 arithmetic ..." not in r.stdout, "the recipe experts stay cached"
-    out = smoke_out / "smoke"
+    again = json.loads((out / "evals.json").read_text())["seed0/five/ota"]
+    assert again == before, "the same merge again, the same evaluation"
+    assert not list((out / "merges").rglob("*.safetensors"))
 
     def trained(name: str) -> dict:
         return yaml.safe_load((out / "experts" / "seed0" / name / "ota_train_config.yaml").read_text())["sft"]

@@ -21,10 +21,16 @@ GENERAL = "ota_general"
 KL_PROMPTS = 64
 
 
+PRUNED = "bench_quality_pruned.json"  # a merge whose weights were deleted once evaluated: their sha256
+
+
 def fingerprint(folder: Path) -> str:
     """sha256 of the folder's weight files (names and bytes): a re-made merge with the same bytes
-    keeps its cached evaluation. Remembered per (name, size, mtime) in ``.ota_quality_fp.json``."""
+    keeps its cached evaluation. Remembered per (name, size, mtime) in ``.ota_quality_fp.json``;
+    a pruned folder (:func:`prune`) answers with the sha256 its weights had."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    if not files and (Path(folder) / PRUNED).is_file():
+        return json.loads((Path(folder) / PRUNED).read_text())["sha256"]
     stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = Path(folder) / ".ota_quality_fp.json"
     if memo.is_file():
@@ -39,6 +45,22 @@ def fingerprint(folder: Path) -> str:
                 h.update(chunk)
     memo.write_text(json.dumps({"stat": stat, "sha256": h.hexdigest()}))
     return h.hexdigest()
+
+
+def is_pruned(folder: Path) -> bool:
+    """Whether ``folder``'s weights were deleted by :func:`prune` (and not made again since)."""
+    folder = Path(folder)
+    return (folder / PRUNED).is_file() and not any(p.suffix == ".safetensors" for p in folder.iterdir())
+
+
+def prune(folder: Path) -> None:
+    """Delete an evaluated merge's weight files, keeping their sha256 (its evaluation's cache key):
+    a full run makes ~170 merges of SmolLM2-135M, ~90 GB if all were kept."""
+    folder = Path(folder)
+    (folder / PRUNED).write_text(json.dumps({"sha256": fingerprint(folder)}))
+    for p in folder.iterdir():
+        if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"):
+            p.unlink()
 
 
 class Evaluator:
@@ -81,23 +103,32 @@ class Evaluator:
             self._reference = BaseReference(self.base, prompts, batch_size=self.batch_size)
         return self._reference
 
-    def evaluate(
-        self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True
-    ) -> dict | None:
-        """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder`` (None: not
-        cached, with ``cached_only``)."""
+    def _key(self, folder: Path, tasks: list[str], kl: bool, general: bool) -> dict:
         tasks = list(tasks) + ([GENERAL] if general and self.general else [])
-        key = {
+        return {
             "fp": fingerprint(folder),
             "tasks": {t: self._task_digest(t) for t in tasks},
             "kl": kl,
             "general": [g["prompt"] for g in self.general[:KL_PROMPTS]] if kl else None,
         }
+
+    def cached(self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True) -> bool:
+        """Whether :meth:`evaluate` has this evaluation cached (a pruned merge needs it)."""
+        hit = self.cache.get(label)
+        return bool(hit) and hit["key"] == self._key(folder, tasks, kl, general)
+
+    def evaluate(
+        self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True
+    ) -> dict | None:
+        """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder`` (None: not
+        cached, with ``cached_only``)."""
+        key = self._key(folder, tasks, kl, general)
         hit = self.cache.get(label)
         if hit and hit["key"] == key:
             return hit["result"]
         if self.cached_only:
             return None
+        tasks = list(key["tasks"])
         result = lm_evaluate(folder, tasks, include_path=self.tasks, batch_size=self.batch_size)
         result = {
             t: {"acc": r["acc"], "scores": r["scores"], "responses": r["responses"][:5]} for t, r in result.items()
