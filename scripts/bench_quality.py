@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         res = ev.evaluate(label, folder, tasks, **kw) if folder is not None else None
         if res is not None:
             part[key] = res
-            if not args.keep_merges:
+            if not (args.keep_merges or args.report_only):  # (a report changes nothing on disk)
                 prune(folder)
         return res
 
