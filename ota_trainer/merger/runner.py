@@ -398,12 +398,13 @@ def _copied(
     merge of zero task vectors is the base; none when the output changes the dtype.
 
     A merge would write the same bytes (checked on every method of the shared test table): a
-    tensor whose base values include NaN, an infinity (which a merge refuses, naming the base) or
-    -0.0 (which a merge of zero edits may write as +0.0) is merged all the same
-    (``backend.copyable``). With FFG the report counts these tensors as the merge would: an
-    expert with a global threshold (> 0) keeps no entry of a zero edit, one without moments keeps
-    them all; with a per-tensor threshold, or one that keeps everything (zero saliencies too),
-    they are merged. ``OTA_TRAINER_MERGE_UNEDITED=1`` merges every tensor."""
+    tensor whose base values include NaN, an infinity (which the merge refuses, naming the base)
+    or -0.0 (which a merge of zero edits may write as +0.0) is merged all the same
+    (``backend.copyable``). With FFG the report counts these
+    tensors as the merge would: an expert with a global threshold (> 0) keeps no entry of a zero
+    edit, one without moments keeps them all; a per-tensor threshold, or one that keeps
+    everything (zero saliencies too), has them merged instead. ``OTA_TRAINER_MERGE_UNEDITED=1``
+    merges every tensor."""
     if (
         os.environ.get("OTA_TRAINER_MERGE_UNEDITED") == "1"
         or not recipe.spec.needs_base
