@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from method_cases import CASES
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ota_trainer import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, NumericalError, merge
+from ota_trainer import ConfigError, FormatError, IncompatibleModelsError, MissingMomentsError, merge
 from ota_trainer.merger import ffg_cache
-from ota_trainer.merger.methods import METHODS
 from ota_trainer.testing.tiny import make_tiny_base, make_tiny_expert
 
 peft = pytest.importorskip("peft")
@@ -113,92 +111,6 @@ def test_ota_on_adapters_keeps_the_base_where_no_adapter_edits(lora, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
-
-
-@pytest.fixture(scope="module")
-def with_moments(lora, tmp_path_factory):
-    """The two adapters with moments of their adapted weights; a third copy of a1 without any."""
-    root = tmp_path_factory.mktemp("lora_moments")
-    for i, key in enumerate(("a1", "a2")):
-        shutil.copytree(lora[key], root / key)
-        _add_moments(root / key, lora["base"], i)
-    shutil.copytree(lora["a1"], root / "bare")
-    return root
-
-
-COPY_CASES = [(c[0], c[1], c[2], ("a1", "a2")) for c in CASES] + [
-    ("ota_one_without_moments", "ota", {}, ("a1", "bare")),
-    ("ota_absolute_threshold", "ota", {"threshold": 1e-12}, ("a1", "a2")),
-    ("ota_per_tensor", "ota", {"per_tensor": True}, ("a1", "a2")),  # merged: its mask keeps zero edits
-]
-
-
-@pytest.mark.parametrize("case", COPY_CASES, ids=[c[0] for c in COPY_CASES])
-@pytest.mark.parametrize("native", ["1", "0"])
-def test_weights_no_adapter_edits_are_copied_as_the_merge_would_write_them(
-    lora, with_moments, tmp_path, monkeypatch, caplog, case, native
-):
-    """The weights no adapter adapts are copied from the base instead of merged, for every
-    method that adds its merge of task vectors to the base (those with none: merged): the same
-    bytes and the same report as merging every tensor (``OTA_TRAINER_MERGE_UNEDITED=1``), on
-    each backend."""
-    _, method, params, models = case
-    monkeypatch.setenv("OTA_TRAINER_NATIVE", native)
-    recipe = {
-        "method": method,
-        "base_model": str(lora["base"]),
-        "models": [str(with_moments / m) for m in models],
-        "parameters": dict(params),
-        "options": {"allow_missing_moments": True},
-    }
-    with caplog.at_level(logging.INFO, logger="ota_trainer.merger.runner"):
-        copied = merge(recipe, tmp_path / "copied", quiet=True)
-    said = [r.getMessage() for r in caplog.records if "no expert edits: copied from the base" in r.getMessage()]
-    adapted = [k for k in _weights(lora["base"]) if any(m in k for m in ("q_proj", "v_proj", "down_proj"))]
-    floats = len(_weights(lora["base"]))
-    copies = METHODS[method].needs_base and not params.get("per_tensor")
-    assert said == (
-        [f"{floats - len(adapted)} of {floats} weights no expert edits: copied from the base"] if copies else []
-    )
-    monkeypatch.setenv("OTA_TRAINER_MERGE_UNEDITED", "1")
-    merged = merge(recipe, tmp_path / "merged", quiet=True)
-    assert (tmp_path / "copied" / "model.safetensors").read_bytes() == (
-        tmp_path / "merged" / "model.safetensors"
-    ).read_bytes()
-    assert copied.tensor_density == merged.tensor_density
-    assert [(e.kept, e.total) for e in copied.experts] == [(e.kept, e.total) for e in merged.experts]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("native", ["1", "0"])
-def test_a_weight_no_adapter_edits_holding_minus_zero_or_nan_is_merged(
-    lora, with_moments, tmp_path, monkeypatch, dtype, native
-):
-    """A base value a merge of zero edits does not write as stored (-0.0: +0.0 from ``w0 + 0``,
-    and -0.0 again where a negative weight makes the edit -0.0) has its tensor merged, not copied:
-    the bytes stay a merge's; a NaN is refused as the merge refuses it, naming the base."""
-    monkeypatch.setenv("OTA_TRAINER_NATIVE", native)
-    base = tmp_path / "base"
-    shutil.copytree(lora["base"], base)
-    w = {k: v.to(dtype) for k, v in _weights(base).items()}
-    w["model.layers.0.mlp.up_proj.weight"][0, :3] = -0.0  # no adapter edits it
-    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
-    models = [str(with_moments / "a1"), str(with_moments / "a2")]
-    for method, weights in [("ota", (1.0, 1.0)), ("task_arithmetic", (1.0, -1.0))]:
-        experts = [{"model": m, "parameters": {"weight": wt}} for m, wt in zip(models, weights)]
-        recipe = {"method": method, "base_model": str(base), "models": experts}
-        merge(recipe, tmp_path / f"{method}_copied", quiet=True)
-        with monkeypatch.context() as mp:
-            mp.setenv("OTA_TRAINER_MERGE_UNEDITED", "1")
-            merge(recipe, tmp_path / f"{method}_merged", quiet=True)
-        assert (tmp_path / f"{method}_copied" / "model.safetensors").read_bytes() == (
-            tmp_path / f"{method}_merged" / "model.safetensors"
-        ).read_bytes(), method
-    w["model.layers.1.mlp.up_proj.weight"][2, 1] = float("nan")
-    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(NumericalError, match="model.layers.1.mlp.up_proj.weight") as e:
-        merge({"method": "ota", "base_model": str(base), "models": models}, tmp_path / "nan", quiet=True)
-    assert str(base) in str(e.value) and not (tmp_path / "nan").exists()
 
 
 def test_full_experts_and_adapters_mix(lora, tiny_models, tmp_path):

@@ -374,23 +374,6 @@ class MergeInputs:
         """The model whose names, shapes, config and side files the output takes."""
         return self.base or self.experts[0]
 
-    def unedited(self) -> list[str]:
-        """The floating tensors every expert reads from the base's own bytes (the same file, the
-        same byte range): no expert edits them. A LoRA adapter's expert reads every weight the
-        adapter leaves alone that way (:func:`~.adapters.materialize`); full experts have files
-        of their own. Headers only: nothing is read."""
-        base = self.base
-        if base is None:
-            return []
-        out = []
-        for n in self.float_names:
-            t, path = base.tensors[n], base.file(n)
-            if all(
-                (e.tensors[n].start, e.tensors[n].end) == (t.start, t.end) and e.file(n) == path for e in self.experts
-            ):
-                out.append(n)
-        return out
-
 
 def _open(resolver, ref: str) -> ModelLayout:
     """The model ``ref`` stands for: the folder the resolver gives, opened and validated, or the

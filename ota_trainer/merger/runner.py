@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import threading
 import time
 from typing import Any
@@ -129,8 +128,7 @@ def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool
         else:
             backend.set_thresholds(thresholds)
         with output.stage() as tmp:
-            copied = _copied(recipe, inputs, thresholds, reports, predicted)
-            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes, predicted, copied)
+            files, tensor_density = _merge_pass(recipe, inputs, backend, tmp, reports, quiet, scopes, predicted)
             chat = resolve_chat_template(recipe.chat_template, inputs)
             files += copy_side_files(inputs.template, tmp, recipe.dtype, chat_template=chat)
             adapter = None
@@ -385,40 +383,6 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
     return backend, thresholds, predicted
 
 
-def _copied(
-    recipe: MergeRecipe,
-    inputs: MergeInputs,
-    thresholds: list[Threshold | None],
-    reports: list[ExpertReport],
-    predicted: dict[int, Prediction],
-) -> frozenset[str]:
-    """The floating tensors the merge pass copies from the base as stored instead of merging:
-    those no expert edits (:meth:`MergeInputs.unedited`: the weights no LoRA adapter of the merge
-    adapts), for a method that adds its merge of task vectors to the base (``needs_base``), whose
-    merge of zero task vectors is the base; none when the output changes the dtype.
-
-    A merge would write the same bytes (checked on every method of the shared test table): a
-    tensor whose base values include NaN, an infinity (which the merge refuses, naming the base)
-    or -0.0 (which a merge of zero edits may write as +0.0) is merged all the same
-    (``backend.copyable``). With FFG the report counts these
-    tensors as the merge would: an expert with a global threshold (> 0) keeps no entry of a zero
-    edit, one without moments keeps them all; a per-tensor threshold, or one that keeps
-    everything (zero saliencies too), has them merged instead. ``OTA_TRAINER_MERGE_UNEDITED=1``
-    merges every tensor."""
-    if (
-        os.environ.get("OTA_TRAINER_MERGE_UNEDITED") == "1"
-        or not recipe.spec.needs_base
-        or recipe.dtype
-        or predicted  # (a histogram to prove: only full experts, which never share the base's bytes)
-        or any(r.grafted and (t is None or t.keeps_all) for r, t in zip(reports, thresholds))
-    ):
-        return frozenset()
-    copied = frozenset(inputs.unedited())
-    if copied:
-        logger.info("%d of %d weights no expert edits: copied from the base", len(copied), len(inputs.float_names))
-    return copied
-
-
 def _merge_pass(
     recipe: MergeRecipe,
     inputs: MergeInputs,
@@ -428,10 +392,8 @@ def _merge_pass(
     quiet: bool,
     scopes: list,
     predicted: dict[int, Prediction],
-    copied: frozenset[str] = frozenset(),
 ) -> tuple[list[str], dict[str, list[float]]]:
-    """Every tensor merged (or copied: integer buffers, and the floating tensors ``copied``)
-    and written, in the template's on-disk order.
+    """Every tensor merged (or copied) and written, in the template's on-disk order.
 
     Raises:
         ffg_cache.StaleHistogram: an expert's entries kept differ from what its cached histogram
@@ -454,22 +416,15 @@ def _merge_pass(
     tensor_density: dict[str, list[float]] = {}
     domains = {i: set(_domain(recipe, inputs, i)) for i in predicted}
     seen = dict.fromkeys(predicted, 0)  # entries kept in each histogram's tensors
-    merged = [n for n in names if n in floats and n not in copied]
-    after = dict(zip(merged, merged[1:]))  # the tensor merged next, whose reads may start
-    grafted = any(r.grafted for r in reports)
     try:
-        for name in _progress(names, f"merge ({recipe.method})", quiet):
+        for k, name in enumerate(_progress(names, f"merge ({recipe.method})", quiet)):
             t = template.tensors[name]
             code = out_code(name)
             dest = None
-            if name in copied and backend.copyable(name):
-                data = backend.raw_bytes(name)
-                if grafted:  # a zero edit: a global threshold keeps none of it, no mask keeps it all
-                    tensor_density[name] = [0.0 if r.grafted else 1.0 for r in reports]
-            elif name in floats:
+            if name in floats:
                 dest = writer.reserve(name, t.shape, code)  # room in the writer's staging memory, if it fits
-                data, kept = backend.merge_tensor(name, [after[name]] if name in after else [], out=dest)
-                if kept is not None and grafted:
+                data, kept = backend.merge_tensor(name, names[k + 1 : k + 2], out=dest)
+                if kept is not None and any(r.grafted for r in reports):
                     numel = math.prod(t.shape)
                     for report, n_kept, scope in zip(reports, kept, scopes):
                         if scope is None or name in scope:  # (an adapter keeps nothing elsewhere: no edit)

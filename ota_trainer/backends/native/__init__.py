@@ -62,7 +62,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 10  # ota_native_version() of kernels.c
+_VERSION = 9  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
 _CACHE_NAME, _CACHE_WHAT = "kernels", "kernel cache"  # its folder under the cache root; its name in errors
@@ -277,8 +277,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ota_ties.argtypes = [_ptr, _int, _int, _ptrs, _ints, _i64, _i64, _ptr, _ptr, _f32, _ptr, _int]
     lib.ota_rank1_prep.restype = _int
     lib.ota_rank1_prep.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _f32, _int, _int, _ptr, _ptr, _ptr, _ptr]
-    lib.ota_special_values.restype = _int
-    lib.ota_special_values.argtypes = [_ptr, _int, _i64]
     lib.ota_add_i64.restype = None
     lib.ota_add_i64.argtypes = [_ptr, _ptr, _i64]
     lib.ota_select_from_top.restype = _i64
@@ -464,14 +462,6 @@ def raw_saliency_hist(
         ],
         threads,
     )
-
-
-def raw_special_values(addr: int, dt: int, numel: int, threads: int) -> bool:
-    """Whether any of the ``numel`` values at ``addr`` (kernel dtype ``dt``) is NaN, infinite or -0.0."""
-    lib = library()
-    size = 4 if dt == DT_CODES["F32"] else 2
-    parts = workers(numel, numel, threads)  # element ranges (one for a small tensor, none for an empty one)
-    return any(run([lambda a=a, b=b: lib.ota_special_values(addr + a * size, dt, b - a) for a, b in parts], threads))
 
 
 def raw_ota_merge(

@@ -39,7 +39,6 @@ from . import (
     library,
     meanwhile,
     raw_saliency_hist,
-    raw_special_values,
     why_unavailable,
 )
 
@@ -385,13 +384,6 @@ class NativeBackend:
 
             TorchBackend(self.recipe, self.inputs, quiet=True).explain_non_finite(name)
         return data, job.kept
-
-    def copyable(self, name: str) -> bool:
-        """Whether copying the base's bytes of ``name``, a floating tensor no expert edits, writes
-        what its merge would: none of its values is NaN, infinite (a merge refuses those) or -0.0
-        (which a merge of zero edits may write as +0.0)."""
-        w0, m, n, _ = self._tensor(name, [])
-        return not raw_special_values(w0[0], w0[1], m * n, self.threads)
 
     def raw_bytes(self, name: str) -> memoryview:
         """A tensor copied from the base as stored (integer buffers)."""

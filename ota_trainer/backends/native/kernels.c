@@ -43,7 +43,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 10; }
+int ota_native_version(void) { return 9; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -386,25 +386,6 @@ int ota_rank1_prep(const float *r, const float *c, int64_t m, int64_t n, float t
         float b = apply_scale ? c[j] * scale : c[j];
         b64[j] = (double)b;
         pb[j] = sqrt_p ? (float)sqrt((double)b) : b;
-    }
-    return bad;
-}
-
-/* 1 if any of the n values at p (stored as dt) is NaN, infinite or -0.0, else 0 (the bits alone:
- * nothing is converted). A weight no expert edits is copied from the base only without these: a
- * merge of zero edits refuses the first two and, depending on the method's signs, may write +0.0
- * for the third; such a weight is merged instead, so the output has a merge's bytes either way. */
-int ota_special_values(const void *p, int dt, int64_t n) {
-    int bad = 0;
-    if (dt == DT_F32) {
-        const uint32_t *u = (const uint32_t *)p;
-        for (int64_t i = 0; i < n; i++)
-            bad |= ((u[i] & 0x7F800000u) == 0x7F800000u) | (u[i] == 0x80000000u);
-    } else {
-        const uint16_t *u = (const uint16_t *)p;
-        const uint16_t e = dt == DT_BF16 ? 0x7F80u : 0x7C00u;
-        for (int64_t i = 0; i < n; i++)
-            bad |= ((u[i] & e) == e) | (u[i] == 0x8000u);
     }
     return bad;
 }

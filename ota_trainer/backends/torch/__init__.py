@@ -225,13 +225,6 @@ class TorchBackend:
         data = memoryview(merged.contiguous().reshape(-1).view(torch.uint8).numpy())
         return data, job.kept
 
-    def copyable(self, name: str) -> bool:
-        """Whether copying the base's bytes of ``name``, a floating tensor no expert edits, writes
-        what its merge would: none of its values is NaN, infinite (a merge refuses those) or -0.0
-        (which a merge of zero edits may write as +0.0)."""
-        t = self.template.get(name)
-        return bool(torch.isfinite(t).all()) and not bool(((t == 0) & torch.signbit(t)).any())
-
     def raw_bytes(self, name: str) -> memoryview:
         """A tensor copied from the template as stored (integer buffers)."""
         return memoryview(self.template.get(name).reshape(-1).view(torch.uint8).numpy())
