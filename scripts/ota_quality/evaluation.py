@@ -28,9 +28,9 @@ def fingerprint(folder: Path) -> str:
     """sha256 of the folder's weight files (names and bytes): a re-made merge with the same bytes
     keeps its cached evaluation. Remembered per (name, size, mtime) in ``.ota_quality_fp.json``;
     a pruned folder (:func:`prune`) answers with the sha256 its weights had."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
-    if not files and (Path(folder) / PRUNED).is_file():
+    if is_pruned(folder):
         return json.loads((Path(folder) / PRUNED).read_text())["sha256"]
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
     stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = Path(folder) / ".ota_quality_fp.json"
     if memo.is_file():
