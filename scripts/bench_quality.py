@@ -43,7 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from ota_quality import report  # noqa: E402
+from ota_quality import choice, report  # noqa: E402
 from ota_quality.capabilities import CAPABILITIES, examples, general_candidates  # noqa: E402
 from ota_quality.lm_tasks import task_name, write_jsonl, write_tasks  # noqa: E402
 
@@ -69,6 +69,7 @@ PAIR_METHODS = ("ota", "fisher", "ties", "task_arithmetic", "linear")
 # then combine the winners; each spells out what it holds fixed, so its meaning never follows
 # the library's defaults.
 PAPER = {"density": 0.4, "elect_sign": False}
+PAPER_STUDY = "ota_d0.4"  # the study that runs the paper's recipe
 
 
 def _ota(**changes) -> tuple[str, dict]:
@@ -108,6 +109,7 @@ SCALE_METHODS = {
 LR_PAIR_METHODS = {"ota": ("ota", {}), "ota_mean": OTA_MEAN, "linear": ("linear", {}), "ties": ("ties", {})}
 SCALE_LR_FACTOR = 2.0  # at 4x (the first study) the arithmetic expert no longer learned its skill
 
+OTA_STUDIES = [label for label, (method, _) in SWEEPS.items() if method == "ota"]
 DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
 MODES = {
@@ -287,21 +289,6 @@ def sweep_like(method: str, params: dict) -> str | None:
     return next((k for k, (m, p) in SWEEPS.items() if m == method and resolved(m, p) == want), None)
 
 
-def dev_choice(results: dict, caps: list[str]) -> str | None:
-    """The ota setting with the best dev-split normalised score, averaged over the seeds (None
-    until every seed has every ota study): the candidate default, then reported on the test split."""
-    means = {}
-    for label, (method, _) in SWEEPS.items():
-        if method != "ota":
-            continue
-        got = [report.dev_normalised(r, label, caps) for r in results["seeds"].values()]
-        if got and all(g is not None for g in got):
-            means[label] = sum(got) / len(got)
-    if len(means) < sum(1 for m, _ in SWEEPS.values() if m == "ota"):
-        return None
-    return max(means, key=means.get)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "quality_out"))
@@ -373,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = cfg["seeds"]
     for seed in seeds:  # experts on their own capability (the normalisation)
         r = results["seeds"][str(seed)]
-        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}, "scale": {}})
+        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}, "dev_pairs": {}, "scale": {}})
         for cap in caps:
             label = f"seed{seed}/expert/{cap}"
             r["experts"][cap] = (
@@ -458,7 +445,29 @@ def main(argv: list[str] | None = None) -> int:
             studies = {label: (f"seed{seed}/sweep/{label}", m, p) for label, (m, p) in SWEEPS.items()}
             dev_study(seed, "sweep", r["sweeps"], studies, [ex[c] for c in caps], dev_tasks)
             report.write(out, results, caps)
-        chosen = dev_choice(results, caps)
+        # the candidates' pairs on dev, then the choice by J (scripts/ota_quality/choice.py)
+        candidates = choice.shortlist(results, OTA_STUDIES, PAPER_STUDY, caps)
+        if candidates is not None:
+            results["dev_candidates"] = candidates
+            for seed in seeds:
+                r, ex = results["seeds"][str(seed)], experts[seed]
+                for study in candidates:
+                    for a, b in choice.pairs_of(caps):
+                        key = choice.pair_key(a, b, study)
+                        runs = {key: (f"seed{seed}/dev_pairs/{key}", *SWEEPS[study])}
+                        dev_study(
+                            seed,
+                            "dev pair",
+                            r["dev_pairs"],
+                            runs,
+                            [ex[a], ex[b]],
+                            [task_name(c, "dev") for c in (a, b)],
+                        )
+                    j = choice.objective(r, study, caps, n_boot=1)
+                    if j is not None:
+                        print(f"    seed {seed} dev pairs {study}: J {j.est:.3f}", flush=True)
+                report.write(out, results, caps)
+        chosen = choice.choose(results, candidates, caps) if candidates is not None else None
         if chosen is not None:  # the dev split's choice, reported on the test split beside the defaults
             results["dev_choice"] = {"label": chosen, "parameters": SWEEPS[chosen][1]}
             for seed in seeds:

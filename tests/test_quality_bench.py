@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from ota_quality import stats
+from ota_quality import choice, report, stats
 from ota_quality.capabilities import CAPABILITIES, examples, general_candidates, safe_lambda, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,53 @@ def test_normalised_score_divides_by_each_experts_own_score():
     assert stats.normalised(model, experts).est == pytest.approx((0.5 + 0.5) / 2)
     with pytest.raises(ValueError, match="not paired"):
         stats.paired({"a": [1, 0]}, {"a": [1, 0, 1]})
+
+
+def _dev_results(five: dict[str, dict[str, float]], pairs: dict[str, float], caps=("a", "b", "c"), n=40) -> dict:
+    """A seed's dev results: experts perfect on their capability; study -> capability -> share
+    right on the five-way merge; study -> share right on every pair's capabilities."""
+
+    def scores(share: float) -> dict:
+        k = round(share * n)
+        return {"scores": [1.0] * k + [0.0] * (n - k)}
+
+    dev = lambda c: f"ota_{c}_dev"  # noqa: E731
+    r = {"experts": {c: {dev(c): scores(1.0)} for c in caps}, "sweeps": {}, "dev_pairs": {}}
+    for study, per_cap in five.items():
+        r["sweeps"][study] = {dev(c): scores(per_cap[c]) for c in caps}
+    for study, share in pairs.items():
+        for a, b in choice.pairs_of(caps):
+            r["dev_pairs"][choice.pair_key(a, b, study)] = {dev(a): scores(share), dev(b): scores(share)}
+    return r
+
+
+def test_dev_choice_weighs_the_pairs_as_much_as_the_five_way_merge():
+    caps = ["a", "b", "c"]
+    flat = lambda x: dict.fromkeys(caps, x)  # noqa: E731
+    # "narrow" wins the five-way merge by far and loses every pair; "broad" beats the paper a little on both;
+    # "worse" does not beat the paper's five-way merge in seed 1, so it is not a candidate at all
+    five = {"paper": flat(0.2), "narrow": flat(0.5), "broad": flat(0.3), "worse": flat(0.6)}
+    seed0 = _dev_results(five, {"paper": 0.6, "narrow": 0.1, "broad": 0.7, "worse": 0.9})
+    seed1 = _dev_results({**five, "worse": flat(0.2)}, {"paper": 0.6, "narrow": 0.1, "broad": 0.7, "worse": 0.9})
+    results = {"seeds": {"0": seed0, "1": seed1}}
+    candidates = choice.shortlist(results, ["narrow", "broad", "worse", "paper"], "paper", caps)
+    assert candidates == ["paper", "narrow", "broad"]  # the paper's recipe first, then by five-way score
+    assert choice.choose(results, candidates, caps) == "broad"
+    j = choice.objective(seed0, "broad", caps)
+    assert j.est == pytest.approx(0.5 * 0.3 + 0.5 * 0.7) and j.lo <= j.est <= j.hi
+    d = choice.objective(seed0, "broad", caps, minus="paper")
+    assert d.est == pytest.approx(0.5 * (0.3 - 0.2) + 0.5 * (0.7 - 0.6)) and d.lo > 0, d
+    assert choice.objective(seed0, "narrow", caps, pair_weight=0.0).est == pytest.approx(0.5)
+    assert choice.objective(seed0, "narrow", caps, pair_weight=1.0).est == pytest.approx(0.1)
+    # the report carries every candidate's parts, and the choice's margin over the paper's recipe
+    summary = report.dev_candidates(seed0, candidates, caps)
+    assert list(summary) == candidates and summary["paper"]["J_minus_paper"] is None
+    assert summary["narrow"]["J_minus_paper"]["hi"] < 0 < summary["broad"]["J_minus_paper"]["lo"]
+    # nothing is chosen, nor shortlisted, before every merge it needs is evaluated
+    del seed1["dev_pairs"][choice.pair_key("a", "c", "broad")]
+    assert choice.objective(seed1, "broad", caps) is None and choice.choose(results, candidates, caps) is None
+    del seed1["sweeps"]["worse"]
+    assert choice.shortlist(results, ["narrow", "broad", "worse"], "paper", caps) is None
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:

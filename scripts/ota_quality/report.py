@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import stats
+from . import choice, stats
 from .lm_tasks import task_name
 
-__all__ = ["brief", "compact", "summarise", "write"]
+__all__ = ["brief", "compact", "dev_candidates", "summarise", "write"]
 
 GENERAL = "ota_general"
 DEV_CHOICE = "ota_dev_choice"  # the five-way entry of the ota setting chosen on the dev split
@@ -34,14 +34,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def dev_normalised(seed_result: dict, label: str, caps: list[str]) -> float | None:
-    """The point estimate of a dev study's normalised score (None until it and the experts' dev runs exist)."""
-    ex_dev, res = _experts(seed_result, caps, "dev"), seed_result.get("sweeps", {}).get(label)
-    if ex_dev is None or res is None or not all(task_name(c, "dev") in res for c in caps):
-        return None
-    return stats.normalised(_scores(res, caps, "dev"), ex_dev).est
-
-
 def _versus(runs: dict, name: str, caps: list[str], experts: dict | None, split: str = "test") -> dict:
     """``name`` minus every other run on the same ``split`` prompts (paired bootstrap; normalised
     by ``experts``, or raw accuracy when None)."""
@@ -53,6 +45,25 @@ def _versus(runs: dict, name: str, caps: list[str], experts: dict | None, split:
         if method != name:
             d = stats.paired(a, _scores(res, caps, split), experts)
             out[method] = {**d.as_dict(), "ota_better": d.lo > 0}
+    return out
+
+
+def dev_candidates(seed_result: dict, candidates: list[str], caps: list[str]) -> dict:
+    """Each candidate for ``ota``'s default (the first: the paper's recipe) on the dev split: its
+    five-way score, its mean pair score, J, and J minus the paper recipe's (paired), as intervals."""
+    out = {}
+    for study in candidates:
+        j = choice.objective(seed_result, study, caps)
+        if j is None:
+            continue
+        out[study] = {
+            "five": choice.objective(seed_result, study, caps, pair_weight=0.0).as_dict(),
+            "pairs": choice.objective(seed_result, study, caps, pair_weight=1.0).as_dict(),
+            "J": j.as_dict(),
+            "J_minus_paper": choice.objective(seed_result, study, caps, minus=candidates[0]).as_dict()
+            if study != candidates[0]
+            else None,
+        }
     return out
 
 
@@ -125,6 +136,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
         s["dev_choice_vs"] = _versus(r["five"], DEV_CHOICE, caps, ex_test)
         for label, res in r["sweeps"].items() if ex_dev else ():
             s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+        s["dev_choice"] = dev_candidates(r, results.get("dev_candidates", []), caps)
         s["scale"] = _scale(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
         s["scale_versus"] = _scale_versus(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
         for label, res in r["pairs"].items():
@@ -237,6 +249,21 @@ def write(out: Path, results: dict, caps: list[str]) -> dict:
             ]
             for label, d in sorted(s["sweeps"].items()):
                 md.append(f"| {label} | {_fmt(stats.Interval(**d))} |")
+        if s.get("dev_choice"):
+            md += [
+                "",
+                f"Candidates for ota's default (dev split): J = {1 - choice.PAIR_WEIGHT:g} x five-way + "
+                f"{choice.PAIR_WEIGHT:g} x mean of the {len(choice.pairs_of(caps))} pairs (normalised); the first row "
+                "is the paper's recipe:",
+                "",
+                "| candidate | five-way (dev) | mean of pairs (dev) | J | J − paper recipe (paired) |",
+                "|---|---|---|---|---|",
+            ]
+            for study, d in s["dev_choice"].items():
+                md.append(
+                    f"| {study} | {_cell(d['five'])} | {_cell(d['pairs'])} | {_cell(d['J'])} | "
+                    f"{_cell(d['J_minus_paper'], 3)} |"
+                )
         if s["scale"]:
             md += ["", *_scale_md(s["scale"], results.get("scale_study", {}), caps)]
         if s["scale_versus"]:
@@ -371,6 +398,17 @@ def compact(summary: dict) -> str:
         for m in sorted(s0[key]):
             ds = [summary["seeds"][s][key].get(m) for s in seeds]
             lines.append(f"| {m} | " + " | ".join(_cell(d, 3) for d in ds) + " |")
+    studies = list(s0.get("dev_choice", {}))
+    if studies:
+        lines += ["", "| candidate (dev split) | " + " | ".join(f"five-way, seed {s}" for s in seeds)]
+        lines[-1] += " | " + " | ".join(f"pairs, seed {s}" for s in seeds)
+        lines[-1] += " | " + " | ".join(f"J − paper recipe, seed {s}" for s in seeds) + " |"
+        lines.append("|---" * (1 + 3 * len(seeds)) + "|")
+        for study in studies:
+            ds = [summary["seeds"][s].get("dev_choice", {}).get(study) for s in seeds]
+            cells = [_cell(d["five"]) if d else "" for d in ds] + [_cell(d["pairs"]) if d else "" for d in ds]
+            cells += [_cell(d["J_minus_paper"], 3) if d else "" for d in ds]
+            lines.append(f"| {study} | " + " | ".join(cells) + " |")
     labels = sorted({k for s in seeds for k in summary["seeds"][s]["sweeps"]})
     if labels:
         lines += ["", "| setting (dev split) | " + " | ".join(f"normalised, seed {s}" for s in seeds) + " |"]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap", "normalised", "paired", "mean_ci"]
+__all__ = ["Interval", "bootstrap", "norm_rows", "normalised", "paired", "mean_ci"]
 
 Scores = Mapping[str, Sequence[float]]  # capability -> per-prompt scores (0/1), in prompt order
 
@@ -72,7 +72,7 @@ def bootstrap(
     return Interval(values[0], lo, hi)
 
 
-def _norm(model: Mapping[str, np.ndarray], experts: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
+def norm_rows(model: Mapping[str, np.ndarray], experts: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
     """Per row: mean over capabilities of model score / expert score (the expert's own capability)."""
     parts = []
     for c, x in model.items():
@@ -85,7 +85,7 @@ def normalised(model: Scores, experts: Mapping[str, Sequence[float]], **kw) -> I
     """The normalised score of ``model`` (capability -> scores) given each capability's expert
     scores on it (capability -> scores), with its interval."""
     groups = {"model": model, **{f"expert:{c}": {c: s} for c, s in experts.items()}}
-    return bootstrap(lambda a: _norm(a["model"], {c: a[f"expert:{c}"][c] for c in experts}), groups, **kw)
+    return bootstrap(lambda a: norm_rows(a["model"], {c: a[f"expert:{c}"][c] for c in experts}), groups, **kw)
 
 
 def paired(a: Scores, b: Scores, experts: Mapping[str, Sequence[float]] | None = None, **kw) -> Interval:
@@ -100,7 +100,7 @@ def paired(a: Scores, b: Scores, experts: Mapping[str, Sequence[float]] | None =
 
     def diff(x):
         ex = {c: x[f"expert:{c}"][c] for c in experts}
-        return _norm(x["a"], ex) - _norm(x["b"], ex)
+        return norm_rows(x["a"], ex) - norm_rows(x["b"], ex)
 
     return bootstrap(diff, groups, **kw)
 

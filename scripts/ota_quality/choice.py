@@ -1,0 +1,132 @@
+"""How the quality benchmark chooses ``ota``'s default on the dev split.
+
+The issue's target has three parts: the five-way merge, forgetting, and the pairs. Choosing on
+the five-way merge alone picked a setting (``saliency_share: 0.99`` with the sign election) that
+won there and lost on merges of fewer experts it was never chosen on. So the dev choice looks at
+merges of two sizes, each with its own weight:
+
+    J(S) = 1/2 * N_dev(S, all experts) + 1/2 * mean over the pairs p of N_dev(S, p)
+
+where N_dev is the normalised dev score (mean over the merge's capabilities of merge / expert
+score). The pairs of a study are merged only for the shortlist (:func:`shortlist`): the paper's
+recipe and every study that beats it on the five-way dev merge in every seed, so the pair
+merges stay a few per study. The choice (:func:`choose`) is the shortlisted study with the best
+J averaged over the seeds; its interval, and its difference from the paper's recipe, come from
+one bootstrap over the dev prompts (each capability's prompts are the same in every merge, so
+one draw resamples them all alike).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import stats
+from .lm_tasks import task_name
+
+__all__ = ["PAIR_WEIGHT", "pairs_of", "pair_key", "objective", "shortlist", "choose"]
+
+PAIR_WEIGHT = 0.5  # J's weight of the mean pair score; the five-way merge has the rest
+
+
+def pairs_of(caps: Sequence[str]) -> list[tuple[str, str]]:
+    return list(itertools.combinations(caps, 2))
+
+
+def pair_key(a: str, b: str, study: str) -> str:
+    """The key of a study's dev merge of the pair (a, b) in a seed's ``dev_pairs``."""
+    return f"{a}+{b}/{study}"
+
+
+def _dev(result: dict, caps: Sequence[str]) -> dict[str, list[float]] | None:
+    if not all(task_name(c, "dev") in result for c in caps):
+        return None
+    return {c: result[task_name(c, "dev")]["scores"] for c in caps}
+
+
+def _dev_experts(seed_result: dict, caps: Sequence[str]) -> dict[str, list[float]] | None:
+    """Each expert's dev scores on its own capability (None until every one is evaluated)."""
+    ex = seed_result.get("experts", {})
+    got = {c: ex[c][task_name(c, "dev")]["scores"] for c in caps if task_name(c, "dev") in ex.get(c, {})}
+    return got if len(got) == len(caps) else None
+
+
+def _groups(seed_result: dict, study: str, caps: Sequence[str], tag: str) -> dict | None:
+    """The per-prompt dev scores J(study) needs, under names prefixed by ``tag`` (None if any is missing)."""
+    five = seed_result.get("sweeps", {}).get(study)
+    five = _dev(five, caps) if five is not None else None
+    if five is None:
+        return None
+    groups = {f"{tag}five": five}
+    for a, b in pairs_of(caps):
+        res = seed_result.get("dev_pairs", {}).get(pair_key(a, b, study))
+        got = _dev(res, (a, b)) if res is not None else None
+        if got is None:
+            return None
+        groups[f"{tag}pair:{a}+{b}"] = got
+    return groups
+
+
+def _j(x: dict, caps: Sequence[str], tag: str, pair_weight: float) -> np.ndarray:
+    """J per bootstrap row, from resampled arrays (``stats.bootstrap``'s form)."""
+    experts = {c: x[f"expert:{c}"][c] for c in caps}
+    pairs = [stats.norm_rows(x[f"{tag}pair:{a}+{b}"], experts) for a, b in pairs_of(caps)]
+    return (1 - pair_weight) * stats.norm_rows(x[f"{tag}five"], experts) + pair_weight * np.mean(pairs, axis=0)
+
+
+def objective(
+    seed_result: dict,
+    study: str,
+    caps: Sequence[str],
+    minus: str | None = None,
+    n_boot: int = 2000,
+    pair_weight: float = PAIR_WEIGHT,
+) -> stats.Interval | None:
+    """J(study) on one seed's dev split, or J(study) - J(minus) paired on the same prompts, with a
+    95% bootstrap interval (None until the experts, the five-way merge and every pair are evaluated).
+    ``pair_weight`` 0 or 1: its five-way or its mean pair score alone."""
+    experts = _dev_experts(seed_result, caps)
+    groups = _groups(seed_result, study, caps, "a:")
+    other = _groups(seed_result, minus, caps, "b:") if minus is not None else {}
+    if experts is None or groups is None or other is None:
+        return None
+    groups = {**groups, **other, **{f"expert:{c}": {c: s} for c, s in experts.items()}}
+    if minus is None:
+        return stats.bootstrap(lambda x: _j(x, caps, "a:", pair_weight), groups, n_boot=n_boot)
+    return stats.bootstrap(
+        lambda x: _j(x, caps, "a:", pair_weight) - _j(x, caps, "b:", pair_weight), groups, n_boot=n_boot
+    )
+
+
+def _five(seed_result: dict, study: str, caps: Sequence[str]) -> float | None:
+    experts = _dev_experts(seed_result, caps)
+    res = seed_result.get("sweeps", {}).get(study)
+    five = _dev(res, caps) if res is not None else None
+    if five is None or experts is None:
+        return None
+    return stats.normalised(five, experts, n_boot=1).est  # (the estimate)
+
+
+def shortlist(results: dict, studies: Sequence[str], paper: str, caps: Sequence[str]) -> list[str] | None:
+    """The candidates for the default: ``paper`` (the paper's recipe) first, then every study of
+    ``studies`` whose five-way dev score beats the paper's in every seed, best mean first (None
+    until every seed has every study's five-way dev merge)."""
+    seeds = list(results["seeds"].values())
+    scores = {s: [_five(r, s, caps) for r in seeds] for s in dict.fromkeys([paper, *studies])}
+    if not seeds or any(v is None for got in scores.values() for v in got):
+        return None
+    better = [s for s in scores if s != paper and all(v > p for v, p in zip(scores[s], scores[paper]))]
+    return [paper, *sorted(better, key=lambda s: -sum(scores[s]))]
+
+
+def choose(results: dict, candidates: Sequence[str], caps: Sequence[str]) -> str | None:
+    """The candidate with the best J averaged over the seeds (None until every one is evaluated)."""
+    means = {}
+    for study in candidates:
+        got = [objective(r, study, caps, n_boot=1) for r in results["seeds"].values()]  # (the estimate)
+        if not got or any(g is None for g in got):
+            return None
+        means[study] = sum(g.est for g in got) / len(got)
+    return max(means, key=means.get) if means else None
