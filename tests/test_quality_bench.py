@@ -117,21 +117,25 @@ def test_normalised_score_divides_by_each_experts_own_score():
         stats.paired({"a": [1, 0]}, {"a": [1, 0, 1]})
 
 
-def _dev_results(five: dict[str, dict[str, float]], pairs: dict[str, float], caps=("a", "b", "c"), n=40) -> dict:
+def _dev_results(
+    five: dict[str, dict[str, float]], pairs: dict[str, float], caps=("a", "b", "c"), n=40, shifted=()
+) -> dict:
     """A seed's dev results: experts perfect on their capability; study -> capability -> share
-    right on the five-way merge; study -> share right on every pair's capabilities."""
+    right on the five-way merge; study -> share right on every pair's capabilities. A study gets
+    the first prompts right, or, if ``shifted``, the last ones."""
 
-    def scores(share: float) -> dict:
+    def scores(share: float, study: str = "") -> dict:
         k = round(share * n)
-        return {"scores": [1.0] * k + [0.0] * (n - k)}
+        right = [1.0] * k + [0.0] * (n - k)
+        return {"scores": right[::-1] if study in shifted else right}
 
     dev = lambda c: f"ota_{c}_dev"  # noqa: E731
     r = {"experts": {c: {dev(c): scores(1.0)} for c in caps}, "sweeps": {}, "dev_pairs": {}}
     for study, per_cap in five.items():
-        r["sweeps"][study] = {dev(c): scores(per_cap[c]) for c in caps}
+        r["sweeps"][study] = {dev(c): scores(per_cap[c], study) for c in caps}
     for study, share in pairs.items():
         for a, b in choice.pairs_of(caps):
-            r["dev_pairs"][choice.pair_key(a, b, study)] = {dev(a): scores(share), dev(b): scores(share)}
+            r["dev_pairs"][choice.pair_key(a, b, study)] = {dev(a): scores(share, study), dev(b): scores(share, study)}
     return r
 
 
@@ -157,6 +161,12 @@ def test_dev_choice_weighs_the_pairs_as_much_as_the_five_way_merge():
     summary = report.dev_candidates(seed0, candidates, caps)
     assert list(summary) == candidates and summary["paper"]["J_minus_paper"] is None
     assert summary["narrow"]["J_minus_paper"]["hi"] < 0 < summary["broad"]["J_minus_paper"]["lo"]
+    # a candidate ahead on the estimate but not by an interval above zero in every seed leaves the paper's recipe
+    pairs = {"paper": 0.6, "narrow": 0.1, "broad": 0.625}
+    close = _dev_results({**five, "broad": flat(0.225)}, pairs, shifted=("broad",))  # other prompts right
+    margin = choice.objective(close, "broad", caps, minus="paper")
+    assert margin.est > 0 >= margin.lo
+    assert choice.choose({"seeds": {"0": seed0, "1": close}}, ["paper", "narrow", "broad"], caps) == "paper"
     # nothing is chosen, nor shortlisted, before every merge it needs is evaluated
     del seed1["dev_pairs"][choice.pair_key("a", "c", "broad")]
     assert choice.objective(seed1, "broad", caps) is None and choice.choose(results, candidates, caps) is None

@@ -11,9 +11,10 @@ where N_dev is the normalised dev score (mean over the merge's capabilities of m
 score). The pairs of a study are merged only for the shortlist (:func:`shortlist`): the paper's
 recipe and every study that beats it on the five-way dev merge in every seed, so the pair
 merges stay a few per study. The choice (:func:`choose`) is the shortlisted study with the best
-J averaged over the seeds; its interval, and its difference from the paper's recipe, come from
-one bootstrap over the dev prompts (each capability's prompts are the same in every merge, so
-one draw resamples them all alike).
+J averaged over the seeds among those whose J beats the paper recipe's by a paired 95% interval
+above zero in every seed; the paper's recipe when none does. J's interval, and its difference
+from the paper's recipe, come from one bootstrap over the dev prompts (each capability's prompts
+are the same in every merge, so one draw resamples them all alike).
 """
 
 from __future__ import annotations
@@ -122,11 +123,18 @@ def shortlist(results: dict, studies: Sequence[str], paper: str, caps: Sequence[
 
 
 def choose(results: dict, candidates: Sequence[str], caps: Sequence[str]) -> str | None:
-    """The candidate with the best J averaged over the seeds (None until every one is evaluated)."""
-    means = {}
+    """The default: among the candidates whose J beats the paper recipe's (``candidates[0]``) by a
+    paired interval above zero in every seed, the best J averaged over the seeds; the paper's
+    recipe when none does (a default changes on evidence, not on a point estimate). None until
+    every candidate is evaluated."""
+    seeds = list(results["seeds"].values())
+    means, margins = {}, {}
     for study in candidates:
-        got = [objective(r, study, caps, n_boot=1) for r in results["seeds"].values()]  # (the estimate)
+        got = [objective(r, study, caps, n_boot=1) for r in seeds]  # (the estimate)
         if not got or any(g is None for g in got):
             return None
         means[study] = sum(g.est for g in got) / len(got)
-    return max(means, key=means.get) if means else None
+    for study in candidates[1:]:
+        margins[study] = [objective(r, study, caps, minus=candidates[0]) for r in seeds]
+    winners = [s for s, ds in margins.items() if all(d.lo > 0 for d in ds)]
+    return max(winners, key=means.get) if winners else (candidates[0] if candidates else None)
