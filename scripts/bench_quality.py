@@ -110,6 +110,20 @@ LR_PAIR_METHODS = {"ota": ("ota", {}), "ota_mean": OTA_MEAN, "linear": ("linear"
 SCALE_LR_FACTOR = 2.0  # at 4x (the first study) the arithmetic expert no longer learned its skill
 
 OTA_STUDIES = [label for label, (method, _) in SWEEPS.items() if method == "ota"]
+
+
+def paper_changes(params: dict) -> int:
+    """How many of the paper recipe's settings an ota study changes (FFG's rule and value count as one)."""
+    from ota_trainer.merger.recipe import FFG_RULES
+
+    def settings(p: dict) -> dict:
+        rule = {k: v for k, v in p.items() if k in FFG_RULES}
+        return {**{k: v for k, v in p.items() if k not in FFG_RULES}, "ffg_rule": rule}
+
+    mine, paper = settings(params), settings(PAPER)
+    return sum(mine.get(k) != paper.get(k) for k in {*mine, *paper})
+
+
 DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
 MODES = {
@@ -467,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     if j is not None:
                         print(f"    seed {seed} dev pairs {study}: J {j.est:.3f}", flush=True)
                 report.write(out, results, caps)
-        chosen = choice.choose(results, candidates, caps) if candidates is not None else None
+        changes = {s: paper_changes(SWEEPS[s][1]) for s in OTA_STUDIES}
+        chosen = choice.choose(results, candidates, caps, changes) if candidates is not None else None
         if chosen is not None:  # the dev split's choice, reported on the test split beside the defaults
             results["dev_choice"] = {"label": chosen, "parameters": SWEEPS[chosen][1]}
             for seed in seeds:

@@ -167,6 +167,12 @@ def test_dev_choice_weighs_the_pairs_as_much_as_the_five_way_merge():
     margin = choice.objective(close, "broad", caps, minus="paper")
     assert margin.est > 0 >= margin.lo
     assert choice.choose({"seeds": {"0": seed0, "1": close}}, ["paper", "narrow", "broad"], caps) == "paper"
+    # of the winners the best does not beat by an interval, the one with the fewest changes to the paper recipe
+    twin = _dev_results({**five, "twin": flat(0.3)}, {"paper": 0.6, "narrow": 0.1, "broad": 0.7, "twin": 0.7})
+    twins = {"seeds": {"0": twin, "1": twin}}
+    assert choice.choose(twins, ["paper", "broad", "twin"], caps, {"broad": 2, "twin": 1}) == "twin"
+    assert choice.choose(twins, ["paper", "broad", "twin"], caps, {"broad": 1, "twin": 2}) == "broad"
+    assert choice.choose(twins, ["paper", "narrow", "twin"], caps, {"narrow": 1, "twin": 2}) == "twin"  # not a winner
     # nothing is chosen, nor shortlisted, before every merge it needs is evaluated
     del seed1["dev_pairs"][choice.pair_key("a", "c", "broad")]
     assert choice.objective(seed1, "broad", caps) is None and choice.choose(results, candidates, caps) is None

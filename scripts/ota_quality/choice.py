@@ -12,7 +12,9 @@ score). The pairs of a study are merged only for the shortlist (:func:`shortlist
 recipe and every study that beats it on the five-way dev merge in every seed, so the pair
 merges stay a few per study. The choice (:func:`choose`) is the shortlisted study with the best
 J averaged over the seeds among those whose J beats the paper recipe's by a paired 95% interval
-above zero in every seed; the paper's recipe when none does. J's interval, and its difference
+above zero in every seed (the paper's recipe when none does), and of those the best does not
+beat by such an interval, the one that changes the fewest of the paper recipe's settings: each
+change a default makes needs the same evidence. J's interval, and its difference
 from the paper's recipe, come from one bootstrap over the dev prompts (each capability's prompts
 are the same in every merge, so one draw resamples them all alike).
 """
@@ -20,7 +22,7 @@ are the same in every merge, so one draw resamples them all alike).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -122,19 +124,32 @@ def shortlist(results: dict, studies: Sequence[str], paper: str, caps: Sequence[
     return [paper, *sorted(better, key=lambda s: -sum(scores[s]))]
 
 
-def choose(results: dict, candidates: Sequence[str], caps: Sequence[str]) -> str | None:
-    """The default: among the candidates whose J beats the paper recipe's (``candidates[0]``) by a
-    paired interval above zero in every seed, the best J averaged over the seeds; the paper's
-    recipe when none does (a default changes on evidence, not on a point estimate). None until
-    every candidate is evaluated."""
+def choose(
+    results: dict, candidates: Sequence[str], caps: Sequence[str], changes: Mapping[str, int] | None = None
+) -> str | None:
+    """The default (None until every candidate is evaluated):
+
+    1. the winners: the candidates whose J beats the paper recipe's (``candidates[0]``) by a
+       paired interval above zero in every seed; none: the paper's recipe stays (a default
+       changes on evidence, not on a point estimate);
+    2. the best: the winner with the best J averaged over the seeds;
+    3. the same evidence rule for each setting a winner changes: of the winners the best does
+       not beat by a paired interval above zero in any seed, the one that changes the fewest of
+       the paper recipe's settings (``changes[study]``), then the best mean J.
+    """
     seeds = list(results["seeds"].values())
-    means, margins = {}, {}
+    means = {}
     for study in candidates:
         got = [objective(r, study, caps, n_boot=1) for r in seeds]  # (the estimate)
         if not got or any(g is None for g in got):
             return None
         means[study] = sum(g.est for g in got) / len(got)
-    for study in candidates[1:]:
-        margins[study] = [objective(r, study, caps, minus=candidates[0]) for r in seeds]
-    winners = [s for s, ds in margins.items() if all(d.lo > 0 for d in ds)]
-    return max(winners, key=means.get) if winners else (candidates[0] if candidates else None)
+    if not candidates:
+        return None
+    paper = candidates[0]
+    winners = [s for s in candidates[1:] if all(objective(r, s, caps, minus=paper).lo > 0 for r in seeds)]
+    if not winners:
+        return paper
+    best = max(winners, key=means.get)
+    close = [s for s in winners if s == best or all(objective(r, best, caps, minus=s).lo <= 0 for r in seeds)]
+    return min(close, key=lambda s: ((changes or {}).get(s, 0), -means[s]))
