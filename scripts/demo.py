@@ -47,7 +47,9 @@ METHODS = {
     "ota_magnitude": ("rank1", ["--method", "ota", "--score", "magnitude"]),
     # per-expert curvature scale normalisation (README, Experts on different scales): not the default
     "ota_normalise_mean": ("rank1", ["--method", "ota", "--normalise", "mean"]),
-    # the quality benchmark's dev-split choice (README, Quality): best there, not the default
+    # the paper's recipe (global FFG density 0.4; the default before the quality benchmark's dev choice)
+    "ota_paper": ("rank1", ["--method", "ota", "--density", "0.4"]),
+    # the dev choice made on the five-way merge alone (README, Quality): the share rule with the sign election
     "ota_share_elect": ("rank1", ["--method", "ota", "--saliency-share", "0.99", "--elect-sign"]),
 }
 QUICK_METHODS = ("linear", "ota_ffg_rank1")

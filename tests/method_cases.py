@@ -31,6 +31,15 @@ CASES = [
         ref.mostly_close(0.001),
     ),  # a histogram bin edge: only entries at the boundary may differ
     (
+        "ota_share",
+        "ota",
+        {"saliency_share": 0.99, "elect_sign": False},
+        lambda ins, p: ref.ota(
+            ins["base"], ins["experts"], ins["vs"], ref.ffg_masks_share(ins["base"], ins["experts"], ins["vs"], 0.99)
+        ),
+        ref.mostly_close(0.002),
+    ),  # whole histogram bins (each under 0.1% wide) are kept: only entries at the boundary may differ
+    (
         "ota_elect_sign",
         "ota",
         {"graft": False, "elect_sign": True},

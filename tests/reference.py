@@ -53,6 +53,17 @@ def ffg_masks_density(base, experts, vs, density, score="fisher"):
     return masks
 
 
+def ffg_masks_share(base, experts, vs, share):
+    """Exact: each expert keeps its fewest top entries by saliency whose sum holds ``share`` of its total."""
+    masks = []
+    for t in range(len(experts)):
+        s = {n: vs[t][n] * (experts[t][n] - base[n]) ** 2 for n in base}
+        top = torch.sort(torch.cat([x.reshape(-1) for x in s.values()]), descending=True).values
+        k = int(torch.searchsorted(torch.cumsum(top, 0), share * top.sum()))  # entries before the share is reached
+        masks.append({n: s[n] >= top[min(k, top.numel() - 1)] for n in base})
+    return masks
+
+
 def ota(base, experts, vs, masks, *, p=0.5, eps=1e-26):
     out = {}
     for n in base:

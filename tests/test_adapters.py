@@ -86,11 +86,9 @@ def test_ota_on_adapters_keeps_the_base_where_no_adapter_edits(lora, tmp_path):
     for i, key in enumerate(("a1", "a2")):
         shutil.copytree(lora[key], tmp_path / key)
         _add_moments(tmp_path / key, lora["base"], i)
-    report = merge(
-        {"method": "ota", "base_model": str(lora["base"]), "models": [str(tmp_path / "a1"), str(tmp_path / "a2")]},
-        tmp_path / "out",
-        quiet=True,
-    )
+    models = [str(tmp_path / "a1"), str(tmp_path / "a2")]
+    recipe = {"method": "ota", "base_model": str(lora["base"]), "models": models, "parameters": {"density": 0.4}}
+    report = merge(recipe, tmp_path / "out", quiet=True)
     got, base = _weights(tmp_path / "out"), _weights(lora["base"])
     adapted = [k for k in base if any(m in k for m in ("q_proj", "v_proj", "down_proj"))]
     assert adapted and all(not torch.equal(got[k], base[k]) for k in adapted)
@@ -101,7 +99,6 @@ def test_ota_on_adapters_keeps_the_base_where_no_adapter_edits(lora, tmp_path):
     adapted_entries = sum(base[k].numel() for k in adapted)
     for e in report.experts:
         assert e.total == adapted_entries and e.density == pytest.approx(0.4, abs=0.01)
-    recipe = {"method": "ota", "base_model": str(lora["base"]), "models": [str(tmp_path / "a1"), str(tmp_path / "a2")]}
     torch_report = merge(recipe, tmp_path / "torch", quiet=True, fast_path=False)  # the PyTorch backend: same
     assert [e.kept for e in torch_report.experts] == [e.kept for e in report.experts]
     assert (tmp_path / "torch" / "model.safetensors").read_bytes() == (

@@ -365,7 +365,7 @@ def test_written_recipe_pins_commits_and_reproduces_after_the_repo_moves_on(loca
     from huggingface_hub import HfApi
 
     sha = HfApi().model_info("org/e1").sha
-    assert pinned["models"][0]["model"] == f"org/e1@{sha}" and pinned["parameters"]["density"] == 0.4
+    assert pinned["models"][0]["model"] == f"org/e1@{sha}" and pinned["parameters"]["saliency_share"] == 0.99
     # org/e1 gets new weights: the pinned recipe still merges the commit it named
     moved = make_tiny_expert(tiny["base"], tmp_path / "e1_moved", seed=7)
     publish_folder(moved, "org/e1")

@@ -205,16 +205,16 @@ def test_written_recipe_pins_every_default_and_reproduces_the_bytes(ins, tmp_pat
     recipe = {"method": "ota", "base_model": ins["base_path"], "models": ins["paths"]}
     merge(recipe, tmp_path / "first", quiet=True)  # every parameter at its default
     pinned = yaml.safe_load((tmp_path / "first" / "ota_merge.yaml").read_text())
-    assert pinned["parameters"]["density"] == 0.4 and pinned["parameters"]["power"] == 0.5
+    assert pinned["parameters"]["saliency_share"] == 0.99 and pinned["parameters"]["power"] == 0.5
     assert pinned["parameters"]["graft"] is True and pinned["parameters"]["score"] == "fisher"
-    assert pinned["parameters"]["elect_sign"] is False and "saliency_share" not in pinned["parameters"]
+    assert pinned["parameters"]["elect_sign"] is False and "density" not in pinned["parameters"]
     assert pinned["ota_trainer_version"] == __version__
     # mergekit's positional form, with the written recipe: the same bytes
     assert merge_main([str(tmp_path / "first" / "ota_merge.yaml"), str(tmp_path / "again"), "-q"]) == 0
     assert _weights(tmp_path / "again") == _weights(tmp_path / "first")
     card = (tmp_path / "again" / "README.md").read_text()
     assert "`ota-merge ota_merge.yaml merged/`" in card and f"ota_trainer=={__version__}" in card
-    assert "density: 0.4" in card and "elect_sign: false" in card  # the card shows the pinned recipe
+    assert "saliency_share: 0.99" in card and "elect_sign: false" in card  # the card shows the pinned recipe
 
 
 def test_card_tags_and_base_model_of_local_folders(tiny_models, tmp_path):

@@ -40,7 +40,7 @@ PINNED = {
     "bf16_ties": "8bc47c3afc14011a",
     "bf16_fisher": "a1fad1bd42e1e95d",
     "bf16_ota_f32_out": "82b9ce1898c589f6",
-    "ota_default": "34863aa3465fe0bc",  # the defaults: the paper's recipe (the same bytes as "ota")
+    "ota_default": "87f1fa97c829201c",  # the defaults: saliency_share 0.99 (the quality benchmark's dev choice)
 }
 
 

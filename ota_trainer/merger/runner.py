@@ -233,11 +233,7 @@ class Prediction:
 def _threshold(hist: Histogram, p: dict[str, Any]) -> tuple[Threshold, int]:
     """An expert's FFG threshold from its histogram and its parameters, and the entries it keeps."""
     share = p.get("saliency_share")
-    if share is not None:
-        from ..backends.torch.ffg import share_threshold  # the saliency-share rule is PyTorch's (never native)
-
-        return share_threshold(hist, share)
-    return hist.density_threshold(p["density"])
+    return hist.share_threshold(share) if share is not None else hist.density_threshold(p["density"])
 
 
 def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: list) -> dict[int, Histogram]:

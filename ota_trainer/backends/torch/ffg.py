@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..thresholds import BIN_SHIFT, KEEP_ALL, N_BINS, SCORES, Threshold, bin_edge, density_bin
+from ..thresholds import BIN_SHIFT, KEEP_ALL, N_BINS, SCORES, Threshold, bin_edge, density_bin, share_bin
 
 __all__ = [
     "SCORES",
@@ -110,12 +110,6 @@ def _bin_index(s: torch.Tensor) -> torch.Tensor:
     return (s.to(torch.float64).contiguous().view(torch.int64) >> BIN_SHIFT) & _BIN_MASK
 
 
-def _bin_centers_log2() -> torch.Tensor:
-    """log2 of each bin's middle value (float64; +inf/NaN for the bins past the finite range)."""
-    bits = (torch.arange(N_BINS, dtype=torch.int64) << BIN_SHIFT) | (1 << (BIN_SHIFT - 1))
-    return torch.log2(bits.view(torch.float64))
-
-
 class SaliencyHistogram:
     """Streaming histogram of one expert's float64 saliencies over all its parameters.
 
@@ -154,25 +148,11 @@ class SaliencyHistogram:
 
     def threshold_for_share(self, share: float) -> Threshold:
         """The bin-edge threshold keeping the fewest top entries that hold ``share`` of the
-        expert's total saliency ``sum(s)`` (a density rule that adapts to each expert).
-
-        Bin masses are ``count_b * center_b``, exact to 0.05%.
-        """
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"saliency share must be in (0, 1], got {share}")
-        if share >= 1.0:
-            return KEEP_ALL
-        log_center = _bin_centers_log2()
-        nonzero = (self.counts > 0) & torch.isfinite(log_center)
-        nonzero[0] = False  # zero saliency carries no mass
-        if not nonzero.any():
-            return KEEP_ALL
-        shift = float(log_center[nonzero].max())  # scale so the largest bin's mass is ~1 (no overflow)
-        scale = torch.exp2((log_center - shift).clamp_(max=0.0)).nan_to_num_(nan=0.0)  # bins above: 0, not 0*inf
-        mass = torch.where(nonzero, self.counts.to(torch.float64) * scale, 0.0)
-        kept_mass = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0])  # kept_mass[b] = mass of bins >= b
-        b = max(1, int(torch.nonzero(kept_mass >= share * float(kept_mass[0])).max()))
-        return Threshold.at_bin(b)
+        expert's total saliency ``sum(s)`` (a density rule that adapts to each expert;
+        :func:`~ota_trainer.backends.thresholds.share_bin`, the native backend's rule too)."""
+        bins = torch.nonzero(self.counts).flatten()
+        b = share_bin(bins.tolist(), self.counts[bins].tolist(), share)
+        return KEEP_ALL if b is None else Threshold.at_bin(b)
 
     def kept(self, threshold: Threshold) -> int:
         """Entries a threshold keeps (exact for histogram thresholds)."""
@@ -211,12 +191,3 @@ def keep_mask(s: torch.Tensor, threshold: Threshold) -> torch.Tensor:
 def graft(base: torch.Tensor, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``w0 + M * (w_t - w0)``: the expert with its low-saliency edits reverted to the base."""
     return torch.where(mask, expert, base)
-
-
-def share_threshold(hist, share: float) -> tuple[Threshold, int]:
-    """:meth:`SaliencyHistogram.threshold_for_share` of a :class:`~ota_trainer.merger.thresholds.Histogram`
-    (whichever backend counted it), and the entries the threshold keeps."""
-    h = SaliencyHistogram()
-    h.counts, h.total = torch.frombuffer(hist.dense(), dtype=torch.int64), hist.total
-    threshold = h.threshold_for_share(share)
-    return threshold, h.kept(threshold)

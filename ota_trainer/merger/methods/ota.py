@@ -8,9 +8,9 @@ weights: ``W_t = c_t (v_t^p + eps) M_t``, ``merged = w0 + sum_t W_t d_t / sum_t 
 where every mask is 0). ``elect_sign`` (ours) then keeps, per entry, only the kept edits that
 agree with the sign of ``sum_t W_t d_t``, TIES's sign election with curvature weights.
 
-Defaults: the paper's recipe, global density 0.4 without the sign election (what the native
-kernels run). ``saliency_share: 0.99, elect_sign: true`` is the quality benchmark's dev-split
-choice: best on its test split, worse on the demo's unseen experts (README, Quality).
+Defaults: the quality benchmark's dev-split choice (README, Quality): FFG keeps the fewest top
+edits holding 99% of each expert's saliency (``saliency_share: 0.99``; PyTorch backend), power
+0.5, no sign election. The paper's recipe is ``density: 0.4`` (what the native kernels run).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ PARAMS = (
         "density",
         float,
         None,
-        "fraction of each expert's entries FFG keeps (global over the expert; default 0.4 when no rule is given)",
+        "fraction of each expert's entries FFG keeps (global over the expert; the paper's recipe: 0.4)",
         per_model=True,
         check=in_unit,
         optional=True,
@@ -42,7 +42,7 @@ PARAMS = (
         float,
         None,
         "keep the fewest top edits holding this share of the expert's total saliency "
-        "sum(v*d^2); excludes density/threshold",
+        "sum(v*d^2); excludes density/threshold (default 0.99 when no rule is given)",
         per_model=True,
         check=in_unit,
         optional=True,
@@ -224,8 +224,6 @@ def native_covers(recipe, inputs) -> str | None:
         return "power, normalise or per-tensor density the kernels do not cover"
     if p["elect_sign"]:
         return "elect_sign (PyTorch only)"
-    if any(recipe.model_parameters(i).get("saliency_share") is not None for i in range(len(recipe.models))):
-        return "saliency_share"
     if any(m is None or any(n not in m.stored for n in inputs.float_names) for m in inputs.moments):
         return "moments missing for some tensors"
     return None
