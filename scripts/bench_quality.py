@@ -17,7 +17,9 @@ Stages (each cached under --out; a stage re-runs only what changed):
 3. forgetting set: the general questions the base answers correctly (>= 150 wanted), and the
    base's continuations for the KL measure;
 4. merges: all experts of a seed together with every method at its defaults; every pair with
-   the main methods; the dev-split sweeps (density, power, score, normalise); with --scale-study,
+   the main methods; the dev-split sweeps (density, power, score, normalise); every pair on dev
+   for the candidates for ota's default, which is then chosen (scripts/ota_quality/choice.py) and
+   reported on test beside the paper's recipe (ota_paper); with --scale-study,
    merges with experts trained at another learning rate or clipping (scale_variants);
 5. evaluation: lm_eval (HF backend, greedy, chat template) on the test split (or dev for the
    sweeps and the scale study), the forgetting set, and KL(base || merge);
@@ -70,6 +72,7 @@ PAIR_METHODS = ("ota", "fisher", "ties", "task_arithmetic", "linear")
 # the library's defaults.
 PAPER = {"density": 0.4, "elect_sign": False}
 PAPER_STUDY = "ota_d0.4"  # the study that runs the paper's recipe
+PAPER_LABEL = "ota_paper"  # the paper's recipe on the test split, beside the default
 
 
 def _ota(**changes) -> tuple[str, dict]:
@@ -452,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_pairs:
         core, cfg["sweeps"], methods = [], False, []
     five_way(core)  # the methods the issue names first, then the default study, then the others
+    if cfg["sweeps"]:  # the paper's recipe beside ota's default (the dev choice)
+        for seed in seeds:
+            r, ex = results["seeds"][str(seed)], experts[seed]
+            members = [ex[c] for c in caps]
+            res = merged(r["five"], PAPER_LABEL, f"seed{seed}/five/{PAPER_LABEL}", "ota", PAPER, members, test_tasks)
+            if res is not None:
+                print(f"    seed {seed} five {PAPER_LABEL}: {report.brief(res, caps)}", flush=True)
     if cfg["sweeps"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
