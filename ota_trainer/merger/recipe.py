@@ -40,7 +40,7 @@ DTYPE_NAMES = tuple(DTYPES[c].name for c in OUTPUT_DTYPES)  # what `dtype:` may 
 # FFG's rule when a recipe gives none: keep the fewest top edits holding 99% of each expert's
 # saliency, the quality benchmark's dev-split choice (README, Quality: above the paper's global
 # density 0.4 on the five-way merge and as good on the pairs, in both seeds). `density: 0.4` is the
-# paper's recipe, and what the native kernels run (the share rule runs on PyTorch).
+# paper's recipe. Both run on the native kernels.
 DEFAULT_FFG_RULE = ("saliency_share", 0.99)
 FFG_RULES = ("density", "threshold", "saliency_share")  # how FFG picks each expert's threshold: one of these
 _TOP_KEYS = {

@@ -9,8 +9,8 @@ where every mask is 0). ``elect_sign`` (ours) then keeps, per entry, only the ke
 agree with the sign of ``sum_t W_t d_t``, TIES's sign election with curvature weights.
 
 Defaults: the quality benchmark's dev-split choice (README, Quality): FFG keeps the fewest top
-edits holding 99% of each expert's saliency (``saliency_share: 0.99``; PyTorch backend), power
-0.5, no sign election. The paper's recipe is ``density: 0.4`` (what the native kernels run).
+edits holding 99% of each expert's saliency (``saliency_share: 0.99``), power 0.5, no sign
+election; the native kernels run it. The paper's recipe is ``density: 0.4``.
 """
 
 from __future__ import annotations
