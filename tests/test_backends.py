@@ -38,6 +38,7 @@ COVERED = {
     "threshold_zero": ("ota", {"threshold": 0.0}),
     "magnitude": ("ota", {"density": 0.4, "score": "magnitude"}),
     "no_graft_power_1": ("ota", {"graft": False, "power": 1.0}),
+    "share": ("ota", {"saliency_share": 0.9}),
     "weights": ("ota", {"density": 0.6}),
     "ties": ("ties", {"density": 0.4, "lambda": 0.8}),
 }
@@ -46,7 +47,6 @@ DECLINED = {
     "normalise_mean": ("ota", {"density": 0.4, "normalise": "mean"}, "normalise"),
     "power": ("ota", {"density": 0.4, "power": 0.25}, "power"),
     "per_tensor": ("ota", {"density": 0.4, "per_tensor": True}, "per-tensor"),
-    "share": ("ota", {"saliency_share": 0.9}, "saliency_share"),
     "linear": ("linear", {}, "no native implementation"),
     "dare": ("dare", {"drop_rate": 0.5}, "no native implementation"),
 }

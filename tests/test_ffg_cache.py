@@ -93,9 +93,6 @@ def test_a_second_merge_takes_the_histograms_from_the_cache_and_writes_the_same_
     # another density or the saliency-share rule: the same histograms, merged as a fresh count would
     for i, recipe in enumerate((_recipe(models, density=0.1), _recipe(models, share=0.5))):
         _fresh(recipe, tmp_path / f"other{i}-fresh", monkeypatch)
-        if i == 1:  # (the saliency-share rule is PyTorch's)
-            monkeypatch.delenv("OTA_TRAINER_NATIVE", raising=False)
-            kw = {}
         assert _merge_logged(recipe, tmp_path / f"other{i}", caplog, **kw).count(FROM_CACHE) == 2
         _same(tmp_path / f"other{i}-fresh", tmp_path / f"other{i}")
     assert len(list(cache.glob("*.hist"))) == 4
