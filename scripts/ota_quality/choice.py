@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from . import stats
-from .lm_tasks import task_name
+from .lm_tasks import expert_scores, split_scores
 
 __all__ = ["PAIR_WEIGHT", "pairs_of", "pair_key", "objective", "shortlist", "choose"]
 
@@ -44,15 +44,8 @@ def pair_key(a: str, b: str, study: str) -> str:
 
 
 def _dev(result: dict, caps: Sequence[str]) -> dict[str, list[float]] | None:
-    if not all(task_name(c, "dev") in result for c in caps):
-        return None
-    return {c: result[task_name(c, "dev")]["scores"] for c in caps}
-
-
-def _dev_experts(seed_result: dict, caps: Sequence[str]) -> dict[str, list[float]] | None:
-    """Each expert's dev scores on its own capability (None until every one is evaluated)."""
-    ex = seed_result.get("experts", {})
-    got = {c: ex[c][task_name(c, "dev")]["scores"] for c in caps if task_name(c, "dev") in ex.get(c, {})}
+    """A merge's dev scores on every one of ``caps`` (None if one is missing)."""
+    got = split_scores(result, caps, "dev")
     return got if len(got) == len(caps) else None
 
 
@@ -90,7 +83,7 @@ def objective(
     """J(study) on one seed's dev split, or J(study) - J(minus) paired on the same prompts, with a
     95% bootstrap interval (None until the experts, the five-way merge and every pair are evaluated).
     ``pair_weight`` 0 or 1: its five-way or its mean pair score alone."""
-    experts = _dev_experts(seed_result, caps)
+    experts = expert_scores(seed_result, caps, "dev")
     groups = _groups(seed_result, study, caps, "a:")
     other = _groups(seed_result, minus, caps, "b:") if minus is not None else {}
     if experts is None or groups is None or other is None:
@@ -104,7 +97,7 @@ def objective(
 
 
 def _five(seed_result: dict, study: str, caps: Sequence[str]) -> float | None:
-    experts = _dev_experts(seed_result, caps)
+    experts = expert_scores(seed_result, caps, "dev")
     res = seed_result.get("sweeps", {}).get(study)
     five = _dev(res, caps) if res is not None else None
     if five is None or experts is None:

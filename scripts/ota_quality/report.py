@@ -6,24 +6,12 @@ import json
 from pathlib import Path
 
 from . import choice, stats
-from .lm_tasks import task_name
+from .lm_tasks import expert_scores, split_scores, task_name
 
 __all__ = ["brief", "compact", "dev_candidates", "summarise", "write"]
 
 GENERAL = "ota_general"
 DEV_CHOICE = "ota_dev_choice"  # the five-way entry of the ota setting chosen on the dev split
-
-
-def _scores(result: dict, caps: list[str], split: str) -> dict[str, list[float]]:
-    return {c: result[task_name(c, split)]["scores"] for c in caps if task_name(c, split) in result}
-
-
-def _experts(seed_result: dict, caps: list[str], split: str) -> dict[str, list[float]] | None:
-    """Each expert's scores on its own capability (None until every expert has this split)."""
-    ex = seed_result.get("experts", {})
-    if not all(task_name(c, split) in ex.get(c, {}) for c in caps):
-        return None
-    return {c: ex[c][task_name(c, split)]["scores"] for c in caps}
 
 
 def _is_number(text: str) -> bool:
@@ -39,11 +27,11 @@ def _versus(runs: dict, name: str, caps: list[str], experts: dict | None, split:
     by ``experts``, or raw accuracy when None)."""
     if name not in runs:
         return {}
-    a = _scores(runs[name], caps, split)
+    a = split_scores(runs[name], caps, split)
     out = {}
     for method, res in runs.items():
         if method != name:
-            d = stats.paired(a, _scores(res, caps, split), experts)
+            d = stats.paired(a, split_scores(res, caps, split), experts)
             out[method] = {**d.as_dict(), "ota_better": d.lo > 0}
     return out
 
@@ -72,14 +60,14 @@ def _scale(scale: dict, caps: list[str], ex_dev: dict) -> dict:
     entry of one capability also as its raw accuracy; ``mixed/X`` also minus ``reference/X`` (paired)."""
     out = {}
     for key, res in scale.items():
-        sc = _scores(res, caps, "dev")
+        sc = split_scores(res, caps, "dev")
         ex = {c: ex_dev[c] for c in sc}
         entry = {"normalised": stats.normalised(sc, ex).as_dict()}
         if len(sc) == 1:
             entry.update(capability=next(iter(sc)), accuracy=stats.mean_ci(next(iter(sc.values()))).as_dict())
         ref = scale.get("reference/" + key.removeprefix("mixed/")) if key.startswith("mixed/") else None
         if ref is not None:
-            entry["minus_reference"] = stats.paired(sc, _scores(ref, caps, "dev"), ex).as_dict()
+            entry["minus_reference"] = stats.paired(sc, split_scores(ref, caps, "dev"), ex).as_dict()
         out[key] = entry
     for c in sorted({e["capability"] for e in out.values() if "capability" in e}):  # the recipe experts beside them
         out[f"expert/{c}"] = {"capability": c, "accuracy": stats.mean_ci(ex_dev[c]).as_dict()}
@@ -93,7 +81,7 @@ def _scale_versus(scale: dict, caps: list[str], ex_dev: dict) -> dict:
     out: dict = {}
     for study in ("mixed", "lr_pair"):
         runs = {k.split("/", 1)[1]: res for k, res in sorted(scale.items()) if k.startswith(study + "/")}
-        scored = _scores(runs["ota"], caps, "dev") if "ota" in runs else {}
+        scored = split_scores(runs["ota"], caps, "dev") if "ota" in runs else {}
         ex = None if len(scored) == 1 else {c: ex_dev[c] for c in scored}
         out.update({f"{study}: ota − {m}": d for m, d in _versus(runs, "ota", caps, ex, "dev").items()})
     return out
@@ -118,15 +106,15 @@ def summarise(results: dict, caps: list[str]) -> dict:
     summary: dict = {"seeds": {}}
     for seed, r in results["seeds"].items():
         s: dict = {"five": {}, "ota_vs": {}, "sweeps": {}, "pairs": {}, "pair_calls": {}}
-        ex_test, ex_dev = _experts(r, caps, "test"), _experts(r, caps, "dev")
+        ex_test, ex_dev = expert_scores(r, caps, "test"), expert_scores(r, caps, "dev")
         if ex_test is None:
             continue
         for method, res in r["five"].items():
-            sc = _scores(res, caps, "test")
+            sc = split_scores(res, caps, "test")
             s["five"][method] = {
                 "per_capability": {c: stats.mean_ci(v).as_dict() for c, v in sc.items()},
                 "normalised": stats.normalised(sc, ex_test).as_dict(),
-                "normalised_dev": stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+                "normalised_dev": stats.normalised(split_scores(res, caps, "dev"), ex_dev).as_dict()
                 if ex_dev and all(task_name(c, "dev") in res for c in caps)
                 else None,
                 "general": stats.mean_ci(res[GENERAL]["scores"]).as_dict() if GENERAL in res else None,
@@ -135,7 +123,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
         s["ota_vs"] = _versus(r["five"], "ota", caps, ex_test)
         s["dev_choice_vs"] = _versus(r["five"], DEV_CHOICE, caps, ex_test)
         for label, res in r["sweeps"].items() if ex_dev else ():
-            s["sweeps"][label] = stats.normalised(_scores(res, caps, "dev"), ex_dev).as_dict()
+            s["sweeps"][label] = stats.normalised(split_scores(res, caps, "dev"), ex_dev).as_dict()
         s["dev_choice"] = dev_candidates(r, results.get("dev_candidates", []), caps)
         s["scale"] = _scale(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
         s["scale_versus"] = _scale_versus(r.get("scale", {}), caps, ex_dev) if ex_dev else {}
@@ -143,7 +131,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
             pair, method = label.split("/")
             pc = pair.split("+")
             s["pairs"].setdefault(pair, {})[method] = stats.normalised(
-                _scores(res, pc, "test"), {c: ex_test[c] for c in pc}
+                split_scores(res, pc, "test"), {c: ex_test[c] for c in pc}
             ).as_dict()
         pair_calls = {}
         for label, res in r["pairs"].items():
@@ -154,7 +142,7 @@ def summarise(results: dict, caps: list[str]) -> dict:
             ota = r["pairs"].get(f"{pair}/ota")
             if ota is None:
                 continue
-            d = stats.paired(_scores(ota, pc, "test"), _scores(res, pc, "test"), {c: ex_test[c] for c in pc})
+            d = stats.paired(split_scores(ota, pc, "test"), split_scores(res, pc, "test"), {c: ex_test[c] for c in pc})
             pair_calls.setdefault(method, {"win": 0, "tie": 0, "loss": 0})
             pair_calls[method]["win" if d.lo > 0 else "loss" if d.hi < 0 else "tie"] += 1
         s["pair_calls"] = pair_calls
