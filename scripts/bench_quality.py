@@ -181,7 +181,10 @@ def stage_data(out: Path, n_eval: int, n_train: int) -> dict[str, Path]:
         ]
         train[cap] = data / f"{cap}_train.jsonl"
         write_jsonl(train[cap], rows)
-    write_tasks(out / "tasks", {(c, s): examples(c, s, n_eval) for c in CAPABILITIES for s in ("dev", "test")})
+    splits = {(c, s): examples(c, s, n_eval) for c in CAPABILITIES for s in ("dev", "test")}
+    # the dev pairs' prompts: the first of the dev split (scripts/ota_quality/choice.py)
+    splits.update({(c, choice.PAIR_SPLIT): splits[c, "dev"][: choice.PAIR_PROMPTS] for c in CAPABILITIES})
+    write_tasks(out / "tasks", splits)
     return train
 
 
@@ -410,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    seed {seed} five {method}: {report.brief(res, caps)}", flush=True)
         report.write(out, results, caps)
 
-    def dev_study(seed: int, what: str, part: dict, runs: dict, members: list[Path], tasks: list[str]) -> None:
+    def dev_study(
+        seed: int, what: str, part: dict, runs: dict, members: list[Path], tasks: list[str], split: str = "dev"
+    ) -> None:
         """Merge and evaluate (cached) every run, key -> (merge label, method, params), on dev tasks."""
         for key, (label, method, params) in runs.items():
             res = merged(part, key, label, method, params, members, tasks, kl=False, general=False)
             if res is not None:
-                print(f"    seed {seed} {what} {key}: {report.brief(res, caps, 'dev')}", flush=True)
+                print(f"    seed {seed} {what} {key}: {report.brief(res, caps, split)}", flush=True)
 
     def experts_on_dev(seed: int) -> None:  # the dev studies' normalisation
         r, ex = results["seeds"][str(seed)], experts[seed]
@@ -473,20 +478,16 @@ def main(argv: list[str] | None = None) -> int:
         candidates = choice.shortlist(results, OTA_STUDIES, PAPER_STUDY, caps)
         if candidates is not None:
             results["dev_candidates"] = candidates
-            for seed in seeds:
+            for k, seed in enumerate(seeds):
                 r, ex = results["seeds"][str(seed)], experts[seed]
-                for study in candidates:
+                # only the candidates that beat the paper's recipe in every seed before can still win
+                alive = choice.alive(results, candidates, caps, [str(s) for s in seeds[:k]])
+                for study in alive or []:
                     for a, b in choice.pairs_of(caps):
                         key = choice.pair_key(a, b, study)
                         runs = {key: (f"seed{seed}/dev_pairs/{key}", *SWEEPS[study])}
-                        dev_study(
-                            seed,
-                            "dev pair",
-                            r["dev_pairs"],
-                            runs,
-                            [ex[a], ex[b]],
-                            [task_name(c, "dev") for c in (a, b)],
-                        )
+                        tasks = [task_name(c, choice.PAIR_SPLIT) for c in (a, b)]
+                        dev_study(seed, "dev pair", r["dev_pairs"], runs, [ex[a], ex[b]], tasks, choice.PAIR_SPLIT)
                     j = choice.objective(r, study, caps, n_boot=1)
                     if j is not None:
                         print(f"    seed {seed} dev pairs {study}: J {j.est:.3f}", flush=True)

@@ -118,15 +118,16 @@ def test_normalised_score_divides_by_each_experts_own_score():
 
 
 def _dev_results(
-    five: dict[str, dict[str, float]], pairs: dict[str, float], caps=("a", "b", "c"), n=40, shifted=()
+    five: dict[str, dict[str, float]], pairs: dict[str, float], caps=("a", "b", "c"), n=40, shifted=(), n_pairs=None
 ) -> dict:
     """A seed's dev results: experts perfect on their capability; study -> capability -> share
-    right on the five-way merge; study -> share right on every pair's capabilities. A study gets
-    the first prompts right, or, if ``shifted``, the last ones."""
+    right on the five-way merge; study -> share right on every pair's capabilities, evaluated on
+    the first ``n_pairs`` prompts (default all ``n``). A study gets the first prompts right, or,
+    if ``shifted``, the last ones."""
 
-    def scores(share: float, study: str = "") -> dict:
-        k = round(share * n)
-        right = [1.0] * k + [0.0] * (n - k)
+    def scores(share: float, study: str = "", m: int = n) -> dict:
+        k = round(share * m)
+        right = [1.0] * k + [0.0] * (m - k)
         return {"scores": right[::-1] if study in shifted else right}
 
     dev = lambda c: f"ota_{c}_dev"  # noqa: E731
@@ -135,7 +136,9 @@ def _dev_results(
         r["sweeps"][study] = {dev(c): scores(per_cap[c], study) for c in caps}
     for study, share in pairs.items():
         for a, b in choice.pairs_of(caps):
-            r["dev_pairs"][choice.pair_key(a, b, study)] = {dev(a): scores(share, study), dev(b): scores(share, study)}
+            r["dev_pairs"][choice.pair_key(a, b, study)] = {
+                f"{dev(c)}_pairs": scores(share, study, n_pairs or n) for c in (a, b)
+            }
     return r
 
 
@@ -173,6 +176,12 @@ def test_dev_choice_weighs_the_pairs_as_much_as_the_five_way_merge():
     assert choice.choose(twins, ["paper", "broad", "twin"], caps, {"broad": 2, "twin": 1}) == "twin"
     assert choice.choose(twins, ["paper", "broad", "twin"], caps, {"broad": 1, "twin": 2}) == "broad"
     assert choice.choose(twins, ["paper", "narrow", "twin"], caps, {"narrow": 1, "twin": 2}) == "twin"  # not a winner
+    # a candidate that lost a seed needs no pairs in the seeds after it: "narrow" is out after seed 0
+    assert choice.alive(results, candidates, caps, ["0"]) == ["paper", "broad"]
+    assert choice.alive(results, candidates, caps, []) == candidates
+    for key in [k for k in seed1["dev_pairs"] if k.endswith("/narrow")]:
+        del seed1["dev_pairs"][key]
+    assert choice.choose(results, candidates, caps) == "broad"
     # nothing is chosen, nor shortlisted, before every merge it needs is evaluated
     del seed1["dev_pairs"][choice.pair_key("a", "c", "broad")]
     assert choice.objective(seed1, "broad", caps) is None and choice.choose(results, candidates, caps) is None
@@ -332,3 +341,19 @@ def test_shared_prefix_generation_gives_lm_evals_own_tokens(tmp_path):
         evaluate(base, tasks, include_path=tmp_path / "tasks", batch_size=8, shared_prefix=s) for s in (True, False)
     ]
     assert runs[0] == runs[1]
+
+
+def test_dev_pairs_on_the_first_dev_prompts_count_only_those_prompts():
+    caps = ["a", "b", "c"]
+    flat = lambda x: dict.fromkeys(caps, x)  # noqa: E731
+    # pairs evaluated on the first 10 of 40 dev prompts: their share right is of those 10
+    seed = _dev_results({"paper": flat(0.25), "x": flat(0.5)}, {"paper": 0.5, "x": 0.8}, n_pairs=10)
+    j = choice.objective(seed, "x", caps)
+    assert j.est == pytest.approx(0.5 * 0.5 + 0.5 * 0.8) and j.lo <= j.est <= j.hi
+    assert choice.objective(seed, "x", caps, pair_weight=1.0).est == pytest.approx(0.8)
+    # the same prompts resampled in both halves: paired differences stay finite and above zero here
+    d = choice.objective(seed, "x", caps, minus="paper")
+    assert d.est == pytest.approx(0.5 * 0.25 + 0.5 * 0.3) and 0 < d.lo <= d.est <= d.hi
+    # more pair prompts than the dev split has is not a pair of this split
+    bad = _dev_results({"paper": flat(0.25)}, {"paper": 0.5}, n_pairs=50)
+    assert choice.objective(bad, "paper", caps) is None

@@ -10,13 +10,19 @@ merges of two sizes, each with its own weight:
 where N_dev is the normalised dev score (mean over the merge's capabilities of merge / expert
 score). The pairs of a study are merged only for the shortlist (:func:`shortlist`): the paper's
 recipe and every study that beats it on the five-way dev merge in every seed, so the pair
-merges stay a few per study. The choice (:func:`choose`) is the shortlisted study with the best
-J averaged over the seeds among those whose J beats the paper recipe's by a paired 95% interval
-above zero in every seed (the paper's recipe when none does), and of those the best does not
-beat by such an interval, the one that changes the fewest of the paper recipe's settings: each
-change a default makes needs the same evidence. J's interval, and its difference
-from the paper's recipe, come from one bootstrap over the dev prompts (each capability's prompts
-are the same in every merge, so one draw resamples them all alike).
+merges stay a few per study. A pair is evaluated on the first ``PAIR_PROMPTS`` dev prompts of
+each of its capabilities (:data:`PAIR_SPLIT`), and a candidate's pairs are merged in a seed
+only while it beats the paper's recipe in every seed before (:func:`alive`): the rule below
+needs that in every seed, so the candidates it drops could not have won (cost, measured: the
+200 pair merges on the whole dev split took 67 min, about a third of the benchmark).
+
+The choice (:func:`choose`) is the shortlisted study with the best J averaged over the seeds
+among those whose J beats the paper recipe's by a paired 95% interval above zero in every seed
+(the paper's recipe when none does), and of those the best does not beat by such an interval,
+the one that changes the fewest of the paper recipe's settings: each change a default makes
+needs the same evidence. J's interval, and its difference from the paper's recipe, come from
+one bootstrap over the dev prompts (each capability's prompts are the same in every merge, so
+one draw resamples them all alike; a pair's mean is over the drawn prompts it was evaluated on).
 """
 
 from __future__ import annotations
@@ -29,9 +35,25 @@ import numpy as np
 from . import stats
 from .lm_tasks import expert_scores, split_scores
 
-__all__ = ["PAIR_WEIGHT", "pairs_of", "pair_key", "objective", "shortlist", "choose"]
+__all__ = [
+    "PAIR_WEIGHT",
+    "PAIR_PROMPTS",
+    "PAIR_SPLIT",
+    "pairs_of",
+    "pair_key",
+    "objective",
+    "shortlist",
+    "alive",
+    "choose",
+]
 
 PAIR_WEIGHT = 0.5  # J's weight of the mean pair score; the five-way merge has the rest
+# A pair merge is evaluated on the first 75 dev prompts of each capability (half the dev split):
+# the pair half of J then averages 10 x 150 prompt scores against the five-way half's 5 x 150.
+# Set on 2026-12-05 for cost, after the choice on the whole dev split was made: on those cached
+# evaluations the first 75 (and 50) give the same winners and the same choice; 30 would not.
+PAIR_PROMPTS = 75
+PAIR_SPLIT = "dev_pairs"  # the lm_eval tasks ota_<capability>_dev_pairs: those first prompts
 
 
 def pairs_of(caps: Sequence[str]) -> list[tuple[str, str]]:
@@ -58,17 +80,18 @@ def _groups(seed_result: dict, study: str, caps: Sequence[str], tag: str) -> dic
     groups = {f"{tag}five": five}
     for a, b in pairs_of(caps):
         res = seed_result.get("dev_pairs", {}).get(pair_key(a, b, study))
-        got = _dev(res, (a, b)) if res is not None else None
-        if got is None:
+        got = split_scores(res, (a, b), PAIR_SPLIT) if res is not None else {}
+        if len(got) != 2 or any(len(got[c]) > len(five[c]) for c in got):
             return None
-        groups[f"{tag}pair:{a}+{b}"] = got
+        # the first prompts of the dev split, the rest not evaluated (NaN): one draw for both halves
+        groups[f"{tag}pair:{a}+{b}"] = {c: [*s, *[np.nan] * (len(five[c]) - len(s))] for c, s in got.items()}
     return groups
 
 
 def _j(x: dict, caps: Sequence[str], tag: str, pair_weight: float) -> np.ndarray:
     """J per bootstrap row, from resampled arrays (``stats.bootstrap``'s form)."""
     experts = {c: x[f"expert:{c}"][c] for c in caps}
-    pairs = [stats.norm_rows(x[f"{tag}pair:{a}+{b}"], experts) for a, b in pairs_of(caps)]
+    pairs = [stats.norm_rows(x[f"{tag}pair:{a}+{b}"], experts, nan_is_missing=True) for a, b in pairs_of(caps)]
     return (1 - pair_weight) * stats.norm_rows(x[f"{tag}five"], experts) + pair_weight * np.mean(pairs, axis=0)
 
 
@@ -117,6 +140,25 @@ def shortlist(results: dict, studies: Sequence[str], paper: str, caps: Sequence[
     return [paper, *sorted(better, key=lambda s: -sum(scores[s]))]
 
 
+def _beats_paper(seed_result: dict, study: str, paper: str, caps: Sequence[str]) -> bool | None:
+    d = objective(seed_result, study, caps, minus=paper)
+    return None if d is None else d.lo > 0
+
+
+def alive(results: dict, candidates: Sequence[str], caps: Sequence[str], seeds: Sequence[str]) -> list[str] | None:
+    """The candidates still able to win after ``seeds``: the paper's recipe (``candidates[0]``),
+    then those whose J beats its J by a paired interval above zero in every one of ``seeds``
+    (None until those seeds have their pairs evaluated)."""
+    paper, out = candidates[0], []
+    for study in candidates[1:]:
+        won = [_beats_paper(results["seeds"][s], study, paper, caps) for s in seeds]
+        if None in won:
+            return None
+        if all(won):
+            out.append(study)
+    return [paper, *out]
+
+
 def choose(
     results: dict, candidates: Sequence[str], caps: Sequence[str], changes: Mapping[str, int] | None = None
 ) -> str | None:
@@ -130,19 +172,23 @@ def choose(
        not beat by a paired interval above zero in any seed, the one that changes the fewest of
        the paper recipe's settings (``changes[study]``), then the best mean J.
     """
-    seeds = list(results["seeds"].values())
-    means = {}
-    for study in candidates:
-        got = [objective(r, study, caps, n_boot=1) for r in seeds]  # (the estimate)
-        if not got or any(g is None for g in got):
-            return None
-        means[study] = sum(g.est for g in got) / len(got)
     if not candidates:
         return None
-    paper = candidates[0]
-    winners = [s for s in candidates[1:] if all(objective(r, s, caps, minus=paper).lo > 0 for r in seeds)]
+    keys = list(results["seeds"])
+    paper, winners = candidates[0], []
+    for study in candidates[1:]:  # a candidate's pairs stop at the first seed it loses (:func:`alive`)
+        for k in keys:
+            won = _beats_paper(results["seeds"][k], study, paper, caps)
+            if won is None:
+                return None
+            if not won:
+                break
+        else:
+            winners.append(study)
     if not winners:
         return paper
+    seeds = list(results["seeds"].values())
+    means = {s: float(np.mean([objective(r, s, caps, n_boot=1).est for r in seeds])) for s in winners}
     best = max(winners, key=means.get)
     close = [s for s in winners if s == best or all(objective(r, best, caps, minus=s).lo <= 0 for r in seeds)]
     return min(close, key=lambda s: ((changes or {}).get(s, 0), -means[s]))
