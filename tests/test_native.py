@@ -126,45 +126,6 @@ def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, n
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_merge_pass_that_counts_the_histogram_writes_the_same_bytes_and_counts_the_histogram_pass(
-    dtype, threads, monkeypatch
-):
-    """How a shipped histogram is proved whole (the saliency-share rule): the merge kernel counts
-    every masked expert's saliency bins as it merges, the same counts as the histogram pass, and
-    the merged bytes and kept counts do not change."""
-    monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        w0, experts, a, b, v = _inputs(97, 531, dtype, seed=2)
-        scores = _scores(a, b, v)
-        masked = [scores[0], None, scores[2]]  # expert 1: no mask, nothing counted
-        cuts = [1e-13, 0.0, 1e-6]
-        for curvs in (
-            [Curvature.rank1(a, b, 0.5, "none"), Curvature.full(v, 0.5, "none"), Curvature()],
-            [Curvature.full(v, 1.0, "none")] * 3,
-        ):
-            plain = ops.ota_merge(w0, experts, masked, cuts, curvs, [1.0, 2.0, 0.5], epsilon=1e-26, out_dtype=dtype)
-            hists = [SaliencyHistogram() for _ in experts]
-            counter = ops.SaliencyCounter(hists)
-            got = ops.ota_merge(
-                w0, experts, masked, cuts, curvs, [1.0, 2.0, 0.5], epsilon=1e-26, out_dtype=dtype, counter=counter
-            )
-            counter.flush()
-            assert torch.equal(got[0], plain[0]) and got[1:] == plain[1:]
-            want = [SaliencyHistogram() for _ in experts]
-            fresh = ops.SaliencyCounter(want)
-            fresh.add(w0, experts, masked)
-            fresh.flush()
-            for k in range(3):
-                assert torch.equal(hists[k].counts, want[k].counts) and hists[k].total == want[k].total, k
-            assert hists[1].total == 0 and hists[0].total == w0.numel()
-    finally:
-        torch.set_num_threads(old)
-
-
 def test_ota_merge_reports_non_finite_results():
     w0, experts, a, b, v = _inputs(8, 9, torch.float32)
     experts[2][5, 5] = float("nan")
@@ -350,13 +311,6 @@ def digest():
         got, kept, finite = ops.ota_merge(w0, ex, [Score.rank1(a, b), Score("magnitude")], [1e-14, 1e-6], curv,
                                              [1.0, 2.0], epsilon=1e-26, out_dtype=torch.bfloat16)
         h.update(got.view(torch.int16).numpy().tobytes() + repr((kept, finite)).encode())
-    recount = [SaliencyHistogram() for _ in ex]  # the merge pass counting the histogram (share-rule proof)
-    counter = ops.SaliencyCounter(recount)
-    ops.ota_merge(w0, ex, [Score.rank1(a, b), Score("magnitude")], [1e-14, 1e-6], [Curvature()] * 2, [1.0, 2.0],
-                  epsilon=1e-26, out_dtype=torch.bfloat16, counter=counter)
-    counter.flush()
-    for x in recount:
-        h.update(x.counts.numpy().tobytes())
     return h.hexdigest()
 """
 

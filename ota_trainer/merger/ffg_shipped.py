@@ -19,13 +19,11 @@ Hostile until proved, like every input, and never trusted for the output's bytes
   entries as they hold.
 - **Proved by the merge pass:** the kernels count the entries kept at the threshold it gives and
   at the two neighbouring bin edges (:meth:`~ota_trainer.backends.thresholds.Histogram.checks`);
-  equal counts prove that a fresh count would have picked the same threshold. Where three counts
-  cannot prove it (the saliency-share rule, whose threshold depends on every bin's mass; an
-  empty neighbouring bin) the merge pass counts the whole histogram again, and the threshold it
-  gives must be the one merged with. If the proof fails (a stale file from an earlier run, another base,
-  a lie) the output is discarded and the merge redone from a fresh count, with a warning. So the
-  histogram can cost a merge pass, never a wrong byte. Where no proof is possible (the PyTorch
-  backend, a threshold that keeps every edit) the histogram is not used.
+  equal counts prove that a fresh count would have picked the same threshold. Otherwise (a stale
+  file from an earlier run, another base, a lie) the output is discarded and the merge redone
+  from a fresh count, with a warning. So the histogram can cost a merge pass, never a wrong byte.
+  Where no proof is possible (the PyTorch backend, the saliency-share rule, keep-everything, an
+  empty neighbouring bin) the histogram is not used.
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ report, one atomic output. No PyTorch here: the PyTorch backend is imported only
    loads (the kernels release the GIL). A histogram counted before, of the same files (the
    cache, :mod:`.ffg_cache`), or shipped by the expert (:mod:`.ffg_shipped`) saves that pass;
    the merge pass then proves the threshold it gives (the entries kept at it, and with the
-   native kernels at its neighbouring bin edges too, or, for a shipped histogram those cannot
-   prove, e.g. under the saliency-share rule, the whole histogram counted again) and, if that
-   fails, the output is discarded and the merge redone from a fresh count.
+   native kernels at its neighbouring bin edges too) and, if that fails, the output is discarded
+   and the merge redone from a fresh count.
 4. Tensor by tensor (one parameter name at a time across base and experts), the backend merges
    into a reused buffer and the streaming writer appends the bytes to the output; integer
    buffers are copied from the base.
@@ -124,9 +123,8 @@ def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool
             if threshold is not None:
                 report.threshold_log2 = threshold.log2_value
         checks = {i: p.checks[:2] for i, p in predicted.items() if p.checks is not None}
-        recount = [i for i, p in predicted.items() if p.recount is not None]
-        if checks or recount:
-            backend.set_thresholds(thresholds, checks, recount)
+        if checks:
+            backend.set_thresholds(thresholds, checks)
         else:
             backend.set_thresholds(thresholds)
         with output.stage() as tmp:
@@ -223,26 +221,13 @@ class Prediction:
     """What a histogram this merge did not count (``source``: its cache key, or None when the
     expert shipped it) predicts the merge pass will count for its expert: the entries ``kept``
     at the threshold and, where the kernels can prove it (:meth:`Histogram.checks`), ``checks``
-    = (lo, hi, kept at lo, kept at hi); or, where those cannot (the saliency-share rule, whose
-    threshold depends on every bin), ``recount`` = (the threshold, the expert's parameters): the
-    merge pass counts the whole histogram again, and the threshold it gives must be this one."""
+    = (lo, hi, kept at lo, kept at hi)."""
 
-    def __init__(
-        self,
-        source: str | None,
-        kept: int,
-        checks: tuple[float, float, int, int] | None,
-        recount: tuple[Threshold, dict[str, Any]] | None = None,
-    ):
-        self.source, self.kept, self.checks, self.recount = source, kept, checks, recount
+    def __init__(self, source: str | None, kept: int, checks: tuple[float, float, int, int] | None):
+        self.source, self.kept, self.checks = source, kept, checks
 
-    def holds(self, kept: int, checked: list[int] | None, recounted: Histogram | None = None) -> bool:
-        if kept != self.kept or (self.checks is not None and list(checked or ()) != list(self.checks[2:])):
-            return False
-        if self.recount is None:
-            return True
-        threshold, params = self.recount  # a fresh count would have merged with this threshold
-        return recounted is not None and _threshold(recounted, params)[0] == threshold
+    def holds(self, kept: int, checked: list[int] | None) -> bool:
+        return kept == self.kept and (self.checks is None or list(checked or ()) == list(self.checks[2:]))
 
 
 def _threshold(hist: Histogram, p: dict[str, Any]) -> tuple[Threshold, int]:
@@ -253,12 +238,12 @@ def _threshold(hist: Histogram, p: dict[str, Any]) -> tuple[Threshold, int]:
 
 def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: list) -> dict[int, Histogram]:
     """The experts' shipped histograms this merge can use and prove: those describing its
-    saliency whose threshold keeps less than everything (the merge pass proves it at its
-    neighbouring bin edges, :meth:`Histogram.checks`, or else by counting the histogram again)."""
+    saliency, under a density rule whose threshold :meth:`Histogram.checks` can prove."""
     out: dict[int, Histogram] = {}
     for i in todo:
         s = inputs.shipped[i] if i < len(inputs.shipped) else None
-        if s is None or scopes[i] is not None:
+        p = recipe.model_parameters(i)
+        if s is None or scopes[i] is not None or p.get("saliency_share") is not None:
             continue
         want = domain_description(recipe, inputs, i)
         if s.describes != want:
@@ -269,10 +254,10 @@ def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: 
                 ", ".join(differ),
             )
             continue
-        threshold, _ = _threshold(s.histogram, recipe.model_parameters(i))
-        if threshold.keeps_all:
+        threshold, _ = s.histogram.density_threshold(p["density"])
+        if s.histogram.checks(threshold) is None:
             logger.info(
-                "%s: its shipped FFG histogram keeps every edit (a threshold the merge pass cannot prove): counted",
+                "%s: its shipped FFG histogram gives a threshold that cannot be proved: counted",
                 inputs.experts[i].label,
             )
             continue
@@ -381,9 +366,7 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         thresholds[i], kept = _threshold(hist, p)
         if i in taken:  # (histograms not counted here are of experts that edit every weight)
             proof = hist.checks(thresholds[i]) if provable and p.get("saliency_share") is None else None
-            # a shipped histogram is proved whole where its neighbouring bin edges cannot prove it
-            whole = (thresholds[i], p) if i in shipped and proof is None else None
-            predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof, whole)
+            predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof)
         share = p.get("saliency_share")
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
@@ -455,24 +438,13 @@ def _merge_pass(
             del data, dest
             backend.release(name)
         checked = getattr(backend, "checked", None)
-        recounted = backend.recounted() if any(p.recount is not None for p in predicted.values()) else {}
-        stale = [
-            i for i in predicted if not predicted[i].holds(seen[i], checked[i] if checked else None, recounted.get(i))
-        ]
+        stale = [i for i in predicted if not predicted[i].holds(seen[i], checked[i] if checked else None)]
         if stale:
 
             def told(i: int) -> str:
                 p, where = predicted[i], "cached" if predicted[i].source else "shipped"
                 at = f" (and {p.checks[2]}, {p.checks[3]} at its neighbouring bin edges)" if p.checks else ""
                 got = f" ({checked[i][0]}, {checked[i][1]})" if p.checks else ""
-                if p.recount is not None:
-                    h = recounted.get(i)
-                    at = f" at log2(theta)={p.recount[0].log2_value:.3f}"
-                    got = (
-                        ""
-                        if h is None
-                        else f", and its histogram gives log2(theta)={_threshold(h, p.recount[1])[0].log2_value:.3f}"
-                    )
                 return (
                     f"{inputs.experts[i].label}: the {where} FFG histogram predicted {p.kept} entries kept{at}, "
                     f"the merge kept {seen[i]}{got}"

@@ -62,7 +62,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 10  # ota_native_version() of kernels.c
+_VERSION = 9  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
 _CACHE_NAME, _CACHE_WHAT = "kernels", "kernel cache"  # its folder under the cache root; its name in errors
@@ -310,7 +310,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         _ptr,  # eps, uniform, coef, out, dto, kept
         _ptr,
         _ptr,  # chk, chkd
-        _ptrs,  # hist
     ]
 
 
@@ -489,15 +488,12 @@ def raw_ota_merge(
     threads: int,
     checks: list[tuple[float, float]] | None = None,
     checked: list[list[int]] | None = None,
-    hists: list[list[int]] | None = None,
 ) -> tuple[list[int], bool]:
     """OTA (+ FFG masks) of one (m, n) tensor into ``out`` (see ``ota_merge_rows`` in kernels.c).
     Returns (entries kept per expert, whether every merged value is finite).
 
     ``checks``: per expert two more cuts (lo, hi); the entries each keeps (of the experts with a
-    score) are added to ``checked[t][0]``, ``checked[t][1]``. ``hists``: per thread, per expert the
-    address of an int64[2^21] its saliency bins are added to (0: none), as
-    :func:`raw_saliency_hist` counts them: range k of ``workers(m, m * n, threads)`` adds to ``hists[k]``."""
+    score) are added to ``checked[t][0]``, ``checked[t][1]``."""
     lib = library()
     T = len(experts)
     chk = _arr(_f64, [c for pair in checks for c in pair]) if checks is not None else None
@@ -509,7 +505,6 @@ def raw_ota_merge(
     ranges = workers(m, m * n, threads)
     kept = [_arr(_i64, [0] * T) for _ in ranges]
     chkd = [_arr(_i64, [0] * (2 * T)) for _ in ranges] if chk is not None else [None] * len(ranges)
-    hp = [_arr(_ptr, hists[k]) for k in range(len(ranges))] if hists is not None else [None] * len(ranges)
     bad = run(
         [
             lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
@@ -540,7 +535,6 @@ def raw_ota_merge(
                 ctypes.addressof(kept[k]),
                 ctypes.addressof(chk) if chk is not None else None,
                 ctypes.addressof(chkd[k]) if chk is not None else None,
-                hp[k],
             )
             for k, (r0, r1) in enumerate(ranges)
         ],

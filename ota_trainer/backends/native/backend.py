@@ -203,36 +203,6 @@ def _large_rescaled_moments(recipe, moments) -> str | None:
     return None
 
 
-class _Bins:
-    """Per thread, per expert an int64[2^21] of saliency bins (anonymous maps: zero pages until
-    counted into), which kernels add to by address; :meth:`histograms` adds the threads' up."""
-
-    def __init__(self, threads: int, experts: int):
-        self.maps = [[mmap.mmap(-1, N_BINS * 8) for _ in range(experts)] for _ in range(threads)]
-        self._views = [[ctypes.c_char.from_buffer(h) for h in hs] for hs in self.maps]
-        self.addrs = [[ctypes.addressof(v) for v in vs] for vs in self._views]
-
-    def histograms(self, totals: list[int | None]) -> list[Histogram]:
-        """Each expert's histogram (``totals[t]``: its entries; None: the sum of its counts)."""
-        lib = library()
-        for k in range(1, len(self.addrs)):
-            for t, addr in enumerate(self.addrs[0]):
-                lib.ota_add_i64(addr, self.addrs[k][t], N_BINS)
-        out = []
-        for t, total in enumerate(totals):
-            with memoryview(self.maps[0][t]) as raw, raw.cast("q") as counts:
-                hist = Histogram.from_dense(counts, 0)
-                hist.total = sum(hist.counts) if total is None else total
-                out.append(hist)
-        return out
-
-    def close(self) -> None:
-        self._views = self.addrs = None
-        for hs in self.maps:
-            for h in hs:
-                h.close()
-
-
 class NativeBackend:
     """Merges (and counts FFG histograms) with the native kernels alone; one instance per merge."""
 
@@ -252,10 +222,6 @@ class NativeBackend:
         # FFG thresholds to prove: per expert two more cuts, and the entries kept at them so far
         self.checks: list[tuple[float, float]] | None = None
         self.checked: list[list[int]] = [[0, 0] for _ in self.experts]
-        # FFG thresholds to prove whole: the experts whose histograms the merge pass counts again
-        self._recount: list[int] = []
-        self._bins: _Bins | None = None
-        self.hist_addrs: list[list[int]] | None = None
         self._arena: mmap.mmap | None = None
         self._arena_view = None
         self._factors: dict[tuple[int, str], Factors] = {}  # (expert, tensor): this tensor's and the next one's
@@ -263,37 +229,19 @@ class NativeBackend:
         self._released: list[tuple[Path, int, int]] = []
         self._floats = set(inputs.float_names)
 
-    def set_thresholds(
-        self, thresholds, checks: dict[int, tuple[float, float]] | None = None, recount: list[int] | None = None
-    ) -> None:
+    def set_thresholds(self, thresholds, checks: dict[int, tuple[float, float]] | None = None) -> None:
         """Each expert's FFG threshold (:class:`~ota_trainer.merger.thresholds.Threshold`, None: none),
         and ``checks``: {expert: (lo, hi)}, cuts at which the merge pass also counts the entries
-        kept (into ``checked[expert]``), and ``recount``: experts whose whole saliency histogram the
-        merge pass counts again (:meth:`recounted`); see :meth:`checks_thresholds`."""
+        kept (into ``checked[expert]``; see :meth:`checks_thresholds`)."""
         self.cuts[:] = [None if t is None or t.keeps_all else t.value for t in thresholds]
-        if (checks or recount) and not self.checks_thresholds(self.recipe):
-            raise ValueError(f"{self.recipe.method}'s native implementation counts no check cuts")
         if checks:
+            if not self.checks_thresholds(self.recipe):
+                raise ValueError(f"{self.recipe.method}'s native implementation counts no check cuts")
             self.checks = [checks.get(i, (0.0, 0.0)) for i in range(len(self.experts))]
-        if recount:
-            if any(self.cuts[i] is None for i in recount):
-                raise ValueError("a histogram is counted again only under a threshold (keep-everything counts nothing)")
-            self._recount = sorted(recount)
-            self._bins = _Bins(self.threads, len(self._recount))
-            at = {i: k for k, i in enumerate(self._recount)}
-            # per thread, per expert of this merge: where the merge pass counts its bins (0: nowhere)
-            self.hist_addrs = [[a[at[i]] if i in at else 0 for i in range(len(self.experts))] for a in self._bins.addrs]
-
-    def recounted(self) -> dict[int, Histogram]:
-        """The histograms the merge pass counted again ({expert: histogram}; see :meth:`set_thresholds`)."""
-        if self._bins is None:
-            return {}
-        return dict(zip(self._recount, self._bins.histograms([None] * len(self._recount))))
 
     @staticmethod
     def checks_thresholds(recipe) -> bool:
-        """Whether this backend's merge pass can count the entries kept at check cuts, and count
-        saliency histograms again."""
+        """Whether this backend's merge pass can count the entries kept at check cuts."""
         return recipe.spec.native_checks
 
     def start_reads(self) -> None:
@@ -349,10 +297,13 @@ class NativeBackend:
         """Every listed expert's saliencies over ``names`` counted into its histogram (int64 bins in
         anonymous maps: zero pages until counted into), per thread, then added up."""
         T = len(experts)  # noqa: N806
-        bins = _Bins(self.threads, T)
+        hists = [[mmap.mmap(-1, N_BINS * 8) for _ in range(T)] for _ in range(self.threads)]
+        views = [[ctypes.c_char.from_buffer(h) for h in hs] for hs in hists]
+        addrs = [[ctypes.addressof(v) for v in vs] for vs in views]
         totals = [0] * T
         magnitude = self.params.get("score") == "magnitude"
         folders = [self.experts[i] for i in experts]
+        lib = library()
         nxt = dict(zip(names, names[1:]))
         try:
             for name in self._progress(names, "FFG thresholds"):
@@ -378,15 +329,25 @@ class NativeBackend:
                         [s[1] for s in sc],
                         [s[2] for s in sc],
                         [s[3] for s in sc],
-                        bins.addrs,
+                        addrs,
                         self.threads,
                     )
                 self.release(name, folders)
                 self._done(name)
             self._release_now()
-            return bins.histograms(totals)
+            for k in range(1, self.threads):
+                for t in range(T):
+                    lib.ota_add_i64(addrs[0][t], addrs[k][t], N_BINS)
+            out = []
+            for t in range(T):
+                with memoryview(hists[0][t]) as raw, raw.cast("q") as counts:
+                    out.append(Histogram.from_dense(counts, totals[t]))
+            return out
         finally:
-            bins.close()
+            del views
+            for hs in hists:
+                for h in hs:
+                    h.close()
 
     # -- the merge ------------------------------------------------------------------------------------
     def merge_tensor(
@@ -465,9 +426,6 @@ class NativeBackend:
         self._released.clear()  # (the maps close whole)
         self._free_arena()
         self.maps.close()
-        if self._bins is not None:
-            self._bins.close()
-            self._bins = None
 
     # -- helpers --------------------------------------------------------------------------------------
     def factors(self, i: int, name: str, m: int, n: int) -> Factors:
@@ -521,8 +479,6 @@ class NativeJob:
         cuts: each expert's FFG threshold (None keeps every edit).
         checks, checked: per expert two more cuts (None: none) and the entries kept at them so far
             (``method.native_checks``: the method adds this tensor's).
-        hists: per thread, per expert where the merge pass counts its saliency bins again (0:
-            nowhere; None: for none).
         threads: kernel threads.
         kept: set by a grafting method: the entries each expert's mask kept.
     """
@@ -542,7 +498,6 @@ class NativeJob:
         self.coefs = [p["weight"] for p in self.model_params]
         self.cuts, self.threads = backend.cuts, backend.threads
         self.checks, self.checked = backend.checks, backend.checked
-        self.hists = backend.hist_addrs
         self.kept: list[int] | None = None
 
     def factors(self, i: int) -> Factors:

@@ -43,7 +43,7 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
 
-int ota_native_version(void) { return 10; }
+int ota_native_version(void) { return 9; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -199,20 +199,16 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
 /* One expert's contribution to a chunk of pass 2, in one loop: edit, curvature weight, keep
  * mask, running sums. ``smode``/``wmode``/``sqrt_p``/``divide`` (div > 0)/``check`` are constants
  * at every call site, so each combination is compiled into a branch-free loop of its own. Returns
- * the entries kept. With ``check`` 1, the entries whose saliency is at least ``clo``, and at least
+ * the entries kept. With ``check``, the entries whose saliency is at least ``clo``, and at least
  * ``chi``, are added to ``*nlo``, ``*nhi``: the counts at two more bin edges that let the runner
- * prove a threshold taken from a histogram it did not count (ota_trainer.merger.runner). With
- * ``check`` 2, every entry's saliency bin is added to ``hh`` (int64[2^21]), as pass 1 adds it: the
- * whole histogram, which proves any threshold taken from it (the saliency-share rule's). */
+ * prove a threshold taken from a histogram it did not count (ota_trainer.merger.runner). */
 INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int check, const float *be,
                            const float *bw, int64_t len, double sai, const double *sbj, const float *svv, double cut,
                            float pai, const float *pbj, const float *wvv, float div, float eps, float uniform,
                            float ct, float *restrict num, float *restrict den, double clo, double chi, int64_t *nlo,
-                           int64_t *nhi, int64_t *restrict hh) {
+                           int64_t *nhi) {
     int64_t kept = 0, k = 0, klo = 0, khi = 0;
-    uint32_t bin[CHUNK];  /* (check 2 only) */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    if (check != 2)  /* (the histogram's bins: the loop below, which gcc vectorises as pass 1's) */
     /* The loop below, 8 entries at a time, operation for operation (same bits). gcc vectorises
      * the loop by itself too, but on AVX2 it narrows the float64 keep masks to float32 lanes
      * with five shuffles (AVX-512: one vpermt2d); here it takes two, and the kept entries are
@@ -282,32 +278,21 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int che
             else s = dd;
             int keep = s >= cut;
             kept += keep;
-            if (check == 1) klo += s >= clo, khi += s >= chi;
-            if (check == 2) {
-                uint64_t bits;
-                memcpy(&bits, &s, sizeof bits);
-                bin[k] = (uint32_t)((bits >> BIN_SHIFT) & BIN_MASK);
-            }
+            if (check) klo += s >= clo, khi += s >= chi;
             w = w * one_if(keep);
         }
         float wk = w * ct;
         num[k] = fmaf(wk, dk, num[k]);
         den[k] = den[k] + wk;
     }
-    if (check == 1) *nlo += klo, *nhi += khi;
-    if (check == 2 && smode != S_NONE)
-        for (k = 0; k < len; k++) hh[bin[k]]++;  /* the scatter, apart (as pass 1) */
+    if (check) *nlo += klo, *nhi += khi;
     return smode != S_NONE ? kept : len;
 }
 
 #define MERGE_C(SM, WM, SQ, DV, CK) \
     merge_chunk(SM, WM, SQ, DV, CK, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, div, eps, uniform, ct, num, den, \
-                clo, chi, nlo, nhi, hh)
-#define MERGE_W(SM, WM, SQ, DV)                                   \
-    ((SM) == S_NONE ? MERGE_C(SM, WM, SQ, DV, 0)                  \
-     : hh != 0      ? MERGE_C(SM, WM, SQ, DV, 2)                  \
-     : nlo != 0     ? MERGE_C(SM, WM, SQ, DV, 1)                  \
-                    : MERGE_C(SM, WM, SQ, DV, 0))
+                clo, chi, nlo, nhi)
+#define MERGE_W(SM, WM, SQ, DV) (nlo != 0 && (SM) != S_NONE ? MERGE_C(SM, WM, SQ, DV, 1) : MERGE_C(SM, WM, SQ, DV, 0))
 #define MERGE_F(SM) (sqrt_p ? (div > 0.0f ? MERGE_W(SM, W_FULL, 1, 1) : MERGE_W(SM, W_FULL, 1, 0)) \
                             : (div > 0.0f ? MERGE_W(SM, W_FULL, 0, 1) : MERGE_W(SM, W_FULL, 0, 0)))
 #define MERGE_S(SM) (wm == W_RANK1 ? MERGE_W(SM, W_RANK1, 0, 0) : wm == W_FULL ? MERGE_F(SM) : MERGE_W(SM, W_UNIFORM, 0, 0))
@@ -344,15 +329,14 @@ INLINE int finish_chunk(int dto, const float *bw, const float *num, const float 
  *   for W_FULL: sqrt_p (P = sqrt(v), else P = v) and pdiv[t] (P /= pdiv when > 0);
  *   coef[t]: the expert's weight c_t. ``uniform`` is (float)(1 + eps), the weight without moments.
  * chk (NULL: none): per expert two more cuts (lo, hi) whose entries kept are counted into
- * chkd[2t], chkd[2t + 1] (see merge_chunk). hist (NULL: none): per expert NULL or an int64[2^21]
- * its saliency bins are added to, as pass 1 counts them (this thread's; see merge_chunk).
+ * chkd[2t], chkd[2t + 1] (see merge_chunk).
  * Returns 1 if any merged value is not finite (the caller finds and names the input), else 0. */
 int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t n,
                    int64_t r0, int64_t r1, const int *smode, const double *const *sa,
                    const double *const *sb, const float *const *sv, const double *cut, const int *wmode,
                    const float *const *pa, const float *const *pb, const float *const *wv, int sqrt_p,
                    const float *pdiv, float eps, float uniform, const float *coef, void *out, int dto,
-                   int64_t *kept, const double *chk, int64_t *chkd, int64_t *const *hist) {
+                   int64_t *kept, const double *chk, int64_t *chkd) {
     float bw[CHUNK], be[CHUNK], num[CHUNK], den[CHUNK];
     int bad = 0;
     for (int64_t i = r0; i < r1; i++) {
@@ -370,7 +354,6 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
                 const float *pbj = wm == W_RANK1 ? pb[t] + j0 : 0, *wvv = wm == W_FULL ? wv[t] + off : 0;
                 double clo = chk != 0 ? chk[2 * t] : 0.0, chi = chk != 0 ? chk[2 * t + 1] : 0.0;
                 int64_t *nlo = chk != 0 ? chkd + 2 * t : 0, *nhi = chk != 0 ? chkd + 2 * t + 1 : 0;
-                int64_t *hh = hist != 0 ? hist[t] : 0;
                 if (sm == S_RANK1) kept[t] += MERGE_S(S_RANK1);
                 else if (sm == S_FULL) kept[t] += MERGE_S(S_FULL);
                 else if (sm == S_MAGNITUDE) kept[t] += MERGE_S(S_MAGNITUDE);

@@ -93,12 +93,6 @@ class SaliencyCounter:
         m, n = w0.shape
         eptrs = _check_tensors(w0, experts)
         smode, sa, sb, sv = _score_arrays(m, n, scores)
-        hists = self.addresses(m, n, scores)
-        _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, hists, _threads())
-
-    def addresses(self, m: int, n: int, scores: list[Score | None]) -> list[list[int]]:
-        """Where each kernel thread counts an (m, n) tensor's saliencies, per expert; the experts
-        whose score is not None count its entries into their totals."""
         hists = []
         for k in range(len(_package.workers(m, m * n, _threads()))):
             own = (
@@ -107,10 +101,10 @@ class SaliencyCounter:
                 else (self._private.get(k) or self._private.setdefault(k, [torch.zeros_like(h) for h in self.hists]))
             )
             hists.append([h.data_ptr() for h in own])
+        _package.raw_saliency_hist(w0.data_ptr(), _DT[w0.dtype], m, n, eptrs, smode, sa, sb, sv, hists, _threads())
         for h, s in zip(self.targets, scores):
             if s is not None:
                 h.total += m * n
-        return hists
 
     def flush(self) -> None:
         """Add the private counts into the histograms (before reading their counts)."""
@@ -132,13 +126,10 @@ def ota_merge(
     epsilon: float,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
-    counter: SaliencyCounter | None = None,
 ) -> tuple[torch.Tensor, list[int], bool]:
     """OTA of one (m, n) tensor with FFG masks ``s >= cuts[t]`` where ``scores[t]`` is not None.
 
     ``out``: an (m, n) contiguous tensor of ``out_dtype`` to write into (default: a new one).
-    ``counter``: the merge also counts the masked experts' saliencies into it, as
-    :meth:`SaliencyCounter.add` does (how the runner proves a histogram it did not count).
     Returns (merged tensor in ``out_dtype``, entries kept per expert, whether every merged value
     is finite)."""
     m, n = w0.shape
@@ -180,7 +171,6 @@ def ota_merge(
         out.data_ptr(),
         _DT[out_dtype],
         _threads(),
-        hists=counter.addresses(m, n, scores) if counter is not None else None,
     )
     return out, kept, finite
 

@@ -212,7 +212,6 @@ def merge_native(job) -> bool:
         job.threads,
         checks=job.checks,
         checked=job.checked,
-        hists=job.hists,
     )
     return finite
 
