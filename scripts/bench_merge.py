@@ -469,9 +469,18 @@ def merge_command(recipe: Path, out: Path) -> list[str]:
     ]
 
 
+def _default_ffg_rule() -> tuple:
+    from ota_trainer.merger.recipe import DEFAULT_FFG_RULE
+
+    return DEFAULT_FFG_RULE
+
+
+OTA_RULE = {"rule": "density"}  # ota's FFG rule: "density" (DENSITY) or "default" (the library's: --ota-default)
+
+
 def ota_recipe(ckpt: Path, method: str, experts: Path | None = None) -> dict:
     models = [{"model": str((experts or ckpt) / e)} for e in EXPERTS]
-    params = {"density": DENSITY}
+    params = {} if method == "ota" and OTA_RULE["rule"] == "default" else {"density": DENSITY}
     return {
         "method": method,
         "base_model": str(ckpt / "base"),
@@ -810,6 +819,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--experts", type=int, default=2, help="experts merged with the base (default 2; the paper merges 5)"
     )
+    p.add_argument(
+        "--ota-default",
+        action="store_true",
+        help=f"ota with the library's default FFG rule (the saliency share) instead of density {DENSITY}",
+    )
     p.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit's TIES")
     p.add_argument(
         "--no-shipped",
@@ -873,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     args.in_shard_bytes = parse_size(args.in_shard_size)
+    OTA_RULE["rule"] = "default" if args.ota_default else "density"
     global EXPERTS
     if not 1 <= args.experts <= 26:
         raise SystemExit("--experts: 1 to 26")
@@ -969,8 +984,13 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; environment for every contender: {args.env}" if args.env else "")
         ),
         engine_note,
-        f"- density {DENSITY} for ota (global FFG, rank-one moments), ties and mergekit ties "
-        "(normalize: true, weight 1)",
+        (
+            f"- ota: the library's default FFG rule {list(_default_ffg_rule())} (global FFG, rank-one moments); "
+            f"density {DENSITY} for ties and mergekit ties (normalize: true, weight 1)"
+            if OTA_RULE["rule"] == "default"
+            else f"- density {DENSITY} for ota (global FFG, rank-one moments), ties and mergekit ties "
+            "(normalize: true, weight 1)"
+        ),
         "",
     ]
     commands = [
