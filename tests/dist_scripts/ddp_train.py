@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record_writers, tiny_dataset, tiny_model  # noqa: E402
+from _common import leave, record_writers, tiny_dataset, tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -53,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave()

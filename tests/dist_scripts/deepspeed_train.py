@@ -11,12 +11,11 @@ script, in named_parameters order on every rank).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record_writers, tiny_dataset, tiny_model  # noqa: E402
+from _common import leave, record_writers, tiny_dataset, tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -74,12 +73,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # DeepSpeed's CPU shared-memory comm op can abort in its C++ teardown at interpreter exit
-    # ("terminate called without an active exception", seen once in ~10 runs) after all work
-    # is done and written: finish the collectives, flush, and leave without that teardown.
-    import torch.distributed as dist
-
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # (DeepSpeed's CPU comm op can abort in its C++ teardown at interpreter exit)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record_writers, tiny_dataset, tiny_model  # noqa: E402
+from _common import leave, record_writers, tiny_dataset, tiny_model  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 PREFIX = "base_model.model."
@@ -120,3 +120,4 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     record_writers(str(out.parent / f"{out.name}.writers"))
     {"ddp": ddp, "fsdp2": fsdp2}[mode](out)
+    leave()
