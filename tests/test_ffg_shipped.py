@@ -1,7 +1,9 @@
 """An expert's shipped FFG histogram (ota/ffg_histogram.safetensors): a first merge that uses it
-writes the bytes a fresh count gives; the merge pass proves the threshold it gives (a histogram
-that lies is caught, and the merge redone); a damaged, hostile or inapplicable file is ignored;
-the proof itself (Histogram.checks) against the threshold rule on random histograms."""
+writes the bytes a fresh count gives; the merge pass proves the threshold it gives (the counts at
+its neighbouring bin edges, or, under the saliency-share rule, the masses above, in and below its
+bin): a histogram that lies is caught, and the merge redone; a damaged, hostile or inapplicable
+file is ignored; the proofs themselves (Histogram.checks, share_proved) against the threshold
+rules on random histograms."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from test_backends import _same
 from test_ffg_cache import two_experts
 
 from ota_trainer import merge, save_ffg_histogram
-from ota_trainer.backends.thresholds import Histogram, bin_edge
+from ota_trainer.backends.thresholds import Histogram, bin_edge, share_proved
 from ota_trainer.io.layout import read_safetensors_layout
 from ota_trainer.merger.ffg_shipped import open_shipped, write_histogram
 from ota_trainer.merger.inputs import open_model
@@ -65,6 +67,57 @@ def test_three_counts_prove_a_threshold_taken_from_another_histogram(counts, mov
     assert (k_lo, kept, k_hi) == (_kept(claimed, b - 1), _kept(claimed, b), _kept(claimed, b + 1))
     if (_kept(truth, b - 1), _kept(truth, b), _kept(truth, b + 1)) == (k_lo, kept, k_hi):
         assert truth.density_threshold(density)[0] == threshold
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.integers(0, 9), min_size=4, max_size=60),
+    st.lists(st.tuples(st.integers(0, 59), st.integers(0, 59), st.integers(1, 3)), max_size=6),
+    st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+    st.integers(0, 3),
+)
+def test_masses_that_prove_a_share_threshold_make_the_rule_pick_it(counts, moves, share, octave):
+    """Whenever share_proved accepts the masses of the truth (another histogram than the one
+    the threshold came from), the share rule picks the same bin on the truth."""
+    base = (1000 + 40 * octave) << 10  # bins of a few octaves of saliencies, 1024 bins each
+    spread = [base + 37 * k for k in range(len(counts))]
+    claimed_counts = dict(zip(spread, counts))
+    if not any(counts):
+        return
+    true = dict(claimed_counts)
+    for src, dst, n in moves:
+        src, dst = spread[src % len(spread)], spread[dst % len(spread)]
+        n = min(n, true[src])
+        true[src] -= n
+        true[dst] += n
+
+    def hist(d):
+        bins = sorted(b for b, c in d.items() if c)
+        return Histogram(bins, [d[b] for b in bins], sum(d.values()))
+
+    claimed, truth = hist(claimed_counts), hist(true)
+    threshold, _ = claimed.share_threshold(share)
+    if threshold.keeps_all:
+        return
+    masses = truth.share_masses(threshold.bin)
+    if share_proved(share, masses, truth.total):
+        assert truth.share_threshold(share)[0] == threshold
+    above, at, below = masses
+    total = above + at + below
+    if truth == claimed and min(above + at - share * total, share * total - above) > 1e-6 * total:
+        assert share_proved(share, masses, truth.total)  # a true claim off the rounding edge: proved
+
+
+def test_share_proved_refuses_what_it_cannot_show():
+    h = Histogram([1024 * 1000, 1024 * 1001], [10, 10], 20)  # the top bin holds 2/3 of the mass
+    b = h.share_threshold(0.5)[0].bin
+    assert b == 1024 * 1001 and share_proved(0.5, h.share_masses(b), h.total)
+    above, at, below = h.share_masses(b)
+    assert not share_proved(0.5, (above, 0.0, below), h.total)  # its bin empty: not a bin the rule picks
+    assert not share_proved(0.5, (10 * at, at, below), h.total)  # the mass above reaches the target
+    exact = at / (at + below)  # the share at which the threshold bin holds exactly the target
+    assert not share_proved(exact, (above, at, below), h.total)  # no margin for the rounding
+    assert not share_proved(0.5, (above, at, below), 1 << 41) and not share_proved(1.0, (above, at, below), 20)
 
 
 def test_a_threshold_next_to_an_empty_bin_is_not_proved():
@@ -132,18 +185,16 @@ def test_the_shipped_histogram_equals_a_fresh_count(models):
         assert open_shipped(open_model(models[e])).histogram == fresh
 
 
-@pytest.mark.parametrize("backend", ["torch", "magnitude", "share"])
+@pytest.mark.parametrize("backend", ["torch", "magnitude"])
 def test_a_merge_that_cannot_prove_it_counts_afresh(models, backend, tmp_path, caplog, monkeypatch):
-    """The PyTorch backend proves no threshold; another score is another saliency; the share rule
-    is not a density. Each counts afresh, with the bytes of a fresh count."""
+    """The PyTorch backend proves no threshold; another score is another saliency. Each counts
+    afresh, with the bytes of a fresh count."""
     kw, recipe = {}, _recipe(models)
     if backend == "torch":
         monkeypatch.setenv("OTA_TRAINER_NATIVE", "0")
         kw["fast_path"] = False
-    elif backend == "magnitude":
-        recipe = _recipe(models, score="magnitude")
     else:
-        recipe["parameters"] = {"saliency_share": 0.9}
+        recipe = _recipe(models, score="magnitude")
     log = _merge_logged(recipe, tmp_path / "out", caplog, **kw)
     assert SHIPPED not in log and REDONE not in log
     if backend == "magnitude":
@@ -152,13 +203,42 @@ def test_a_merge_that_cannot_prove_it_counts_afresh(models, backend, tmp_path, c
         _same(models["fresh"], tmp_path / "out")
 
 
-def _lie(m, tmp_path, move):
+SHARE = {"saliency_share": 0.9}  # the rule of ota's default (0.99 keeps nearly every edit of these tiny experts)
+
+
+def _share_recipe(m):
+    return {**_recipe(m), "parameters": SHARE}
+
+
+@pytest.fixture(scope="module")
+def fresh_share(models, tmp_path_factory):
+    """The experts' merge under the share rule from a fresh count (their histograms not shipped)."""
+    root = tmp_path_factory.mktemp("fresh_share")
+    m = {**models, **{e: root / e for e in ("e1", "e2")}}
+    for e in ("e1", "e2"):
+        shutil.copytree(models[e], m[e])
+        (m[e] / "ota" / "ffg_histogram.safetensors").unlink()
+    merge(_share_recipe(m), root / "out", quiet=True)
+    return root / "out"
+
+
+def test_under_the_share_rule_a_first_merge_proves_the_shipped_histograms_by_their_masses(
+    models, fresh_share, tmp_path, caplog
+):
+    """The share rule's threshold depends on every bin's mass: the merge pass adds up the masses
+    above, in and below the threshold's bin, which prove a fresh count would pick it."""
+    log = _merge_logged(_share_recipe(models), tmp_path / "out", caplog)
+    assert log.count(SHIPPED) == 2 and REDONE not in log
+    _same_bytes(fresh_share, tmp_path / "out")
+
+
+def _lie(m, tmp_path, move, share: float | None = None):
     """Expert e1 copied, its shipped histogram rewritten by ``move(bins, counts, b)`` (b: the
-    threshold bin the true histogram gives at density 0.4)."""
+    threshold bin the true histogram gives at density 0.4, or at saliency share ``share``)."""
     m = _copy_expert(m, tmp_path)
     shipped = open_shipped(open_model(m["e1"]))
     h = shipped.histogram
-    b = h.density_threshold(0.4)[0].bin
+    b = (h.share_threshold(share) if share else h.density_threshold(0.4))[0].bin
     dense = {x: c for x, c in zip(h.bins, h.counts)}
     move(dense, b)
     bins = sorted(x for x, c in dense.items() if c > 0)
@@ -191,6 +271,39 @@ def test_a_lying_histogram_is_caught_by_the_merge_pass_and_the_merge_redone(mode
     log = _merge_logged(_recipe(m), tmp_path / "out", caplog)
     assert "shipped FFG histogram predicted" in log and REDONE in log
     _same_bytes(models["fresh"], tmp_path / "out")
+    assert not list(tmp_path.glob("*.ota-tmp*")) and not list(tmp_path.glob(".out*"))
+
+
+def _far_below(dense, b):
+    """One entry of the lowest non-empty bin moved to the next: the same kept count, and the share
+    threshold does not move (such an entry's mass is ~2^-20 of the kept mass)."""
+    low = sorted(x for x in dense if 0 < x < b and dense[x] > 0)
+    dense[low[0]] -= 1
+    dense[low[0] + 1] = dense.get(low[0] + 1, 0) + 1
+
+
+def _top_heavy(dense, b):
+    """Entries of the threshold's bin claimed at the top: more mass above, a higher threshold."""
+    top = max(dense)
+    n = dense[b]
+    dense[b] = 0
+    dense[top] += n
+
+
+@pytest.mark.parametrize("lie, redone", [(_top_heavy, True), (_far_below, False)], ids=["threshold", "harmless"])
+def test_under_the_share_rule_a_lie_that_moves_the_threshold_is_caught_and_one_that_does_not_is_harmless(
+    models, fresh_share, lie, redone, tmp_path, caplog
+):
+    m = _lie(models, tmp_path, lie, share=SHARE["saliency_share"])
+    h = open_shipped(open_model(m["e1"])).histogram
+    truth = open_shipped(open_model(models["e1"])).histogram
+    moved = h.share_threshold(0.9)[0] != truth.share_threshold(0.9)[0]
+    assert moved == redone and h != truth
+    log = _merge_logged(_share_recipe(m), tmp_path / "out", caplog)
+    assert (REDONE in log) == redone
+    if redone:
+        assert "shipped FFG histogram predicted" in log and "which do not prove it" in log
+    _same_bytes(fresh_share, tmp_path / "out")
     assert not list(tmp_path.glob("*.ota-tmp*")) and not list(tmp_path.glob(".out*"))
 
 

@@ -126,6 +126,56 @@ def test_ota_merge_is_bit_identical_to_the_torch_path(dtype, out_dtype, power, n
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_merge_pass_that_adds_up_the_share_rules_masses_writes_the_same_bytes(dtype, threads, monkeypatch):
+    """How a shipped histogram is proved under the saliency-share rule: the merge kernel adds up
+    each masked expert's masses above, in and below the threshold's bin as it merges (what
+    Histogram.share_masses gives of the histogram pass's counts, to float64 rounding), and the
+    merged bytes and kept counts do not change."""
+    from ota_trainer.backends.thresholds import Histogram, bin_edge
+
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1 << 10)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w0, experts, a, b, v = _inputs(97, 531, dtype, seed=2)
+        scores = _scores(a, b, v)
+        masked = [scores[0], None, scores[2]]  # expert 1: no mask, nothing added up
+        want = [SaliencyHistogram() for _ in experts]
+        fresh = ops.SaliencyCounter(want)
+        fresh.add(w0, experts, masked)
+        fresh.flush()
+        hists = [Histogram.from_dense(memoryview(h.counts.numpy()), h.total) for h in want]
+        cuts, share_cuts = [0.0] * 3, [None] * 3
+        for t in (0, 2):
+            th, _ = hists[t].share_threshold(0.9)
+            cuts[t], share_cuts[t] = th.value, (bin_edge(th.bin), bin_edge(th.bin + 1))
+        curvs = [Curvature.rank1(a, b, 0.5, "none"), Curvature.full(v, 0.5, "none"), Curvature()]
+        plain = ops.ota_merge(w0, experts, masked, cuts, curvs, [1.0, 2.0, 0.5], epsilon=1e-26, out_dtype=dtype)
+        masses = [[0.0] * 3 for _ in experts]
+        got = ops.ota_merge(
+            w0,
+            experts,
+            masked,
+            cuts,
+            curvs,
+            [1.0, 2.0, 0.5],
+            epsilon=1e-26,
+            out_dtype=dtype,
+            share_cuts=share_cuts,
+            masses=masses,
+        )
+        assert torch.equal(got[0], plain[0]) and got[1:] == plain[1:]
+        assert masses[1] == [0.0] * 3
+        for t in (0, 2):
+            exact = hists[t].share_masses(hists[t].share_threshold(0.9)[0].bin)
+            assert all(m > 0 for m in exact)
+            assert masses[t] == pytest.approx(exact, rel=1e-12), t
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_ota_merge_reports_non_finite_results():
     w0, experts, a, b, v = _inputs(8, 9, torch.float32)
     experts[2][5, 5] = float("nan")
@@ -311,6 +361,10 @@ def digest():
         got, kept, finite = ops.ota_merge(w0, ex, [Score.rank1(a, b), Score("magnitude")], [1e-14, 1e-6], curv,
                                              [1.0, 2.0], epsilon=1e-26, out_dtype=torch.bfloat16)
         h.update(got.view(torch.int16).numpy().tobytes() + repr((kept, finite)).encode())
+    masses = [[0.0] * 3 for _ in ex]  # the merge pass adding up the share rule's masses (its proof)
+    ops.ota_merge(w0, ex, [Score.rank1(a, b), Score("magnitude")], [1e-14, 1e-6], [Curvature()] * 2, [1.0, 2.0],
+                  epsilon=1e-26, out_dtype=torch.bfloat16, share_cuts=[(1e-15, 1e-14), (1e-7, 1e-6)], masses=masses)
+    h.update(repr(masses).encode())
     return h.hexdigest()
 """
 

@@ -15,6 +15,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import accumulate
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "bin_edge",
     "density_bin",
     "share_bin",
+    "share_proved",
     "Threshold",
     "KEEP_ALL",
     "Histogram",
@@ -78,6 +80,11 @@ def density_bin(bins: Sequence[int], counts: Sequence[int], total: int, density:
 FINITE_BINS = 0x7FF << (52 - BIN_SHIFT)  # bins from here on hold +inf and NaN
 
 
+def _middle(b: int) -> float:
+    """Bin ``b``'s middle value (its mass per entry under the saliency-share rule)."""
+    return struct.unpack("<d", struct.pack("<q", (b << BIN_SHIFT) | (1 << (BIN_SHIFT - 1))))[0]
+
+
 def share_bin(bins: Sequence[int], counts: Sequence[int], share: float) -> int | None:
     """The highest bin ``b`` whose kept mass (the entries of bins ``>= b``) holds ``share`` of
     the histogram's saliency mass, or None to keep everything: the fewest top entries holding
@@ -92,11 +99,7 @@ def share_bin(bins: Sequence[int], counts: Sequence[int], share: float) -> int |
         raise ValueError(f"saliency share must be in (0, 1], got {share}")
     if share >= 1.0:
         return None
-    masses = [
-        (b, c * struct.unpack("<d", struct.pack("<q", (b << BIN_SHIFT) | (1 << (BIN_SHIFT - 1))))[0])
-        for b, c in zip(bins, counts)
-        if 0 < b < FINITE_BINS
-    ]
+    masses = [(b, c * _middle(b)) for b, c in zip(bins, counts) if 0 < b < FINITE_BINS]
     total = 0.0
     for _, m in reversed(masses):
         total += m
@@ -108,6 +111,39 @@ def share_bin(bins: Sequence[int], counts: Sequence[int], share: float) -> int |
         if kept >= target:
             return b
     return masses[0][0]  # (rounding: the sum from the top is the total)
+
+
+def _gamma(n: int) -> Fraction:
+    """The relative error bound of a float64 sum of ``n`` non-negative terms, in any order:
+    ``n u / (1 - n u)`` with ``u = 2^-53`` (Higham, Accuracy and Stability, 2nd ed., 4.2)."""
+    nu = Fraction(n, 1 << 53)
+    if nu >= 1:
+        raise ValueError(f"{n} terms: no float64 error bound")
+    return nu / (1 - nu)
+
+
+def share_proved(share: float, masses: Sequence[float], entries: int) -> bool:
+    """Whether :func:`share_bin` on the histogram a merge pass saw picks bin ``b``, given the
+    masses that pass added up (``masses``: of its entries in bins above ``b``, in bin ``b`` and in
+    the bins below, as the rule weighs them: each entry its bin's middle; bin 0 and the +inf/NaN
+    bins nothing), over ``entries`` entries (each added one term, maybe zero, to each).
+
+    The pass summed in float64, in its own order: each true mass is within a factor ``1 +- g`` of
+    its sum (``g = gamma(2 * entries + 1024)``: the entries' terms and the partial sums). The
+    rule sums the bins' masses (each exact: a count below 2^41 times a middle of 12 significant
+    bits) from the top in float64, within ``1 +- G`` of the truth (``G = gamma(N_BINS)``), and
+    rounds ``share * total`` once. So it picks ``b`` when, at the worst of both errors, the mass
+    from ``b`` up still reaches the target and the mass above ``b`` still falls short of it, and
+    bin ``b`` is not empty. Exact rational arithmetic; False when that cannot be shown (the merge
+    is then redone from a fresh count)."""
+    above, at, below = (Fraction(m) for m in masses)  # (floats convert exactly)
+    if not (at > 0 and above >= 0 and below >= 0) or not 0 < entries < 1 << 41 or not 0.0 < share < 1.0:
+        return False
+    g, G, u, s = _gamma(2 * entries + 1024), _gamma(N_BINS), Fraction(1, 1 << 53), Fraction(share)
+    total_hi, total_lo = (above + at + below) / (1 - g), (above + at + below) / (1 + g)
+    reaches = (above + at) / (1 + g) * (1 - G) >= s * total_hi * (1 + G) * (1 + u)
+    short = above / (1 - g) * (1 + G) < s * total_lo * (1 - G) * (1 - u)
+    return reaches and short
 
 
 @dataclass(frozen=True)
@@ -229,6 +265,15 @@ class Histogram:
             return None
         above = sum(self.counts[i:])
         return bin_edge(b - 1), bin_edge(b + 1), above + self.counts[i - 1], above - self.counts[i]
+
+    def share_masses(self, b: int) -> tuple[float, float, float]:
+        """The masses :func:`share_proved` takes, of this histogram, exactly (then rounded): of its
+        bins above ``b``, of bin ``b`` and of the bins below (bin 0 and +inf/NaN bins none)."""
+        parts = [Fraction(0), Fraction(0), Fraction(0)]
+        for x, c in zip(self.bins, self.counts):
+            if 0 < x < FINITE_BINS:
+                parts[0 if x > b else 1 if x == b else 2] += c * Fraction(_middle(x))
+        return tuple(float(m) for m in parts)
 
     def share_threshold(self, share: float) -> tuple[Threshold, int]:
         """The bin-edge threshold keeping the fewest top entries that hold ``share`` of the

@@ -17,13 +17,17 @@ Hostile until proved, like every input, and never trusted for the output's bytes
 - **Used only where it describes this merge's saliency:** the same score, the same
   bias-correction scale of the moments, the same tensors (a hash of their names) and as many
   entries as they hold.
-- **Proved by the merge pass:** the kernels count the entries kept at the threshold it gives and
-  at the two neighbouring bin edges (:meth:`~ota_trainer.backends.thresholds.Histogram.checks`);
-  equal counts prove that a fresh count would have picked the same threshold. Otherwise (a stale
-  file from an earlier run, another base, a lie) the output is discarded and the merge redone
-  from a fresh count, with a warning. So the histogram can cost a merge pass, never a wrong byte.
-  Where no proof is possible (the PyTorch backend, the saliency-share rule, keep-everything, an
-  empty neighbouring bin) the histogram is not used.
+- **Proved by the merge pass:** under a density rule the kernels count the entries kept at the
+  threshold it gives and at the two neighbouring bin edges
+  (:meth:`~ota_trainer.backends.thresholds.Histogram.checks`): equal counts prove that a fresh
+  count would have picked the same threshold. Under the saliency-share rule, whose threshold
+  depends on every bin's mass, they add up the masses above, in and below the threshold's bin,
+  and :func:`~ota_trainer.backends.thresholds.share_proved` shows, with both float64 roundings
+  bounded, that a fresh count would pick that bin. If the proof fails (a stale file from an
+  earlier run, another base, a lie) the output is discarded and the merge redone from a fresh
+  count, with a warning. So the histogram can cost a merge pass, never a wrong byte. Where no
+  proof is possible (the PyTorch backend, keep-everything, a density threshold next to an empty
+  bin) the histogram is not used.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ report, one atomic output. No PyTorch here: the PyTorch backend is imported only
    loads (the kernels release the GIL). A histogram counted before, of the same files (the
    cache, :mod:`.ffg_cache`), or shipped by the expert (:mod:`.ffg_shipped`) saves that pass;
    the merge pass then proves the threshold it gives (the entries kept at it, and with the
-   native kernels at its neighbouring bin edges too) and, if that fails, the output is discarded
-   and the merge redone from a fresh count.
+   native kernels at its neighbouring bin edges too; under the saliency-share rule, the masses
+   above, in and below its bin: :func:`~ota_trainer.backends.thresholds.share_proved`) and, if
+   that fails, the output is discarded and the merge redone from a fresh count.
 4. Tensor by tensor (one parameter name at a time across base and experts), the backend merges
    into a reused buffer and the streaming writer appends the bytes to the output; integer
    buffers are copied from the base.
@@ -34,7 +35,7 @@ from typing import Any
 
 from .. import __version__
 from ..backends.native.backend import NativeBackend
-from ..backends.thresholds import SCORES, Histogram, Threshold
+from ..backends.thresholds import SCORES, Histogram, Threshold, bin_edge, share_proved
 from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
@@ -123,8 +124,13 @@ def _run(recipe, inputs, output, quiet, resolver, fast_path, start, cached: bool
             if threshold is not None:
                 report.threshold_log2 = threshold.log2_value
         checks = {i: p.checks[:2] for i, p in predicted.items() if p.checks is not None}
-        if checks:
-            backend.set_thresholds(thresholds, checks)
+        share_checks = {
+            i: (bin_edge(thresholds[i].bin), bin_edge(thresholds[i].bin + 1))
+            for i, p in predicted.items()
+            if p.share is not None
+        }
+        if checks or share_checks:
+            backend.set_thresholds(thresholds, checks, share_checks)
         else:
             backend.set_thresholds(thresholds)
         with output.stage() as tmp:
@@ -221,12 +227,23 @@ class Prediction:
     """What a histogram this merge did not count (``source``: its cache key, or None when the
     expert shipped it) predicts the merge pass will count for its expert: the entries ``kept``
     at the threshold and, where the kernels can prove it (:meth:`Histogram.checks`), ``checks``
-    = (lo, hi, kept at lo, kept at hi)."""
+    = (lo, hi, kept at lo, kept at hi); or, under the saliency-share rule, ``share`` = (the
+    share, the entries counted): the merge pass adds up the masses above, in and below the
+    threshold's bin, and :func:`share_proved` shows a fresh count would pick the same bin (the
+    kept entries may then differ: the threshold, and so every byte, is a fresh count's)."""
 
-    def __init__(self, source: str | None, kept: int, checks: tuple[float, float, int, int] | None):
-        self.source, self.kept, self.checks = source, kept, checks
+    def __init__(
+        self,
+        source: str | None,
+        kept: int,
+        checks: tuple[float, float, int, int] | None,
+        share: tuple[float, int] | None = None,
+    ):
+        self.source, self.kept, self.checks, self.share = source, kept, checks, share
 
-    def holds(self, kept: int, checked: list[int] | None) -> bool:
+    def holds(self, kept: int, checked: list[int] | None, masses: list[float] | None = None) -> bool:
+        if self.share is not None:
+            return masses is not None and share_proved(self.share[0], masses, self.share[1])
         return kept == self.kept and (self.checks is None or list(checked or ()) == list(self.checks[2:]))
 
 
@@ -238,12 +255,13 @@ def _threshold(hist: Histogram, p: dict[str, Any]) -> tuple[Threshold, int]:
 
 def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: list) -> dict[int, Histogram]:
     """The experts' shipped histograms this merge can use and prove: those describing its
-    saliency, under a density rule whose threshold :meth:`Histogram.checks` can prove."""
+    saliency, under a density rule whose threshold :meth:`Histogram.checks` can prove, or the
+    saliency-share rule (:func:`share_proved`) at a threshold that keeps less than everything."""
     out: dict[int, Histogram] = {}
     for i in todo:
         s = inputs.shipped[i] if i < len(inputs.shipped) else None
         p = recipe.model_parameters(i)
-        if s is None or scopes[i] is not None or p.get("saliency_share") is not None:
+        if s is None or scopes[i] is not None:
             continue
         want = domain_description(recipe, inputs, i)
         if s.describes != want:
@@ -254,8 +272,8 @@ def _shipped(recipe: MergeRecipe, inputs: MergeInputs, todo: list[int], scopes: 
                 ", ".join(differ),
             )
             continue
-        threshold, _ = s.histogram.density_threshold(p["density"])
-        if s.histogram.checks(threshold) is None:
+        threshold, _ = _threshold(s.histogram, p)
+        if threshold.keeps_all or (p.get("saliency_share") is None and s.histogram.checks(threshold) is None):
             logger.info(
                 "%s: its shipped FFG histogram gives a threshold that cannot be proved: counted",
                 inputs.experts[i].label,
@@ -365,8 +383,10 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         p = model_params[i]
         thresholds[i], kept = _threshold(hist, p)
         if i in taken:  # (histograms not counted here are of experts that edit every weight)
-            proof = hist.checks(thresholds[i]) if provable and p.get("saliency_share") is None else None
-            predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof)
+            share = p.get("saliency_share")
+            proof = hist.checks(thresholds[i]) if provable and share is None else None
+            by_mass = (share, hist.total) if i in shipped and share is not None else None
+            predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof, by_mass)
         share = p.get("saliency_share")
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
@@ -437,14 +457,23 @@ def _merge_pass(
                 writer.write_bytes(name, t.shape, code, data)
             del data, dest
             backend.release(name)
-        checked = getattr(backend, "checked", None)
-        stale = [i for i in predicted if not predicted[i].holds(seen[i], checked[i] if checked else None)]
+        checked, masses = getattr(backend, "checked", None), getattr(backend, "masses", None)
+        stale = [
+            i
+            for i in predicted
+            if not predicted[i].holds(seen[i], checked[i] if checked else None, masses[i] if masses else None)
+        ]
         if stale:
 
             def told(i: int) -> str:
                 p, where = predicted[i], "cached" if predicted[i].source else "shipped"
                 at = f" (and {p.checks[2]}, {p.checks[3]} at its neighbouring bin edges)" if p.checks else ""
                 got = f" ({checked[i][0]}, {checked[i][1]})" if p.checks else ""
+                if p.share is not None:
+                    at = f" (a saliency share {p.share[0]} threshold its masses prove)"
+                    got = " (masses above, at and below its bin: {:.6g}, {:.6g}, {:.6g}, which do not prove it)".format(
+                        *masses[i]
+                    )
                 return (
                     f"{inputs.experts[i].label}: the {where} FFG histogram predicted {p.kept} entries kept{at}, "
                     f"the merge kept {seen[i]}{got}"

@@ -62,7 +62,7 @@ MAX_TIES_EXPERTS = 16  # the TIES kernel's stack buffer
 # fewer entries than this in a call: one thread (thread hand-off costs more than it saves)
 MIN_PARALLEL = 1 << 16
 
-_VERSION = 9  # ota_native_version() of kernels.c
+_VERSION = 10  # ota_native_version() of kernels.c
 # in the library's cache key: libraries built before checksums were recorded get another name (not refused)
 _CACHE_FORMAT = b"sha256-v1"
 _CACHE_NAME, _CACHE_WHAT = "kernels", "kernel cache"  # its folder under the cache root; its name in errors
@@ -310,6 +310,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         _ptr,  # eps, uniform, coef, out, dto, kept
         _ptr,
         _ptr,  # chk, chkd
+        _ints,
+        _ptr,  # mode, mass
     ]
 
 
@@ -488,12 +490,16 @@ def raw_ota_merge(
     threads: int,
     checks: list[tuple[float, float]] | None = None,
     checked: list[list[int]] | None = None,
+    modes: list[int] | None = None,
+    masses: list[list[float]] | None = None,
 ) -> tuple[list[int], bool]:
     """OTA (+ FFG masks) of one (m, n) tensor into ``out`` (see ``ota_merge_rows`` in kernels.c).
     Returns (entries kept per expert, whether every merged value is finite).
 
     ``checks``: per expert two more cuts (lo, hi); the entries each keeps (of the experts with a
-    score) are added to ``checked[t][0]``, ``checked[t][1]``."""
+    score) are added to ``checked[t][0]``, ``checked[t][1]``. With ``modes``, only the experts
+    whose mode is 1 count those; those whose mode is 2 add the saliency masses at or above hi, in
+    [lo, hi) and below lo (the share rule's, see kernels.c) to ``masses[t]``; 0 checks nothing."""
     lib = library()
     T = len(experts)
     chk = _arr(_f64, [c for pair in checks for c in pair]) if checks is not None else None
@@ -505,6 +511,8 @@ def raw_ota_merge(
     ranges = workers(m, m * n, threads)
     kept = [_arr(_i64, [0] * T) for _ in ranges]
     chkd = [_arr(_i64, [0] * (2 * T)) for _ in ranges] if chk is not None else [None] * len(ranges)
+    mode = _arr(_int, modes) if chk is not None and modes is not None else None
+    mass = [_arr(_f64, [0.0] * (3 * T)) for _ in ranges] if mode is not None else [None] * len(ranges)
     bad = run(
         [
             lambda k=k, r0=r0, r1=r1: lib.ota_merge_rows(
@@ -535,6 +543,8 @@ def raw_ota_merge(
                 ctypes.addressof(kept[k]),
                 ctypes.addressof(chk) if chk is not None else None,
                 ctypes.addressof(chkd[k]) if chk is not None else None,
+                mode,
+                ctypes.addressof(mass[k]) if mode is not None else None,
             )
             for k, (r0, r1) in enumerate(ranges)
         ],
@@ -545,6 +555,11 @@ def raw_ota_merge(
             for t in range(T):
                 checked[t][0] += int(part[2 * t])
                 checked[t][1] += int(part[2 * t + 1])
+    if mode is not None:
+        for part in mass:  # (a few partial sums per tensor: their rounding is in share_proved's bound)
+            for t in range(T):
+                for j in range(3):
+                    masses[t][j] += part[3 * t + j]
     return [sum(int(kk[t]) for kk in kept) for t in range(T)], not any(bad)
 
 

@@ -222,6 +222,10 @@ class NativeBackend:
         # FFG thresholds to prove: per expert two more cuts, and the entries kept at them so far
         self.checks: list[tuple[float, float]] | None = None
         self.checked: list[list[int]] = [[0, 0] for _ in self.experts]
+        # per expert what the merge pass checks at its two cuts: 0 nothing, 1 the entries kept at
+        # them (into checked), 2 the share rule's masses above, between and below them (into masses)
+        self.check_modes: list[int] | None = None
+        self.masses: list[list[float]] = [[0.0, 0.0, 0.0] for _ in self.experts]
         self._arena: mmap.mmap | None = None
         self._arena_view = None
         self._factors: dict[tuple[int, str], Factors] = {}  # (expert, tensor): this tensor's and the next one's
@@ -229,15 +233,25 @@ class NativeBackend:
         self._released: list[tuple[Path, int, int]] = []
         self._floats = set(inputs.float_names)
 
-    def set_thresholds(self, thresholds, checks: dict[int, tuple[float, float]] | None = None) -> None:
+    def set_thresholds(
+        self,
+        thresholds,
+        checks: dict[int, tuple[float, float]] | None = None,
+        share_checks: dict[int, tuple[float, float]] | None = None,
+    ) -> None:
         """Each expert's FFG threshold (:class:`~ota_trainer.merger.thresholds.Threshold`, None: none),
-        and ``checks``: {expert: (lo, hi)}, cuts at which the merge pass also counts the entries
-        kept (into ``checked[expert]``; see :meth:`checks_thresholds`)."""
+        ``checks``: {expert: (lo, hi)}, cuts at which the merge pass also counts the entries kept
+        (into ``checked[expert]``), and ``share_checks``: {expert: (lo, hi)}, cuts at which it adds
+        up the saliency-share rule's masses above, between and below (into ``masses[expert]``); see
+        :meth:`checks_thresholds`."""
         self.cuts[:] = [None if t is None or t.keeps_all else t.value for t in thresholds]
-        if checks:
+        checks, share_checks = checks or {}, share_checks or {}
+        if checks or share_checks:
             if not self.checks_thresholds(self.recipe):
                 raise ValueError(f"{self.recipe.method}'s native implementation counts no check cuts")
-            self.checks = [checks.get(i, (0.0, 0.0)) for i in range(len(self.experts))]
+            both = {**checks, **share_checks}
+            self.checks = [both.get(i, (0.0, 0.0)) for i in range(len(self.experts))]
+            self.check_modes = [2 if i in share_checks else 1 if i in checks else 0 for i in range(len(self.experts))]
 
     @staticmethod
     def checks_thresholds(recipe) -> bool:
@@ -479,6 +493,8 @@ class NativeJob:
         cuts: each expert's FFG threshold (None keeps every edit).
         checks, checked: per expert two more cuts (None: none) and the entries kept at them so far
             (``method.native_checks``: the method adds this tensor's).
+        check_modes, masses: per expert what it checks at those cuts (None: the kept entries for
+            every expert), and the share rule's masses above, between and below them so far.
         threads: kernel threads.
         kept: set by a grafting method: the entries each expert's mask kept.
     """
@@ -498,6 +514,7 @@ class NativeJob:
         self.coefs = [p["weight"] for p in self.model_params]
         self.cuts, self.threads = backend.cuts, backend.threads
         self.checks, self.checked = backend.checks, backend.checked
+        self.check_modes, self.masses = backend.check_modes, backend.masses
         self.kept: list[int] | None = None
 
     def factors(self, i: int) -> Factors:

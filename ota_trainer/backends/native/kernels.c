@@ -42,8 +42,9 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define CHUNK 512
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
+#define FINITE_BIN (0x7FFu << (52 - BIN_SHIFT)) /* bins from here on hold +inf and NaN */
 
-int ota_native_version(void) { return 9; }
+int ota_native_version(void) { return 10; }
 
 int ota_native_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -196,18 +197,91 @@ void ota_saliency_hist(const void *w0, int dt0, int T, const void *const *e, con
     }
 }
 
+/* The saliency-share rule's masses of a chunk's saliencies ``sal`` (s >= 0 or NaN), added to
+ * mass[0..2]: of those at or above ``chi``, in [``clo``, ``chi``) and below ``clo``. Each weighs its
+ * bin's middle (its bits down to its bin, then half a bin), bin 0 and the +inf/NaN bins nothing,
+ * as ota_trainer.backends.thresholds.share_bin weighs a histogram. Eight partial sums per side,
+ * lane j taking entries j, j + 8, ... in order (the same bits on every build: an entry left out
+ * adds nothing, as adding +0.0 to a positive sum does), then added in lane order. */
+INLINE double mid_of(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits = (bits >> BIN_SHIFT << BIN_SHIFT) | (1ull << (BIN_SHIFT - 1));
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+INLINE void share_masses(const double *sal, int64_t len, double clo, double chi, double *mass) {
+    double sa[8] = {0}, sb[8] = {0}, sc[8] = {0};
+    const double e1 = 0x1p-1032; /* bin 1's lower edge (bits 1 << 42): bin 0 below it */
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    {
+        const __m512d vlo = _mm512_set1_pd(clo), vhi = _mm512_set1_pd(chi), ve1 = _mm512_set1_pd(e1);
+        const __m512d vinf = _mm512_set1_pd(INFINITY);
+        const __m512i keep = _mm512_set1_epi64((int64_t)(~0ull << BIN_SHIFT)), half = _mm512_set1_epi64(1ll << (BIN_SHIFT - 1));
+        __m512d a = _mm512_setzero_pd(), b = _mm512_setzero_pd(), c = _mm512_setzero_pd();
+        for (; k + 8 <= len; k += 8) {
+            __m512d x = _mm512_loadu_pd(sal + k);
+            __m512d mid = _mm512_castsi512_pd(_mm512_or_si512(_mm512_and_si512(_mm512_castpd_si512(x), keep), half));
+            __mmask8 w = _mm512_cmp_pd_mask(x, ve1, _CMP_GE_OQ) & _mm512_cmp_pd_mask(x, vinf, _CMP_LT_OQ);
+            __mmask8 up = _mm512_cmp_pd_mask(x, vhi, _CMP_GE_OQ), in = _mm512_cmp_pd_mask(x, vlo, _CMP_GE_OQ);
+            a = _mm512_mask_add_pd(a, w & up, a, mid);
+            b = _mm512_mask_add_pd(b, w & in & (__mmask8)~up, b, mid);
+            c = _mm512_mask_add_pd(c, w & (__mmask8)~in, c, mid);
+        }
+        _mm512_storeu_pd(sa, a), _mm512_storeu_pd(sb, b), _mm512_storeu_pd(sc, c);
+    }
+#elif defined(__AVX2__)
+    {
+        const __m256d vlo = _mm256_set1_pd(clo), vhi = _mm256_set1_pd(chi), ve1 = _mm256_set1_pd(e1);
+        const __m256d vinf = _mm256_set1_pd(INFINITY);
+        const __m256i keep = _mm256_set1_epi64x((int64_t)(~0ull << BIN_SHIFT)), half = _mm256_set1_epi64x(1ll << (BIN_SHIFT - 1));
+        __m256d a[2], b[2], c[2];
+        for (int h = 0; h < 2; h++) a[h] = b[h] = c[h] = _mm256_setzero_pd();
+        for (; k + 8 <= len; k += 8) {
+            for (int h = 0; h < 2; h++) { /* lanes 0-3, then 4-7 */
+                __m256d x = _mm256_loadu_pd(sal + k + 4 * h);
+                __m256d mid = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(_mm256_castpd_si256(x), keep), half));
+                __m256d w = _mm256_and_pd(_mm256_cmp_pd(x, ve1, _CMP_GE_OQ), _mm256_cmp_pd(x, vinf, _CMP_LT_OQ));
+                __m256d up = _mm256_cmp_pd(x, vhi, _CMP_GE_OQ), in = _mm256_cmp_pd(x, vlo, _CMP_GE_OQ);
+                __m256d m = _mm256_and_pd(w, mid);
+                a[h] = _mm256_add_pd(a[h], _mm256_and_pd(up, m));
+                b[h] = _mm256_add_pd(b[h], _mm256_andnot_pd(up, _mm256_and_pd(in, m)));
+                c[h] = _mm256_add_pd(c[h], _mm256_andnot_pd(in, m));
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_pd(sa + 4 * h, a[h]), _mm256_storeu_pd(sb + 4 * h, b[h]), _mm256_storeu_pd(sc + 4 * h, c[h]);
+    }
+#endif
+    for (; k < len; k++) { /* the rest (and every entry on other builds): lane k % 8 */
+        double x = sal[k], mid = mid_of(x);
+        int j = (int)(k & 7), w = x >= e1 && x < INFINITY;
+        if (w && x >= chi) sa[j] += mid;
+        else if (w && x >= clo) sb[j] += mid;
+        else if (w) sc[j] += mid;
+    }
+    for (int j = 0; j < 8; j++) mass[0] += sa[j], mass[1] += sb[j], mass[2] += sc[j];
+}
+
 /* One expert's contribution to a chunk of pass 2, in one loop: edit, curvature weight, keep
  * mask, running sums. ``smode``/``wmode``/``sqrt_p``/``divide`` (div > 0)/``check`` are constants
  * at every call site, so each combination is compiled into a branch-free loop of its own. Returns
- * the entries kept. With ``check``, the entries whose saliency is at least ``clo``, and at least
+ * the entries kept. With ``check`` 1, the entries whose saliency is at least ``clo``, and at least
  * ``chi``, are added to ``*nlo``, ``*nhi``: the counts at two more bin edges that let the runner
- * prove a threshold taken from a histogram it did not count (ota_trainer.merger.runner). */
+ * prove a threshold taken from a histogram it did not count (ota_trainer.merger.runner). With
+ * ``check`` 2 (the saliency-share rule's proof), the saliency masses the share rule sees (each
+ * entry's bin middle; bin 0 and the +inf/NaN bins none) of the entries at or above ``chi``, in
+ * [``clo``, ``chi``) and below ``clo`` are added to ``mass[0..2]``, in float64 (the runner bounds
+ * their rounding: ota_trainer.backends.thresholds.share_proved). */
 INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int check, const float *be,
                            const float *bw, int64_t len, double sai, const double *sbj, const float *svv, double cut,
                            float pai, const float *pbj, const float *wvv, float div, float eps, float uniform,
                            float ct, float *restrict num, float *restrict den, double clo, double chi, int64_t *nlo,
-                           int64_t *nhi) {
+                           int64_t *nhi, double *mass) {
     int64_t kept = 0, k = 0, klo = 0, khi = 0;
+    double sal[CHUNK]; /* (check 2 only) each entry's saliency, for the masses after the loop */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     /* The loop below, 8 entries at a time, operation for operation (same bits). gcc vectorises
      * the loop by itself too, but on AVX2 it narrows the float64 keep masks to float32 lanes
@@ -246,7 +320,8 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int che
                 /* the low halves of the 64-bit masks, in entry order */
                 __m256 m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(mlo, mhi, 0x88)), 0xD8));
                 kept += __builtin_popcount((unsigned)_mm256_movemask_ps(m));
-                if (check) {
+                if (check == 2) _mm256_storeu_pd(sal + k, lo), _mm256_storeu_pd(sal + k + 4, hi);
+                if (check == 1) {
                     klo += __builtin_popcount((unsigned)(_mm256_movemask_pd(_mm256_cmp_pd(lo, vclo, _CMP_GE_OQ)) |
                                                          _mm256_movemask_pd(_mm256_cmp_pd(hi, vclo, _CMP_GE_OQ)) << 4));
                     khi += __builtin_popcount((unsigned)(_mm256_movemask_pd(_mm256_cmp_pd(lo, vchi, _CMP_GE_OQ)) |
@@ -278,21 +353,27 @@ INLINE int64_t merge_chunk(int smode, int wmode, int sqrt_p, int divide, int che
             else s = dd;
             int keep = s >= cut;
             kept += keep;
-            if (check) klo += s >= clo, khi += s >= chi;
+            if (check == 1) klo += s >= clo, khi += s >= chi;
+            if (check == 2) sal[k] = s;
             w = w * one_if(keep);
         }
         float wk = w * ct;
         num[k] = fmaf(wk, dk, num[k]);
         den[k] = den[k] + wk;
     }
-    if (check) *nlo += klo, *nhi += khi;
+    if (check == 1) *nlo += klo, *nhi += khi;
+    if (check == 2 && smode != S_NONE) share_masses(sal, len, clo, chi, mass);
     return smode != S_NONE ? kept : len;
 }
 
 #define MERGE_C(SM, WM, SQ, DV, CK) \
     merge_chunk(SM, WM, SQ, DV, CK, be, bw, len, sai, sbj, svv, c, pai, pbj, wvv, div, eps, uniform, ct, num, den, \
-                clo, chi, nlo, nhi)
-#define MERGE_W(SM, WM, SQ, DV) (nlo != 0 && (SM) != S_NONE ? MERGE_C(SM, WM, SQ, DV, 1) : MERGE_C(SM, WM, SQ, DV, 0))
+                clo, chi, nlo, nhi, ms)
+#define MERGE_W(SM, WM, SQ, DV)                          \
+    ((SM) == S_NONE ? MERGE_C(SM, WM, SQ, DV, 0)         \
+     : ms != 0      ? MERGE_C(SM, WM, SQ, DV, 2)         \
+     : nlo != 0     ? MERGE_C(SM, WM, SQ, DV, 1)         \
+                    : MERGE_C(SM, WM, SQ, DV, 0))
 #define MERGE_F(SM) (sqrt_p ? (div > 0.0f ? MERGE_W(SM, W_FULL, 1, 1) : MERGE_W(SM, W_FULL, 1, 0)) \
                             : (div > 0.0f ? MERGE_W(SM, W_FULL, 0, 1) : MERGE_W(SM, W_FULL, 0, 0)))
 #define MERGE_S(SM) (wm == W_RANK1 ? MERGE_W(SM, W_RANK1, 0, 0) : wm == W_FULL ? MERGE_F(SM) : MERGE_W(SM, W_UNIFORM, 0, 0))
@@ -329,14 +410,16 @@ INLINE int finish_chunk(int dto, const float *bw, const float *num, const float 
  *   for W_FULL: sqrt_p (P = sqrt(v), else P = v) and pdiv[t] (P /= pdiv when > 0);
  *   coef[t]: the expert's weight c_t. ``uniform`` is (float)(1 + eps), the weight without moments.
  * chk (NULL: none): per expert two more cuts (lo, hi) whose entries kept are counted into
- * chkd[2t], chkd[2t + 1] (see merge_chunk).
+ * chkd[2t], chkd[2t + 1] (see merge_chunk); with mass (not NULL), for the experts whose
+ * mode[t] is 2 the saliency masses at or above hi, in [lo, hi) and below lo are added to
+ * mass[3t..3t + 2] instead (see merge_chunk), and mode[t] 0 checks nothing.
  * Returns 1 if any merged value is not finite (the caller finds and names the input), else 0. */
 int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const int *dte, int64_t n,
                    int64_t r0, int64_t r1, const int *smode, const double *const *sa,
                    const double *const *sb, const float *const *sv, const double *cut, const int *wmode,
                    const float *const *pa, const float *const *pb, const float *const *wv, int sqrt_p,
                    const float *pdiv, float eps, float uniform, const float *coef, void *out, int dto,
-                   int64_t *kept, const double *chk, int64_t *chkd) {
+                   int64_t *kept, const double *chk, int64_t *chkd, const int *mode, double *mass) {
     float bw[CHUNK], be[CHUNK], num[CHUNK], den[CHUNK];
     int bad = 0;
     for (int64_t i = r0; i < r1; i++) {
@@ -353,7 +436,9 @@ int ota_merge_rows(const void *w0, int dt0, int T, const void *const *e, const i
                 float pai = wm == W_RANK1 ? pa[t][i] : 0.0f, div = pdiv[t], ct = coef[t];
                 const float *pbj = wm == W_RANK1 ? pb[t] + j0 : 0, *wvv = wm == W_FULL ? wv[t] + off : 0;
                 double clo = chk != 0 ? chk[2 * t] : 0.0, chi = chk != 0 ? chk[2 * t + 1] : 0.0;
-                int64_t *nlo = chk != 0 ? chkd + 2 * t : 0, *nhi = chk != 0 ? chkd + 2 * t + 1 : 0;
+                int ck = chk == 0 ? 0 : mode != 0 ? mode[t] : 1;
+                int64_t *nlo = ck == 1 ? chkd + 2 * t : 0, *nhi = ck == 1 ? chkd + 2 * t + 1 : 0;
+                double *ms = ck == 2 ? mass + 3 * t : 0;
                 if (sm == S_RANK1) kept[t] += MERGE_S(S_RANK1);
                 else if (sm == S_FULL) kept[t] += MERGE_S(S_FULL);
                 else if (sm == S_MAGNITUDE) kept[t] += MERGE_S(S_MAGNITUDE);

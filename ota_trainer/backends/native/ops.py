@@ -126,10 +126,15 @@ def ota_merge(
     epsilon: float,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    share_cuts: list[tuple[float, float] | None] | None = None,
+    masses: list[list[float]] | None = None,
 ) -> tuple[torch.Tensor, list[int], bool]:
     """OTA of one (m, n) tensor with FFG masks ``s >= cuts[t]`` where ``scores[t]`` is not None.
 
     ``out``: an (m, n) contiguous tensor of ``out_dtype`` to write into (default: a new one).
+    ``share_cuts``: per expert None or two cuts (lo, hi): the merge also adds the saliency-share
+    rule's masses at or above hi, in [lo, hi) and below lo to ``masses[t]`` (how the runner proves
+    a share threshold taken from a histogram it did not count).
     Returns (merged tensor in ``out_dtype``, entries kept per expert, whether every merged value
     is finite)."""
     m, n = w0.shape
@@ -171,6 +176,16 @@ def ota_merge(
         out.data_ptr(),
         _DT[out_dtype],
         _threads(),
+        **(
+            {
+                "checks": [c or (0.0, 0.0) for c in share_cuts],
+                "checked": [[0, 0] for _ in share_cuts],
+                "modes": [2 if c else 0 for c in share_cuts],
+                "masses": masses,
+            }
+            if share_cuts is not None
+            else {}
+        ),
     )
     return out, kept, finite
 

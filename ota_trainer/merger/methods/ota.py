@@ -212,6 +212,8 @@ def merge_native(job) -> bool:
         job.threads,
         checks=job.checks,
         checked=job.checked,
+        modes=job.check_modes,
+        masses=job.masses,
     )
     return finite
 
