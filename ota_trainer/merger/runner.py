@@ -382,12 +382,11 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         hist = hists[i]
         p = model_params[i]
         thresholds[i], kept = _threshold(hist, p)
+        share = p.get("saliency_share")
         if i in taken:  # (histograms not counted here are of experts that edit every weight)
-            share = p.get("saliency_share")
             proof = hist.checks(thresholds[i]) if provable and share is None else None
             by_mass = (share, hist.total) if i in shipped and share is not None else None
             predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof, by_mass)
-        share = p.get("saliency_share")
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
             inputs.experts[i].label,
