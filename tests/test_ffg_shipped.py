@@ -100,24 +100,24 @@ def test_masses_that_prove_a_share_threshold_make_the_rule_pick_it(counts, moves
     if threshold.keeps_all:
         return
     masses = truth.share_masses(threshold.bin)
-    if share_proved(share, masses, truth.total):
+    if share_proved(share, masses, 1):
         assert truth.share_threshold(share)[0] == threshold
     above, at, below = masses
     total = above + at + below
     if truth == claimed and min(above + at - share * total, share * total - above) > 1e-6 * total:
-        assert share_proved(share, masses, truth.total)  # a true claim off the rounding edge: proved
+        assert share_proved(share, masses, 1)  # a true claim off the rounding edge: proved
 
 
 def test_share_proved_refuses_what_it_cannot_show():
     h = Histogram([1024 * 1000, 1024 * 1001], [10, 10], 20)  # the top bin holds 2/3 of the mass
     b = h.share_threshold(0.5)[0].bin
-    assert b == 1024 * 1001 and share_proved(0.5, h.share_masses(b), h.total)
+    assert b == 1024 * 1001 and share_proved(0.5, h.share_masses(b), 1)
     above, at, below = h.share_masses(b)
-    assert not share_proved(0.5, (above, 0.0, below), h.total)  # its bin empty: not a bin the rule picks
-    assert not share_proved(0.5, (10 * at, at, below), h.total)  # the mass above reaches the target
+    assert not share_proved(0.5, (above, 0.0, below), 1)  # its bin empty: not a bin the rule picks
+    assert not share_proved(0.5, (10 * at, at, below), 1)  # the mass above reaches the target
     exact = at / (at + below)  # the share at which the threshold bin holds exactly the target
-    assert not share_proved(exact, (above, at, below), h.total)  # no margin for the rounding
-    assert not share_proved(0.5, (above, at, below), 1 << 41) and not share_proved(1.0, (above, at, below), 20)
+    assert not share_proved(exact, (above, at, below), 1)  # no margin for the rounding
+    assert not share_proved(0.5, (above, at, below), 1 << 41) and not share_proved(1.0, (above, at, below), 1)
 
 
 def test_a_threshold_next_to_an_empty_bin_is_not_proved():

@@ -168,10 +168,19 @@ def test_a_merge_pass_that_adds_up_the_share_rules_masses_writes_the_same_bytes(
         )
         assert torch.equal(got[0], plain[0]) and got[1:] == plain[1:]
         assert masses[1] == [0.0] * 3
+        from fractions import Fraction
+
+        from ota_trainer.backends.thresholds import _gamma, share_proved, share_summation_depth
+
+        depth = share_summation_depth([w0.numel()], threads)
+        assert depth == 64 + 8 * -(-w0.numel() // 512) + threads
         for t in (0, 2):
-            exact = hists[t].share_masses(hists[t].share_threshold(0.9)[0].bin)
+            b = hists[t].share_threshold(0.9)[0].bin
+            exact = hists[t].share_masses(b)  # (each rounded once from the exact sum)
             assert all(m > 0 for m in exact)
-            assert masses[t] == pytest.approx(exact, rel=1e-12), t
+            for got, want in zip(masses[t], exact):  # within the bound share_proved assumes
+                assert abs(Fraction(got) - Fraction(want)) <= (_gamma(depth) + Fraction(1, 1 << 52)) * Fraction(want)
+            assert share_proved(0.9, masses[t], depth), t
     finally:
         torch.set_num_threads(old)
 

@@ -26,6 +26,7 @@ __all__ = [
     "density_bin",
     "share_bin",
     "share_proved",
+    "share_summation_depth",
     "Threshold",
     "KEEP_ALL",
     "Histogram",
@@ -122,24 +123,34 @@ def _gamma(n: int) -> Fraction:
     return nu / (1 - nu)
 
 
-def share_proved(share: float, masses: Sequence[float], entries: int) -> bool:
+def share_summation_depth(numels: Sequence[int], threads: int) -> int:
+    """The most float64 additions any one entry's mass goes through in the merge pass's sums (see
+    ``share_masses`` in kernels.c): 64 in its lane of a 512-entry chunk, 8 per chunk of its call
+    (a thread's rows of one tensor, summed into the call's masses) and one per call after it (the
+    calls' sums added up in Python), for tensors of ``numels`` entries on ``threads`` threads."""
+    chunks = -(-max(numels, default=0) // 512)
+    return 64 + 8 * chunks + len(numels) * max(threads, 1)
+
+
+def share_proved(share: float, masses: Sequence[float], depth: int) -> bool:
     """Whether :func:`share_bin` on the histogram a merge pass saw picks bin ``b``, given the
     masses that pass added up (``masses``: of its entries in bins above ``b``, in bin ``b`` and in
     the bins below, as the rule weighs them: each entry its bin's middle; bin 0 and the +inf/NaN
-    bins nothing), over ``entries`` entries (each added one term, maybe zero, to each).
+    bins nothing), each term through at most ``depth`` float64 additions
+    (:func:`share_summation_depth`).
 
-    The pass summed in float64, in its own order: each true mass is within a factor ``1 +- g`` of
-    its sum (``g = gamma(2 * entries + 1024)``: the entries' terms and the partial sums). The
-    rule sums the bins' masses (each exact: a count below 2^41 times a middle of 12 significant
-    bits) from the top in float64, within ``1 +- G`` of the truth (``G = gamma(N_BINS)``), and
-    rounds ``share * total`` once. So it picks ``b`` when, at the worst of both errors, the mass
-    from ``b`` up still reaches the target and the mass above ``b`` still falls short of it, and
-    bin ``b`` is not empty. Exact rational arithmetic; False when that cannot be shown (the merge
-    is then redone from a fresh count)."""
+    Each true mass is within a factor ``1 +- g`` of the pass's sum, ``g = gamma(depth)``: a sum of
+    non-negative terms errs by at most ``gamma(h)`` of itself, ``h`` the additions a term goes
+    through (Higham, 4.2). The rule sums the bins' masses (each exact: a count below 2^41 times a
+    middle of 12 significant bits) from the top in float64, within ``1 +- G`` of the truth
+    (``G = gamma(N_BINS)``), and rounds ``share * total`` once. So it picks ``b`` when, at the
+    worst of both errors, the mass from ``b`` up still reaches the target and the mass above
+    ``b`` still falls short of it, and bin ``b`` is not empty. Exact rational arithmetic; False
+    when that cannot be shown (the merge is then redone from a fresh count)."""
     above, at, below = (Fraction(m) for m in masses)  # (floats convert exactly)
-    if not (at > 0 and above >= 0 and below >= 0) or not 0 < entries < 1 << 41 or not 0.0 < share < 1.0:
+    if not (at > 0 and above >= 0 and below >= 0) or not 0 < depth < 1 << 41 or not 0.0 < share < 1.0:
         return False
-    g, G, u, s = _gamma(2 * entries + 1024), _gamma(N_BINS), Fraction(1, 1 << 53), Fraction(share)
+    g, G, u, s = _gamma(depth), _gamma(N_BINS), Fraction(1, 1 << 53), Fraction(share)
     total_hi, total_lo = (above + at + below) / (1 - g), (above + at + below) / (1 + g)
     reaches = (above + at) / (1 + g) * (1 - G) >= s * total_hi * (1 + G) * (1 + u)
     short = above / (1 - g) * (1 + G) < s * total_lo * (1 - G) * (1 - u)

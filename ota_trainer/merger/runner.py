@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import __version__
 from ..backends.native.backend import NativeBackend
-from ..backends.thresholds import SCORES, Histogram, Threshold, bin_edge, share_proved
+from ..backends.thresholds import SCORES, Histogram, Threshold, bin_edge, share_proved, share_summation_depth
 from ..errors import ConfigError
 from ..io.layout import DTYPES, dtype_code
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
@@ -228,9 +228,10 @@ class Prediction:
     expert shipped it) predicts the merge pass will count for its expert: the entries ``kept``
     at the threshold and, where the kernels can prove it (:meth:`Histogram.checks`), ``checks``
     = (lo, hi, kept at lo, kept at hi); or, under the saliency-share rule, ``share`` = (the
-    share, the entries counted): the merge pass adds up the masses above, in and below the
-    threshold's bin, and :func:`share_proved` shows a fresh count would pick the same bin (the
-    kept entries may then differ: the threshold, and so every byte, is a fresh count's)."""
+    share, the most additions a term of the pass's sums goes through): the merge pass adds up
+    the masses above, in and below the threshold's bin, and :func:`share_proved` shows a fresh
+    count would pick the same bin (the kept entries may then differ: the threshold, and so every
+    byte, is a fresh count's)."""
 
     def __init__(
         self,
@@ -385,7 +386,10 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
         share = p.get("saliency_share")
         if i in taken:  # (histograms not counted here are of experts that edit every weight)
             proof = hist.checks(thresholds[i]) if provable and share is None else None
-            by_mass = (share, hist.total) if i in shipped and share is not None else None
+            by_mass = None
+            if i in shipped and share is not None:
+                numels = [math.prod(inputs.template.tensors[n].shape) for n in _domain(recipe, inputs, i)]
+                by_mass = (share, share_summation_depth(numels, backend.threads))
             predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof, by_mass)
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
