@@ -172,8 +172,8 @@ def test_a_merge_pass_that_adds_up_the_share_rules_masses_writes_the_same_bytes(
 
         from ota_trainer.backends.thresholds import _gamma, share_proved, share_summation_depth
 
-        depth = share_summation_depth([w0.numel()], threads)
-        assert depth == 64 + 8 * -(-w0.numel() // 512) + threads
+        depth = share_summation_depth([tuple(w0.shape)], threads)
+        assert depth == 64 + 8 * w0.shape[0] * 2 + threads  # (rows of 531 entries: two chunks each)
         for t in (0, 2):
             b = hists[t].share_threshold(0.9)[0].bin
             exact = hists[t].share_masses(b)  # (each rounded once from the exact sum)

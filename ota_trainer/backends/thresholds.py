@@ -123,13 +123,14 @@ def _gamma(n: int) -> Fraction:
     return nu / (1 - nu)
 
 
-def share_summation_depth(numels: Sequence[int], threads: int) -> int:
+def share_summation_depth(views: Sequence[tuple[int, int]], threads: int) -> int:
     """The most float64 additions any one entry's mass goes through in the merge pass's sums (see
-    ``share_masses`` in kernels.c): 64 in its lane of a 512-entry chunk, 8 per chunk of its call
-    (a thread's rows of one tensor, summed into the call's masses) and one per call after it (the
-    calls' sums added up in Python), for tensors of ``numels`` entries on ``threads`` threads."""
-    chunks = -(-max(numels, default=0) // 512)
-    return 64 + 8 * chunks + len(numels) * max(threads, 1)
+    ``share_masses`` in kernels.c), for tensors merged as (m, n) matrices ``views`` on ``threads``
+    threads: 64 in its lane of a chunk (a row's next <= 512 entries), 8 per chunk of its call (a
+    thread's rows of one tensor, summed into the call's masses) and one per call after it (the
+    calls' sums added up in Python)."""
+    chunks = max((m * -(-n // 512) for m, n in views), default=0)
+    return 64 + 8 * chunks + len(views) * max(threads, 1)
 
 
 def share_proved(share: float, masses: Sequence[float], depth: int) -> bool:

@@ -37,7 +37,7 @@ from .. import __version__
 from ..backends.native.backend import NativeBackend
 from ..backends.thresholds import SCORES, Histogram, Threshold, bin_edge, share_proved, share_summation_depth
 from ..errors import ConfigError
-from ..io.layout import DTYPES, dtype_code
+from ..io.layout import DTYPES, dtype_code, matrix_view
 from ..io.write import OutputDir, StreamingSafetensorsWriter, parse_size
 from . import ffg_cache
 from .ffg_shipped import describe, histogram_domain
@@ -388,8 +388,8 @@ def _start(recipe: MergeRecipe, inputs: MergeInputs, quiet: bool, fast_path: boo
             proof = hist.checks(thresholds[i]) if provable and share is None else None
             by_mass = None
             if i in shipped and share is not None:
-                numels = [math.prod(inputs.template.tensors[n].shape) for n in _domain(recipe, inputs, i)]
-                by_mass = (share, share_summation_depth(numels, backend.threads))
+                views = [matrix_view(inputs.template.tensors[n].shape) for n in _domain(recipe, inputs, i)]
+                by_mass = (share, share_summation_depth(views, backend.threads))
             predicted[i] = Prediction(None if i in shipped else keys.get(i), kept, proof, by_mass)
         logger.info(
             "%s: FFG threshold log2(theta)=%.3f keeps %.4f of %d entries (%s)",
