@@ -182,6 +182,8 @@ def test_dev_choice_weighs_the_pairs_as_much_as_the_five_way_merge():
     for key in [k for k in seed1["dev_pairs"] if k.endswith("/narrow")]:
         del seed1["dev_pairs"][key]
     assert choice.choose(results, candidates, caps) == "broad"
+    # ... nor in a third seed: what it reached was judged, not what it never got
+    assert choice.alive(results, candidates, caps, ["0", "1"]) == ["paper", "broad"]
     # nothing is chosen, nor shortlisted, before every merge it needs is evaluated
     del seed1["dev_pairs"][choice.pair_key("a", "c", "broad")]
     assert choice.objective(seed1, "broad", caps) is None and choice.choose(results, candidates, caps) is None

@@ -147,14 +147,18 @@ def _beats_paper(seed_result: dict, study: str, paper: str, caps: Sequence[str])
 
 def alive(results: dict, candidates: Sequence[str], caps: Sequence[str], seeds: Sequence[str]) -> list[str] | None:
     """The candidates still able to win after ``seeds``: the paper's recipe (``candidates[0]``),
-    then those whose J beats its J by a paired interval above zero in every one of ``seeds``
-    (None until those seeds have their pairs evaluated)."""
+    then those whose J beats its J by a paired interval above zero in every one of ``seeds``, in
+    order (a candidate's pairs stop at the first seed it loses, so the seeds after it are not
+    looked at); None until a candidate's pairs are evaluated in the seeds it reached."""
     paper, out = candidates[0], []
     for study in candidates[1:]:
-        won = [_beats_paper(results["seeds"][s], study, paper, caps) for s in seeds]
-        if None in won:
-            return None
-        if all(won):
+        for s in seeds:
+            won = _beats_paper(results["seeds"][s], study, paper, caps)
+            if won is None:
+                return None
+            if not won:
+                break
+        else:
             out.append(study)
     return [paper, *out]
 
@@ -174,17 +178,10 @@ def choose(
     """
     if not candidates:
         return None
-    keys = list(results["seeds"])
-    paper, winners = candidates[0], []
-    for study in candidates[1:]:  # a candidate's pairs stop at the first seed it loses (:func:`alive`)
-        for k in keys:
-            won = _beats_paper(results["seeds"][k], study, paper, caps)
-            if won is None:
-                return None
-            if not won:
-                break
-        else:
-            winners.append(study)
+    still = alive(results, candidates, caps, list(results["seeds"]))
+    if still is None:
+        return None
+    paper, winners = still[0], still[1:]
     if not winners:
         return paper
     seeds = list(results["seeds"].values())
