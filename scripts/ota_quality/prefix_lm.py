@@ -22,8 +22,9 @@ import inspect
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from transformers.cache_utils import DynamicLayer
 
-__all__ = ["SharedPrefixHFLM", "shared_prefix_layout"]
+__all__ = ["GrowingLayer", "SharedPrefixHFLM", "shared_prefix_layout"]
 
 MIN_PREFIX = 8  # below this, the extra forward pass costs more than it saves
 
@@ -54,6 +55,52 @@ def shared_prefix_layout(
     return prefix, new_ids, new_mask
 
 
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of a buffer with room to grow: a step
+    writes its new positions into the buffer, where ``DynamicLayer`` concatenates the whole cache
+    again (``torch.cat`` was ~9% of the benchmark's generation time: 4.5 of 51 s on the 750 dev
+    prompts of a five-way merge, Intel Xeon, Sapphire Rapids class, 2 cores). The values attention
+    reads are the same numbers in the same order; only their memory is reused. Anything that
+    replaces ``keys`` (``batch_repeat_interleave``, ``crop``...) is taken into a new buffer at the
+    next update."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _owned(self) -> bool:
+        if self._buffers is None:
+            return False
+        buf = self._buffers[0]
+        return (
+            self.keys.data_ptr() == buf.data_ptr()
+            and self.keys.stride() == buf.stride()
+            and self.keys.shape[:2] == buf.shape[:2]
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        end = length + new
+        if not self._owned() or self._buffers[0].shape[-2] < end:
+            capacity = max(2 * end, 64)  # doubling: a generation copies its cache a few times, not once a step
+            old = (self.keys, self.values) if length else (None, None)
+            self._buffers = tuple(
+                torch.empty((*s.shape[:-2], capacity, s.shape[-1]), dtype=s.dtype, device=s.device)
+                for s in (key_states, value_states)
+            )
+            for buf, o in zip(self._buffers, old):
+                if o is not None:
+                    buf[..., :length, :] = o
+        for buf, s in zip(self._buffers, (key_states, value_states)):
+            buf[..., length:end, :] = s
+        self.keys, self.values = (buf[..., :end, :] for buf in self._buffers)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._buffers = None
+        super().reset()
+
+
 class SharedPrefixHFLM(HFLM):
     """``HFLM`` whose batched generation computes the shared prompt prefix once (module doc)."""
 
@@ -75,6 +122,8 @@ class SharedPrefixHFLM(HFLM):
             cache = DynamicCache(config=self.model.config)
         except TypeError:  # transformers < 4.56 builds it without the config
             cache = DynamicCache()
+        if getattr(cache, "layers", None) and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [GrowingLayer() for _ in cache.layers]
         with (
             torch.no_grad(),
             torch.autocast(
