@@ -337,12 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         help="lm_eval generation batch (256: a capability's 150 prompts in one batch; same scores as 32)",
     )
     ap.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="evaluations at once, each in a process with one PyTorch thread (default 2: one per core here)",
-    )
-    ap.add_argument(
         "--scale-study",
         action="store_true",
         help="also the scale study: arithmetic at another learning rate, shout with max_grad_norm 0.1 (dev split)",
@@ -375,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ota_quality.evaluation import Evaluator, is_pruned, prune
 
-    ev = Evaluator(out, base, batch_size=args.batch_size, cached_only=args.report_only, workers=args.workers)
+    ev = Evaluator(out, base, batch_size=args.batch_size, cached_only=args.report_only)
     print("[3] forgetting set: general questions the base answers", flush=True)
     general = ev.forgetting_set(general_candidates(), cfg["general_max"])
     print(f"    {len(general)} questions kept", flush=True)
@@ -387,85 +381,55 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"mode": mode, "seeds": {str(seed): {} for seed in cfg["seeds"]}, "general_n": len(general)}
     results["base"] = ev.evaluate("base", base, test_tasks, kl=False, general=False)
     seeds = cfg["seeds"]
-
-    def expert_done(r: dict, cap: str):
-        return lambda res: r["experts"][cap].update(res or {})
-
     for seed in seeds:  # experts on their own capability (the normalisation)
         r = results["seeds"][str(seed)]
-        r.update({"experts": {cap: {} for cap in caps}, "five": {}, "pairs": {}, "sweeps": {}, "dev_pairs": {}})
-        r["scale"] = {}
+        r.update({"experts": {}, "five": {}, "pairs": {}, "sweeps": {}, "dev_pairs": {}, "scale": {}})
         for cap in caps:
             label = f"seed{seed}/expert/{cap}"
-            ev.submit(label, experts[seed][cap], [task_name(cap, "test")], expert_done(r, cap), kl=False, general=False)
+            r["experts"][cap] = (
+                ev.evaluate(label, experts[seed][cap], [task_name(cap, "test")], kl=False, general=False) or {}
+            )
     methods = MODE_METHODS[mode]
     core = [m for m in methods if m in PAIR_METHODS + ("dare",)]
 
-    def merged(
-        part: dict,
-        key: str,
-        label: str,
-        method: str,
-        params: dict,
-        members: list[Path],
-        tasks,
-        say="",
-        split="test",
-        **kw,
-    ) -> None:
-        """Merge (cached), evaluate (cached) and store under part[key], printing ``say`` and the scores
-        when evaluated (in a worker: ``ev.drain()`` waits for it); with --report-only, only what is cached."""
-        ev.drain(limit=ev.workers)  # the workers busy and this one merged ahead: a few merges on disk at most
+    def merged(part: dict, key: str, label: str, method: str, params: dict, members: list[Path], tasks, **kw):
+        """Merge (cached), evaluate (cached) and store under part[key]; with --report-only, only what is cached."""
         folder = merge_one(out, label, method, params, base, members, cached_only=args.report_only)
         if folder is not None and is_pruned(folder) and not ev.cached(label, folder, tasks, **kw):
             # evaluated before, on other tasks: its weights are needed again
             folder = merge_one(out, label, method, params, base, members, args.report_only, remake=True)
-        if folder is None:
-            return
-
-        def done(res: dict | None) -> None:
-            if res is None:
-                return
+        res = ev.evaluate(label, folder, tasks, **kw) if folder is not None else None
+        if res is not None:
             part[key] = res
-            if say:
-                print(f"    {say}: {report.brief(res, caps, split)}", flush=True)
             if not (args.keep_merges or args.report_only):  # (a report changes nothing on disk)
                 prune(folder)
-
-        ev.submit(label, folder, tasks, done, **kw)
-
-    def write_report() -> None:
-        ev.drain()
-        report.write(out, results, caps)
+        return res
 
     def five_way(group: list[str]) -> None:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             for method in group:
-                members = [ex[c] for c in caps]
-                label = f"seed{seed}/five/{method}"
-                merged(r["five"], method, label, method, {}, members, test_tasks, f"seed {seed} five {method}")
-        write_report()
+                res = merged(
+                    r["five"], method, f"seed{seed}/five/{method}", method, {}, [ex[c] for c in caps], test_tasks
+                )
+                if res is not None:
+                    print(f"    seed {seed} five {method}: {report.brief(res, caps)}", flush=True)
+        report.write(out, results, caps)
 
     def dev_study(
         seed: int, what: str, part: dict, runs: dict, members: list[Path], tasks: list[str], split: str = "dev"
     ) -> None:
         """Merge and evaluate (cached) every run, key -> (merge label, method, params), on dev tasks."""
         for key, (label, method, params) in runs.items():
-            say = f"seed {seed} {what} {key}"
-            merged(part, key, label, method, params, members, tasks, say, split, kl=False, general=False)
+            res = merged(part, key, label, method, params, members, tasks, kl=False, general=False)
+            if res is not None:
+                print(f"    seed {seed} {what} {key}: {report.brief(res, caps, split)}", flush=True)
 
     def experts_on_dev(seed: int) -> None:  # the dev studies' normalisation
         r, ex = results["seeds"][str(seed)], experts[seed]
         for cap in caps:
-            ev.submit(
-                f"seed{seed}/expert/{cap}/dev",
-                ex[cap],
-                [task_name(cap, "dev")],
-                expert_done(r, cap),
-                kl=False,
-                general=False,
-            )
+            dev = ev.evaluate(f"seed{seed}/expert/{cap}/dev", ex[cap], [task_name(cap, "dev")], kl=False, general=False)
+            r["experts"][cap].update(dev or {})
 
     def scale_study(seed: int) -> None:
         r, ex = results["seeds"][str(seed)], experts[seed]
@@ -494,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         pair_runs = runs("lr_pair", LR_PAIR_METHODS, tag)
         dev_study(seed, "scale", r["scale"], pair_runs, [ex[n] for n in pair], [task_name(pair[0], "dev")])
-        write_report()
+        report.write(out, results, caps)
 
     if args.only_pairs:
         core, cfg["sweeps"], methods = [], False, []
@@ -503,15 +467,16 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             members = [ex[c] for c in caps]
-            label, say = f"seed{seed}/five/{PAPER_LABEL}", f"seed {seed} five {PAPER_LABEL}"
-            merged(r["five"], PAPER_LABEL, label, "ota", PAPER, members, test_tasks, say)
+            res = merged(r["five"], PAPER_LABEL, f"seed{seed}/five/{PAPER_LABEL}", "ota", PAPER, members, test_tasks)
+            if res is not None:
+                print(f"    seed {seed} five {PAPER_LABEL}: {report.brief(res, caps)}", flush=True)
     if cfg["sweeps"]:
         for seed in seeds:
             r, ex = results["seeds"][str(seed)], experts[seed]
             experts_on_dev(seed)
             studies = {label: (f"seed{seed}/sweep/{label}", m, p) for label, (m, p) in SWEEPS.items()}
             dev_study(seed, "sweep", r["sweeps"], studies, [ex[c] for c in caps], dev_tasks)
-        write_report()
+            report.write(out, results, caps)
         # the candidates' pairs on dev, then the choice by J (scripts/ota_quality/choice.py)
         candidates = choice.shortlist(results, OTA_STUDIES, PAPER_STUDY, caps)
         if candidates is not None:
@@ -526,20 +491,28 @@ def main(argv: list[str] | None = None) -> int:
                         runs = {key: (f"seed{seed}/dev_pairs/{key}", *SWEEPS[study])}
                         tasks = [task_name(c, choice.PAIR_SPLIT) for c in (a, b)]
                         dev_study(seed, "dev pair", r["dev_pairs"], runs, [ex[a], ex[b]], tasks, choice.PAIR_SPLIT)
-                write_report()
-                for study in alive or []:
                     j = choice.objective(r, study, caps, n_boot=1)
                     if j is not None:
                         print(f"    seed {seed} dev pairs {study}: J {j.est:.3f}", flush=True)
+                report.write(out, results, caps)
         changes = {s: paper_changes(SWEEPS[s][1]) for s in OTA_STUDIES}
         chosen = choice.choose(results, candidates, caps, changes) if candidates is not None else None
         if chosen is not None:  # the dev split's choice, reported on the test split beside the defaults
             results["dev_choice"] = {"label": chosen, "parameters": SWEEPS[chosen][1]}
             for seed in seeds:
                 r, ex = results["seeds"][str(seed)], experts[seed]
-                label, say = f"seed{seed}/five/dev_choice/{chosen}", f"seed {seed} five ota dev choice ({chosen})"
-                merged(r["five"], DEV_CHOICE, label, "ota", SWEEPS[chosen][1], [ex[c] for c in caps], test_tasks, say)
-            write_report()
+                res = merged(
+                    r["five"],
+                    DEV_CHOICE,
+                    f"seed{seed}/five/dev_choice/{chosen}",
+                    "ota",
+                    SWEEPS[chosen][1],
+                    [ex[c] for c in caps],
+                    test_tasks,
+                )
+                if res is not None:
+                    print(f"    seed {seed} five ota dev choice ({chosen}): {report.brief(res, caps)}", flush=True)
+            report.write(out, results, caps)
     five_way([m for m in methods if m not in core])
     if variants:
         results["scale_study"] = {
@@ -567,11 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                         kl=False,
                         general=False,
                     )
-            write_report()
             print(f"    seed {seed}: {len(r['pairs'])} pair merges evaluated", flush=True)
+            report.write(out, results, caps)
     print("[6] report", flush=True)
-    write_report()
-    ev.close()
+    report.write(out, results, caps)
     print(f"done in {time.perf_counter() - t0:.0f}s: {out / 'results.md'}", flush=True)
     return 0
 

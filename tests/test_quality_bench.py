@@ -359,3 +359,52 @@ def test_dev_pairs_on_the_first_dev_prompts_count_only_those_prompts():
     # more pair prompts than the dev split has is not a pair of this split
     bad = _dev_results({"paper": flat(0.25)}, {"paper": 0.5}, n_pairs=50)
     assert choice.objective(bad, "paper", caps) is None
+
+
+def test_growing_kv_cache_holds_what_concatenation_holds_without_a_copy_per_step():
+    """GrowingLayer (ota_quality.prefix_lm) returns the keys and values DynamicLayer's torch.cat
+    gives, through the shared head's batch repeat and past its first capacity, and reallocates its
+    buffer only when it is full."""
+    import torch
+    from ota_quality.prefix_lm import GrowingLayer
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    buffers = set()
+    for step in [(1, 9), "repeat", (3, 5), *[(3, 1)] * 70]:  # 84 positions: past the first 64 of capacity
+        if step == "repeat":
+            for layer in (ours, theirs):
+                layer.batch_repeat_interleave(3)
+            continue
+        batch, new = step
+        k, v = (torch.randn(batch, 2, new, 4, generator=g) for _ in range(2))
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        buffers.add(ours.keys.data_ptr())
+    assert len(buffers) <= 3, "a new buffer for the head, for the repeated batch, and when it doubles"
+
+
+def test_the_same_weights_on_the_same_tasks_are_evaluated_once_whatever_their_label(smoke_out, tmp_path):
+    """Evaluator caches by the weights' sha256 and the tasks: another label for the same merge (ota's
+    default and the dev choice it came from) gets the cached evaluation; other tasks do not."""
+    import shutil
+
+    from ota_quality.evaluation import Evaluator
+    from ota_quality.lm_tasks import task_name
+
+    base = smoke_out / "cache" / "tiny-base"
+    a, b = (task_name(c, "test") for c in sorted(CAPABILITIES)[:2])
+    shutil.copytree(smoke_out / "smoke" / "tasks", tmp_path / "tasks")
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)  # the same weights in another folder,
+    (copy / "config.json").unlink()  # which no evaluation could load
+    ev = Evaluator(tmp_path, base, batch_size=4)
+    first = ev.evaluate("default", base, [a], kl=False, general=False)
+    evaluations = json.loads((tmp_path / "evals.json").read_text())
+    assert ev.evaluate("dev choice", copy, [a], kl=False, general=False) == first
+    assert ev.cached("dev choice", copy, [a], kl=False, general=False)
+    assert not ev.cached("other tasks", copy, [b], kl=False, general=False)
+    cached = json.loads((tmp_path / "evals.json").read_text())
+    assert cached["dev choice"]["result"] == first and set(cached) == {*evaluations, "dev choice"}

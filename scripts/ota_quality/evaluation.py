@@ -1,24 +1,15 @@
 """Evaluation for the quality benchmark: lm_eval tasks, the forgetting set and KL, cached.
 
 Every result is cached in ``<out>/evals.json`` under the model's label, keyed by the weight
-files' sha256 and the task list, so a re-run evaluates only what changed.
-
-Evaluations run in ``workers`` processes at once, each with one PyTorch thread
-(:meth:`Evaluator.submit`, :meth:`Evaluator.drain`). On two cores, two single-threaded
-evaluations finish ~8% sooner than the same two one after the other with two threads each (the
-same scores: each token's arithmetic is the same on one thread as on two), and the work between
-evaluations (a merge, its sha256, loading the model, building the tasks: ~3 s a merge, partly
-waiting on the disk) overlaps the other process's generation instead of leaving a core idle.
+files' sha256 and the tasks' files, so a re-run evaluates only what changed, and the same weights
+on the same tasks under another label are not evaluated again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from .drift import BaseReference
@@ -73,35 +64,14 @@ def prune(folder: Path) -> None:
             p.unlink()
 
 
-def _worker_init() -> None:
-    """A worker process: one PyTorch thread (the workers share the cores between them)."""
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _run(folder: str, tasks: list[str], include_path: str, batch_size: int) -> dict:
-    """One lm_eval run (in a worker, or in this process): per task its accuracy, per-prompt scores
-    and first responses."""
-    result = lm_evaluate(folder, tasks, include_path=include_path, batch_size=batch_size)
-    return {t: {"acc": r["acc"], "scores": r["scores"], "responses": r["responses"][:5]} for t, r in result.items()}
-
-
 class Evaluator:
-    """Cached evaluations (module doc); ``workers`` > 1: that many evaluations at once, in
-    processes of one PyTorch thread each."""
-
-    def __init__(self, out: Path, base: Path, *, batch_size: int = 32, cached_only: bool = False, workers: int = 1):
+    def __init__(self, out: Path, base: Path, *, batch_size: int = 32, cached_only: bool = False):
         self.out, self.base, self.batch_size, self.cached_only = out, base, batch_size, cached_only
         self.tasks = out / "tasks"
         self.cache_file = out / "evals.json"
         self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
         self._reference: BaseReference | None = None
         self.general: list[dict] = []
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._pending: dict[Future, tuple] = {}
 
     def save(self) -> None:
         tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
@@ -143,66 +113,43 @@ class Evaluator:
             "general": [g["prompt"] for g in self.general[:KL_PROMPTS]] if kl else None,
         }
 
+    def _hit(self, label: str, key: dict) -> dict | None:
+        """The cached result of an evaluation: under ``label``, or under another label with the same
+        key, the same weights on the same tasks (ota's default and the dev choice it came from are
+        one merge: it is evaluated once, and cached under both labels)."""
+        hit = self.cache.get(label)
+        if hit and hit["key"] == key:
+            return hit["result"]
+        same = next((entry for entry in self.cache.values() if entry["key"] == key), None)
+        if same is None:
+            return None
+        if not self.cached_only:  # (a report changes nothing on disk)
+            self.cache[label] = {"key": key, "result": same["result"]}
+            self.save()
+        return same["result"]
+
     def cached(self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True) -> bool:
         """Whether :meth:`evaluate` has this evaluation cached (a pruned merge needs it)."""
-        hit = self.cache.get(label)
-        return bool(hit) and hit["key"] == self._key(folder, tasks, kl, general)
+        return self._hit(label, self._key(folder, tasks, kl, general)) is not None
 
     def evaluate(
         self, label: str, folder: Path, tasks: list[str], *, kl: bool = True, general: bool = True
     ) -> dict | None:
         """``{task: {"acc", "scores"}, ..., "kl": float}`` for the model at ``folder`` (None: not
-        cached, with ``cached_only``), once every evaluation submitted before it has finished."""
-        got = []
-        self.submit(label, folder, tasks, got.append, kl=kl, general=general)
-        self.drain()
-        return got[0]
-
-    def submit(
-        self,
-        label: str,
-        folder: Path,
-        tasks: list[str],
-        done: Callable[[dict | None], None],
-        *,
-        kl: bool = True,
-        general: bool = True,
-    ) -> None:
-        """Evaluate as :meth:`evaluate` does, and hand the result to ``done`` (in this thread): at
-        once when cached (or not to be evaluated, with ``cached_only``), else from :meth:`drain`
-        once a worker has evaluated it. ``folder`` must stay as it is until then."""
+        cached, with ``cached_only``)."""
         key = self._key(folder, tasks, kl, general)
-        hit = self.cache.get(label)
-        if hit and hit["key"] == key:
-            return done(hit["result"])
+        hit = self._hit(label, key)
+        if hit is not None:
+            return hit
         if self.cached_only:
-            return done(None)
-        job = (str(folder), list(key["tasks"]), str(self.tasks), self.batch_size)
-        if self.workers <= 1:
-            return self._finish(label, folder, key, kl, _run(*job), done)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
-            )
-        self._pending[self._pool.submit(_run, *job)] = (label, folder, key, kl, done)
-
-    def drain(self, limit: int = 0) -> None:
-        """Finish evaluations until at most ``limit`` are still running or queued."""
-        while len(self._pending) > limit:
-            finished, _ = wait(self._pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                label, folder, key, kl, done = self._pending.pop(future)
-                self._finish(label, folder, key, kl, future.result(), done)
-
-    def _finish(self, label: str, folder: Path, key: dict, kl: bool, result: dict, done) -> None:
+            return None
+        tasks = list(key["tasks"])
+        result = lm_evaluate(folder, tasks, include_path=self.tasks, batch_size=self.batch_size)
+        result = {
+            t: {"acc": r["acc"], "scores": r["scores"], "responses": r["responses"][:5]} for t, r in result.items()
+        }
         if kl:
             result["kl"] = self.reference().kl(folder)
         self.cache[label] = {"key": key, "result": result}
         self.save()
-        done(result)
-
-    def close(self) -> None:
-        self.drain()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        return result
