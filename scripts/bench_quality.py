@@ -470,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             res = merged(r["five"], PAPER_LABEL, f"seed{seed}/five/{PAPER_LABEL}", "ota", PAPER, members, test_tasks)
             if res is not None:
                 print(f"    seed {seed} five {PAPER_LABEL}: {report.brief(res, caps)}", flush=True)
-    if cfg["sweeps"]:
-        for seed in seeds:
+        for seed in seeds:  # the dev studies
             r, ex = results["seeds"][str(seed)], experts[seed]
             experts_on_dev(seed)
             studies = {label: (f"seed{seed}/sweep/{label}", m, p) for label, (m, p) in SWEEPS.items()}

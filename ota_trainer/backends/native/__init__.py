@@ -497,7 +497,7 @@ def raw_ota_merge(
     Returns (entries kept per expert, whether every merged value is finite).
 
     ``checks``: per expert two more cuts (lo, hi); the entries each keeps (of the experts with a
-    score) are added to ``checked[t][0]``, ``checked[t][1]``. With ``modes``, only the experts
+    score) are added to ``checked[t][0]``, ``checked[t][1]`` (if given). With ``modes``, only the experts
     whose mode is 1 count those; those whose mode is 2 add the saliency masses at or above hi, in
     [lo, hi) and below lo (the share rule's, see kernels.c) to ``masses[t]``; 0 checks nothing."""
     lib = library()
@@ -550,7 +550,7 @@ def raw_ota_merge(
         ],
         threads,
     )
-    if chk is not None:
+    if chk is not None and checked is not None:
         for part in chkd:
             for t in range(T):
                 checked[t][0] += int(part[2 * t])

@@ -179,7 +179,6 @@ def ota_merge(
         **(
             {
                 "checks": [c or (0.0, 0.0) for c in share_cuts],
-                "checked": [[0, 0] for _ in share_cuts],
                 "modes": [2 if c else 0 for c in share_cuts],
                 "masses": masses,
             }
