@@ -42,7 +42,6 @@ enum { W_UNIFORM = 0, W_RANK1 = 1, W_FULL = 2 };
 #define CHUNK 512
 #define BIN_SHIFT 42
 #define BIN_MASK ((1u << 21) - 1u)
-#define FINITE_BIN (0x7FFu << (52 - BIN_SHIFT)) /* bins from here on hold +inf and NaN */
 
 int ota_native_version(void) { return 10; }
 
