@@ -345,6 +345,55 @@ def test_shared_prefix_generation_gives_lm_evals_own_tokens(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_greedy_generation_that_drops_finished_rows_gives_lm_evals_responses(tmp_path):
+    """Rows that finished (an end-of-sequence token, or a stop string in what lm_eval decodes) are
+    dropped and the others go on from their cache (ota_quality.prefix_lm): every response lm_eval
+    makes of it is the one its own single ``generate`` call gives, and each row's tokens up to
+    where it finished are the same."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import postprocess_generated_text
+    from ota_quality.prefix_lm import SharedPrefixHFLM
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+    base = make_tiny_base(tmp_path / "base", seed=3, layers=2, vocab=128)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():  # sharp enough for rows to say different things
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    model.save_pretrained(base)
+    tok = make_tiny_tokenizer(base)
+    tok.padding_side = "left"
+    prompts = [e["prompt"] for e in examples("shout", "test", 12)]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    stop = ["$", "Ma", "\n\n", "<|im_end|>"]  # one character, two (split over tokens), lm_eval's two
+    kw = dict(max_length=width + 24, stop=stop, do_sample=False)
+    args = dict(pretrained=str(base), dtype="float32", device="cpu", batch_size=12)
+    lm = SharedPrefixHFLM(**args)
+    ours = lm._model_generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    theirs = HFLM(**args)._model_generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+    assert len(lm.last_batches) >= 3 and lm.last_batches == sorted(lm.last_batches, reverse=True)
+
+    def response(row):  # as lm_eval's generate_until makes it
+        return postprocess_generated_text(lm.tok_decode(row[width:].tolist()), stop, None)
+
+    early = 0
+    for a, b in zip(ours, theirs):
+        assert response(a) == response(b)
+        n = int((a[width:] != tok.pad_token_id).sum())  # a row's own tokens: the padding after it finished
+        assert torch.equal(a[: width + n], b[: width + n])
+        early += n < 24
+    assert 0 < early < len(ours), "rows that finished early and rows that ran to the end"
+
+
 def test_dev_pairs_on_the_first_dev_prompts_count_only_those_prompts():
     caps = ["a", "b", "c"]
     flat = lambda x: dict.fromkeys(caps, x)  # noqa: E731
@@ -363,8 +412,8 @@ def test_dev_pairs_on_the_first_dev_prompts_count_only_those_prompts():
 
 def test_growing_kv_cache_holds_what_concatenation_holds_without_a_copy_per_step():
     """GrowingLayer (ota_quality.prefix_lm) returns the keys and values DynamicLayer's torch.cat
-    gives, through the shared head's batch repeat and past its first capacity, and reallocates its
-    buffer only when it is full."""
+    gives, through the shared head's batch repeat, the finished rows dropped and past its first
+    capacity, and reallocates its buffer only then and when it is full."""
     import torch
     from ota_quality.prefix_lm import GrowingLayer
     from transformers.cache_utils import DynamicLayer
@@ -372,10 +421,16 @@ def test_growing_kv_cache_holds_what_concatenation_holds_without_a_copy_per_step
     g = torch.Generator().manual_seed(0)
     ours, theirs = GrowingLayer(), DynamicLayer()
     buffers = set()
-    for step in [(1, 9), "repeat", (3, 5), *[(3, 1)] * 70]:  # 84 positions: past the first 64 of capacity
+    steps = [(1, 9), "repeat", (3, 5), *[(3, 1)] * 40, "select", *[(2, 1)] * 30]  # 84 positions: past 64
+    for step in steps:
         if step == "repeat":
             for layer in (ours, theirs):
                 layer.batch_repeat_interleave(3)
+            continue
+        if step == "select":  # the rows that finished dropped: rows 0 and 2 go on
+            for layer in (ours, theirs):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
             continue
         batch, new = step
         k, v = (torch.randn(batch, 2, new, 4, generator=g) for _ in range(2))
@@ -383,7 +438,7 @@ def test_growing_kv_cache_holds_what_concatenation_holds_without_a_copy_per_step
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         assert ours.get_seq_length() == theirs.get_seq_length()
         buffers.add(ours.keys.data_ptr())
-    assert len(buffers) <= 3, "a new buffer for the head, for the repeated batch, and when it doubles"
+    assert len(buffers) <= 4, "a new buffer for the head, the repeated batch, the rows kept, and when it doubles"
 
 
 def test_the_same_weights_on_the_same_tasks_are_evaluated_once_whatever_their_label(smoke_out, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .drift import BaseReference
@@ -39,11 +40,14 @@ def fingerprint(folder: Path) -> str:
         if saved.get("stat") == stat:
             return saved["sha256"]
     h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+    with ThreadPoolExecutor(1) as reader:  # the next chunk read while this one is hashed
+        for p in files:
+            h.update(p.name.encode() + b"\0")
+            with open(p, "rb") as f:
+                ahead = reader.submit(f.read, 1 << 24)
+                while chunk := ahead.result():
+                    ahead = reader.submit(f.read, 1 << 24)
+                    h.update(chunk)
     memo.write_text(json.dumps({"stat": stat, "sha256": h.hexdigest()}))
     return h.hexdigest()
 

@@ -22,11 +22,19 @@ import inspect
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["GrowingLayer", "SharedPrefixHFLM", "shared_prefix_layout"]
+__all__ = ["GrowingLayer", "RowStops", "SharedPrefixHFLM", "shared_prefix_layout"]
 
 MIN_PREFIX = 8  # below this, the extra forward pass costs more than it saves
+DROP_FRACTION = 4  # drop the finished rows once a 1/DROP_FRACTION of the batch is finished
+# generation-config settings greedy search ignores (sampling) or that mean the same in every
+# ``generate`` call a generation is split into
+GREEDY_SAFE = {
+    *("bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "output_attentions", "output_hidden_states"),
+    *("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "_from_model_config", "transformers_version"),
+}
 
 
 def shared_prefix_layout(
@@ -96,13 +104,50 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = (buf[..., :end, :] for buf in self._buffers)
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self._owned():
+            return super().batch_select_indices(indices)
+        length = self.get_seq_length()
+        self._buffers = tuple(buf[indices] for buf in self._buffers)  # one copy, room to grow kept
+        self.keys, self.values = (buf[..., :length, :] for buf in self._buffers)
+
     def reset(self) -> None:
         self._buffers = None
         super().reset()
 
 
+class RowStops(StoppingCriteria):
+    """When a row of a greedy generation is finished, and when to stop for the finished rows to be
+    dropped: a row is finished once it generated an end-of-sequence token or its continuation,
+    decoded as lm_eval decodes it (special tokens skipped), holds one of the stop strings. lm_eval
+    cuts a response at the first stop string, so whatever such a row generates after it is never
+    read. The generation is stopped (for :meth:`SharedPrefixHFLM._generate_dropping_finished` to go
+    on with the rows still running) once ``enough`` rows are finished, or all of them."""
+
+    def __init__(self, tokenizer, stop: list[str], start: int, eos: set[int], rows: int, enough: int):
+        self.tokenizer, self.stop, self.start, self.eos, self.enough = (
+            tokenizer,
+            [s for s in stop if s],
+            start,
+            eos,
+            enough,
+        )
+        self.done = [False] * rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        running = [i for i, done in enumerate(self.done) if not done]
+        texts = self.tokenizer.batch_decode(input_ids[running, self.start :], skip_special_tokens=True)
+        last = input_ids[:, -1].tolist()
+        for i, text in zip(running, texts):
+            self.done[i] = last[i] in self.eos or any(s in text for s in self.stop)
+        finished = sum(self.done)
+        stop = finished == len(self.done) or finished >= self.enough
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 class SharedPrefixHFLM(HFLM):
-    """``HFLM`` whose batched generation computes the shared prompt prefix once (module doc)."""
+    """``HFLM`` whose batched generation computes the shared prompt prefix once, and, when greedy,
+    drops the rows that finished (module doc)."""
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         from transformers import DynamicCache
@@ -126,15 +171,75 @@ class SharedPrefixHFLM(HFLM):
             cache.layers = [GrowingLayer() for _ in cache.layers]
         with (
             torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
+            self._autocast(),
         ):
             self.model(input_ids=prefix[None].to(self.device), use_cache=True, **{name: cache})
         cache.batch_repeat_interleave(context.shape[0])
         generation_kwargs[name] = cache
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if self._greedy_only(generation_kwargs, name):
+            out = self._generate_dropping_finished(context, max_length, stop, generation_kwargs, name)
+        else:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         out[:, : original.shape[1]] = original  # the prompts as given, then the continuations
         return out
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        )
+
+    def _greedy_only(self, generation_kwargs: dict, name: str) -> bool:
+        """Whether this generation is plain greedy search, whose finished rows can be dropped: no
+        sampling, no other argument, and nothing in the model's generation config that counts from
+        where a ``generate`` call starts (a minimum or maximum of new tokens, a suppression at the
+        first step) or that this module has not checked (any logits processor): those go through
+        lm_eval's own single ``generate`` call."""
+        extra = set(generation_kwargs) - {"attention_mask", name, "do_sample", "temperature"}
+        greedy = generation_kwargs.get("do_sample") is False or (
+            generation_kwargs.get("do_sample") is None and generation_kwargs.get("temperature", 0.0) == 0.0
+        )
+        settings = set(self.model.generation_config.to_diff_dict()) - GREEDY_SAFE
+        return greedy and not extra and not settings
+
+    def _generate_dropping_finished(self, context, max_length: int, stop: list[str], kwargs: dict, name: str):
+        """Greedy generation that drops the rows that finished (:class:`RowStops`) and goes on with
+        the others from their cache, so a batch no longer computes ~a quarter of its row-steps for
+        rows already answered. Each row's tokens, up to where it finished, are what one ``generate``
+        call gives it (the same greedy steps on the same inputs; only the batch holding them
+        shrinks); after it, padding."""
+        cache, mask = kwargs[name], kwargs["attention_mask"]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad_id = self.tokenizer.pad_token_id
+        out = torch.full((context.shape[0], max_length), pad_id, dtype=context.dtype, device=context.device)
+        rows = torch.arange(context.shape[0], device=context.device)
+        ids, start = context, context.shape[1]
+        self.last_batches = []  # the rows of each generate call (for tests and diagnostics)
+        while True:
+            self.last_batches.append(len(rows))
+            stops = RowStops(self.tokenizer, stop, start, eos, len(rows), max(len(rows) // DROP_FRACTION, 1))
+            with self._autocast():
+                ids = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_length=max_length,
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                    do_sample=False,
+                    **{name: cache},
+                )
+            out[rows, : ids.shape[1]] = ids
+            running = torch.tensor([not d for d in stops.done], device=ids.device)
+            if ids.shape[1] >= max_length or not running.any():
+                return out
+            if (
+                cache.get_seq_length() != ids.shape[1] - 1
+            ):  # generate leaves its last token uncached: the next call feeds it
+                raise RuntimeError(f"generate left {cache.get_seq_length()} positions cached for {ids.shape[1]} tokens")
+            keep = running.nonzero().flatten()
+            grown = torch.ones((mask.shape[0], ids.shape[1] - mask.shape[1]), dtype=mask.dtype, device=mask.device)
+            rows, ids, mask = rows[keep], ids[keep], torch.cat([mask, grown], dim=1)[keep]
+            cache.batch_select_indices(keep)
