@@ -129,10 +129,25 @@ def paper_changes(params: dict) -> int:
 
 DEV_CHOICE = report.DEV_CHOICE  # the five-way entry of the ota setting chosen on the dev split
 
+# Dev prompts per capability, for every dev merge (the studies, the candidates' pairs, the scale
+# study). 150 until 2026-12-05, when it became 75 for cost: on the cached evaluations of 150, the
+# first 75 shortlist two more candidates (ota_d0.1_elect_sign, ota_no_graft), both out after seed
+# 0's pairs, and choose the same default (ota_share0.99); the test split keeps 150.
+DEV_PROMPTS = 75
+
 MODES = {
-    "full": {"seeds": (0, 1), "n_eval": 150, "steps": None, "general_max": 200, "pairs": True, "sweeps": True},
-    "quick": {"seeds": (0,), "n_eval": 24, "steps": 12, "general_max": 24, "pairs": False, "sweeps": False},
-    "smoke": {"seeds": (0,), "n_eval": 6, "steps": 3, "general_max": 6, "pairs": False, "sweeps": False},
+    "full": {"seeds": (0, 1), "n_test": 150, "n_dev": DEV_PROMPTS, "steps": None, "general_max": 200}
+    | {"pairs": True, "sweeps": True},
+    "quick": {
+        "seeds": (0,),
+        "n_test": 24,
+        "n_dev": 24,
+        "steps": 12,
+        "general_max": 24,
+        "pairs": False,
+        "sweeps": False,
+    },
+    "smoke": {"seeds": (0,), "n_test": 6, "n_dev": 6, "steps": 3, "general_max": 6, "pairs": False, "sweeps": False},
 }
 MODE_METHODS = {"full": DEFAULT_METHODS, "quick": PAIR_METHODS, "smoke": ("ota", "ties", "linear")}
 
@@ -169,7 +184,7 @@ def prepare_base(mode: str, out: Path, given: str | None) -> Path:
     return prep(out / "cache")
 
 
-def stage_data(out: Path, n_eval: int, n_train: int) -> dict[str, Path]:
+def stage_data(out: Path, n_test: int, n_dev: int, n_train: int) -> dict[str, Path]:
     """Training JSONL per capability, and the dev / test lm_eval tasks."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -181,9 +196,7 @@ def stage_data(out: Path, n_eval: int, n_train: int) -> dict[str, Path]:
         ]
         train[cap] = data / f"{cap}_train.jsonl"
         write_jsonl(train[cap], rows)
-    splits = {(c, s): examples(c, s, n_eval) for c in CAPABILITIES for s in ("dev", "test")}
-    # the dev pairs' prompts: the first of the dev split (scripts/ota_quality/choice.py)
-    splits.update({(c, choice.PAIR_SPLIT): splits[c, "dev"][: choice.PAIR_PROMPTS] for c in CAPABILITIES})
+    splits = {(c, s): examples(c, s, n) for c in CAPABILITIES for s, n in (("dev", n_dev), ("test", n_test))}
     write_tasks(out / "tasks", splits)
     return train
 
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[1] data and base ({mode})", flush=True)
     base = prepare_base(mode, out.parent if mode != "full" else out, args.base)
-    train = stage_data(out, cfg["n_eval"], n_train=2000 if mode != "smoke" else 64)
+    train = stage_data(out, cfg["n_test"], cfg["n_dev"], n_train=2000 if mode != "smoke" else 64)
     print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
     variants = scale_variants(args.scale_lr_factor) if args.scale_study else None
     experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain, variants)
@@ -488,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                     for a, b in choice.pairs_of(caps):
                         key = choice.pair_key(a, b, study)
                         runs = {key: (f"seed{seed}/dev_pairs/{key}", *SWEEPS[study])}
-                        tasks = [task_name(c, choice.PAIR_SPLIT) for c in (a, b)]
-                        dev_study(seed, "dev pair", r["dev_pairs"], runs, [ex[a], ex[b]], tasks, choice.PAIR_SPLIT)
+                        tasks = [task_name(c, "dev") for c in (a, b)]
+                        dev_study(seed, "dev pair", r["dev_pairs"], runs, [ex[a], ex[b]], tasks)
                     j = choice.objective(r, study, caps, n_boot=1)
                     if j is not None:
                         print(f"    seed {seed} dev pairs {study}: J {j.est:.3f}", flush=True)

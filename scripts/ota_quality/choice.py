@@ -10,11 +10,11 @@ merges of two sizes, each with its own weight:
 where N_dev is the normalised dev score (mean over the merge's capabilities of merge / expert
 score). The pairs of a study are merged only for the shortlist (:func:`shortlist`): the paper's
 recipe and every study that beats it on the five-way dev merge in every seed, so the pair
-merges stay a few per study. A pair is evaluated on the first ``PAIR_PROMPTS`` dev prompts of
-each of its capabilities (:data:`PAIR_SPLIT`), and a candidate's pairs are merged in a seed
-only while it beats the paper's recipe in every seed before (:func:`alive`): the rule below
-needs that in every seed, so the candidates it drops could not have won (cost, measured: the
-200 pair merges on the whole dev split took 67 min, about a third of the benchmark).
+merges stay a few per study. A candidate's pairs are merged in a seed only while it beats the
+paper's recipe in every seed before (:func:`alive`): the rule below needs that in every seed, so
+the candidates it drops could not have won (cost, measured: the 200 pair merges of every
+candidate in both seeds took 67 min, about a third of the benchmark, on a dev split of 150
+prompts per capability).
 
 The choice (:func:`choose`) is the shortlisted study with the best J averaged over the seeds
 among those whose J beats the paper recipe's by a paired 95% interval above zero in every seed
@@ -37,8 +37,6 @@ from .lm_tasks import expert_scores, split_scores
 
 __all__ = [
     "PAIR_WEIGHT",
-    "PAIR_PROMPTS",
-    "PAIR_SPLIT",
     "pairs_of",
     "pair_key",
     "objective",
@@ -48,12 +46,6 @@ __all__ = [
 ]
 
 PAIR_WEIGHT = 0.5  # J's weight of the mean pair score; the five-way merge has the rest
-# A pair merge is evaluated on the first 75 dev prompts of each capability (half the dev split):
-# the pair half of J then averages 10 x 150 prompt scores against the five-way half's 5 x 150.
-# Set on 2026-12-05 for cost, after the choice on the whole dev split was made: on those cached
-# evaluations the first 75 (and 50) give the same winners and the same choice; 30 would not.
-PAIR_PROMPTS = 75
-PAIR_SPLIT = "dev_pairs"  # the lm_eval tasks ota_<capability>_dev_pairs: those first prompts
 
 
 def pairs_of(caps: Sequence[str]) -> list[tuple[str, str]]:
@@ -80,18 +72,17 @@ def _groups(seed_result: dict, study: str, caps: Sequence[str], tag: str) -> dic
     groups = {f"{tag}five": five}
     for a, b in pairs_of(caps):
         res = seed_result.get("dev_pairs", {}).get(pair_key(a, b, study))
-        got = split_scores(res, (a, b), PAIR_SPLIT) if res is not None else {}
-        if len(got) != 2 or any(len(got[c]) > len(five[c]) for c in got):
+        got = _dev(res, (a, b)) if res is not None else None
+        if got is None or any(len(got[c]) != len(five[c]) for c in got):
             return None
-        # the first prompts of the dev split, the rest not evaluated (NaN): one draw for both halves
-        groups[f"{tag}pair:{a}+{b}"] = {c: [*s, *[np.nan] * (len(five[c]) - len(s))] for c, s in got.items()}
+        groups[f"{tag}pair:{a}+{b}"] = got
     return groups
 
 
 def _j(x: dict, caps: Sequence[str], tag: str, pair_weight: float) -> np.ndarray:
     """J per bootstrap row, from resampled arrays (``stats.bootstrap``'s form)."""
     experts = {c: x[f"expert:{c}"][c] for c in caps}
-    pairs = [stats.norm_rows(x[f"{tag}pair:{a}+{b}"], experts, nan_is_missing=True) for a, b in pairs_of(caps)]
+    pairs = [stats.norm_rows(x[f"{tag}pair:{a}+{b}"], experts) for a, b in pairs_of(caps)]
     return (1 - pair_weight) * stats.norm_rows(x[f"{tag}five"], experts) + pair_weight * np.mean(pairs, axis=0)
 
 

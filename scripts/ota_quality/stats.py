@@ -72,17 +72,12 @@ def bootstrap(
     return Interval(values[0], lo, hi)
 
 
-def norm_rows(
-    model: Mapping[str, np.ndarray], experts: Mapping[str, Mapping[str, np.ndarray]], nan_is_missing: bool = False
-) -> np.ndarray:
-    """Per row: mean over capabilities of model score / expert score (the expert's own capability).
-    ``nan_is_missing``: the model's NaN scores are prompts it was not evaluated on (its mean is
-    over the others)."""
+def norm_rows(model: Mapping[str, np.ndarray], experts: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray:
+    """Per row: mean over capabilities of model score / expert score (the expert's own capability)."""
     parts = []
     for c, x in model.items():
         own = experts[c].mean(axis=1)
-        mean = np.nanmean(x, axis=1) if nan_is_missing else x.mean(axis=1)
-        parts.append(mean / np.maximum(own, 1e-9))
+        parts.append(x.mean(axis=1) / np.maximum(own, 1e-9))
     return np.mean(parts, axis=0)
 
 
