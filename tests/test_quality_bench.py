@@ -301,6 +301,31 @@ def test_shared_prefix_layout_moves_each_rows_own_tokens_after_the_common_head()
     assert shared_prefix_layout(short, torch.ones_like(short), pad_id=0) is None
 
 
+def _sharp_tiny_chat_batch(tmp_path, n: int):
+    """A tiny random chat model with weights 20x the init scale (attention sharp enough for each
+    token's position to matter, and for rows to say different things), its tokenizer (left
+    padding), and a batch of ``n`` chat prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+    base = make_tiny_base(tmp_path / "base", seed=3, layers=2, vocab=128)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    model.save_pretrained(base)
+    tok = make_tiny_tokenizer(base)
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": e["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for e in examples("shout", "test", n)
+    ]
+    return base, tok, tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
 def test_shared_prefix_generation_gives_lm_evals_own_tokens(tmp_path):
     """The batch's shared head computed once (ota_quality.prefix_lm) generates the same tokens as
     lm_eval's HF model, directly and through a whole evaluation of our tasks."""
@@ -308,25 +333,8 @@ def test_shared_prefix_generation_gives_lm_evals_own_tokens(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from ota_quality.lm_tasks import evaluate, task_name, write_tasks
     from ota_quality.prefix_lm import SharedPrefixHFLM, shared_prefix_layout
-    from transformers import AutoModelForCausalLM
 
-    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
-
-    base = make_tiny_base(tmp_path / "base", seed=3, layers=2, vocab=128)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.no_grad():  # weights 20x the init scale: attention sharp enough for each token's position to matter
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(20)
-    model.save_pretrained(base)
-    tok = make_tiny_tokenizer(base)
-    tok.padding_side = "left"
-    prompts = [e["prompt"] for e in examples("shout", "test", 6)]
-    texts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    base, tok, enc = _sharp_tiny_chat_batch(tmp_path, 6)
     assert shared_prefix_layout(enc["input_ids"], enc["attention_mask"], tok.pad_token_id) is not None
     kw = dict(max_length=enc["input_ids"].shape[1] + 12, stop=["\n\n"], do_sample=False)
     args = dict(pretrained=str(base), dtype="float32", device="cpu", batch_size=6)
@@ -352,25 +360,8 @@ def test_greedy_generation_that_drops_finished_rows_gives_lm_evals_responses(tmp
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import postprocess_generated_text
     from ota_quality.prefix_lm import SharedPrefixHFLM
-    from transformers import AutoModelForCausalLM
 
-    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
-
-    base = make_tiny_base(tmp_path / "base", seed=3, layers=2, vocab=128)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.no_grad():  # sharp enough for rows to say different things
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(20)
-    model.save_pretrained(base)
-    tok = make_tiny_tokenizer(base)
-    tok.padding_side = "left"
-    prompts = [e["prompt"] for e in examples("shout", "test", 12)]
-    texts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    base, tok, enc = _sharp_tiny_chat_batch(tmp_path, 12)
     width = enc["input_ids"].shape[1]
     stop = ["$", "Ma", "\n\n", "<|im_end|>"]  # one character, two (split over tokens), lm_eval's two
     kw = dict(max_length=width + 24, stop=stop, do_sample=False)
