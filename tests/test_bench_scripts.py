@@ -57,3 +57,21 @@ def test_bench_capture_lora_reports_step_cost_and_agreement(tmp_path):
     assert row["off"]["step_s"] > 0 and row["exact"]["bytes"] > 0
     a = row["agreement"]
     assert -1 <= a["corr"] <= 1 and 0 <= a["jaccard"] <= 1
+
+
+def test_bench_train_times_both_lm_heads_on_a_tiny_base(tmp_path):
+    from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
+
+    base = make_tiny_base(tmp_path / "base", seed=0, layers=2, vocab=128)
+    make_tiny_tokenizer(base)
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--base", str(base), "--steps", "3"]
+    r = subprocess.run(
+        [*cmd, "--warmup", "1", "--repeat", "1", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| fused |" in r.stdout and "| logits |" in r.stdout and "largest relative difference" in r.stdout
+    got = json.loads(out.read_text())
+    assert [row["lm_head"] for row in got["rows"]] == ["fused", "logits"]
+    assert all(row["steps"] == 2 and row["median_step_s"] > 0 for row in got["rows"])
+    assert got["loss_max_rel_diff"] < 1e-3  # the same loss either way

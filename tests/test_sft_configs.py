@@ -181,3 +181,55 @@ def test_console_scripts_are_installed_and_share_the_conventions(tmp_path):
     cfg.write_text("model: some/model\ndataset: {builtin: arithmetic}\nsft: {output_dir: out, max_steps: 1}\n")
     r = subprocess.run([exe, "--config", str(cfg)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "dataset.builtin='arithmetic'" in r.stderr and "dataset.path" in r.stderr
+
+
+def _tiny_cfg(tiny_model_dir, out: Path, **sft) -> dict:
+    return {
+        "model": str(tiny_model_dir),
+        "dataset": {"builtin": "facts", "n": 16},
+        "sft": {**CPU_OVERRIDES, "output_dir": str(out), **sft},
+        "ota": {"compression": "rank1"},
+    }
+
+
+def test_lm_head_logits_trains_with_the_same_loss(train_sft, tiny_model_dir, tmp_path):
+    """``trainer.lm_head: logits`` (the model's own cross-entropy over full logits) gives TRL's
+    fused-head loss at every step, the same second moments, and no entropy/accuracy metrics."""
+    from ota_trainer.moments.format import load_moments
+
+    runs = {}
+    for lm_head in ("fused", "logits"):
+        cfg = _tiny_cfg(tiny_model_dir, tmp_path / lm_head, max_steps=4, logging_steps=1, seed=0)
+        cfg["trainer"] = {"lm_head": lm_head}
+        trainer = train_sft.train(cfg)
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logs) == 4
+        runs[lm_head] = (logs, load_moments(tmp_path / lm_head))
+    (fused, m_fused), (logits, m_logits) = runs["fused"], runs["logits"]
+    for a, b in zip(fused, logits):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4)
+        assert float(b["grad_norm"]) == pytest.approx(float(a["grad_norm"]), rel=1e-3)
+    assert all("entropy" in h and "mean_token_accuracy" in h for h in fused)
+    assert not any("entropy" in h or "mean_token_accuracy" in h for h in logits)
+    assert sorted(m_fused) == sorted(m_logits) and len(m_fused) > 0
+    for name in m_fused:  # (Adam's second moments after 4 steps: relative agreement, gradients ~1e-3 apart)
+        assert m_logits[name].allclose(m_fused[name], rtol=1e-2, atol=1e-12), name
+
+
+@pytest.mark.parametrize(
+    "section, sft, match",
+    [
+        ({"lm_head": "nope"}, {}, "lm_head 'nope'"),
+        ({"lmhead": "logits"}, {}, "'trainer' section"),
+        ("logits", {}, "'trainer' section"),
+        ({"lm_head": "logits"}, {"loss_type": "dft"}, "loss_type 'dft'"),
+    ],
+)
+def test_a_bad_trainer_section_is_a_config_error(train_sft, tiny_model_dir, tmp_path, section, sft, match):
+    from ota_trainer.errors import ConfigError
+
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path / "o", max_steps=1, **sft)
+    cfg["trainer"] = section
+    with pytest.raises(ConfigError, match=match):
+        train_sft.train(cfg)
+    assert not (tmp_path / "o").exists()  # refused before the model loaded or anything was written
