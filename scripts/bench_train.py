@@ -127,9 +127,11 @@ def main() -> int:
         med = statistics.median(times[h])
         rows.append({"lm_head": h, "median_step_s": med, "steps": len(times[h]), "speedup_vs_fused": fused / med})
     batch = cfg["sft"].get("per_device_train_batch_size"), cfg["sft"].get("max_length")
+    recipe = args.config.resolve()
+    recipe = recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe
     print(
         f"\n# bench_train: {time.strftime('%Y-%m-%d')}, {cpu_description()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}"
+        f"{torch.get_num_threads()} threads; {recipe}"
         f" (batch {batch[0]} x <= {batch[1]} tokens), {args.steps} steps per run, first {args.warmup} not counted, "
         f"{args.repeat} run(s) each, interleaved\n"
     )

@@ -4,7 +4,7 @@
     ota-train-sft --config sft_configs/smollm2_cpu_facts.yaml \\
         --model path/to/base --sft.max_steps 20 --sft.output_dir out/facts --ota.compression full
 
-A config is a YAML file with four sections:
+A config is a YAML file with these sections:
 
 ``model``    model id or local folder (the base the expert is fine-tuned from)
 ``dataset``  ``{builtin: arithmetic|facts|shout, n, seed}`` (the demo's local generators), or
