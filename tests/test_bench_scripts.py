@@ -59,7 +59,7 @@ def test_bench_capture_lora_reports_step_cost_and_agreement(tmp_path):
     assert -1 <= a["corr"] <= 1 and 0 <= a["jaccard"] <= 1
 
 
-def test_bench_train_times_both_lm_heads_on_a_tiny_base(tmp_path):
+def test_bench_train_times_every_trainer_setting_on_a_tiny_base(tmp_path):
     from ota_trainer.testing.tiny import make_tiny_base, make_tiny_tokenizer
 
     base = make_tiny_base(tmp_path / "base", seed=0, layers=2, vocab=128)
@@ -70,8 +70,10 @@ def test_bench_train_times_both_lm_heads_on_a_tiny_base(tmp_path):
         [*cmd, "--warmup", "1", "--repeat", "1", "--json", str(out)], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| fused |" in r.stdout and "| logits |" in r.stdout and "largest relative difference" in r.stdout
+    assert "| fused | system |" in r.stdout and "| logits | retain |" in r.stdout, r.stdout
     got = json.loads(out.read_text())
-    assert [row["lm_head"] for row in got["rows"]] == ["fused", "logits"]
-    assert all(row["steps"] == 2 and row["median_step_s"] > 0 for row in got["rows"])
+    combos = [(row["lm_head"], row["memory"]) for row in got["rows"]]
+    assert combos == [("fused", "system"), ("fused", "retain"), ("logits", "system"), ("logits", "retain")]
+    assert all(row["steps"] == 2 and row["median_step_s"] > 0 and row["minflt_per_step"] > 0 for row in got["rows"])
     assert got["loss_max_rel_diff"] < 1e-3  # the same loss either way
+    assert got["memory_losses_identical"] and "memory retain vs system: identical" in r.stdout

@@ -17,7 +17,8 @@ A config is a YAML file with these sections:
 ``lora``     optional ``peft.LoraConfig`` fields (r, lora_alpha, target_modules, ...): train a LoRA
              adapter instead of the full model; OTACallback then stores the adapted weights'
              curvature (``ota: {lora_estimator: exact|factored, lora_every, lora_window}``)
-``trainer``  optional ``{lm_head: fused|logits}``: how the loss is computed (see :data:`LM_HEADS`)
+``trainer``  optional ``{lm_head: fused|logits, memory: auto|retain|system}``: how the loss is
+             computed (:data:`LM_HEADS`) and what happens to freed memory (:data:`MEMORY_MODES`)
 
 Overrides: ``--section.key value`` (YAML-parsed), or ``--model X``. The resolved config is
 written to ``<output_dir>/ota_train_config.yaml``.
@@ -39,12 +40,23 @@ SECTIONS = ("model", "dataset", "sft", "ota", "tokenizer", "lora", "trainer")
 #   head in vocabulary chunks and returns per-token log-probabilities, entropy and top-1 hits
 #   without the full logits (the ``entropy`` and ``mean_token_accuracy`` metrics come from it).
 # - ``logits``: the model's own forward with its labels (full logits, cross-entropy), as
-#   ``transformers.Trainer`` computes it: the same loss (to ~1e-6 relative over the first ten
-#   steps of SmolLM2-135M), without those two metrics. On the CPU, where TRL's chunks fall back
-#   from Triton to a dozen eager PyTorch passes over each chunk of logits, forward and backward,
-#   a step is ~1.6x faster (SmolLM2-135M, batch 8 x <= 96 tokens, 2 threads: 2.6 s against
-#   4.2 s; the chunked head was ~50% of a step's CPU time in torch.profiler).
+#   ``transformers.Trainer`` computes it: the same loss (~1e-5 relative over 12 steps of
+#   SmolLM2-135M), without those two metrics. On the CPU TRL's chunks fall back from Triton to a
+#   dozen eager PyTorch passes over each chunk of logits, forward and backward (~50% of a step's
+#   CPU time in torch.profiler); measured steps 1.1-1.6x faster (scripts/bench_train.py, README).
 LM_HEADS = ("fused", "logits")
+
+# ``trainer.memory``: what the C allocator does with memory PyTorch frees, on the CPU.
+# - ``retain``: keep it in the process for the next step (:func:`retain_freed_memory`). PyTorch has
+#   no caching allocator on the CPU: every activation, gradient and logits block of a step is
+#   malloc'd and freed, glibc serves blocks above its mmap threshold (at most 32 MB) with fresh
+#   mappings, and each step faulted in ~3 GB of new zeroed pages (SmolLM2-135M, batch 8 x 96:
+#   12.0M minor page faults and 24 s of system time in 24 steps; retained: 1.3M and 9 s). The
+#   arithmetic is untouched: the same bits are trained.
+# - ``system``: glibc's defaults.
+# - ``auto`` (the default): ``retain`` when the run trains on the CPU, else ``system``.
+MEMORY_MODES = ("auto", "retain", "system")
+TRAINER_KEYS = {"lm_head": LM_HEADS, "memory": MEMORY_MODES}
 
 
 def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -152,7 +164,16 @@ def train(cfg: dict[str, Any], *, extra_callbacks: tuple = ()):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"the config's 'lora' section: {e}") from None
     callback = OTACallback(**(cfg.get("ota") or {}))  # bad options fail before the model loads
-    trainer_cls = _trainer_class(cfg.get("trainer") or {}, args, SFTTrainer)
+    options = _trainer_options(cfg.get("trainer") or {}, args)
+    trainer_cls = _trainer_class(options["lm_head"], SFTTrainer)
+    memory = options["memory"]
+    if memory == "auto":
+        memory = "retain" if args.device.type == "cpu" else "system"
+    if memory == "retain":
+        if retain_freed_memory():
+            logger.info("trainer.memory: retain: memory PyTorch frees stays in the process for the next step")
+        else:
+            logger.info("trainer.memory: retain: not available here (glibc's mallopt only); the allocator's defaults")
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     trainer = trainer_cls(
         model=model,
@@ -171,27 +192,57 @@ def train(cfg: dict[str, Any], *, extra_callbacks: tuple = ()):
     return trainer
 
 
-def _trainer_class(spec: dict[str, Any], args, sft_trainer: type) -> type:
-    """The trainer class the config's ``trainer`` section asks for (:data:`LM_HEADS`).
+def _trainer_options(spec: Any, args) -> dict[str, str]:
+    """The config's ``trainer`` section, checked, with its defaults (:data:`TRAINER_KEYS`).
 
     Raises:
-        ota_trainer.ConfigError: an unknown key or ``lm_head``, or ``lm_head: logits`` with a
-            ``loss_type`` other than ``nll`` (the model's own loss is the plain cross-entropy).
+        ota_trainer.ConfigError: not a mapping, an unknown key or value, or ``lm_head: logits``
+            with a ``loss_type`` other than ``nll`` (the model's own loss is the plain cross-entropy).
     """
     from ..errors import ConfigError
 
-    if not isinstance(spec, dict) or set(spec) - {"lm_head"}:
-        raise ConfigError(f"the config's 'trainer' section: expected {{lm_head: {'|'.join(LM_HEADS)}}}, got {spec!r}")
-    lm_head = spec.get("lm_head", "fused")
-    if lm_head not in LM_HEADS:
-        raise ConfigError(f"the config's 'trainer' section: lm_head {lm_head!r}; known: {list(LM_HEADS)}")
-    if lm_head == "fused":
-        return sft_trainer
-    if getattr(args, "loss_type", "nll") not in ("nll", "chunked_nll"):
+    known = ", ".join(f"{k}: {'|'.join(v)}" for k, v in TRAINER_KEYS.items())
+    if not isinstance(spec, dict) or set(spec) - set(TRAINER_KEYS):
+        raise ConfigError(f"the config's 'trainer' section: expected {{{known}}}, got {spec!r}")
+    options = {key: spec.get(key, values[0]) for key, values in TRAINER_KEYS.items()}
+    for key, value in options.items():
+        if value not in TRAINER_KEYS[key]:
+            raise ConfigError(f"the config's 'trainer' section: {key} {value!r}; known: {list(TRAINER_KEYS[key])}")
+    if options["lm_head"] == "logits" and getattr(args, "loss_type", "nll") not in ("nll", "chunked_nll"):
         raise ConfigError(
             f"trainer.lm_head: logits computes the plain cross-entropy; sft.loss_type {args.loss_type!r} needs "
             "lm_head: fused"
         )
+    return options
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process: every block from the heap, none from its own
+    mapping (``M_MMAP_MAX`` 0), and the heap's free top given back only beyond 2 GB
+    (``M_TRIM_THRESHOLD``). For the rest of the process; True if glibc took both settings.
+
+    A CPU training step then reuses the previous step's pages instead of faulting in fresh ones
+    (see :data:`MEMORY_MODES`); the peak resident size can grow by what fragmentation holds back
+    (+11%, 4.35 to 4.83 GB, on the SmolLM2-135M benchmark). Blocks too large for a thread's own
+    heap come from the main heap. Call it in your own training script, before the model loads, to
+    get the same; False (nothing changed) off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
+def _trainer_class(lm_head: str, sft_trainer: type) -> type:
+    """SFTTrainer, or with ``lm_head: logits`` a subclass computing the model's own loss."""
+    if lm_head == "fused":
+        return sft_trainer
     from transformers import Trainer
 
     class LogitsLossSFTTrainer(sft_trainer):
