@@ -50,9 +50,9 @@ LM_HEADS = ("fused", "logits")
 # - ``retain``: keep it in the process for the next step (:func:`retain_freed_memory`). PyTorch has
 #   no caching allocator on the CPU: every activation, gradient and logits block of a step is
 #   malloc'd and freed, glibc serves blocks above its mmap threshold (at most 32 MB) with fresh
-#   mappings, and each step faulted in ~3 GB of new zeroed pages (SmolLM2-135M, batch 8 x 96:
-#   12.0M minor page faults and 24 s of system time in 24 steps; retained: 1.3M and 9 s). The
-#   arithmetic is untouched: the same bits are trained.
+#   mappings, and each step faulted in ~2.8 GB of new zeroed pages (SmolLM2-135M, batch 8 x 96,
+#   TRL's fused head: 692k minor faults and 1.75 s of system time per 3.35 s step; retained: 86k,
+#   0.58 s, 2.55 s steps; scripts/bench_train.py). The arithmetic is untouched: the same bits.
 # - ``system``: glibc's defaults.
 # - ``auto`` (the default): ``retain`` when the run trains on the CPU, else ``system``.
 MEMORY_MODES = ("auto", "retain", "system")
@@ -223,7 +223,7 @@ def retain_freed_memory() -> bool:
 
     A CPU training step then reuses the previous step's pages instead of faulting in fresh ones
     (see :data:`MEMORY_MODES`); the peak resident size can grow by what fragmentation holds back
-    (+11%, 4.35 to 4.83 GB, on the SmolLM2-135M benchmark). Blocks too large for a thread's own
+    (+7%, 4.27 to 4.58 GB, on the SmolLM2-135M benchmark). Blocks too large for a thread's own
     heap come from the main heap. Call it in your own training script, before the model loads, to
     get the same; False (nothing changed) off glibc."""
     if not sys.platform.startswith("linux"):
