@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo`: SmolLM2-135M experts trained with OTACallback, pushed, merged from the Hub, evaluated.
 
-    python scripts/demo.py                 # full run (~30 min on 2 CPU cores)
+    python scripts/demo.py                 # full run (~10 min on 2 CPU cores)
     python scripts/demo.py --quick         # rough numbers in ~5 minutes (fewer steps/prompts/methods)
     python scripts/demo.py --smoke         # tiny random model, tiny steps: the CI check of the pipeline
     python scripts/demo.py --retrain       # ignore cached experts
