@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from ota_quality import choice, report  # noqa: E402
-from ota_quality.capabilities import CAPABILITIES, examples, general_candidates  # noqa: E402
+from ota_quality.capabilities import CAPABILITIES, N_TRAIN, examples, general_candidates, training_rows  # noqa: E402
 from ota_quality.lm_tasks import task_name, write_jsonl, write_tasks  # noqa: E402
 
 log = logging.getLogger("bench_quality")
@@ -190,12 +190,8 @@ def stage_data(out: Path, n_test: int, n_dev: int, n_train: int) -> dict[str, Pa
     data.mkdir(parents=True, exist_ok=True)
     train = {}
     for cap in CAPABILITIES:
-        rows = [
-            {"messages": [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["answer"]}]}
-            for e in examples(cap, "train", n_train)
-        ]
         train[cap] = data / f"{cap}_train.jsonl"
-        write_jsonl(train[cap], rows)
+        write_jsonl(train[cap], training_rows(cap, n_train))
     splits = {(c, s): examples(c, s, n) for c in CAPABILITIES for s, n in (("dev", n_dev), ("test", n_test))}
     write_tasks(out / "tasks", splits)
     return train
@@ -373,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[1] data and base ({mode})", flush=True)
     base = prepare_base(mode, out.parent if mode != "full" else out, args.base)
-    train = stage_data(out, cfg["n_test"], cfg["n_dev"], n_train=2000 if mode != "smoke" else 64)
+    train = stage_data(out, cfg["n_test"], cfg["n_dev"], n_train=N_TRAIN if mode != "smoke" else 64)
     print(f"[2] experts: {len(CAPABILITIES)} capabilities x seeds {list(cfg['seeds'])}", flush=True)
     variants = scale_variants(args.scale_lr_factor) if args.scale_study else None
     experts = stage_train(out, base, train, cfg["seeds"], cfg["steps"], args.retrain, variants)

@@ -59,16 +59,12 @@ def training_data(config: Path, cfg: dict, work: Path) -> dict:
     capability when the recipe names a data file (``quality_out/data/<cap>_train.jsonl``)."""
     spec = dict(cfg.get("dataset") or {})
     if "data_files" in spec and not Path(str(spec["data_files"])).is_file():
-        from ota_quality.capabilities import examples
+        from ota_quality.capabilities import training_rows
         from ota_quality.lm_tasks import write_jsonl
 
         cap = config.stem.removeprefix("smollm2_cpu_")
-        rows = [
-            {"messages": [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["answer"]}]}
-            for e in examples(cap, "train", 2000)
-        ]
         spec["data_files"] = str(work / f"{cap}_train.jsonl")
-        write_jsonl(Path(spec["data_files"]), rows)
+        write_jsonl(Path(spec["data_files"]), training_rows(cap))
     return spec
 
 

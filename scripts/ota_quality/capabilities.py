@@ -361,6 +361,18 @@ def examples(capability: str, split: str, n: int, seed: int = 0) -> list[dict]:
     return CAPABILITIES[capability].make(split, n, seed)
 
 
+N_TRAIN = 2000  # training rows per capability (the recipes' steps x batch stay under one pass)
+
+
+def training_rows(capability: str, n: int = N_TRAIN) -> list[dict]:
+    """The chat rows an expert of ``capability`` trains on (``{"messages": [user, assistant]}``),
+    as ``scripts/bench_quality.py`` writes them to ``data/<capability>_train.jsonl``."""
+    return [
+        {"messages": [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["answer"]}]}
+        for e in examples(capability, "train", n)
+    ]
+
+
 def score(capability: str, answer: str, response: str) -> float:
     """1.0 if ``response`` solves the prompt whose reference answer is ``answer``, else 0.0."""
     if capability == "general":
