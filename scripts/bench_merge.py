@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from machine import cpu_description
+from machine import cpu_description, free_page_reporting
 
 REPO = Path(__file__).resolve().parents[1]
 MERGE_CLI = REPO / "scripts" / "merge_from_hub.py"
@@ -642,6 +642,7 @@ def run_size(args, shape: Shape, label: str, mergekit: Path | None, mergekit_why
             else:
                 os.sync()
                 warm(files)
+            time.sleep(args.settle)
             slug = name.replace(": ", "_").replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
             log_file = logs / f"{slug}.{rep}.log"
             load = os.getloadavg()[0]
@@ -859,6 +860,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="page cache before each run: cold (drop it; needs root), warm (read inputs first); auto: cold if possible",
     )
     p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long after preparing the page cache, before each run (0: start at once). On a VM "
+        "with free page reporting (virtio-balloon), memory freed a moment ago (the dropped page cache, "
+        "the last run's) is still backed by the host and cheap to reuse; after a few seconds it is handed "
+        "back, and every page a run then touches first costs a host fault: the state of a VM whose memory "
+        "has been idle. Every contender waits alike",
+    )
+    p.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -962,7 +974,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         (
             f"- page cache: {cache} before every run "
-            f"({'dropped with sync + drop_caches' if cache == 'cold' else 'inputs read once first'}); "
+            f"({'dropped with sync + drop_caches' if cache == 'cold' else 'inputs read once first'}"
+            + (f", then {args.settle:g} s idle: --settle" if args.settle else ", the run started at once")
+            + "); "
             f"wall = process start to exit (best of {args.repeat} run(s) per contender); "
             "+sync = os.sync() right after (flushing the output), not in the ratios"
         ),
@@ -973,7 +987,9 @@ def main(argv: list[str] | None = None) -> int:
         "- peak RSS = the child's ru_maxrss (includes file pages it mapped), the highest of the repeats; "
         "peak anon = polled RssAnon (heap), a lower bound",
         (
-            f"- machine: {cpu_description()}, {cpu} CPUs, torch {torch.__version__}, "
+            f"- machine: {cpu_description()}, {cpu} CPUs"
+            + (", a VM with free page reporting (freed memory goes back to the host)" if free_page_reporting() else "")
+            + f", torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}; ours via "
             f"{'scripts/merge_from_hub.py' if MERGE_CLI.is_file() else 'ota_trainer.merge'}; "
             f"mergekit {mergekit_info if mergekit or not args.mergekit else 'n/a: ' + mergekit_info}"
@@ -1001,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "shapes": {label: {**asdict(s), "params": s.params} for label, s in shapes},
             "cache": cache,
+            "settle_s": args.settle,
             "cpu": cpu_description(),
+            "free_page_reporting": free_page_reporting(),
             "mergekit": mergekit_info,
             "engine": {"before": engine_before, "after": engine_after},
             "runs": [asdict(r) for r in runs],

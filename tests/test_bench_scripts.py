@@ -77,3 +77,25 @@ def test_bench_train_times_every_trainer_setting_on_a_tiny_base(tmp_path):
     assert all(row["steps"] == 2 and row["median_step_s"] > 0 and row["minflt_per_step"] > 0 for row in got["rows"])
     assert got["loss_max_rel_diff"] < 1e-3  # the same loss either way
     assert got["memory_losses_identical"] and "memory retain vs system: identical" in r.stdout
+
+
+def test_bench_merge_times_every_contender_on_a_tiny_model(tmp_path):
+    out = tmp_path / "merge.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_merge.py"), "--params", "4e6", "--hidden", "128"]
+    cmd += ["--intermediate", "256", "--vocab", "1000", "--depth-multiplier", "1", "--no-mergekit", "--repeat", "1"]
+    cmd += ["--cache", "warm", "--settle", "0.2", "--work", str(tmp_path / "work"), "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "then 0.2 s idle: --settle" in r.stdout, r.stdout
+    got = json.loads(out.read_text())
+    assert got["settle_s"] == 0.2 and isinstance(got["free_page_reporting"], bool)
+    contenders = {run["contender"]: run for run in got["runs"]}
+    assert set(contenders) == {
+        "copy limit (weights)",
+        "copy limit (weights+moments)",
+        "ours: ota",
+        "ours: ota (shipped histograms)",
+        "ours: ota (re-merge)",
+        "ours: ties",
+    }
+    assert all(run["error"] is None and run["wall_s"] > 0 for run in got["runs"]), got["runs"]
