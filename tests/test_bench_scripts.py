@@ -93,9 +93,12 @@ def test_bench_merge_times_every_contender_on_a_tiny_model(tmp_path):
     assert set(contenders) == {
         "copy limit (weights)",
         "copy limit (weights+moments)",
+        "copy on every core (weights+moments)",
         "ours: ota",
         "ours: ota (shipped histograms)",
         "ours: ota (re-merge)",
         "ours: ties",
     }
     assert all(run["error"] is None and run["wall_s"] > 0 for run in got["runs"]), got["runs"]
+    assert got["ratios"]["ours: ota"][got["runs"][0]["model"]]["vs_parallel_copy"] > 0
+    assert "| (info) wall vs a copy on every core |" in r.stdout
