@@ -771,7 +771,9 @@ def summarise(runs: list[Run], labels: list[str]) -> tuple[str, dict]:
                 if r.wall_s and r.sync_s is not None and copy and copy.wall_s and copy.sync_s is not None
                 else None
             )
-            parallel = by.get((label, PARALLEL_COPY)) if r.contender.startswith("ours: ota") else None
+            parallel = (
+                by.get((label, PARALLEL_COPY)) if r.contender.startswith("ours") and r.contender != LORA else None
+            )
             vs_parallel = r.wall_s / parallel.wall_s if r.wall_s and parallel and parallel.wall_s else None
             vs_mk = r.wall_s / mk.wall_s if r.wall_s and mk and mk.wall_s else None
             cpu_vs_mk = r.cpu_s / mk.cpu_s if r.cpu_s and mk and mk.cpu_s else None
