@@ -7,7 +7,8 @@ then measures in ONE run, each contender in a fresh subprocess with the same pag
 repeats going round the contenders (so a drifting disk or VM pace reaches every contender alike):
 
 * copy limit: read every input file the merge reads once and write an output of the merged
-  model's size (weights only for ties/mergekit; weights + moments for ota);
+  model's size (weights only for ties/mergekit; weights + moments for ota); and, for information,
+  the same copy on every core (the inputs split into balanced groups, one process per core);
 * ours: ``ota`` (FFG density 0.4, rank-one moments) and ``ties`` (density 0.4), through
   ``scripts/merge_from_hub.py --recipe R.yaml --out DIR --overwrite --quiet``;
 * with ``--lora R``: ``ota`` of one rank-R LoRA adapter per expert (PEFT's files, ``q_proj`` and
@@ -28,6 +29,9 @@ when the depth doubles. Figures only: this is not a test.
 
     # skip mergekit, or reuse a venv made elsewhere
     .venv/bin/python scripts/bench_merge.py --small --no-mergekit
+
+    # on a VM that hands freed memory back to its host: every contender after 10 s idle
+    .venv/bin/python scripts/bench_merge.py --no-mergekit --settle 10
     .venv/bin/python scripts/bench_merge.py --mergekit-venv /path/to/venv
 
 Checkpoints are cached under ``--work`` (default ``bench_out/``, gitignored), keyed by shape,

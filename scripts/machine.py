@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+
 
 def cpu_description() -> str:
     """e.g. "AMD EPYC, AVX2" (from /proc/cpuinfo; "unknown" where there is none)."""
@@ -20,8 +22,6 @@ def free_page_reporting() -> bool:
     """Whether this is a VM whose freed memory goes back to its host (virtio-balloon's free page
     reporting, feature bit 5): memory first touched after a few idle seconds then costs a host
     fault per page, which the merge benchmark's ``--settle`` measures."""
-    import glob
-
     for path in glob.glob("/sys/bus/virtio/drivers/virtio_balloon/virtio*/features"):
         try:
             with open(path) as f:
