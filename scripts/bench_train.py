@@ -29,11 +29,12 @@ from pathlib import Path
 
 from machine import cpu_description
 
+from ota_trainer.cli.train_sft import LM_HEADS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 DEFAULT_CONFIG = ROOT / "sft_configs" / "quality" / "smollm2_cpu_arithmetic.yaml"
-LM_HEADS = ("fused", "logits")
-MEMORY = ("system", "retain")
+MEMORY = ("system", "retain")  # trainer.memory's two behaviours ("auto" picks one of them)
 
 
 def step_timer():
