@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import yaml
+from pagecache import direct_io_works, resident_share
 from safetensors.torch import load_file, save_file
 
 from ota_trainer.errors import FormatError
@@ -79,6 +80,25 @@ def test_tensors_produced_in_the_writers_staging_memory_give_the_same_files(dire
     assert (early_flush == ["f"]) == (direct == "1"), early_flush
     for f in want:
         assert (tmp_path / "in_place" / f).read_bytes() == (tmp_path / "copied" / f).read_bytes(), f
+
+
+def test_files_read_back_at_once_are_written_through_the_page_cache(tmp_path, monkeypatch):
+    """direct=False (a LoRA expert's work files): the bytes stay in the page cache for the merge that
+    reads them next; the default (the merge's output) goes straight to the disk where it can."""
+    monkeypatch.setenv("OTA_TRAINER_DIRECT_IO", "1")
+    t = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))  # 4 MB
+    shares = {}
+    for direct in (False, True):
+        folder = tmp_path / f"direct_{direct}"
+        folder.mkdir()
+        w = StreamingSafetensorsWriter(folder, [("t", tuple(t.shape), t.dtype)], max_shard_bytes=1 << 30, direct=direct)
+        w.write("t", t)
+        w.close()
+        shares[direct] = resident_share(folder / "model.safetensors")
+        assert torch.equal(load_file(str(folder / "model.safetensors"))["t"], t)
+    assert shares[False] == 1.0
+    if direct_io_works(tmp_path):
+        assert shares[True] < 0.1, shares  # (the page cache does not hold what went to the disk directly)
 
 
 def test_aborted_writer_closes_its_files(tmp_path, monkeypatch):

@@ -129,15 +129,15 @@ def _direct_io_wanted() -> bool:
 
 class _OutputFile:
     """Sequential writes to one new file: direct I/O through aligned staging buffers flushed by a
-    background thread when possible, else ordinary buffered writes. Errors of a background
-    write surface at the next :meth:`write` or at :meth:`close`."""
+    background thread when possible (and ``direct``), else ordinary buffered writes. Errors of a
+    background write surface at the next :meth:`write` or at :meth:`close`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, direct: bool = True):
         self.path = path
         self.size = 0
         self._fd = -1
         self._fh = None
-        if _direct_io_wanted():
+        if direct and _direct_io_wanted():
             self._open_direct()
         if self._fd < 0:
             self._fh = open(path, "wb")
@@ -274,6 +274,9 @@ class StreamingSafetensorsWriter:
         tensors: ``(name, shape, dtype)`` of every tensor, in the order they will be written.
         max_shard_bytes: shard size limit.
         metadata: string metadata for every shard header (``{"format": "pt"}`` is added).
+        direct: write with direct I/O where the filesystem allows it (see above; the merge's
+            output). False: through the page cache, for files read back at once (a LoRA
+            expert's work files: direct I/O would send them to the disk and read them back).
 
     ``write(name, tensor)`` must be called once per tensor in the announced order;
     ``close()`` checks that all were written and writes ``model.safetensors.index.json``
@@ -287,8 +290,10 @@ class StreamingSafetensorsWriter:
         *,
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
+        direct: bool = True,
     ):
         self.folder = Path(folder)
+        self._direct = direct
         self.shards = plan_shards(tensors, max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(i, e) for i, s in enumerate(self.shards) for e in s.entries]
@@ -306,7 +311,7 @@ class StreamingSafetensorsWriter:
             entries.append((name, list(shape), dtype, offset, offset + n))
             offset += n
         with output_errors(self.folder / shard.file):
-            self._fh = _OutputFile(self.folder / shard.file)
+            self._fh = _OutputFile(self.folder / shard.file, self._direct)
             self._fh.write(memoryview(safetensors_header(entries, self.metadata)))
         self._shard = i
 
